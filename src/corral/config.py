@@ -1,0 +1,54 @@
+"""Where Corral keeps its files and which network it hands to sandboxes.
+
+Every value has a default that works on a fresh machine and can be overridden by an environment
+variable, so tests and benchmarks can run side by side with a real installation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_path(name: str, default: str) -> Path:
+    return Path(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Durable state: sandbox records, storage volume (filesystem layers), checkpoints.
+    data_dir: Path = field(default_factory=lambda: _env_path("CORRAL_DATA_DIR", "/var/lib/corral"))
+    # Expensive, rebuildable artefacts keyed by their inputs: template root filesystems and snapshots.
+    cache_dir: Path = field(default_factory=lambda: _env_path("CORRAL_CACHE_DIR", "/var/cache/corral"))
+    # Volatile state that dies with the host: runsc's state root, OCI bundles.
+    run_dir: Path = field(default_factory=lambda: _env_path("CORRAL_RUN_DIR", "/run/corral"))
+    # Every sandbox gets a /30 out of this network; the last /30 is reserved for the DNS address.
+    sandbox_network: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network(os.environ.get("CORRAL_SANDBOX_NETWORK", "10.201.0.0/16"))
+    )
+    # Short tag put into every kernel object name (netns, veth, nft table) so that two Corral instances
+    # (e.g. the test suite next to a real install) never touch each other's objects.
+    instance: str = field(default_factory=lambda: os.environ.get("CORRAL_INSTANCE", "c0"))
+    # Size of the sparse XFS image that holds sandbox filesystems (only used blocks take disk space).
+    storage_size_gb: int = field(default_factory=lambda: int(os.environ.get("CORRAL_STORAGE_GB", "256")))
+    runsc: str = field(default_factory=lambda: os.environ.get("CORRAL_RUNSC", "runsc"))
+    platform: str = field(default_factory=lambda: os.environ.get("CORRAL_PLATFORM", "systrap"))
+
+    @property
+    def dns_address(self) -> ipaddress.IPv4Address:
+        """The nameserver every sandbox's resolv.conf names; DNAT sends it to the host's resolver."""
+        return self.sandbox_network.broadcast_address - 1
+
+    @property
+    def runsc_root(self) -> Path:
+        return self.run_dir / "runsc"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+
+def load_settings() -> Settings:
+    return Settings()

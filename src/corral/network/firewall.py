@@ -1,0 +1,101 @@
+"""The nftables table that isolates sandboxes. One static ruleset per Corral instance; per-sandbox state
+is only an element in the `offline` set (sandboxes whose internet access is off).
+
+What a sandbox may reach:
+* the internet (unless offline), source-NATed to the host's address;
+* DNS at the fixed `dns_address`, DNAT-ed to the host's resolver (even if that sits in a private range);
+* nothing else: not the host (any of its addresses), not other sandboxes, not private, CGNAT,
+  link-local (incl. 169.254.169.254 metadata), loopback or multicast ranges.
+Nobody but the host itself may open connections into a sandbox.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from corral.network.commands import run, run_sync
+
+BLOCKED_RANGES = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+)
+METADATA_ADDRESS = "169.254.169.254"
+
+
+def table_name(instance: str) -> str:
+    return f"corral_{instance}"
+
+
+def ruleset(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
+            resolvers: list[ipaddress.IPv4Address]) -> str:
+    table = table_name(instance)
+    ifaces = f'"cr{instance}h*"'
+    blocked = ", ".join([*BLOCKED_RANGES, str(network)])
+    resolver_set = ", ".join(str(r) for r in resolvers)
+    dnat = ""
+    if resolvers:
+        # One upstream is enough for DNAT; the others stay allowed in case the first is replaced.
+        dnat = (f"    iifname {ifaces} ip daddr {dns_address} meta l4proto {{ tcp, udp }} th dport 53 "
+                f"dnat ip to {resolvers[0]}\n")
+    resolver_elements = f"elements = {{ {resolver_set} }}" if resolvers else ""
+    return f"""table inet {table}
+delete table inet {table}
+table inet {table} {{
+  set offline {{ type ipv4_addr; }}
+  set resolvers {{ type ipv4_addr; {resolver_elements} }}
+  set blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+{dnat}  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {network} ip daddr != {network} masquerade
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname {ifaces} ct state established,related accept
+    iifname {ifaces} counter drop comment "sandboxes may not reach host services"
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname {ifaces} ip saddr @offline counter drop comment "internet access off"
+    iifname {ifaces} ct status dnat ip daddr @resolvers th dport 53 accept
+    iifname {ifaces} ip daddr {METADATA_ADDRESS} counter drop comment "cloud metadata"
+    iifname {ifaces} ip daddr @blocked counter drop comment "private, local and sandbox ranges"
+    iifname {ifaces} accept
+    oifname {ifaces} ct state established,related accept
+    oifname {ifaces} counter drop comment "no inbound connections to sandboxes"
+  }}
+}}
+"""
+
+
+async def install(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
+                  resolvers: list[ipaddress.IPv4Address]) -> None:
+    """Replaces the table atomically (one nft transaction) and turns on IPv4 forwarding."""
+    await run(["nft", "-f", "-"], ruleset(instance, network, dns_address, resolvers))
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+
+
+async def set_offline(instance: str, guest: ipaddress.IPv4Address, offline: bool) -> None:
+    verb = "add" if offline else "delete"
+    await run(["nft", verb, "element", "inet", table_name(instance), "offline", f"{{ {guest} }}"],
+              check=offline)
+
+
+def offline_addresses(instance: str) -> set[str]:
+    out = run_sync(["nft", "-j", "list", "set", "inet", table_name(instance), "offline"], check=False)
+    import json
+    try:
+        data = json.loads(out)
+    except ValueError:
+        return set()
+    for item in data.get("nftables", []):
+        if "set" in item:
+            return {e if isinstance(e, str) else str(e) for e in item["set"].get("elem", [])}
+    return set()
+
+
+def remove(instance: str) -> None:
+    run_sync(["nft", "delete", "table", "inet", table_name(instance)], check=False)

@@ -1,0 +1,171 @@
+"""The runtime interface: what the orchestrator may ask of an isolation backend.
+
+The orchestrator talks only to `Runtime`; it never names runsc, QEMU, netns or mounts. A new backend
+(e.g. a KVM microVM) is one new module that implements this class.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class RuntimeError_(Exception):
+    """Base for errors a caller can act on; `status` is the HTTP status an API should answer with."""
+
+    status = 500
+
+
+class TemplateNotFound(RuntimeError_):
+    status = 404
+
+
+class SandboxNotFound(RuntimeError_):
+    status = 404
+
+
+class CheckpointInvalid(RuntimeError_):
+    """The checkpoint directory is missing, incomplete or cannot be restored."""
+
+    status = 400
+
+
+class InsufficientResources(RuntimeError_):
+    """The request asks for more than this host has (CPUs, memory, disk)."""
+
+    status = 507
+
+
+class InvalidRequest(RuntimeError_):
+    status = 400
+
+
+class SandboxFailed(RuntimeError_):
+    """The backend failed to start, restore or checkpoint a sandbox; the message carries its log."""
+
+    status = 500
+
+
+@dataclass(frozen=True)
+class Resources:
+    vcpus: float = 2
+    memory_mb: int = 512
+    disk_mb: int = 2048
+    pids: int = 1024
+
+    def validate(self) -> None:
+        if not 0 < self.vcpus <= 256:
+            raise InvalidRequest(f"vcpus must be in (0, 256], got {self.vcpus}")
+        if self.memory_mb < 64:
+            raise InvalidRequest(f"memory_mb must be at least 64, got {self.memory_mb}")
+        if self.disk_mb < 64:
+            raise InvalidRequest(f"disk_mb must be at least 64, got {self.disk_mb}")
+        if self.pids < 16:
+            raise InvalidRequest(f"pids must be at least 16, got {self.pids}")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """What a caller asks for when creating or restoring a sandbox."""
+
+    resources: Resources = field(default_factory=Resources)
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    internet: bool = True
+    hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A running (or paused) sandbox as the runtime knows it."""
+
+    id: str
+    template: str
+    address: str  # IPv4 address at which the host reaches TCP ports inside the sandbox
+    config: SandboxConfig
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class Stats:
+    cpu_seconds: float  # CPU time used by the sandbox so far (all its host processes)
+    memory_bytes: int  # memory in use inside the sandbox
+    disk_used_bytes: int
+    disk_total_bytes: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A frozen sandbox: memory image plus the filesystem layers it stands on."""
+
+    path: Path
+    template: str
+    size_bytes: int
+
+
+class Runtime(abc.ABC):
+    """One isolation backend. Every method is safe to call concurrently for different sandboxes."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepares host state and adopts or cleans up whatever a previous process left behind."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stops background work (pools); running sandboxes are left running for the next start()."""
+
+    @abc.abstractmethod
+    async def boot(self, layers: list[Path], command: list[str], config: SandboxConfig, *,
+                   template: str = "", cwd: str = "/") -> Sandbox:
+        """Cold-starts `command` on a root filesystem made of read-only `layers` (top first).
+
+        Used to build template snapshots; sandboxes for users come from `create`/`restore`.
+        """
+
+    @abc.abstractmethod
+    async def create(self, template: str, config: SandboxConfig) -> Sandbox:
+        """A new sandbox from a template's snapshot (memory and filesystem as the template left them)."""
+
+    @abc.abstractmethod
+    def address(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """Host-reachable (ip, port) for a TCP port inside the sandbox."""
+
+    @abc.abstractmethod
+    async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
+        """Runs a command inside the sandbox out of band (not through envd)."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True) -> Checkpoint:
+        """Freezes memory, processes and filesystem into `directory`."""
+
+    @abc.abstractmethod
+    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig) -> list[Sandbox]:
+        """`count` independent sandboxes from one checkpoint, each with its own network and disk."""
+
+    @abc.abstractmethod
+    async def pause(self, sandbox_id: str) -> None:
+        """Stops all execution; memory stays resident."""
+
+    @abc.abstractmethod
+    async def resume(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def stats(self, sandbox_id: str) -> Stats: ...
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox_id: str) -> None:
+        """Stops the sandbox and frees everything it held; unknown ids raise SandboxNotFound."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Sandbox]: ...

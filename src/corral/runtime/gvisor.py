@@ -1,0 +1,488 @@
+"""The gVisor backend: every sandbox is a runsc container (systrap platform) with its own network
+namespace, its own disk and a host overlayfs root over read-only template layers.
+
+Per sandbox, on the host:
+  <data>/sandboxes/<id>/disk.img     sparse ext4 image = the disk quota, mounted at disk/
+  <data>/sandboxes/<id>/rootfs       overlayfs: lower = checkpoint layers + template rootfs, upper = disk/upper
+  <data>/sandboxes/<id>/bundle       OCI bundle; runsc.log collects what runsc and the sandbox print
+  <data>/sandboxes/<id>/record.json  written once the sandbox is up; the only thing start() adopts from
+  netns corral-<instance>-<slot>     veth to the host, /30 addresses (corral.network.slots)
+  runsc container <id> under <run>/runsc
+
+A checkpoint directory holds `image/` (runsc's uncompressed memory image), `layer/` (a copy of the
+sandbox's upper directory at checkpoint time) and `checkpoint.json` (the lower layers it stands on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import string
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from corral.config import Settings
+from corral.network import firewall
+from corral.network.commands import NetworkError
+from corral.network.dns import upstream_resolvers
+from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
+from corral.runtime.base import (
+    Checkpoint, CheckpointInvalid, ExecResult, InsufficientResources, Resources, Runtime, Sandbox,
+    SandboxConfig, SandboxFailed, SandboxNotFound, TemplateNotFound,
+)
+from corral.runtime.base import Stats as SandboxStats
+from corral.runtime.oci import build_spec, write_bundle
+from corral.runtime.runsc import Runsc, RunscError
+from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, unmount, usage
+
+log = logging.getLogger(__name__)
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+CHECKPOINT_META = "checkpoint.json"
+# runsc needs a process for `create` even when it will be replaced by a restored one.
+_RESTORE_PLACEHOLDER = ["/bin/true"]
+# How many restores run at once; more only queue up on 2 cores (docs/gvisor-notes §4).
+_RESTORE_CONCURRENCY = 4
+
+
+def new_sandbox_id() -> str:
+    return "i" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
+
+
+@dataclass
+class _Box:
+    """Everything the runtime holds for one sandbox."""
+
+    id: str
+    template: str
+    slot: Slot
+    config: SandboxConfig
+    lowers: list[Path]
+    dir: Path
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def disk_image(self) -> Path:
+        return self.dir / "disk.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "runsc.log"
+
+    @property
+    def record(self) -> Path:
+        return self.dir / "record.json"
+
+    def public(self) -> Sandbox:
+        return Sandbox(id=self.id, template=self.template, address=str(self.slot.guest), config=self.config,
+                       created_at=self.created_at)
+
+    def to_record(self) -> dict:
+        return {
+            "id": self.id, "template": self.template, "slot": self.slot.index,
+            "lowers": [str(p) for p in self.lowers], "created_at": self.created_at,
+            "config": {**asdict(self.config), "resources": asdict(self.config.resources)},
+        }
+
+
+def _config_from_record(data: dict) -> SandboxConfig:
+    return SandboxConfig(resources=Resources(**data["resources"]), env=data["env"], labels=data["labels"],
+                         internet=data["internet"], hostname=data.get("hostname"))
+
+
+@dataclass(frozen=True)
+class _PoolKey:
+    checkpoint: Path
+    resources: Resources
+
+
+class GVisorRuntime(Runtime):
+    name = "gvisor"
+
+    def __init__(self, settings: Settings, resolve_template: Callable[[str], Path] | None = None,
+                 pool_size: int = 0) -> None:
+        self.settings = settings
+        self.runsc = Runsc(settings.runsc, settings.runsc_root, settings.platform)
+        self.slots = SlotAllocator(settings.instance, settings.sandbox_network)
+        self._resolve_template = resolve_template
+        self._boxes: dict[str, _Box] = {}
+        self._pool_size = pool_size
+        self._pools: dict[_PoolKey, list[_Box]] = {}
+        self._pool_tasks: dict[_PoolKey, asyncio.Task] = {}
+        self._restore_gate = asyncio.Semaphore(_RESTORE_CONCURRENCY)
+        self._started = False
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.settings.data_dir / "sandboxes"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/corral-{self.settings.instance}"
+
+    # ---------------------------------------------------------------- host state and crash recovery
+
+    async def start(self) -> None:
+        for d in (self.sandboxes_dir, self.settings.runsc_root):
+            d.mkdir(parents=True, exist_ok=True)
+        await firewall.install(self.settings.instance, self.settings.sandbox_network,
+                               self.settings.dns_address, upstream_resolvers())
+        await self._reconcile()
+        self._started = True
+
+    async def _reconcile(self) -> None:
+        """Adopts every sandbox a previous process left fully up; removes everything else it made."""
+        records: dict[str, dict] = {}
+        for entry in self.sandboxes_dir.iterdir() if self.sandboxes_dir.exists() else []:
+            try:
+                records[entry.name] = json.loads((entry / "record.json").read_text())
+            except (OSError, ValueError):
+                continue
+        containers = set(await self.runsc.list_ids())
+        netns = self.slots.existing()
+        for sid, data in records.items():
+            if sid in self._boxes or sid not in containers or data["slot"] not in netns:
+                continue
+            try:
+                state = await self.runsc.state(sid)
+            except RunscError:
+                continue
+            box = _Box(id=sid, template=data["template"], slot=self.slots.claim(data["slot"]),
+                       config=_config_from_record(data["config"]), lowers=[Path(p) for p in data["lowers"]],
+                       dir=self.sandboxes_dir / sid, created_at=data["created_at"])
+            if state.status in ("running", "paused") and os.path.ismount(box.rootfs):
+                self._boxes[sid] = box
+                if not box.config.internet:
+                    await firewall.set_offline(self.settings.instance, box.slot.guest, True)
+            else:
+                self.slots.release(box.slot)
+        adopted = set(self._boxes)
+        for cid in containers - adopted:
+            await self._ignore_errors(self.runsc.delete(cid))
+        adopted_slots = {b.slot.index for b in self._boxes.values()}
+        for index in netns - adopted_slots:
+            await destroy_slot(Slot(index, self.settings.instance, self.settings.sandbox_network))
+        for mountpoint in mounts_under(self.sandboxes_dir):
+            if mountpoint.relative_to(self.sandboxes_dir).parts[0] not in adopted:
+                await self._ignore_errors(unmount(mountpoint))
+        for entry in list(self.sandboxes_dir.iterdir()):
+            if entry.name not in adopted:
+                shutil.rmtree(entry, ignore_errors=True)
+        self._remove_stale_cgroups(adopted)
+
+    def _remove_stale_cgroups(self, keep: set[str]) -> None:
+        root = Path("/sys/fs/cgroup")
+        parents = [root / self.cgroup_parent.lstrip("/")]
+        parents += [c / self.cgroup_parent.lstrip("/") for c in root.iterdir() if c.is_dir()]
+        for parent in parents:
+            if not parent.is_dir():
+                continue
+            for child in parent.iterdir():
+                if child.is_dir() and child.name not in keep:
+                    try:
+                        child.rmdir()
+                    except OSError:
+                        pass
+
+    async def close(self) -> None:
+        for task in self._pool_tasks.values():
+            task.cancel()
+        for task in self._pool_tasks.values():
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._pool_tasks.clear()
+        for boxes in self._pools.values():
+            for box in boxes:
+                await self._teardown(box)
+        self._pools.clear()
+
+    async def destroy_all(self) -> None:
+        """Destroys every sandbox (tests and `corral doctor --cleanup`) and removes the firewall table."""
+        await self.close()
+        for sid in list(self._boxes):
+            await self.destroy(sid)
+        firewall.remove(self.settings.instance)
+
+    # ---------------------------------------------------------------------------- sandbox building
+
+    def _check_capacity(self, resources: Resources) -> None:
+        resources.validate()
+        cpus = os.cpu_count() or 1
+        if resources.vcpus > cpus:
+            raise InsufficientResources(f"{resources.vcpus} vCPUs requested but this host has {cpus}")
+        total_mb = _meminfo_mb("MemTotal")
+        if resources.memory_mb > total_mb:
+            raise InsufficientResources(f"{resources.memory_mb} MB of memory requested but this host has "
+                                        f"{total_mb} MB")
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        free_mb = shutil.disk_usage(self.sandboxes_dir).free // (1024 * 1024)
+        if resources.disk_mb > free_mb:
+            raise InsufficientResources(f"a {resources.disk_mb} MB disk requested but only {free_mb} MB are "
+                                        f"free in {self.sandboxes_dir}")
+
+    async def _prepare(self, template: str, lowers: list[Path], config: SandboxConfig,
+                       command: list[str], cwd: str = "/") -> _Box:
+        """Network slot, disk, root filesystem and a `runsc create`d container, not yet running."""
+        sid = new_sandbox_id()
+        box = _Box(id=sid, template=template, slot=self.slots.allocate(), config=config, lowers=lowers,
+                   dir=self.sandboxes_dir / sid)
+        try:
+            box.dir.mkdir(parents=True)
+            await create_slot(box.slot)
+            await create_disk(box.disk_image, box.disk, config.resources.disk_mb)
+            await mount_overlay(box.rootfs, lowers, box.disk / "upper", box.disk / "work")
+            spec = build_spec(rootfs=box.rootfs, args=command, env=config.env, cwd=cwd,
+                              hostname=config.hostname or sid, netns=box.slot.netns_path,
+                              resources=config.resources, cgroup_path=f"{self.cgroup_parent}/{sid}")
+            write_bundle(box.bundle, spec)
+            await self.runsc.create(sid, box.bundle, box.log)
+        except (RunscError, NetworkError, DiskError, OSError) as exc:
+            await self._teardown(box)
+            raise SandboxFailed(f"preparing sandbox failed: {exc}") from exc
+        return box
+
+    async def _go_live(self, box: _Box, *, image: Path | None) -> Sandbox:
+        """Starts (or restores `image` into) a prepared container and registers it."""
+        try:
+            await configure_guest(box.slot)
+            if not box.config.internet:
+                await firewall.set_offline(self.settings.instance, box.slot.guest, True)
+            if image is None:
+                await self.runsc.start(box.id, box.log)
+            else:
+                async with self._restore_gate:
+                    await self.runsc.restore(box.id, box.bundle, image, box.log)
+            # A restore whose flags do not match the image exits 0 with a dead sandbox (gvisor-notes §8.3).
+            state = await self.runsc.state(box.id)
+            if state.status != "running":
+                raise RunscError(f"sandbox is {state.status} right after start; log: {_tail(box.log)}")
+        except (RunscError, NetworkError, OSError) as exc:
+            await self._teardown(box)
+            what = "restoring checkpoint" if image is not None else "starting sandbox"
+            raise SandboxFailed(f"{what} failed: {exc}") from exc
+        tmp = box.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(box.to_record()))
+        tmp.rename(box.record)
+        self._boxes[box.id] = box
+        return box.public()
+
+    async def _teardown(self, box: _Box) -> None:
+        """Frees everything a box may hold; each step tolerates the resource being already gone."""
+        self._boxes.pop(box.id, None)
+        await self._ignore_errors(self.runsc.delete(box.id))
+        if not box.config.internet:
+            await self._ignore_errors(firewall.set_offline(self.settings.instance, box.slot.guest, False))
+        await self._ignore_errors(unmount(box.rootfs))
+        await self._ignore_errors(unmount(box.disk))
+        await destroy_slot(box.slot)
+        self.slots.release(box.slot)
+        shutil.rmtree(box.dir, ignore_errors=True)
+
+    @staticmethod
+    async def _ignore_errors(awaitable) -> None:
+        try:
+            await awaitable
+        except Exception as exc:  # teardown must go on; the next reconcile retries what is left
+            log.debug("teardown step failed: %s", exc)
+
+    # ------------------------------------------------------------------------------ public methods
+
+    async def boot(self, layers: list[Path], command: list[str], config: SandboxConfig, *,
+                   template: str = "", cwd: str = "/") -> Sandbox:
+        self._check_capacity(config.resources)
+        for layer in layers:
+            if not layer.is_dir():
+                raise TemplateNotFound(f"root filesystem layer {layer} does not exist")
+        box = await self._prepare(template, layers, config, command, cwd)
+        return await self._go_live(box, image=None)
+
+    async def create(self, template: str, config: SandboxConfig) -> Sandbox:
+        if self._resolve_template is None:
+            raise TemplateNotFound("this runtime has no template store")
+        checkpoint = self._resolve_template(template)
+        return (await self.restore(checkpoint, 1, config))[0]
+
+    def address(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        return str(self._box(sandbox_id).slot.guest), port
+
+    async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
+        box = self._box(sandbox_id)
+        try:
+            code, out, err = await self.runsc.exec(box.id, argv, env=env, cwd=cwd, user=user, timeout=timeout)
+        except TimeoutError:
+            raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
+        return ExecResult(exit_code=code, stdout=out, stderr=err)
+
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True) -> Checkpoint:
+        box = self._box(sandbox_id)
+        if directory.exists() and any(directory.iterdir()):
+            raise CheckpointInvalid(f"checkpoint directory {directory} is not empty")
+        # Build next to the target and rename at the end: a failed checkpoint never looks complete.
+        staging = directory.with_name(f".{directory.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            await self.runsc.checkpoint(box.id, staging / "image", box.log, leave_running=leave_running)
+            # The upper layer must be frozen to be shared: copy it while the sandbox is stopped or (with
+            # leave_running) accept that files written during the copy may land in either state.
+            await _copy_tree(box.disk / "upper", staging / "layer")
+            meta = {"template": box.template, "lowers": [str(p) for p in box.lowers],
+                    "platform": self.settings.platform, "created_at": time.time(),
+                    "resources": asdict(box.config.resources)}
+            (staging / CHECKPOINT_META).write_text(json.dumps(meta))
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if directory.exists():
+                directory.rmdir()
+            staging.rename(directory)
+        except (RunscError, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SandboxFailed(f"checkpoint of {sandbox_id} failed: {exc}") from exc
+        finally:
+            if not leave_running:
+                await self.destroy(sandbox_id)
+        return Checkpoint(path=directory, template=box.template, size_bytes=_tree_size(directory))
+
+    def _read_checkpoint(self, checkpoint: Path) -> dict:
+        try:
+            meta = json.loads((checkpoint / CHECKPOINT_META).read_text())
+            lowers = [Path(p) for p in meta["lowers"]]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointInvalid(f"{checkpoint} is not a Corral checkpoint: {exc}") from None
+        if not (checkpoint / "image" / "checkpoint.img").is_file():
+            raise CheckpointInvalid(f"{checkpoint} has no memory image (image/checkpoint.img)")
+        for layer in [checkpoint / "layer", *lowers]:
+            if not layer.is_dir():
+                raise CheckpointInvalid(f"layer {layer} of checkpoint {checkpoint} is missing")
+        if meta.get("platform") != self.settings.platform:
+            raise CheckpointInvalid(f"checkpoint was taken on platform {meta.get('platform')}, this runtime "
+                                    f"uses {self.settings.platform}")
+        meta["layers"] = [checkpoint / "layer", *lowers]
+        return meta
+
+    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig) -> list[Sandbox]:
+        if count < 1:
+            raise CheckpointInvalid(f"count must be at least 1, got {count}")
+        meta = self._read_checkpoint(checkpoint)
+        self._check_capacity(config.resources)
+        key = _PoolKey(checkpoint, config.resources)
+        results = await asyncio.gather(
+            *(self._restore_one(key, meta, config) for _ in range(count)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for r in results:
+                if isinstance(r, Sandbox):
+                    await self.destroy(r.id)
+            raise failures[0]
+        self._ensure_pool(key, meta)
+        return list(results)  # type: ignore[arg-type]
+
+    async def _restore_one(self, key: _PoolKey, meta: dict, config: SandboxConfig) -> Sandbox:
+        pool = self._pools.get(key)
+        if pool:
+            box = pool.pop()
+            box.config = config
+        else:
+            box = await self._prepare(meta["template"], meta["layers"], config, _RESTORE_PLACEHOLDER)
+        return await self._go_live(box, image=key.checkpoint / "image")
+
+    def _ensure_pool(self, key: _PoolKey, meta: dict) -> None:
+        """Keeps `pool_size` containers pre-created for a checkpoint, so a restore skips ~130 ms of setup."""
+        if self._pool_size <= 0 or key.resources != Resources():
+            return
+        task = self._pool_tasks.get(key)
+        if task is None or task.done():
+            self._pool_tasks[key] = asyncio.create_task(self._fill_pool(key, meta))
+
+    async def _fill_pool(self, key: _PoolKey, meta: dict) -> None:
+        pool = self._pools.setdefault(key, [])
+        while len(pool) < self._pool_size:
+            box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
+                                      _RESTORE_PLACEHOLDER)
+            pool.append(box)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self.runsc.pause(self._box(sandbox_id).id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await self.runsc.resume(self._box(sandbox_id).id)
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        box = self._box(sandbox_id)
+        data = (await self.runsc.events_stats(box.id)).get("data", {})
+        cpu_ns = data.get("cpu", {}).get("usage", {}).get("total", 0)
+        memory = data.get("memory", {}).get("usage", {}).get("usage", 0)
+        used, total = usage(box.disk)
+        return SandboxStats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
+                            disk_total_bytes=total)
+
+    async def state(self, sandbox_id: str) -> str:
+        return (await self.runsc.state(self._box(sandbox_id).id)).status
+
+    async def destroy(self, sandbox_id: str) -> None:
+        await self._teardown(self._box(sandbox_id))
+
+    def list(self) -> list[Sandbox]:
+        return [b.public() for b in self._boxes.values()]
+
+    def _box(self, sandbox_id: str) -> _Box:
+        try:
+            return self._boxes[sandbox_id]
+        except KeyError:
+            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist") from None
+
+
+async def _copy_tree(src: Path, dst: Path) -> None:
+    """cp -a keeps ownership, modes, xattrs and overlayfs whiteouts, which shutil does not."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "-a", str(src), str(dst), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _meminfo_mb(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

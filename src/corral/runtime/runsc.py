@@ -1,0 +1,170 @@
+"""A thin async wrapper around the `runsc` command line.
+
+Two rules from docs/gvisor-notes (measured on our machines) live here so nobody else has to know them:
+
+* `runsc start` and `runsc restore` with `--network=sandbox` fail on kernels >= 6.11 with the runsc in
+  Debian (google/gvisor#10704: it mistakes every netns for the root one because
+  /proc/sys/net/core/rmem_default exists). We run those two commands in a private mount namespace in
+  which /proc/sys/net is hidden under an empty tmpfs. The mask costs ~0 ms and only that CLI sees it.
+* Detached runsc commands hand their stdout/stderr to the long-lived sandbox and gofer. If the caller
+  reads them through pipes it waits forever, so detached commands always write to a log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Hides /proc/sys/net from runsc so its "am I in the root netns?" probe gives the right answer.
+_NET_SYSCTL_MASK = 'mount -t tmpfs -o size=4k,mode=555 corral-netmask /proc/sys/net && exec "$0" "$@"'
+
+
+class RunscError(RuntimeError):
+    """A runsc command failed; the message carries its exit code and the tail of its log."""
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    status: str  # "created", "running", "paused", "stopped"
+    pid: int
+
+
+class Runsc:
+    def __init__(self, binary: str, root: Path, platform: str = "systrap", *, network: str = "sandbox",
+                 extra_flags: tuple[str, ...] = ()) -> None:
+        self.binary = binary
+        self.root = root
+        # Flags that must be identical for checkpoint and restore (a mismatch fails silently).
+        self.global_flags = [
+            f"--root={root}",
+            f"--platform={platform}",
+            f"--network={network}",
+            "--overlay2=none",  # the root filesystem is a host overlayfs owned by Corral (docs/runtime.md)
+            "--cpu-num-from-quota",
+            *extra_flags,
+        ]
+
+    def _argv(self, *args: str, mask_net_sysctl: bool = False) -> list[str]:
+        argv = [self.binary, *self.global_flags, *args]
+        if mask_net_sysctl:
+            return ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", _NET_SYSCTL_MASK, *argv]
+        return argv
+
+    async def _run(self, *args: str, mask_net_sysctl: bool = False, log: Path | None = None,
+                   timeout: float = 120.0) -> str:
+        """Runs runsc to completion. With `log`, output goes to that file (never to a pipe)."""
+        argv = self._argv(*args, mask_net_sysctl=mask_net_sysctl)
+        if log is not None:
+            with open(log, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+            try:
+                rc = await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise RunscError(f"runsc {args[0]} timed out after {timeout:.0f}s; log: {_tail(log)}") from None
+            if rc != 0:
+                raise RunscError(f"runsc {args[0]} failed (exit {rc}): {_tail(log)}")
+            return ""
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RunscError(f"runsc {args[0]} timed out after {timeout:.0f}s") from None
+        if proc.returncode != 0:
+            msg = (err or out).decode(errors="replace").strip().splitlines()
+            raise RunscError(f"runsc {args[0]} failed (exit {proc.returncode}): {' '.join(msg[-3:])}")
+        return out.decode(errors="replace")
+
+    async def create(self, cid: str, bundle: Path, log: Path) -> None:
+        await self._run("create", f"--bundle={bundle}", cid, log=log)
+
+    async def start(self, cid: str, log: Path) -> None:
+        await self._run("start", cid, mask_net_sysctl=True, log=log)
+
+    async def restore(self, cid: str, bundle: Path, image: Path, log: Path) -> None:
+        await self._run("restore", "--detach", f"--bundle={bundle}", f"--image-path={image}", cid,
+                        mask_net_sysctl=True, log=log)
+
+    async def checkpoint(self, cid: str, image: Path, log: Path, *, leave_running: bool) -> None:
+        args = ["checkpoint", "--compression=none", f"--image-path={image}"]
+        if leave_running:
+            args.append("--leave-running")
+        await self._run(*args, cid, log=log, timeout=600)
+
+    async def pause(self, cid: str) -> None:
+        await self._run("pause", cid)
+
+    async def resume(self, cid: str) -> None:
+        await self._run("resume", cid)
+
+    async def delete(self, cid: str) -> None:
+        await self._run("delete", "--force", cid)
+
+    async def kill(self, cid: str, signal: str = "KILL", *, all_processes: bool = True) -> None:
+        await self._run("kill", *(["--all"] if all_processes else []), cid, signal)
+
+    async def state(self, cid: str) -> ContainerState:
+        data = json.loads(await self._run("state", cid))
+        return ContainerState(id=data["id"], status=data["status"], pid=int(data.get("pid") or 0))
+
+    async def list_ids(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        out = await self._run("list", "--quiet")
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    async def events_stats(self, cid: str) -> dict:
+        return json.loads(await self._run("events", "--stats", cid))
+
+    async def exec(self, cid: str, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60.0,
+                   ) -> tuple[int, bytes, bytes]:
+        """Runs a command inside the sandbox, out of band (not through any in-sandbox daemon)."""
+        args = ["exec"]
+        for key, value in (env or {}).items():
+            args.append(f"--env={key}={value}")
+        if cwd:
+            args.append(f"--cwd={cwd}")
+        if user:
+            args.append(f"--user={user}")
+        full = self._argv(*args, cid, *argv)
+        proc = await asyncio.create_subprocess_exec(
+            *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode or 0, out, err
+
+    async def version(self) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            self.binary, "--version", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return out.decode().splitlines()[0] if out else ""
+
+
+def _tail(log: Path, lines: int = 4) -> str:
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def runsc_available(binary: str = "runsc") -> bool:
+    return any(os.access(os.path.join(d, binary), os.X_OK) for d in os.environ.get("PATH", "").split(":")) \
+        or os.access(binary, os.X_OK)
