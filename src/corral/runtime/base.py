@@ -169,3 +169,7 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def list(self) -> list[Sandbox]: ...
+
+    @abc.abstractmethod
+    def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
+        """The last lines the sandbox's start command and the backend printed (for error messages)."""

@@ -33,13 +33,13 @@ from corral.network.commands import NetworkError
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
 from corral.runtime.base import (
-    Checkpoint, CheckpointInvalid, ExecResult, InsufficientResources, Resources, Runtime, Sandbox,
+    Checkpoint, CheckpointInvalid, ExecResult, InsufficientResources, InvalidRequest, Resources, Runtime, Sandbox,
     SandboxConfig, SandboxFailed, SandboxNotFound, TemplateNotFound,
 )
 from corral.runtime.base import Stats as SandboxStats
-from corral.runtime.oci import build_spec, write_bundle
+from corral.runtime.oci import build_spec, exec_process, write_bundle
 from corral.runtime.runsc import Runsc, RunscError
-from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, unmount, usage
+from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, tree_size, unmount, usage
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +328,15 @@ class GVisorRuntime(Runtime):
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
         box = self._box(sandbox_id)
+        uid, gid = _parse_user(user)
+        process = box.dir / f"exec-{secrets.token_hex(6)}.json"
+        process.write_text(json.dumps(exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
         try:
-            code, out, err = await self.runsc.exec(box.id, argv, env=env, cwd=cwd, user=user, timeout=timeout)
+            code, out, err = await self.runsc.exec(box.id, process, timeout=timeout)
         except TimeoutError:
             raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
+        finally:
+            process.unlink(missing_ok=True)
         return ExecResult(exit_code=code, stdout=out, stderr=err)
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True) -> Checkpoint:
@@ -361,7 +366,7 @@ class GVisorRuntime(Runtime):
         finally:
             if not leave_running:
                 await self.destroy(sandbox_id)
-        return Checkpoint(path=directory, template=box.template, size_bytes=_tree_size(directory))
+        return Checkpoint(path=directory, template=box.template, size_bytes=tree_size(directory))
 
     def _read_checkpoint(self, checkpoint: Path) -> dict:
         try:
@@ -445,6 +450,9 @@ class GVisorRuntime(Runtime):
     def list(self) -> list[Sandbox]:
         return [b.public() for b in self._boxes.values()]
 
+    def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
+        return _tail(self._box(sandbox_id).log, lines).replace(" | ", "\n")
+
     def _box(self, sandbox_id: str) -> _Box:
         try:
             return self._boxes[sandbox_id]
@@ -462,15 +470,17 @@ async def _copy_tree(src: Path, dst: Path) -> None:
         raise OSError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
 
 
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+def _parse_user(user: str | None) -> tuple[int, int]:
+    """"uid[:gid]", or the names of the two users every template has."""
+    if user in (None, "", "root"):
+        return 0, 0
+    if user == "user":
+        return 1000, 1000
+    uid, _, gid = user.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise InvalidRequest(f"user must be 'root', 'user' or 'uid[:gid]', got {user!r}") from None
 
 
 def _meminfo_mb(key: str) -> int:

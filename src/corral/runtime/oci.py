@@ -70,6 +70,23 @@ def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, 
     }
 
 
+def exec_process(args: list[str], *, env: dict[str, str], cwd: str, uid: int, gid: int) -> dict:
+    """An OCI process for `runsc exec --process`; unlike plain `runsc exec` it leaves no_new_privs off,
+    so sudo works inside."""
+    home = "/root" if uid == 0 else "/home/user"
+    environment = {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", **env}
+    return {
+        "terminal": False,
+        "user": {"uid": uid, "gid": gid},
+        "args": args,
+        "env": [f"{k}={v}" for k, v in environment.items()],
+        "cwd": cwd,
+        "capabilities": {k: (_CAPABILITIES if uid == 0 or k == "bounding" else [])
+                         for k in ("bounding", "effective", "inheritable", "permitted")},
+        "noNewPrivileges": False,
+    }
+
+
 def write_bundle(bundle: Path, spec: dict) -> None:
     bundle.mkdir(parents=True, exist_ok=True)
     tmp = bundle / "config.json.tmp"

@@ -126,18 +126,9 @@ class Runsc:
     async def events_stats(self, cid: str) -> dict:
         return json.loads(await self._run("events", "--stats", cid))
 
-    async def exec(self, cid: str, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None, timeout: float = 60.0,
-                   ) -> tuple[int, bytes, bytes]:
-        """Runs a command inside the sandbox, out of band (not through any in-sandbox daemon)."""
-        args = ["exec"]
-        for key, value in (env or {}).items():
-            args.append(f"--env={key}={value}")
-        if cwd:
-            args.append(f"--cwd={cwd}")
-        if user:
-            args.append(f"--user={user}")
-        full = self._argv(*args, cid, *argv)
+    async def exec(self, cid: str, process: Path, *, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Runs the process described by an OCI process.json inside the sandbox, out of band."""
+        full = self._argv("exec", f"--process={process}", cid)
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)

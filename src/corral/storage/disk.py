@@ -75,3 +75,15 @@ def usage(mountpoint: Path) -> tuple[int, int]:
     st = os.statvfs(mountpoint)
     total = st.f_blocks * st.f_frsize
     return total - st.f_bfree * st.f_frsize, total
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of disk the files under `path` occupy (allocated blocks, so sparse files count as used)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total

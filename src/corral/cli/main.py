@@ -1,0 +1,125 @@
+"""`corral`: build templates, run sandboxes, check the host."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+from datetime import datetime
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from corral import __version__
+from corral.cli.doctor import doctor_command
+from corral.cli.local import local_runtime
+from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
+from corral.templates.store import TemplateBuildFailed
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+template_app = typer.Typer(no_args_is_help=True, help="Build and list templates.")
+sandbox_app = typer.Typer(no_args_is_help=True, help="Run sandboxes on this host.")
+app.add_typer(template_app, name="template")
+app.add_typer(sandbox_app, name="sandbox")
+app.command("doctor")(doctor_command)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"corral {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    pass
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@template_app.command("build")
+def template_build(name: str = typer.Argument(..., help="Template to build, e.g. base."),
+                   force: bool = typer.Option(False, help="Rebuild even if a cached build exists.")) -> None:
+    """Build a template's root filesystem and snapshot (cached by a hash of the recipe)."""
+
+    async def run() -> None:
+        async with local_runtime() as (runtime, store):
+            version = await runtime.runsc.version()
+            with console.status(f"building {name}") as status:
+                def progress(line: str) -> None:
+                    status.update(f"[bold]{name}[/bold]: {line}")
+                info = await store.build(name, runtime, runsc_version=version, force=force, progress=progress)
+            console.print(f"[green]built[/green] {info.name} ({info.key}, {info.size_bytes / 2**20:.1f} MiB "
+                          f"snapshot) at {info.snapshot}")
+
+    try:
+        asyncio.run(run())
+    except (RuntimeError_, TemplateBuildFailed) as exc:
+        _fail(str(exc))
+
+
+@template_app.command("ls")
+def template_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List built templates."""
+    from corral.config import load_settings
+    from corral.templates.store import TemplateStore
+
+    store = TemplateStore(load_settings())
+    infos = store.list()
+    if as_json:
+        print(json.dumps([{"name": i.name, "key": i.key, "snapshot": str(i.snapshot), "size_bytes": i.size_bytes,
+                           "built_at": i.built_at} for i in infos]))
+        return
+    table = Table("name", "key", "snapshot size", "built")
+    for i in infos:
+        table.add_row(i.name, i.key, f"{i.size_bytes / 2**20:.1f} MiB",
+                      datetime.fromtimestamp(i.built_at).isoformat(timespec="seconds"))
+    built = {i.name for i in infos}
+    for name in sorted(set(store.recipes) - built):
+        table.add_row(name, "-", "not built", f"corral template build {name}")
+    console.print(table)
+
+
+@sandbox_app.command("run", context_settings={"allow_interspersed_args": False})
+def sandbox_run(template: str = typer.Argument(..., help="Template to start from."),
+                command: list[str] = typer.Argument(..., help="Command to run (after --)."),
+                internet: bool = typer.Option(True, help="Allow egress to the internet."),
+                memory_mb: int = typer.Option(512, help="Memory limit in MB."),
+                vcpus: float = typer.Option(2, help="CPU limit in cores."),
+                disk_mb: int = typer.Option(2048, help="Disk quota in MB."),
+                user: str = typer.Option("user", help="Run as `user` (uid 1000) or `root`.")) -> None:
+    """Create a sandbox, run one command in it, print its output and destroy it."""
+
+    if command and command[0] == "--":
+        command = command[1:]
+
+    async def run() -> int:
+        async with local_runtime() as (runtime, _):
+            config = SandboxConfig(resources=Resources(vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb),
+                                   internet=internet)
+            sandbox = await runtime.create(template, config)
+            try:
+                home = "/root" if user == "root" else f"/home/{user}"
+                result = await runtime.exec(sandbox.id, ["/bin/bash", "-lc", command[0] if len(command) == 1 else shlex.join(command)],
+                                            user=user, cwd=home,
+                                            env={"HOME": home, "USER": user}, timeout=3600)
+            finally:
+                await runtime.destroy(sandbox.id)
+            sys.stdout.buffer.write(result.stdout)
+            sys.stderr.buffer.write(result.stderr)
+            return result.exit_code
+
+    try:
+        code = asyncio.run(run())
+    except RuntimeError_ as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)

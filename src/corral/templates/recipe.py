@@ -1,0 +1,51 @@
+"""What a template is made of. Everything that changes the result is part of its cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+# Bump when the way rootfs or snapshots are built changes, so caches rebuild.
+BUILDER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReadyCheck:
+    """A template is ready when `command` exits 0 inside it, or when TCP `port` accepts a connection."""
+
+    command: tuple[str, ...] = ()
+    port: int | None = None
+    timeout_s: float = 60.0
+    interval_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.command and self.port is None:
+            raise ValueError("a readiness check needs a command or a port")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    start_command: tuple[str, ...]
+    ready: ReadyCheck
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    packages: tuple[str, ...] = ()
+    # Shell commands run with chroot inside the new root filesystem after the packages are in.
+    setup: tuple[str, ...] = ()
+    workdir: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def rootfs_key(self) -> str:
+        return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
+                        "packages": sorted(self.packages), "setup": list(self.setup)})
+
+    def snapshot_key(self, environment: dict) -> str:
+        """`environment` holds what else shapes the snapshot: runtime platform, runsc version, DNS address."""
+        return _digest({"rootfs": self.rootfs_key(), "start": list(self.start_command),
+                        "ready": asdict(self.ready), "workdir": self.workdir, "env": self.env, **environment})
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:16]

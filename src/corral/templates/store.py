@@ -1,0 +1,209 @@
+"""Builds templates and finds their snapshots on disk.
+
+Layout under the cache directory (everything keyed by a hash of its inputs, so a changed recipe rebuilds
+and an unchanged one is reused):
+
+  rootfs/<rootfs key>/                 debootstrap'ed root filesystem (read-only lower layer)
+  rootfs/<rootfs key>.log              its build log
+  templates/<name>/<snapshot key>/     checkpoint directory (image/, layer/, checkpoint.json)
+  templates/<name>/<snapshot key>.etc/ small layer with /etc/resolv.conf for this host's sandbox network
+  templates/<name>/current             symlink to the snapshot in use
+
+Every build writes into a `.partial` directory and renames it into place when complete, so a failed or
+interrupted build never leaves anything that looks usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.config import Settings
+from corral.runtime.base import Runtime, SandboxConfig, TemplateNotFound
+from corral.storage.disk import tree_size
+from corral.templates.builtin import BUILTIN
+from corral.templates.recipe import Recipe
+
+Progress = Callable[[str], None]
+
+
+class TemplateBuildFailed(Exception):
+    status = 500
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    name: str
+    snapshot: Path
+    key: str
+    size_bytes: int
+    built_at: float
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+class TemplateStore:
+    def __init__(self, settings: Settings, recipes: dict[str, Recipe] | None = None) -> None:
+        self.settings = settings
+        self.recipes = dict(BUILTIN if recipes is None else recipes)
+        self.root = settings.cache_dir
+
+    # ---------------------------------------------------------------- lookup
+
+    def resolve(self, name: str) -> Path:
+        """The snapshot directory sandboxes of template `name` are restored from."""
+        current = self.root / "templates" / name / "current"
+        if not current.exists():
+            known = ", ".join(sorted(self.recipes)) or "none"
+            raise TemplateNotFound(f"template {name!r} is not built (built-in recipes: {known}; "
+                                   f"build one with `corral template build {name}`)")
+        return current.resolve()
+
+    def list(self) -> list[TemplateInfo]:
+        out = []
+        base = self.root / "templates"
+        for entry in sorted(base.iterdir()) if base.is_dir() else []:
+            current = entry / "current"
+            if not current.exists():
+                continue
+            snapshot = current.resolve()
+            meta = json.loads((snapshot / "checkpoint.json").read_text())
+            out.append(TemplateInfo(name=entry.name, snapshot=snapshot, key=snapshot.name,
+                                    size_bytes=tree_size(snapshot), built_at=meta["created_at"]))
+        return out
+
+    def environment(self, runsc_version: str) -> dict:
+        return {"platform": self.settings.platform, "runsc": runsc_version,
+                "dns": str(self.settings.dns_address)}
+
+    # ---------------------------------------------------------------- build
+
+    async def build(self, name: str, runtime: Runtime, *, runsc_version: str, force: bool = False,
+                    progress: Progress = _noop) -> TemplateInfo:
+        try:
+            recipe = self.recipes[name]
+        except KeyError:
+            raise TemplateNotFound(f"no recipe for template {name!r}; known: {', '.join(sorted(self.recipes))}")
+        rootfs = await self.ensure_rootfs(recipe, force=force, progress=progress)
+        key = recipe.snapshot_key(self.environment(runsc_version))
+        tdir = self.root / "templates" / name
+        snapshot = tdir / key
+        if force or not snapshot.is_dir():
+            shutil.rmtree(snapshot, ignore_errors=True)
+            await self._build_snapshot(recipe, rootfs, tdir, key, runtime, progress)
+        _point_current(tdir, key)
+        return next(t for t in self.list() if t.name == name)
+
+    async def ensure_rootfs(self, recipe: Recipe, *, force: bool = False, progress: Progress = _noop) -> Path:
+        key = recipe.rootfs_key()
+        target = self.root / "rootfs" / key
+        if target.is_dir() and not force:
+            progress(f"root filesystem {key} is cached")
+            return target
+        partial = target.with_name(f".{key}.partial")
+        log_path = target.with_name(f"{key}.log")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            try:
+                progress(f"debootstrap {recipe.suite} (minbase)")
+                await _stream(["debootstrap", "--variant=minbase", recipe.suite, str(partial), recipe.mirror],
+                              log, progress)
+                if recipe.packages:
+                    progress(f"installing {len(recipe.packages)} packages")
+                    await _stream(["chroot", str(partial), "apt-get", "install", "-y", "-q",
+                                   "--no-install-recommends", *recipe.packages], log, progress,
+                                  env={"DEBIAN_FRONTEND": "noninteractive"})
+                for command in recipe.setup:
+                    progress(f"setup: {command[:60]}")
+                    await _stream(["chroot", str(partial), "/bin/sh", "-ec", command], log, progress)
+            except TemplateBuildFailed as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise TemplateBuildFailed(f"building the root filesystem of {recipe.name!r} failed: {exc}; "
+                                          f"full log: {log_path}") from None
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        return target
+
+    async def _build_snapshot(self, recipe: Recipe, rootfs: Path, tdir: Path, key: str, runtime: Runtime,
+                              progress: Progress) -> None:
+        etc_layer = tdir / f"{key}.etc"
+        shutil.rmtree(etc_layer, ignore_errors=True)
+        (etc_layer / "etc").mkdir(parents=True)
+        (etc_layer / "etc" / "resolv.conf").write_text(f"nameserver {self.settings.dns_address}\n")
+        progress(f"booting {recipe.name}: {' '.join(recipe.start_command)}")
+        sandbox = await runtime.boot([etc_layer, rootfs], list(recipe.start_command),
+                                     SandboxConfig(env=recipe.env), template=recipe.name, cwd=recipe.workdir)
+        try:
+            await self._wait_ready(recipe, runtime, sandbox.id, sandbox.address, progress)
+        except TemplateBuildFailed:
+            log_tail = runtime.log_tail(sandbox.id, 20)
+            await runtime.destroy(sandbox.id)
+            shutil.rmtree(etc_layer, ignore_errors=True)
+            raise TemplateBuildFailed(f"template {recipe.name!r} never became ready within "
+                                      f"{recipe.ready.timeout_s:.0f}s; sandbox log:\n{log_tail}") from None
+        progress("checkpointing")
+        await runtime.checkpoint(sandbox.id, tdir / key, leave_running=False)
+
+    async def _wait_ready(self, recipe: Recipe, runtime: Runtime, sandbox_id: str, address: str,
+                          progress: Progress) -> None:
+        check = recipe.ready
+        deadline = time.monotonic() + check.timeout_s
+        progress("waiting for readiness")
+        while time.monotonic() < deadline:
+            if check.command:
+                result = await runtime.exec(sandbox_id, list(check.command), timeout=check.timeout_s)
+                if result.exit_code == 0:
+                    return
+            elif await _port_open(address, check.port or 0):
+                return
+            await asyncio.sleep(check.interval_s)
+        raise TemplateBuildFailed("not ready")
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.root / "templates" / name, ignore_errors=True)
+
+
+def _point_current(tdir: Path, key: str) -> None:
+    tmp = tdir / ".current.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(key)
+    tmp.rename(tdir / "current")
+
+
+async def _port_open(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _stream(argv: list[str], log, progress: Progress, env: dict[str, str] | None = None) -> None:
+    """Runs a build step, copying its output to the log and its latest line to the progress callback."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})})
+    tail: list[str] = []
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        log.write(line + "\n")
+        tail = (tail + [line])[-8:]
+        if line:
+            progress(line[:100])
+    rc = await proc.wait()
+    log.flush()
+    if rc != 0:
+        raise TemplateBuildFailed(f"`{' '.join(argv[:4])}` exited with {rc}: " + " | ".join(tail[-4:]))
+
+
