@@ -24,7 +24,7 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: _env_path("CORRAL_CACHE_DIR", "/var/cache/corral"))
     # Volatile state that dies with the host: runsc's state root, OCI bundles.
     run_dir: Path = field(default_factory=lambda: _env_path("CORRAL_RUN_DIR", "/run/corral"))
-    # Every sandbox gets a /30 out of this network; the last /30 is reserved for the DNS address.
+    # Every sandbox gets a /30 out of this network.
     sandbox_network: ipaddress.IPv4Network = field(
         default_factory=lambda: ipaddress.IPv4Network(os.environ.get("CORRAL_SANDBOX_NETWORK", "10.201.0.0/16"))
     )
@@ -36,10 +36,11 @@ class Settings:
     runsc: str = field(default_factory=lambda: os.environ.get("CORRAL_RUNSC", "runsc"))
     platform: str = field(default_factory=lambda: os.environ.get("CORRAL_PLATFORM", "systrap"))
 
-    @property
-    def dns_address(self) -> ipaddress.IPv4Address:
-        """The nameserver every sandbox's resolv.conf names; DNAT sends it to the host's resolver."""
-        return self.sandbox_network.broadcast_address - 1
+    # The nameserver in every sandbox's resolv.conf; nftables DNATs it to the host's resolver. A fixed
+    # address (not one out of sandbox_network) so template snapshots do not depend on the network.
+    dns_address: ipaddress.IPv4Address = field(
+        default_factory=lambda: ipaddress.IPv4Address(os.environ.get("CORRAL_DNS_ADDRESS", "169.254.53.53"))
+    )
 
     @property
     def runsc_root(self) -> Path:

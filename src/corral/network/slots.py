@@ -48,14 +48,14 @@ class Slot:
 
 
 class SlotAllocator:
-    """Hands out free slot indexes; the last /30 of the network is reserved for the DNS address."""
+    """Hands out free slot indexes."""
 
     def __init__(self, instance: str, network: ipaddress.IPv4Network) -> None:
         if network.prefixlen > 28:
             raise ValueError(f"sandbox network {network} is too small; use a /28 or larger")
         self.instance = instance
         self.network = network
-        self.capacity = network.num_addresses // 4 - 1
+        self.capacity = network.num_addresses // 4
         self._in_use: set[int] = set()
 
     def prefix(self) -> str:

@@ -1,0 +1,111 @@
+"""Shared fixtures: one real gVisor runtime for the session, on its own instance tag, data directories
+and sandbox network, so the suite never touches a real installation's sandboxes on the same host."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers.testnet import TestHost  # noqa: E402
+
+TEST_ROOT = Path("/var/tmp/corral-test")
+DNS_HOST_ADDRESS = "10.98.0.53"
+DNS_ANSWER = "203.0.113.80"
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        pytest.exit("the test suite drives runsc, netns, nftables and mounts: run it as root "
+                    "(sudo scripts/test.sh)", returncode=2)
+    if shutil.which("runsc") is None:
+        pytest.exit("runsc is not installed: run sudo scripts/install.sh", returncode=2)
+
+
+def make_settings(instance: str, network: str):
+    from corral.config import Settings
+
+    return Settings(data_dir=TEST_ROOT / instance / "data", run_dir=Path(f"/run/corral-test-{instance}"),
+                    sandbox_network=ipaddress.IPv4Network(network), instance=instance)
+
+
+class Harness:
+    """Runs coroutines on one event loop for the whole session."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro, timeout: float = 300):
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="session")
+def harness():
+    h = Harness()
+    yield h
+    h.loop.close()
+
+
+@pytest.fixture(scope="session")
+def dns_host():
+    host = TestHost("dns", DNS_HOST_ADDRESS).up()
+    host.serve_dns(DNS_ANSWER)
+    yield host
+    host.down()
+
+
+@pytest.fixture(scope="session")
+def settings():
+    return make_settings("t1", "10.202.0.0/22")
+
+
+@pytest.fixture(scope="session")
+def store(settings):
+    from corral.templates.store import TemplateStore
+
+    return TemplateStore(settings)
+
+
+@pytest.fixture(scope="session")
+def runtime(harness, settings, store, dns_host):
+    from corral.runtime.gvisor import GVisorRuntime
+
+    os.environ["CORRAL_DNS_UPSTREAM"] = DNS_HOST_ADDRESS
+    rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
+    harness.run(rt.start())
+    version = harness.run(rt.runsc.version())
+    harness.run(store.build("base", rt, runsc_version=version), timeout=1800)
+    yield rt
+    harness.run(rt.destroy_all())
+    shutil.rmtree(TEST_ROOT / "t1", ignore_errors=True)
+    shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sandbox_factory(harness, runtime):
+    """Creates sandboxes from `base` and destroys whatever the test left running."""
+    from corral.runtime.base import SandboxConfig
+
+    made = []
+
+    def make(config: SandboxConfig | None = None):
+        sb = harness.run(runtime.create("base", config or SandboxConfig()))
+        made.append(sb.id)
+        return sb
+
+    yield make
+    for sid in made:
+        if sid in {s.id for s in runtime.list()}:
+            harness.run(runtime.destroy(sid))
+
+
+def sh(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True)

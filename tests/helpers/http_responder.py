@@ -1,0 +1,24 @@
+"""An HTTP server for test hosts: answers every GET with a fixed body. Unlike `python -m http.server` it
+does no reverse DNS lookup of its address at start (which would hang in a namespace without DNS)."""
+
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = sys.argv[3].encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+if __name__ == "__main__":
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    with socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), Handler) as server:
+        server.serve_forever()
