@@ -81,8 +81,7 @@ def runtime(harness, settings, store, dns_host):
     os.environ["CORRAL_DNS_UPSTREAM"] = DNS_HOST_ADDRESS
     rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
     harness.run(rt.start())
-    version = harness.run(rt.runsc.version())
-    harness.run(store.build("base", rt, runsc_version=version), timeout=1800)
+    harness.run(store.build("base", rt), timeout=1800)
     yield rt
     harness.run(rt.destroy_all())
     shutil.rmtree(TEST_ROOT / "t1", ignore_errors=True)

@@ -53,11 +53,10 @@ def template_build(name: str = typer.Argument(..., help="Template to build, e.g.
 
     async def run() -> None:
         async with local_runtime() as (runtime, store):
-            version = await runtime.runsc.version()
             with console.status(f"building {name}") as status:
                 def progress(line: str) -> None:
                     status.update(f"[bold]{name}[/bold]: {line}")
-                info = await store.build(name, runtime, runsc_version=version, force=force, progress=progress)
+                info = await store.build(name, runtime, force=force, progress=progress)
             console.print(f"[green]built[/green] {info.name} ({info.key}, {info.size_bytes / 2**20:.1f} MiB "
                           f"snapshot) at {info.snapshot}")
 

@@ -171,5 +171,9 @@ class Runtime(abc.ABC):
     def list(self) -> list[Sandbox]: ...
 
     @abc.abstractmethod
+    async def snapshot_compat(self) -> str:
+        """Changes whenever checkpoints made before can no longer be restored (version, flags)."""
+
+    @abc.abstractmethod
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         """The last lines the sandbox's start command and the backend printed (for error messages)."""

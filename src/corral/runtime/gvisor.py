@@ -450,6 +450,10 @@ class GVisorRuntime(Runtime):
     def list(self) -> list[Sandbox]:
         return [b.public() for b in self._boxes.values()]
 
+    async def snapshot_compat(self) -> str:
+        flags = [f for f in self.runsc.global_flags if not f.startswith("--root=")]
+        return f"gvisor {await self.runsc.version()} {' '.join(flags)}"
+
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         return _tail(self._box(sandbox_id).log, lines).replace(" | ", "\n")
 

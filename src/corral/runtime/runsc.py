@@ -45,6 +45,9 @@ class Runsc:
             f"--network={network}",
             "--overlay2=none",  # the root filesystem is a host overlayfs owned by Corral (docs/runtime.md)
             "--cpu-num-from-quota",
+            # Open TCP connections (incl. TIME_WAIT after serving a request) are dropped on checkpoint
+            # instead of making the checkpoint fail.
+            "--net-disconnect-ok",
             *extra_flags,
         ]
 

@@ -80,20 +80,19 @@ class TemplateStore:
                                     size_bytes=tree_size(snapshot), built_at=meta["created_at"]))
         return out
 
-    def environment(self, runsc_version: str) -> dict:
-        return {"platform": self.settings.platform, "runsc": runsc_version,
-                "dns": str(self.settings.dns_address)}
+    def environment(self, runtime_compat: str) -> dict:
+        return {"runtime": runtime_compat, "dns": str(self.settings.dns_address)}
 
     # ---------------------------------------------------------------- build
 
-    async def build(self, name: str, runtime: Runtime, *, runsc_version: str, force: bool = False,
+    async def build(self, name: str, runtime: Runtime, *, force: bool = False,
                     progress: Progress = _noop) -> TemplateInfo:
         try:
             recipe = self.recipes[name]
         except KeyError:
             raise TemplateNotFound(f"no recipe for template {name!r}; known: {', '.join(sorted(self.recipes))}")
         rootfs = await self.ensure_rootfs(recipe, force=force, progress=progress)
-        key = recipe.snapshot_key(self.environment(runsc_version))
+        key = recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
         tdir = self.root / "templates" / name
         snapshot = tdir / key
         if force or not snapshot.is_dir():

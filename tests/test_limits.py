@@ -1,0 +1,73 @@
+"""Resource limits: disk quota, process count, memory and CPU are enforced without harming the host or
+other sandboxes."""
+
+from __future__ import annotations
+
+import os
+
+from corral.runtime.base import Resources, SandboxConfig
+
+
+def test_writing_past_disk_quota_gives_enospc_and_host_file_stays_bounded(harness, runtime, sandbox_factory):
+    sb = sandbox_factory(SandboxConfig(resources=Resources(disk_mb=128)))
+    r = harness.run(runtime.exec(sb.id, ["sh", "-c", "dd if=/dev/zero of=/home/user/fill bs=1M count=400"],
+                                 timeout=120))
+    assert r.exit_code != 0
+    assert b"No space left on device" in r.stderr
+    image = runtime._box(sb.id).disk_image
+    assert os.stat(image).st_blocks * 512 <= 128 * 1024 * 1024
+    stats = harness.run(runtime.stats(sb.id))
+    assert stats.disk_total_bytes <= 128 * 1024 * 1024
+    assert stats.disk_used_bytes > 100 * 1024 * 1024
+
+
+def test_fork_bomb_is_stopped_at_pids_limit(harness, runtime, sandbox_factory):
+    sb = sandbox_factory(SandboxConfig(resources=Resources(pids=48)))
+    bomb = (
+        "import os, time, errno\n"
+        "n = 0\n"
+        "try:\n"
+        "    while n < 1000:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30); os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print(n, errno.errorcode[e.errno])\n"
+    )
+    r = harness.run(runtime.exec(sb.id, ["python3", "-c", bomb], user="user", timeout=120))
+    forked, err = r.stdout.decode().split()
+    assert err == "EAGAIN"
+    assert int(forked) < 48
+    harness.run(runtime.exec(sb.id, ["pkill", "-u", "user", "python3"]))
+    alive = harness.run(runtime.exec(sb.id, ["echo", "alive"]))
+    assert alive.stdout == b"alive\n"
+
+
+def test_memory_hog_is_contained_and_neighbours_unaffected(harness, runtime, sandbox_factory):
+    neighbour = sandbox_factory()
+    hog = sandbox_factory(SandboxConfig(resources=Resources(memory_mb=128)))
+    r = harness.run(runtime.exec(hog.id, ["python3", "-c", "x = bytearray(1024 * 1024 * 1024); print('no limit')"],
+                                 timeout=120))
+    assert b"no limit" not in r.stdout
+    assert r.exit_code != 0
+    ok = harness.run(runtime.exec(neighbour.id, ["python3", "-c", "print(len(bytearray(200 * 1024 * 1024)))"]))
+    assert ok.stdout.strip() == str(200 * 1024 * 1024).encode()
+
+
+def test_memory_limit_is_what_the_sandbox_sees(harness, runtime, sandbox_factory):
+    sb = sandbox_factory(SandboxConfig(resources=Resources(memory_mb=256)))
+    r = harness.run(runtime.exec(sb.id, ["head", "-1", "/proc/meminfo"]))
+    total_kb = int(r.stdout.split()[1])
+    assert 256 * 1024 <= total_kb < 1024 * 1024
+
+
+def test_cpu_quota_caps_cpu_time(harness, runtime, sandbox_factory):
+    sb = sandbox_factory(SandboxConfig(resources=Resources(vcpus=0.5)))
+    before = harness.run(runtime.stats(sb.id)).cpu_seconds
+    burn = "import time, threading\nend = time.time() + 3\n" \
+           "def spin():\n    while time.time() < end: pass\n" \
+           "ts = [threading.Thread(target=spin) for _ in range(2)]\n[t.start() for t in ts]\n[t.join() for t in ts]\n"
+    harness.run(runtime.exec(sb.id, ["python3", "-c", burn], timeout=60))
+    used = harness.run(runtime.stats(sb.id)).cpu_seconds - before
+    # 3 s of wall time at 0.5 cores is 1.5 s of CPU; unlimited it would approach 6 s on 2 cores.
+    assert 0.5 < used < 2.5
