@@ -1,0 +1,110 @@
+"""Nothing leaks: destroy frees everything, and a runtime killed with SIGKILL is cleaned up or adopted by
+the next one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_ROOT, make_settings
+from corral.runtime.base import Resources, SandboxConfig
+from helpers.leaks import empty, footprint
+
+
+def test_destroy_leaves_nothing(harness, runtime, settings, sandbox_factory):
+    before = footprint(settings)
+    sb = sandbox_factory(SandboxConfig(internet=False))
+    during = footprint(settings)
+    assert during.containers == before.containers + 1
+    assert during.netns == before.netns + 1
+    harness.run(runtime.destroy(sb.id))
+    assert footprint(settings) == before
+    from corral.network.firewall import offline_addresses
+    assert str(runtime.slots.claim(0).gateway) not in offline_addresses(settings.instance)
+
+
+def test_create_with_unknown_template_is_refused(harness, runtime, settings):
+    from corral.runtime.base import TemplateNotFound
+
+    before = footprint(settings)
+    with pytest.raises(TemplateNotFound, match="not built"):
+        harness.run(runtime.create("no-such-template", SandboxConfig()))
+    assert footprint(settings) == before
+
+
+@pytest.mark.parametrize("resources, message", [
+    (Resources(vcpus=64), "vCPUs"),
+    (Resources(memory_mb=10**8), "memory"),
+    (Resources(disk_mb=10**10), "disk"),
+])
+def test_resources_above_host_capacity_are_refused(harness, runtime, settings, resources, message):
+    from corral.runtime.base import InsufficientResources, InvalidRequest
+
+    before = footprint(settings)
+    with pytest.raises((InsufficientResources, InvalidRequest), match=message):
+        harness.run(runtime.create("base", SandboxConfig(resources=resources)))
+    assert footprint(settings) == before
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import make_settings
+    from corral.templates.store import TemplateStore
+    from corral.runtime.gvisor import GVisorRuntime
+    from corral.runtime.base import SandboxConfig
+
+    async def main():
+        settings = make_settings("t2", "10.203.0.0/24")
+        store = TemplateStore(settings)
+        rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=3)
+        await rt.start()
+        a = await rt.create("base", SandboxConfig())
+        b = await rt.create("base", SandboxConfig(internet=False))
+        print(a.id, b.id, flush=True)
+        await asyncio.sleep(3600)  # the pool keeps filling until the parent kills us
+
+    asyncio.run(main())
+""")
+
+
+def test_kill_9_then_restart_adopts_running_sandboxes_and_removes_the_rest(harness, runtime):
+    settings = make_settings("t2", "10.203.0.0/24")
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        ids = child.stdout.readline().split()
+        assert len(ids) == 2, "child runtime did not create its sandboxes"
+        harness.run(__import__("asyncio").sleep(0.3))  # let the pool be mid-way through a prepare
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    left = footprint(settings)
+    assert left.containers >= 2  # the two sandboxes plus whatever the pool had made
+
+    from corral.runtime.gvisor import GVisorRuntime
+    from corral.network.firewall import offline_addresses
+
+    again = GVisorRuntime(settings)
+    harness.run(again.start())
+    try:
+        assert sorted(s.id for s in again.list()) == sorted(ids)
+        adopted = footprint(settings)
+        assert (adopted.containers, adopted.netns, adopted.sandbox_dirs) == (2, 2, 2)
+        for sid in ids:
+            r = harness.run(again.exec(sid, ["echo", "still here"]))
+            assert r.stdout == b"still here\n"
+        offline = next(s for s in again.list() if s.id == ids[1])
+        assert offline.address in offline_addresses(settings.instance)
+    finally:
+        harness.run(again.destroy_all())
+    assert empty(footprint(settings)), footprint(settings)
+    import shutil
+    shutil.rmtree(TEST_ROOT / "t2", ignore_errors=True)
+    shutil.rmtree(settings.run_dir, ignore_errors=True)
