@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers.testnet import TestHost  # noqa: E402
+from helpers.testnet import TestHost
 
 TEST_ROOT = Path("/var/tmp/corral-test")
 DNS_HOST_ADDRESS = "10.98.0.53"

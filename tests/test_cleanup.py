@@ -11,10 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import TEST_ROOT, make_settings
-from corral.runtime.base import Resources, SandboxConfig
 from helpers.leaks import empty, footprint
+
+from corral.runtime.base import Resources, SandboxConfig
 
 
 def test_destroy_leaves_nothing(harness, runtime, settings, sandbox_factory):
@@ -88,8 +88,8 @@ def test_kill_9_then_restart_adopts_running_sandboxes_and_removes_the_rest(harne
     left = footprint(settings)
     assert left.containers >= 2  # the two sandboxes plus whatever the pool had made
 
-    from corral.runtime.gvisor import GVisorRuntime
     from corral.network.firewall import offline_addresses
+    from corral.runtime.gvisor import GVisorRuntime
 
     again = GVisorRuntime(settings)
     harness.run(again.start())

@@ -9,11 +9,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from conftest import DNS_ANSWER
+from helpers.testnet import TestHost, sh
 
 from corral.network.firewall import METADATA_ADDRESS, table_name
 from corral.runtime.base import SandboxConfig
-from conftest import DNS_ANSWER
-from helpers.testnet import TestHost, sh
 
 
 def curl(harness, runtime, sandbox_id: str, url: str) -> tuple[int, str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from helpers.leaks import footprint
 
 from corral.templates.builtin import BASE
 from corral.templates.recipe import ReadyCheck
 from corral.templates.store import TemplateBuildFailed, TemplateStore
-from helpers.leaks import footprint
 
 
 def test_snapshot_key_changes_with_start_command_but_rootfs_key_does_not():

@@ -2,7 +2,7 @@
 
 import sys
 
-from dnslib import RR, A, QTYPE
+from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 

@@ -36,7 +36,7 @@ class TestHost:
     def gateway(self) -> str:
         return self.address.rsplit(".", 1)[0] + ".254"
 
-    def up(self) -> "TestHost":
+    def up(self) -> TestHost:
         self.down()
         sh("ip", "netns", "add", self.netns)
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.netns)

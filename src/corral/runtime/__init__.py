@@ -1,8 +1,19 @@
 """Isolation backends behind one interface (`corral.runtime.base.Runtime`)."""
 
 from corral.runtime.base import (
-    Checkpoint, CheckpointInvalid, ExecResult, InsufficientResources, InvalidRequest, Resources, Runtime,
-    Sandbox, SandboxConfig, SandboxFailed, SandboxNotFound, Stats, TemplateNotFound,
+    Checkpoint,
+    CheckpointInvalid,
+    ExecResult,
+    InsufficientResources,
+    InvalidRequest,
+    Resources,
+    Runtime,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxNotFound,
+    Stats,
+    TemplateNotFound,
 )
 
 __all__ = [

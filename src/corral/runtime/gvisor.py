@@ -33,8 +33,18 @@ from corral.network.commands import NetworkError
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
 from corral.runtime.base import (
-    Checkpoint, CheckpointInvalid, ExecResult, InsufficientResources, InvalidRequest, Resources, Runtime, Sandbox,
-    SandboxConfig, SandboxFailed, SandboxNotFound, TemplateNotFound,
+    Checkpoint,
+    CheckpointInvalid,
+    ExecResult,
+    InsufficientResources,
+    InvalidRequest,
+    Resources,
+    Runtime,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxNotFound,
+    TemplateNotFound,
 )
 from corral.runtime.base import Stats as SandboxStats
 from corral.runtime.oci import build_spec, exec_process, write_bundle
