@@ -206,6 +206,8 @@ async def main(args) -> dict:
     finally:
         await ptrace.destroy_all()
     shutil.rmtree(ROOT, ignore_errors=True)
+    for rt_ in (rt, ptrace):
+        shutil.rmtree(rt_.settings.run_dir, ignore_errors=True)
     return results
 
 
