@@ -12,6 +12,7 @@ Nobody but the host itself may open connections into a sandbox.
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from corral.network.commands import run, run_sync
 
@@ -86,7 +87,6 @@ async def set_offline(instance: str, guest: ipaddress.IPv4Address, offline: bool
 
 def offline_addresses(instance: str) -> set[str]:
     out = run_sync(["nft", "-j", "list", "set", "inet", table_name(instance), "offline"], check=False)
-    import json
     try:
         data = json.loads(out)
     except ValueError:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.network.commands import NetworkError, run, run_sync
+from corral.network.commands import NetworkError, run
 
 NETNS_DIR = Path("/run/netns")
 
@@ -114,7 +114,3 @@ async def destroy_slot(slot: Slot) -> None:
     await run(["ip", "-force", "-batch", "-"],
               f"netns del {slot.netns}\nlink del {slot.host_ifname}\n", check=False)
 
-
-def destroy_slot_sync(slot: Slot) -> None:
-    run_sync(["ip", "-force", "-batch", "-"], f"netns del {slot.netns}\nlink del {slot.host_ifname}\n",
-             check=False)

@@ -48,7 +48,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.base import Stats as SandboxStats
 from corral.runtime.oci import build_spec, exec_process, write_bundle
-from corral.runtime.runsc import Runsc, RunscError
+from corral.runtime.runsc import Runsc, RunscError, log_tail
 from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, tree_size, unmount, usage
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class GVisorRuntime(Runtime):
             # A restore whose flags do not match the image exits 0 with a dead sandbox (gvisor-notes §8.3).
             state = await self.runsc.state(box.id)
             if state.status != "running":
-                raise RunscError(f"sandbox is {state.status} right after start; log: {_tail(box.log)}")
+                raise RunscError(f"sandbox is {state.status} right after start; log: {log_tail(box.log)}")
         except (RunscError, NetworkError, OSError) as exc:
             await self._teardown(box)
             what = "restoring checkpoint" if image is not None else "starting sandbox"
@@ -465,7 +465,7 @@ class GVisorRuntime(Runtime):
         return f"gvisor {await self.runsc.version()} {' '.join(flags)}"
 
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
-        return _tail(self._box(sandbox_id).log, lines).replace(" | ", "\n")
+        return log_tail(self._box(sandbox_id).log, lines, sep="\n")
 
     def _box(self, sandbox_id: str) -> _Box:
         try:
@@ -504,9 +504,3 @@ def _meminfo_mb(key: str) -> int:
                 return int(line.split()[1]) // 1024
     return 0
 
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

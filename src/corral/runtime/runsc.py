@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +69,9 @@ class Runsc:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-                raise RunscError(f"runsc {args[0]} timed out after {timeout:.0f}s; log: {_tail(log)}") from None
+                raise RunscError(f"runsc {args[0]} timed out after {timeout:.0f}s; log: {log_tail(log)}") from None
             if rc != 0:
-                raise RunscError(f"runsc {args[0]} failed (exit {rc}): {_tail(log)}")
+                raise RunscError(f"runsc {args[0]} failed (exit {rc}): {log_tail(log)}")
             return ""
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -151,14 +150,11 @@ class Runsc:
         return out.decode().splitlines()[0] if out else ""
 
 
-def _tail(log: Path, lines: int = 4) -> str:
+def log_tail(log: Path, lines: int = 4, sep: str = " | ") -> str:
+    """The last lines of a runsc log, for error messages."""
     try:
         text = log.read_text(errors="replace").strip().splitlines()
     except OSError:
         return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+    return sep.join(text[-lines:]) or "(empty log)"
 
-
-def runsc_available(binary: str = "runsc") -> bool:
-    return any(os.access(os.path.join(d, binary), os.X_OK) for d in os.environ.get("PATH", "").split(":")) \
-        or os.access(binary, os.X_OK)
