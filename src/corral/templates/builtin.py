@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.templates.envd_layer import START_COMMAND as ENVD_START
 from corral.templates.recipe import ReadyCheck, Recipe
 
 BASE = Recipe(
@@ -17,9 +19,10 @@ BASE = Recipe(
         # pip may install into the system Python for the sandbox's user, as on E2B.
         "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",
     ),
-    # tini reaps orphans as PID 1; envd (its own issue) will replace `sleep`.
-    start_command=("/usr/bin/tini", "-s", "--", "/bin/sleep", "infinity"),
-    ready=ReadyCheck(command=("/bin/true",)),
+    # tini reaps orphans as PID 1; envd is its only child, so every process a client starts descends
+    # from the template's start command and is part of every checkpoint.
+    start_command=("/usr/bin/tini", "-s", "--", *ENVD_START, "--default-user", "user", "--workdir", "/home/user"),
+    ready=ReadyCheck(port=ENVD_PORT),
     workdir="/home/user",
 )
 

@@ -8,6 +8,7 @@ and an unchanged one is reused):
   templates/<name>/<snapshot key>/     checkpoint directory (image/, layer/, checkpoint.json)
   templates/<name>/<snapshot key>.etc/ small layer with /etc/resolv.conf for this host's sandbox network
   templates/<name>/current             symlink to the snapshot in use
+  envd/<envd key>/                     envd and its private dependencies (see envd_layer.py)
 
 Every build writes into a `.partial` directory and renames it into place when complete, so a failed or
 interrupted build never leaves anything that looks usable.
@@ -27,6 +28,7 @@ from pathlib import Path
 from corral.config import Settings
 from corral.runtime.base import Runtime, SandboxConfig, TemplateNotFound
 from corral.storage.disk import tree_size
+from corral.templates import envd_layer
 from corral.templates.builtin import BUILTIN
 from corral.templates.recipe import Recipe
 
@@ -81,7 +83,7 @@ class TemplateStore:
         return out
 
     def environment(self, runtime_compat: str) -> dict:
-        return {"runtime": runtime_compat, "dns": str(self.settings.dns_address)}
+        return {"runtime": runtime_compat, "dns": str(self.settings.dns_address), "envd": envd_layer.layer_key()}
 
     # ---------------------------------------------------------------- build
 
@@ -138,8 +140,10 @@ class TemplateStore:
         shutil.rmtree(etc_layer, ignore_errors=True)
         (etc_layer / "etc").mkdir(parents=True)
         (etc_layer / "etc" / "resolv.conf").write_text(f"nameserver {self.settings.dns_address}\n")
+        progress("preparing the envd layer")
+        envd = await envd_layer.ensure_envd_layer(self.root)
         progress(f"booting {recipe.name}: {' '.join(recipe.start_command)}")
-        sandbox = await runtime.boot([etc_layer, rootfs], list(recipe.start_command),
+        sandbox = await runtime.boot([etc_layer, envd, rootfs], list(recipe.start_command),
                                      SandboxConfig(env=recipe.env), template=recipe.name, cwd=recipe.workdir)
         try:
             await self._wait_ready(recipe, runtime, sandbox.id, sandbox.address, progress)

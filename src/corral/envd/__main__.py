@@ -1,0 +1,29 @@
+"""`python -m corral.envd [--port N]`: serve envd."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import uvicorn
+
+from corral.envd import DEFAULT_PORT
+from corral.envd.app import EnvdApp
+from corral.envd.state import SandboxState
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="envd", description="Corral's in-sandbox daemon (E2B envd protocol)")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--default-user", default=os.environ.get("ENVD_DEFAULT_USER", "root"))
+    parser.add_argument("--workdir", default=os.environ.get("ENVD_WORKDIR"))
+    args = parser.parse_args()
+    state = SandboxState(default_user=args.default_user, default_workdir=args.workdir)
+    uvicorn.run(EnvdApp(state), host=args.host, port=args.port, log_level="warning", access_log=False,
+                # SDK clients keep connections pooled for up to 300 s; do not drop them sooner.
+                timeout_keep_alive=300, lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""envd's HTTP surface: the two Connect services plus the plain endpoints, behind token auth."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from corral.envd import files, metrics
+from corral.envd.filesystem_service import FilesystemService
+from corral.envd.process_service import ProcessService
+from corral.envd.processes import ProcessTable
+from corral.envd.rpc import FILESYSTEM_METHODS, PROCESS_METHODS, ServiceApplication
+from corral.envd.state import SandboxState
+from corral.envd.users import UnknownUser, lookup
+
+log = logging.getLogger("corral.envd")
+
+# Paths reachable without X-Access-Token (/files checks token-or-signature itself, /init its own rule).
+_OPEN = {("GET", "/health"), ("GET", "/files"), ("POST", "/files"), ("POST", "/init")}
+
+
+class EnvdApp:
+    def __init__(self, state: SandboxState | None = None) -> None:
+        self.state = state or SandboxState()
+        self.processes = ProcessTable(lambda: self.state.env_vars)
+        self.filesystem = FilesystemService(self.state)
+        self._rpc = {
+            "/process.Process/": ServiceApplication("process.Process", PROCESS_METHODS,
+                                                    ProcessService(self.state, self.processes)),
+            "/filesystem.Filesystem/": ServiceApplication("filesystem.Filesystem", FILESYSTEM_METHODS,
+                                                          self.filesystem),
+        }
+        self._cpu = metrics.CpuSampler()
+        plain = Starlette(routes=[
+            Route("/health", self.health, methods=["GET"]),
+            Route("/files", self.get_file, methods=["GET"]),
+            Route("/files", self.post_file, methods=["POST"]),
+            Route("/envs", self.envs, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/init", self.init, methods=["POST"]),
+        ], lifespan=self._lifespan)
+        self._plain = plain
+        # envd answers browsers too (signed URLs, JS SDK in a page), as E2B's does.
+        self._asgi = CORSMiddleware(self._dispatch, allow_origins=["*"], allow_methods=["*"],
+                                    allow_headers=["*"], expose_headers=["*"])
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self._asgi(scope, receive, send)
+
+    async def _dispatch(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._plain(scope, receive, send)
+            return
+        path = scope["path"]
+        if scope["type"] == "http" and (scope["method"], path) not in _OPEN:
+            token = _header(scope, b"x-access-token")
+            if not self.state.token_matches(token):
+                await _unauthorized(scope, receive, send)
+                return
+        for prefix, app in self._rpc.items():
+            if path.startswith(prefix):
+                await app(scope, receive, send)
+                return
+        await self._plain(scope, receive, send)
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def get_file(self, request: Request) -> Response:
+        return await files.download(request, self.state)
+
+    async def post_file(self, request: Request) -> Response:
+        return await files.upload(request, self.state)
+
+    async def envs(self, request: Request) -> Response:
+        return JSONResponse(self.state.env_vars)
+
+    async def metrics(self, request: Request) -> Response:
+        return JSONResponse(metrics.snapshot(self._cpu))
+
+    async def init(self, request: Request) -> Response:
+        """The host's handover after every start or restore: identity, env vars, defaults."""
+        if not self.state.token_matches(request.headers.get("x-access-token")):
+            return JSONResponse({"code": 401, "message": files.UNAUTHORIZED}, status_code=401)
+        try:
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            env_vars = body.get("envVars")
+            if env_vars is not None and not (isinstance(env_vars, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
+                raise ValueError("envVars must map strings to strings")
+            user = body.get("defaultUser")
+            if user is not None:
+                lookup(user)
+        except (ValueError, UnknownUser) as e:
+            message = f"unknown user {e}" if isinstance(e, UnknownUser) else str(e)
+            return JSONResponse({"code": 400, "message": message}, status_code=400)
+        if env_vars is not None:
+            self.state.env_vars = dict(env_vars)
+        if "accessToken" in body:
+            self.state.access_token = body["accessToken"] or None
+        if user is not None:
+            self.state.default_user = user
+        if body.get("defaultWorkdir"):
+            self.state.default_workdir = body["defaultWorkdir"]
+        if isinstance(body.get("timestamp"), str):
+            _note_clock(body["timestamp"])
+        return Response(status_code=204)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        _release_startup_memory()
+        yield
+        self.filesystem.close()
+        self.processes.kill_all()
+
+
+def _release_startup_memory() -> None:
+    """Give back what importing and wiring left on the heap; envd's idle footprint counts against
+    every sandbox's memory."""
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _unauthorized(scope, receive, send) -> None:
+    response = JSONResponse({"code": 401, "message": files.UNAUTHORIZED}, status_code=401)
+    await response(scope, receive, send)
+
+
+def _note_clock(timestamp: str) -> None:
+    """The sandbox's clock comes from the host kernel (gVisor reads it through the vDSO), so there is
+    nothing to set; a large skew would mean a broken host and is worth a log line."""
+    from datetime import datetime
+
+    try:
+        sent = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    if abs(sent - time.time()) > 5:
+        log.warning("clock differs from the host's by %.1f s", sent - time.time())

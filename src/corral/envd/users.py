@@ -1,0 +1,81 @@
+"""Sandbox users: who a request acts as, and what that user may touch."""
+
+from __future__ import annotations
+
+import base64
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def may(self, st: os.stat_result, want: int) -> bool:
+        """POSIX permission check of `want` (bits of 4=read, 2=write, 1=execute/search) on `st`."""
+        if self.is_root:
+            return True
+        if st.st_uid == self.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid in self.groups:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return bits & want == want
+
+
+def lookup(name: str) -> User:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UnknownUser(name) from None
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return User(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
+                home=entry.pw_dir or "/")
+
+
+def from_basic_auth(header: str | None) -> str | None:
+    """The user name from `Authorization: Basic base64("<user>:")`, or None when absent."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise UnknownUser("malformed basic auth") from None
+    return decoded.partition(":")[0] or None
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def is_dir(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode)

@@ -1,0 +1,35 @@
+"""Official E2B SDK clients pointed straight at an envd (no control plane), the way `Sandbox.create`
+wires them after the API answered: sandbox URL, access token and routing headers."""
+
+from __future__ import annotations
+
+import httpx
+from e2b import AsyncSandbox, ConnectionConfig, Sandbox
+from packaging.version import Version
+
+from corral.envd import ENVD_VERSION
+
+FAKE_API_KEY = "e2b_" + "0" * 40
+
+
+def _opts(url: str, token: str | None, sandbox_id: str) -> dict:
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983"}
+    if token is not None:
+        headers["X-Access-Token"] = token
+    return dict(sandbox_id=sandbox_id, envd_version=Version(ENVD_VERSION), envd_access_token=token,
+                sandbox_domain=None,
+                connection_config=ConnectionConfig(sandbox_url=url, api_key=FAKE_API_KEY,
+                                                   extra_sandbox_headers=headers))
+
+
+def sync_client(url: str, token: str | None, sandbox_id: str = "envd-test") -> Sandbox:
+    return Sandbox(**_opts(url, token, sandbox_id))
+
+
+def async_client(url: str, token: str | None, sandbox_id: str = "envd-test") -> AsyncSandbox:
+    return AsyncSandbox(**_opts(url, token, sandbox_id))
+
+
+def init(url: str, current_token: str | None = None, **body) -> httpx.Response:
+    headers = {"X-Access-Token": current_token} if current_token else {}
+    return httpx.post(f"{url}/init", json=body, headers=headers, timeout=10)
