@@ -1,0 +1,167 @@
+"""envd's wire contract under bad input, checked with raw HTTP: clear Connect errors, no crash, no leaks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import struct
+
+import httpx
+import pytest
+
+from corral.runtime.base import Resources, SandboxConfig
+from tests.helpers.envd_client import init
+
+STREAM = "application/connect+json"
+
+
+@pytest.fixture(scope="module")
+def envd(harness, runtime):
+    sb = harness.run(runtime.create("base", SandboxConfig()))
+    url = f"http://{sb.address}:49983"
+    token = secrets.token_hex(16)
+    assert init(url, accessToken=token, defaultUser="user").status_code == 204
+    client = httpx.Client(base_url=url, headers={"X-Access-Token": token}, timeout=20)
+    yield sb, client, token
+    client.close()
+    harness.run(runtime.destroy(sb.id))
+
+
+def envelope(message: dict | bytes, flags: int = 0) -> bytes:
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return struct.pack(">BI", flags, len(body)) + body
+
+
+def frames(payload: bytes) -> list[tuple[int, dict]]:
+    out = []
+    while payload:
+        flags, length = struct.unpack(">BI", payload[:5])
+        out.append((flags, json.loads(payload[5:5 + length])))
+        payload = payload[5 + length:]
+    return out
+
+
+def footprint(harness, runtime, sandbox_id: str) -> tuple[int, int]:
+    """(open fds of envd, processes in the sandbox), read out of band."""
+    script = "ls /proc/$(pgrep -f envd.py | head -1)/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
+    result = harness.run(runtime.exec(sandbox_id, ["/bin/sh", "-c", script]))
+    fds, procs = result.stdout.split()
+    return int(fds), int(procs)
+
+
+def test_unary_errors_are_connect_errors(envd):
+    _, client, _ = envd
+    bad_json = client.post("/filesystem.Filesystem/Stat", content=b"{not json",
+                           headers={"Content-Type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["code"] == "invalid_argument"
+    wrong_type = client.post("/filesystem.Filesystem/Stat", content=b"{}",
+                             headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415
+    unknown = client.post("/filesystem.Filesystem/Explode", json={})
+    assert unknown.status_code == 404
+    missing = client.post("/filesystem.Filesystem/Stat", json={"path": "/nope"})
+    assert missing.status_code == 404 and missing.json() == {"code": "not_found",
+                                                             "message": "path '/nope' does not exist"}
+    bad_user = client.post("/filesystem.Filesystem/Stat", json={"path": "/"},
+                           headers={"Authorization": "Basic " + base64.b64encode(b"mallory:").decode()})
+    assert bad_user.status_code == 401 and bad_user.json()["message"] == "invalid username"
+    not_dir = client.post("/filesystem.Filesystem/ListDir", json={"path": "/etc/hostname"})
+    assert not_dir.status_code == 400 and not_dir.json()["code"] == "invalid_argument"
+
+
+def test_streams_end_with_a_frame(envd):
+    _, client, _ = envd
+    ok = client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                     content=envelope({"process": {"cmd": "/bin/echo", "args": ["hi"]}}))
+    events = frames(ok.content)
+    assert events[0][1]["event"]["start"]["pid"] > 0
+    assert base64.b64decode(events[1][1]["event"]["data"]["stdout"]) == b"hi\n"
+    assert events[-2][1]["event"]["end"]["status"] == "exit status 0"
+    assert events[-1] == (2, {})
+    missing_cmd = client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                              content=envelope({"process": {"cmd": "/no/such/binary"}}))
+    flags, end = frames(missing_cmd.content)[-1]
+    assert flags == 2 and end["error"]["code"] == "invalid_argument"
+    truncated = client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                            content=envelope({"process": {"cmd": "/bin/true"}})[:-3])
+    flags, end = frames(truncated.content)[-1]
+    assert flags == 2 and end["error"]["code"] == "invalid_argument"
+    assert "truncated envelope" in end["error"]["message"]
+    bad_cwd = client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                          content=envelope({"process": {"cmd": "/bin/true", "cwd": "/none"}}))
+    assert frames(bad_cwd.content)[-1][1]["error"] == {"code": "invalid_argument",
+                                                       "message": "cwd '/none' does not exist"}
+
+
+def test_auth_rules(envd):
+    sb, client, token = envd
+    bare = httpx.Client(base_url=str(client.base_url), timeout=10)
+    assert bare.get("/health").status_code == 204
+    denied = bare.post("/filesystem.Filesystem/Stat", json={"path": "/"})
+    assert denied.status_code == 401
+    assert denied.json() == {"code": 401, "message": "unauthorized access, please provide a valid access "
+                                                     "token or method signing if supported"}
+    assert bare.get("/files", params={"path": "/etc/hostname"}).status_code == 401
+    assert bare.get("/envs").status_code == 401
+    assert client.get("/envs").json() == {}
+    metrics = client.get("/metrics").json()
+    assert metrics["mem_total"] > 0 and metrics["disk_total"] > 0 and metrics["cpu_count"] >= 1
+    bare.close()
+
+
+def test_files_endpoint_errors(envd):
+    _, client, _ = envd
+    assert client.get("/files", params={"path": "/tmp"}).status_code == 400
+    assert client.get("/files", params={"path": "/nope"}).status_code == 404
+    assert client.get("/files").status_code == 400
+    shadow = client.get("/files", params={"path": "/etc/shadow"})
+    assert shadow.status_code == 403 and "permission denied" in shadow.json()["message"]
+    assert client.get("/files", params={"path": "/etc/shadow", "username": "root"}).status_code == 200
+    assert client.get("/files", params={"path": "/etc/hostname", "username": "mallory"}).status_code == 401
+    traversal = client.post("/files", params={"path": "../../root/x"}, content=b"x",
+                            headers={"Content-Type": "application/octet-stream"})
+    assert traversal.status_code == 403
+    bad_gzip = client.post("/files", params={"path": "/tmp/g"}, content=b"not gzip",
+                           headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+    assert bad_gzip.status_code == 400
+    assert client.get("/files", params={"path": "/tmp/g"}).status_code == 404  # nothing half-written left
+    weird = client.post("/files", params={"path": "/tmp/w"}, content=b"x", headers={"Content-Type": "text/csv"})
+    assert weird.status_code == 400
+
+
+def test_full_disk_gives_507(harness, runtime):
+    sb = harness.run(runtime.create("base", SandboxConfig(resources=Resources(disk_mb=160))))
+    try:
+        url = f"http://{sb.address}:49983"
+        with httpx.Client(base_url=url, timeout=60) as client:
+            # Fill the sandbox disk first, then upload into what is left.
+            client.post("/process.Process/Start", headers={"Content-Type": STREAM}, content=envelope(
+                {"process": {"cmd": "/bin/sh", "args": ["-c", "dd if=/dev/zero of=/home/user/fill bs=1M || true"]}}))
+            response = client.post("/files", params={"path": "/home/user/more.bin"}, content=b"x" * (8 << 20),
+                                   headers={"Content-Type": "application/octet-stream"})
+            assert response.status_code == 507
+            assert client.get("/files", params={"path": "/home/user/more.bin"}).status_code == 404
+    finally:
+        harness.run(runtime.destroy(sb.id))
+
+
+def test_bad_requests_leak_nothing(harness, runtime, envd):
+    sb, client, _ = envd
+    client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                content=envelope({"process": {"cmd": "/bin/true"}}))  # warm up lazily created state
+    before = footprint(harness, runtime, sb.id)
+    for _ in range(20):
+        client.post("/filesystem.Filesystem/Stat", content=b"{", headers={"Content-Type": "application/json"})
+        client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                    content=envelope({"process": {"cmd": "/no/such"}}))
+        client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                    content=envelope({"process": {"cmd": "/bin/true"}})[:-2])
+        client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                    content=envelope({"process": {"cmd": "/bin/echo", "args": ["x"]}}))
+        client.post("/files", params={"path": "/tmp/g"}, content=b"junk",
+                    headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+        watcher = client.post("/filesystem.Filesystem/CreateWatcher", json={"path": "/tmp"}).json()
+        client.post("/filesystem.Filesystem/RemoveWatcher", json=watcher)
+    after = footprint(harness, runtime, sb.id)
+    assert after == before
