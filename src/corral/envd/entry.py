@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import stat
 
@@ -36,28 +39,85 @@ def go_mode_string(mode: int) -> str:
     return (letters or "-") + rwx
 
 
+class _SidecarMetadata:
+    """Metadata for files whose filesystem refuses user xattrs (gVisor's gofer before 2026 does), kept
+    in one JSON file keyed by inode so it follows renames. An inode reused after a delete that envd did
+    not see may show the old file's metadata; xattrs are used wherever the filesystem has them."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._entries: dict[str, dict[str, str]] | None = None
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        if self._entries is None:
+            try:
+                with open(self._path) as f:
+                    self._entries = json.load(f)
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    @staticmethod
+    def _key(st: os.stat_result) -> str:
+        return f"{st.st_dev}:{st.st_ino}"
+
+    def get(self, st: os.stat_result) -> dict[str, str]:
+        return dict(self._load().get(self._key(st), {}))
+
+    def put(self, st: os.stat_result, metadata: dict[str, str]) -> None:
+        entries = self._load()
+        if metadata:
+            entries[self._key(st)] = dict(metadata)
+        else:
+            entries.pop(self._key(st), None)
+        os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f)
+        os.replace(tmp, self._path)
+
+    def forget(self, st: os.stat_result) -> None:
+        if self._key(st) in self._load():
+            self.put(st, {})
+
+
+SIDECAR = _SidecarMetadata(os.environ.get("ENVD_METADATA_FILE", "/var/lib/envd/metadata.json"))
+
+
+def _unsupported(e: OSError) -> bool:
+    return e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def read_metadata(path: str) -> dict[str, str]:
+    metadata = {}
     try:
         names = os.listxattr(path)
-    except OSError:
-        return {}
-    metadata = {}
+    except OSError as e:
+        names = []
+        if not _unsupported(e):
+            return {}
     for name in names:
         if name.startswith(METADATA_PREFIX):
-            try:
+            with contextlib.suppress(OSError):
                 metadata[name[len(METADATA_PREFIX):]] = os.getxattr(path, name).decode(errors="replace")
-            except OSError:
-                continue
+    if not metadata:
+        with contextlib.suppress(OSError):
+            return SIDECAR.get(os.stat(path))
     return metadata
 
 
 def write_metadata(path: str, metadata: dict[str, str]) -> None:
     """Replace the path's metadata with `metadata`."""
-    for name in os.listxattr(path):
-        if name.startswith(METADATA_PREFIX):
-            os.removexattr(path, name)
-    for key, value in metadata.items():
-        os.setxattr(path, METADATA_PREFIX + key, value.encode())
+    try:
+        for name in os.listxattr(path):
+            if name.startswith(METADATA_PREFIX):
+                os.removexattr(path, name)
+        for key, value in metadata.items():
+            os.setxattr(path, METADATA_PREFIX + key, value.encode())
+    except OSError as e:
+        if not _unsupported(e):
+            raise
+        SIDECAR.put(os.stat(path), metadata)
 
 
 def file_type(mode: int) -> fs.FileType:

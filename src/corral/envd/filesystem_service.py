@@ -16,7 +16,7 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 
 from corral.envd import paths
-from corral.envd.entry import entry_info
+from corral.envd.entry import SIDECAR, entry_info
 from corral.envd.process_service import keepalive_interval
 from corral.envd.proto import filesystem_pb as fs
 from corral.envd.requests import request_user
@@ -126,6 +126,8 @@ class FilesystemService:
             if os.path.isdir(path) and not os.path.islink(path):
                 await asyncio.to_thread(shutil.rmtree, path)
             else:
+                with contextlib.suppress(OSError):
+                    SIDECAR.forget(os.stat(path))
                 os.unlink(path)
         return fs.RemoveResponse()
 

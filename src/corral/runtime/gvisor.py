@@ -47,6 +47,7 @@ from corral.runtime.base import (
     TemplateNotFound,
 )
 from corral.runtime.base import Stats as SandboxStats
+from corral.runtime import oci
 from corral.runtime.oci import build_spec, exec_process, write_bundle
 from corral.runtime.runsc import Runsc, RunscError, log_tail
 from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, tree_size, unmount, usage
@@ -462,7 +463,7 @@ class GVisorRuntime(Runtime):
 
     async def snapshot_compat(self) -> str:
         flags = [f for f in self.runsc.global_flags if not f.startswith("--root=")]
-        return f"gvisor {await self.runsc.version()} {' '.join(flags)}"
+        return f"gvisor {await self.runsc.version()} {' '.join(flags)} spec{oci.SPEC_VERSION}"
 
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         return log_tail(self._box(sandbox_id).log, lines, sep="\n")

@@ -27,6 +27,11 @@ def host_memory_limit_mb(memory_mb: int) -> int:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+# Bump when the spec changes in a way a checkpoint carries (mounts, for one): snapshots taken with an
+# older spec are rebuilt rather than restored.
+SPEC_VERSION = 2
+
+
 def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, hostname: str,
                netns: Path, resources: Resources, cgroup_path: str) -> dict:
     environment = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", **env}
@@ -55,6 +60,10 @@ def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, 
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            # runsc puts a tmpfs on /tmp unless the spec mounts something there; that tmpfs would be
+            # unbounded sandbox memory (a large file in /tmp gets the whole sandbox killed by the host's
+            # memory limit). Keep /tmp on the sandbox's disk, under its quota, like the rest of the root.
+            {"destination": "/tmp", "type": "bind", "source": str(rootfs / "tmp"), "options": ["rbind", "rw"]},
         ],
         "linux": {
             "namespaces": [

@@ -1,0 +1,29 @@
+"""Runs the JS SDK scripts in tests/js with node, installing their npm dependencies on first use."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+JS_DIR = Path(__file__).resolve().parent.parent / "js"
+
+
+def ensure_node_modules() -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node/npm are not installed (scripts/install.sh installs them)")
+    lock = JS_DIR / "package-lock.json"
+    stamp = JS_DIR / "node_modules" / ".corral-installed"
+    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True, capture_output=True,
+                   timeout=600)
+    stamp.touch()
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    ensure_node_modules()
+    return subprocess.run(["node", str(JS_DIR / name), *args], cwd=JS_DIR, capture_output=True, text=True,
+                          timeout=timeout)
