@@ -44,7 +44,7 @@ def frames(payload: bytes) -> list[tuple[int, dict]]:
 
 def footprint(harness, runtime, sandbox_id: str) -> tuple[int, int]:
     """(open fds of envd, processes in the sandbox), read out of band."""
-    script = "ls /proc/$(pgrep -f envd.py | head -1)/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
+    script = "ls /proc/$(pgrep -f '^/usr/bin/python3 -I -S /opt/corral/envd/envd.py')/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
     result = harness.run(runtime.exec(sandbox_id, ["/bin/sh", "-c", script]))
     fds, procs = result.stdout.split()
     return int(fds), int(procs)
