@@ -17,7 +17,6 @@ import asyncio
 import os
 import secrets
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from corral.envd.processes import DEFAULT_PATH  # noqa: E402
-from tests.helpers.envd_client import init, sync_client  # noqa: E402
+from corral.envd.processes import DEFAULT_PATH
+from corral.templates.envd_layer import START_COMMAND
+from tests.helpers.envd_client import init, sync_client
 
 TARGET_ADDED_P50_MS = 3.0
+ENVD_COMMAND = " ".join(START_COMMAND)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -120,7 +121,7 @@ def sandbox_part(n: int) -> list[str]:
     from corral.runtime.base import SandboxConfig
 
     async def run() -> list[str]:
-        async with local_runtime() as (runtime, store):
+        async with local_runtime() as (runtime, _store):
             sb = await runtime.create("base", SandboxConfig())
             try:
                 url = f"http://{sb.address}:49983"
@@ -129,7 +130,8 @@ def sandbox_part(n: int) -> list[str]:
                 sbx = sync_client(url, token)
                 # Timed inside the sandbox, so it holds neither HTTP nor envd: the gVisor cost alone.
                 loop = ("python3 -c \"import subprocess,time,json;r=[];"
-                        f"[(lambda t:(subprocess.run(['bash','-l','-c','true']),r.append((time.perf_counter()-t)*1000)))"
+                        "[(lambda t:(subprocess.run(['bash','-l','-c','true']),"
+                        "r.append((time.perf_counter()-t)*1000)))"
                         f"(time.perf_counter()) for _ in range({n})];print(json.dumps(r))\"")
                 inside = [float(x) for x in
                           __import__("json").loads((await asyncio.to_thread(sbx.commands.run, loop)).stdout)]
@@ -152,7 +154,8 @@ def sandbox_part(n: int) -> list[str]:
 
                 rows.append(row("`files.write`+`files.read` 10 MiB via envd in gVisor",
                                 await asyncio.to_thread(timed, large, max(10, n // 10))))
-                rss = await runtime.exec(sb.id, ["/bin/sh", "-c", "grep VmRSS /proc/$(pgrep -f '^/usr/bin/python3 -I -S /opt/corral/envd/envd.py')/status"])
+                probe = f"grep VmRSS /proc/$(pgrep -f '^{ENVD_COMMAND}')/status"
+                rss = await runtime.exec(sb.id, ["/bin/sh", "-c", probe])
                 rows.append(f"| envd idle RSS in the sandbox | | {rss.stdout.decode().split()[1]} kB | | | |")
                 return rows
             finally:

@@ -267,4 +267,5 @@ if __name__ == "__main__":
     body = render(results, args)
     (ROOT.parent / "corral-bench-runtime.json").write_text(json.dumps(results))
     if args.write:
-        write_section(args.write, "runtime", body, "sudo .venv/bin/python benchmarks/runtime.py --write docs/benchmarks.md")
+        write_section(args.write, "runtime", body,
+                      "sudo .venv/bin/python benchmarks/runtime.py --write docs/benchmarks.md")

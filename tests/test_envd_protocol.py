@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from corral.runtime.base import Resources, SandboxConfig
+from corral.templates.envd_layer import START_COMMAND
 from tests.helpers.envd_client import init
 
 STREAM = "application/connect+json"
@@ -44,7 +45,8 @@ def frames(payload: bytes) -> list[tuple[int, dict]]:
 
 def footprint(harness, runtime, sandbox_id: str) -> tuple[int, int]:
     """(open fds of envd, processes in the sandbox), read out of band."""
-    script = "ls /proc/$(pgrep -f '^/usr/bin/python3 -I -S /opt/corral/envd/envd.py')/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
+    envd = " ".join(START_COMMAND)
+    script = f"ls /proc/$(pgrep -f '^{envd}')/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
     result = harness.run(runtime.exec(sandbox_id, ["/bin/sh", "-c", script]))
     fds, procs = result.stdout.split()
     return int(fds), int(procs)
@@ -95,7 +97,7 @@ def test_streams_end_with_a_frame(envd):
 
 
 def test_auth_rules(envd):
-    sb, client, token = envd
+    _sb, client, _token = envd
     bare = httpx.Client(base_url=str(client.base_url), timeout=10)
     assert bare.get("/health").status_code == 204
     denied = bare.post("/filesystem.Filesystem/Stat", json={"path": "/"})
@@ -165,3 +167,11 @@ def test_bad_requests_leak_nothing(harness, runtime, envd):
         client.post("/filesystem.Filesystem/RemoveWatcher", json=watcher)
     after = footprint(harness, runtime, sb.id)
     assert after == before
+
+
+def test_grpc_is_refused_clearly(envd):
+    _, client, _ = envd
+    response = client.post("/process.Process/List", content=b"\x00\x00\x00\x00\x00",
+                           headers={"Content-Type": "application/grpc+proto"})
+    assert response.status_code == 415 and "Connect protocol" in response.json()["message"]
+    assert client.post("/process.Process/List", json={}).status_code == 200

@@ -16,8 +16,8 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
-    FileType,
     FilesystemEventType,
+    FileType,
     InvalidArgumentException,
     NotFoundException,
     PtySize,
@@ -337,3 +337,16 @@ def test_gzip_download_is_compressed_on_the_wire(envd, sbx):
         body = b"".join(response.iter_raw())
     assert len(body) < 1000
     assert gzip.decompress(body) == b"a" * 100_000
+
+
+def test_envd_dependencies_are_invisible_to_the_users_python(sbx):
+    from corral.templates.envd_layer import REQUIREMENTS
+
+    listed = sbx.commands.run("python3 -m pip list --format=freeze 2>/dev/null").stdout.lower()
+    for pin in REQUIREMENTS:
+        assert pin.split("==")[0].lower().replace("_", "-") not in listed.replace("_", "-")
+    probe = sbx.commands.run("python3 -c 'import starlette' 2>&1 || echo missing")
+    assert "missing" in probe.stdout
+    # What the user does to their own Python cannot reach envd: it still answers afterwards.
+    sbx.commands.run("python3 -m pip install --quiet --no-index /nonexistent 2>/dev/null || true", user="root")
+    assert sbx.commands.run("echo still-here").stdout == "still-here\n"

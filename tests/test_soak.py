@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import pytest
+from helpers.leaks import footprint
 
 from corral.runtime.base import SandboxConfig
-from helpers.leaks import footprint
 
 
 def host_counts() -> dict[str, int]:

@@ -19,8 +19,8 @@ def test_snapshot_key_changes_with_start_command_but_rootfs_key_does_not():
 
 
 def test_rootfs_key_changes_with_packages_and_setup():
-    assert dataclasses.replace(BASE, packages=BASE.packages + ("jq",)).rootfs_key() != BASE.rootfs_key()
-    assert dataclasses.replace(BASE, setup=BASE.setup + ("true",)).rootfs_key() != BASE.rootfs_key()
+    assert dataclasses.replace(BASE, packages=(*BASE.packages, "jq")).rootfs_key() != BASE.rootfs_key()
+    assert dataclasses.replace(BASE, setup=(*BASE.setup, "true")).rootfs_key() != BASE.rootfs_key()
 
 
 def test_snapshot_key_changes_with_runtime_compatibility():

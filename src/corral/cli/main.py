@@ -108,7 +108,8 @@ def sandbox_run(template: str = typer.Argument(..., help="Template to start from
             sandbox = await runtime.create(template, config)
             try:
                 home = "/root" if user == "root" else f"/home/{user}"
-                result = await runtime.exec(sandbox.id, ["/bin/bash", "-lc", command[0] if len(command) == 1 else shlex.join(command)],
+                script = command[0] if len(command) == 1 else shlex.join(command)
+                result = await runtime.exec(sandbox.id, ["/bin/bash", "-lc", script],
                                             user=user, cwd=home,
                                             env={"HOME": home, "USER": user}, timeout=3600)
             finally:

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+try:
+    import pyqwest  # noqa: F401 - present when envd runs from a development checkout
+except ImportError:
+    from corral.envd import _no_http_client
+
+    sys.modules["pyqwest"] = _no_http_client
 
 import uvicorn
 

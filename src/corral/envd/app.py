@@ -70,6 +70,11 @@ class EnvdApp:
                 return
         for prefix, app in self._rpc.items():
             if path.startswith(prefix):
+                if (_header(scope, b"content-type") or "").startswith("application/grpc"):
+                    # Only the Connect protocol is served (all E2B SDKs use it).
+                    await JSONResponse({"code": "unimplemented", "message": "only the Connect protocol is "
+                                        "served; gRPC and gRPC-Web are not"}, status_code=415)(scope, receive, send)
+                    return
                 await app(scope, receive, send)
                 return
         await self._plain(scope, receive, send)

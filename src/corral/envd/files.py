@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -188,10 +189,8 @@ class _Target:
     def abandon(self) -> None:
         os.close(self.fd)
         if self.created:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
 
 def _os_error(e: OSError, path: str) -> FileError:
@@ -235,10 +234,8 @@ async def _upload_raw(request: Request, state: SandboxState, metadata) -> dict:
     inflater = zlib.decompressobj(47) if encoding == "gzip" else None
     target = _Target(path, user)
     try:
-        async for chunk in request.stream():
-            if inflater is not None:
-                chunk = inflater.decompress(chunk)
-            target.write(chunk)
+        async for received in request.stream():
+            target.write(inflater.decompress(received) if inflater is not None else received)
         if inflater is not None:
             target.write(inflater.flush())
             if not inflater.eof:
@@ -259,7 +256,7 @@ async def _upload_raw(request: Request, state: SandboxState, metadata) -> dict:
 async def _upload_multipart(request: Request, state: SandboxState, metadata) -> list[dict]:
     try:
         form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
-    except Exception as e:  # noqa: BLE001 - python-multipart raises several types for bad bodies
+    except Exception as e:
         raise FileError(400, f"invalid multipart body: {e}") from None
     try:
         parts = [part for _, part in form.multi_items() if isinstance(part, UploadFile)]

@@ -113,9 +113,9 @@ class FilesystemService:
                 out.append(entry_info(full))
             except FileNotFoundError:
                 continue
-            if depth > 1 and os.path.isdir(full) and not os.path.islink(full):
-                if user.is_root or user.may(os.stat(full), paths.READ | paths.SEARCH):
-                    self._walk(full, depth - 1, user, out)
+            descend = depth > 1 and os.path.isdir(full) and not os.path.islink(full)
+            if descend and (user.is_root or user.may(os.stat(full), paths.READ | paths.SEARCH)):
+                self._walk(full, depth - 1, user, out)
 
     async def remove(self, request: fs.RemoveRequest, ctx: RequestContext) -> fs.RemoveResponse:
         path, user = self._target(request.path, ctx)

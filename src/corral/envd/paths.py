@@ -65,9 +65,8 @@ def check_write(path: str, user: User) -> None:
     if user.is_root:
         return
     _check_ancestors(path, user)
-    if os.path.lexists(path) and not os.path.isdir(path):
-        if not user.may(os.stat(path), WRITE):
-            raise AccessDenied(f"permission denied: {user.name} cannot write '{path}'")
+    if os.path.lexists(path) and not os.path.isdir(path) and not user.may(os.stat(path), WRITE):
+        raise AccessDenied(f"permission denied: {user.name} cannot write '{path}'")
     _check_parent_writable(path, user)
 
 

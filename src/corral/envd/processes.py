@@ -109,6 +109,7 @@ class ProcessTable:
         self._sandbox_env = sandbox_env
         self._running: dict[int, ManagedProcess] = {}
         self._exited: dict[int, ManagedProcess] = {}
+        self._supervisors: set[asyncio.Task] = set()  # held so the loop does not drop them
 
     # --- lookups ---------------------------------------------------------------------------------
 
@@ -184,7 +185,10 @@ class ProcessTable:
         queue = proc.subscribe()
         readers = [self._attach_reader(proc, fd, kind, size) for fd, kind, size in outputs]
         self._running[proc.pid] = proc
-        asyncio.ensure_future(self._supervise(proc, child, readers, [fd for fd, _, _ in outputs]))
+        task = asyncio.get_running_loop().create_task(
+            self._supervise(proc, child, readers, [fd for fd, _, _ in outputs]))
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
         return proc, queue
 
     @staticmethod

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
-
 import json
 import struct
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec
@@ -60,7 +59,7 @@ class _StrictJSONCodec:
     def decode(self, data: bytes | bytearray, message_class: type) -> Message:
         try:
             return self._inner.decode(data, message_class)
-        except Exception as e:  # noqa: BLE001 - the codec raises JSON, type and value errors
+        except Exception as e:
             raise ConnectError(Code.INVALID_ARGUMENT, f"cannot decode the request: {e}") from None
 
 

@@ -16,6 +16,7 @@ sandbox's upper directory at checkpoint time) and `checkpoint.json` (the lower l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from corral.network import firewall
 from corral.network.commands import NetworkError
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
+from corral.runtime import oci
 from corral.runtime.base import (
     Checkpoint,
     CheckpointInvalid,
@@ -47,7 +49,6 @@ from corral.runtime.base import (
     TemplateNotFound,
 )
 from corral.runtime.base import Stats as SandboxStats
-from corral.runtime import oci
 from corral.runtime.oci import build_spec, exec_process, write_bundle
 from corral.runtime.runsc import Runsc, RunscError, log_tail
 from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, tree_size, unmount, usage
@@ -208,19 +209,15 @@ class GVisorRuntime(Runtime):
                 continue
             for child in parent.iterdir():
                 if child.is_dir() and child.name not in keep:
-                    try:
+                    with contextlib.suppress(OSError):
                         child.rmdir()
-                    except OSError:
-                        pass
 
     async def close(self) -> None:
         for task in self._pool_tasks.values():
             task.cancel()
         for task in self._pool_tasks.values():
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         self._pool_tasks.clear()
         for boxes in self._pools.values():
             for box in boxes:

@@ -20,7 +20,7 @@ PREFIX = "opt/corral/envd"
 REQUIREMENTS = (
     "anyio==4.16.0", "click==8.5.1", "connectrpc==0.12.1", "h11==0.16.0", "httptools==0.9.0",
     "idna==3.20", "inotify-simple==2.0.1", "protobuf-py==0.6.0", "protobuf-py-ext==0.6.0",
-    "python-multipart==0.0.34", "pyqwest==0.12.0", "starlette==1.10.0", "typing-extensions==4.16.0", "uvicorn==0.54.0",
+    "python-multipart==0.0.34", "starlette==1.10.0", "typing-extensions==4.16.0", "uvicorn==0.54.0",
 )
 # The sandbox's interpreter (Debian bookworm's python3).
 TARGET_PYTHON = ("3.11", "cp311", ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64"))

@@ -92,7 +92,8 @@ class TemplateStore:
         try:
             recipe = self.recipes[name]
         except KeyError:
-            raise TemplateNotFound(f"no recipe for template {name!r}; known: {', '.join(sorted(self.recipes))}")
+            raise TemplateNotFound(
+                f"no recipe for template {name!r}; known: {', '.join(sorted(self.recipes))}") from None
         rootfs = await self.ensure_rootfs(recipe, force=force, progress=progress)
         key = recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
         tdir = self.root / "templates" / name
@@ -201,7 +202,7 @@ async def _stream(argv: list[str], log, progress: Progress, env: dict[str, str] 
     async for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip()
         log.write(line + "\n")
-        tail = (tail + [line])[-8:]
+        tail = ([*tail, line])[-8:]
         if line:
             progress(line[:100])
     rc = await proc.wait()
