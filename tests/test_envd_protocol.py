@@ -175,3 +175,52 @@ def test_grpc_is_refused_clearly(envd):
                            headers={"Content-Type": "application/grpc+proto"})
     assert response.status_code == 415 and "Connect protocol" in response.json()["message"]
     assert client.post("/process.Process/List", json={}).status_code == 200
+
+
+def test_keepalives_and_tags(envd):
+    _, client, _ = envd
+    started = client.post("/process.Process/Start",
+                          headers={"Content-Type": STREAM, "Keepalive-Ping-Interval": "1"},
+                          content=envelope({"process": {"cmd": "/bin/sleep", "args": ["2.5"]}, "tag": "quiet"}))
+    kinds = [next(iter(body["event"])) for flags, body in frames(started.content) if flags == 0]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("keepalive") >= 2
+    with client.stream("POST", "/process.Process/Start", headers={"Content-Type": STREAM},
+                       content=envelope({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "tag": "web"})) as stream:
+        listed = client.post("/process.Process/List", json={}).json()["processes"]
+        tagged = [p for p in listed if p.get("tag") == "web"]
+        assert len(tagged) == 1 and tagged[0]["config"]["cmd"] == "/bin/sleep"
+        killed = client.post("/process.Process/SendSignal",
+                             json={"process": {"tag": "web"}, "signal": "SIGNAL_SIGKILL"})
+        assert killed.status_code == 200
+        end = [body for flags, body in frames(stream.read()) if flags == 0][-1]["event"]["end"]
+        assert end == {"exitCode": -1, "status": "signal: killed", "error": "signal: killed"}
+    assert client.post("/process.Process/SendSignal", json={"process": {"tag": "web"},
+                                                            "signal": "SIGNAL_SIGKILL"}).status_code == 404
+
+
+def test_watcher_reports_each_event_type_with_entries(envd):
+    _, client, _ = envd
+    run = {"cmd": "/bin/sh", "args": ["-c", "mkdir -p /tmp/ev && rm -rf /tmp/ev/*"]}
+    client.post("/process.Process/Start", headers={"Content-Type": STREAM}, content=envelope({"process": run}))
+    watcher = client.post("/filesystem.Filesystem/CreateWatcher",
+                          json={"path": "/tmp/ev", "includeEntry": True}).json()
+
+    def sh(script: str) -> list[dict]:
+        client.post("/process.Process/Start", headers={"Content-Type": STREAM},
+                    content=envelope({"process": {"cmd": "/bin/sh", "args": ["-c", script]}}))
+        return client.post("/filesystem.Filesystem/GetWatcherEvents", json=watcher).json()["events"]
+
+    first = sh("echo a > /tmp/ev/f && echo b >> /tmp/ev/f && chmod 600 /tmp/ev/f")
+    assert [(e["name"], e["type"]) for e in first if e["type"] != "EVENT_TYPE_WRITE"] == [
+        ("f", "EVENT_TYPE_CREATE"), ("f", "EVENT_TYPE_CHMOD")]
+    assert ("f", "EVENT_TYPE_WRITE") in [(e["name"], e["type"]) for e in first]
+    chmod = next(e for e in first if e["type"] == "EVENT_TYPE_CHMOD")
+    assert chmod["entry"]["permissions"] == "-rw-------" and chmod["entry"]["path"] == "/tmp/ev/f"
+    second = sh("mv /tmp/ev/f /tmp/ev/g && rm /tmp/ev/g")
+    assert [(e["name"], e["type"]) for e in second] == [
+        ("f", "EVENT_TYPE_RENAME"), ("g", "EVENT_TYPE_CREATE"), ("g", "EVENT_TYPE_REMOVE")]
+    # Entries describe what exists: never for a path renamed away or removed.
+    assert not any("entry" in e for e in second if e["type"] in ("EVENT_TYPE_RENAME", "EVENT_TYPE_REMOVE"))
+    assert client.post("/filesystem.Filesystem/RemoveWatcher", json=watcher).status_code == 200
+    assert client.post("/filesystem.Filesystem/GetWatcherEvents", json=watcher).status_code == 404
