@@ -51,5 +51,31 @@ class Settings:
         return self.data_dir / "storage"
 
 
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """The orchestrator's and API server's knobs (see docs/platform.md)."""
+
+    # SQLAlchemy URL of the state database; SQLite in the data directory by default.
+    database_url: str = field(default_factory=lambda: os.environ.get("CORRAL_DATABASE_URL", ""))
+    # Sandboxes per template kept restored and waiting, so create is a claim plus /init. Each costs
+    # ~14 MiB and some idle CPU (docs/benchmarks.md), hence a small default.
+    pool_size: int = field(default_factory=lambda: _env_int("CORRAL_POOL_SIZE", 2))
+    pool_templates: tuple[str, ...] = field(
+        default_factory=lambda: tuple(t for t in os.environ.get("CORRAL_POOL_TEMPLATES", "base").split(",") if t))
+    default_timeout_s: int = 300
+    # 0 means no maximum: sandboxes may live as long as their owner keeps extending them.
+    max_timeout_s: int = field(default_factory=lambda: _env_int("CORRAL_MAX_TIMEOUT_S", 0))
+    metrics_interval_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_METRICS_INTERVAL_S", "5")))
+    # Samples kept per sandbox (720 x 5 s = one hour).
+    metrics_kept: int = field(default_factory=lambda: _env_int("CORRAL_METRICS_KEPT", 720))
+
+    def resolved_database_url(self, settings: Settings) -> str:
+        return self.database_url or f"sqlite:///{settings.data_dir / 'corral.db'}"
+
+
 def load_settings() -> Settings:
     return Settings()

@@ -15,6 +15,7 @@ from rich.table import Table
 from corral import __version__
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime
+from corral.cli.serve import keys_app, serve_command
 from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
 from corral.templates.store import TemplateBuildFailed
 
@@ -24,6 +25,8 @@ sandbox_app = typer.Typer(no_args_is_help=True, help="Run sandboxes on this host
 app.add_typer(template_app, name="template")
 app.add_typer(sandbox_app, name="sandbox")
 app.command("doctor")(doctor_command)
+app.command("serve")(serve_command)
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)

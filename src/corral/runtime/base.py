@@ -154,6 +154,10 @@ class Runtime(abc.ABC):
         """`count` independent sandboxes from one checkpoint, each with its own network and disk."""
 
     @abc.abstractmethod
+    async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
+        """Allows or cuts the sandbox's egress to the internet (its isolation rules stay as they are)."""
+
+    @abc.abstractmethod
     async def pause(self, sandbox_id: str) -> None:
         """Stops all execution; memory stays resident."""
 

@@ -25,7 +25,7 @@ import shutil
 import string
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from corral.config import Settings
@@ -433,6 +433,16 @@ class GVisorRuntime(Runtime):
             box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
                                       _RESTORE_PLACEHOLDER)
             pool.append(box)
+
+    async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
+        box = self._box(sandbox_id)
+        if box.config.internet == enabled:
+            return
+        await firewall.set_offline(self.settings.instance, box.slot.guest, not enabled)
+        box.config = replace(box.config, internet=enabled)
+        tmp = box.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(box.to_record()))
+        tmp.rename(box.record)
 
     async def pause(self, sandbox_id: str) -> None:
         await self.runsc.pause(self._box(sandbox_id).id)

@@ -1,0 +1,226 @@
+"""The E2B-compatible REST API (FastAPI): exact success codes and `{code, message}` errors, since the SDKs
+parse nothing else."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Annotated
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral import __version__
+from corral.control import schemas
+from corral.control.db import SandboxRow
+from corral.control.keys import ApiKey, ApiKeys
+from corral.control.lifecycle import ApiError, ListQuery, SandboxService
+from corral.envd import ENVD_VERSION
+from corral.orchestrator.envd_link import EnvdUnavailable
+from corral.runtime.base import RuntimeError_
+
+CLIENT_ID = "corral"
+_ERRORS = {401: {"model": schemas.Error}, 404: {"model": schemas.Error}, 400: {"model": schemas.Error}}
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _sandbox(row: SandboxRow) -> schemas.Sandbox:
+    return schemas.Sandbox(templateID=row.template, sandboxID=row.id, alias=row.template, clientID=CLIENT_ID,
+                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token)
+
+
+def _listed(row: SandboxRow) -> dict:
+    return dict(templateID=row.template, alias=row.template, sandboxID=row.id, clientID=CLIENT_ID,
+                startedAt=_iso(row.started_at), endAt=_iso(row.end_at), cpuCount=max(1, round(row.vcpus)),
+                memoryMB=row.memory_mb, diskSizeMB=row.disk_mb, metadata=row.sandbox_metadata or {},
+                state=row.state, envdVersion=ENVD_VERSION)
+
+
+def _detail(row: SandboxRow) -> schemas.SandboxDetail:
+    lifecycle = row.lifecycle or {}
+    return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
+                                 lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
+                                                             onTimeout=lifecycle.get("onTimeout", "kill")))
+
+
+def _parse_metadata(raw: str | None) -> dict[str, str]:
+    """The SDK sends `urlencode({quote(k): quote(v)})` as one query value."""
+    if not raw:
+        return {}
+    return {unquote(k): unquote(v) for k, v in parse_qsl(raw, keep_blank_values=True)}
+
+
+def _parse_time(raw: str | None, name: str) -> float | None:
+    if raw is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ApiError(400, f"{name} must be an RFC 3339 timestamp, got {raw!r}") from None
+
+
+def _page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _page_offset(token: str | None) -> int:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "o" or int(value) < 0:
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise ApiError(400, "nextToken is not a token this server issued") from None
+
+
+def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+    key = request.app.state.keys.verify(x_api_key)
+    if key is None:
+        raise ApiError(401, "Invalid API key" if x_api_key else "Missing X-API-KEY header")
+    return key
+
+
+Key = Annotated[ApiKey, Depends(authenticated)]
+
+
+def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
+    app = FastAPI(title="Corral API", version=__version__,
+                  description="E2B-compatible sandbox API served by Corral. Authenticate with `X-API-KEY`.")
+    app.state.keys = keys
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"code": exc.status, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RuntimeError_)
+    async def runtime_error(request: Request, exc: RuntimeError_) -> JSONResponse:
+        return JSONResponse({"code": exc.status, "message": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(EnvdUnavailable)
+    async def envd_error(request: Request, exc: EnvdUnavailable) -> JSONResponse:
+        return JSONResponse({"code": 500, "message": f"the sandbox did not start: {exc}"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"code": 400, "message": problems or "invalid request"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"code": exc.status_code, "message": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.get("/health", response_model=schemas.Health, tags=["server"])
+    async def health() -> schemas.Health:
+        pool = service.orchestrator.pool
+        return schemas.Health(sandboxes=len(service.orchestrator.live_ids()),
+                              pooled={t: pool.ready(t) for t in service.orchestrator.pool._templates})
+
+    async def _create(key: ApiKey, body: schemas.NewSandbox) -> schemas.Sandbox:
+        lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",
+                     "autoResume": bool(body.autoResume and body.autoResume.enabled),
+                     "autoPauseMemory": body.autoPauseMemory is not False}
+        row = await service.create(key.id, body.templateID, timeout=body.timeout, metadata=body.metadata or {},
+                                   env_vars=body.envVars or {},
+                                   internet=body.allow_internet_access is not False, lifecycle=lifecycle)
+        return _sandbox(row)
+
+    @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=_ERRORS,
+              tags=["sandboxes"])
+    async def create_v2(body: schemas.NewSandbox, key: Key) -> schemas.Sandbox:
+        return await _create(key, body)
+
+    @app.post("/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=_ERRORS,
+              tags=["sandboxes (legacy)"])
+    async def create_legacy(body: schemas.NewSandbox, key: Key) -> schemas.Sandbox:
+        return await _create(key, body)
+
+    async def _connect(key: ApiKey, sandbox_id: str, body: schemas.ConnectSandbox | None,
+                       response: Response) -> schemas.Sandbox:
+        row = service.extend(key.id, sandbox_id, body.timeout if body else None)
+        response.status_code = 200  # running (resuming a paused sandbox answers 201)
+        return _sandbox(row)
+
+    @app.post("/v2/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox, responses=_ERRORS,
+              tags=["sandboxes"])
+    async def connect_v2(sandbox_id: str, key: Key, response: Response,
+                         body: schemas.ConnectSandbox | None = None) -> schemas.Sandbox:
+        return await _connect(key, sandbox_id, body, response)
+
+    @app.post("/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox, responses=_ERRORS,
+              tags=["sandboxes (legacy)"])
+    async def connect_legacy(sandbox_id: str, key: Key, response: Response,
+                             body: schemas.ConnectSandbox | None = None) -> schemas.Sandbox:
+        return await _connect(key, sandbox_id, body, response)
+
+    @app.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model=schemas.Sandbox,
+              responses={**_ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
+    async def resume_legacy(sandbox_id: str, key: Key, body: schemas.ConnectSandbox | None = None):
+        service.get(key.id, sandbox_id)
+        raise ApiError(409, f"sandbox {sandbox_id} is already running")
+
+    async def _list(key: ApiKey, metadata: str | None, state: str | None, order: str | None,
+                    started_after: str | None, template: str | None, limit: int | None,
+                    next_token: str | None, response: Response) -> list[dict]:
+        states = {s for s in (state or "running,paused").split(",") if s}
+        unknown = states - {"running", "paused"}
+        if unknown:
+            raise ApiError(400, f"unknown state(s): {', '.join(sorted(unknown))}")
+        if order not in (None, "asc", "desc"):
+            raise ApiError(400, "order must be asc or desc")
+        rows = service.list(key.id, ListQuery(metadata=_parse_metadata(metadata), states=states,
+                                              order=order or "desc",
+                                              started_after=_parse_time(started_after, "startedAfter"),
+                                              template=template))
+        offset = _page_offset(next_token)
+        end = len(rows) if limit is None else offset + limit
+        if end < len(rows):
+            response.headers["X-Next-Token"] = _page_token(end)
+        response.headers["X-Total-Running"] = str(sum(1 for r in rows if r.state == "running"))
+        return [_listed(r) for r in rows[offset:end]]
+
+    @app.get("/v2/sandboxes", response_model=list[schemas.ListedSandbox], responses=_ERRORS, tags=["sandboxes"])
+    async def list_v2(key: Key, response: Response, metadata: str | None = None, state: str | None = None,
+                      order: str | None = None, startedAfter: str | None = None, template: str | None = None,
+                      limit: Annotated[int | None, Query(ge=1, le=100)] = None,
+                      nextToken: str | None = None) -> list[dict]:
+        return await _list(key, metadata, state, order, startedAfter, template, limit, nextToken, response)
+
+    @app.get("/sandboxes", response_model=list[schemas.ListedSandbox], responses=_ERRORS,
+             tags=["sandboxes (legacy)"])
+    async def list_legacy(key: Key, response: Response, metadata: str | None = None) -> list[dict]:
+        return await _list(key, metadata, "running", None, None, None, None, None, response)
+
+    @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=_ERRORS,
+             tags=["sandboxes"])
+    async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
+        return _detail(service.get(key.id, sandbox_id))
+
+    @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS, tags=["sandboxes"])
+    async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
+        await service.kill(key.id, sandbox_id)
+        return Response(status_code=204)
+
+    @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=_ERRORS, tags=["sandboxes"])
+    async def set_timeout(sandbox_id: str, body: schemas.SetTimeout, key: Key) -> Response:
+        service.set_timeout(key.id, sandbox_id, body.timeout)
+        return Response(status_code=204)
+
+    @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=_ERRORS,
+             tags=["sandboxes"])
+    async def metrics(sandbox_id: str, key: Key, start: int | None = None, end: int | None = None):
+        rows = service.metrics(key.id, sandbox_id, start, end)
+        return [schemas.SandboxMetric(timestamp=_iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
+                                      cpuUsedPct=r.cpu_used_pct, memUsed=r.mem_used, memTotal=r.mem_total,
+                                      memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)
+                for r in rows]
+
+    return app

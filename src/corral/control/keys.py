@@ -1,0 +1,73 @@
+"""API keys: `e2b_` + 40 hex characters (the shape older E2B SDKs check), stored only as SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from corral.control.db import ApiKeyRow
+
+KEY_SHAPE = re.compile(r"^e2b_[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    created_at: float
+    revoked_at: float | None
+
+
+class KeyNotFound(LookupError):
+    pass
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _public(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+class ApiKeys:
+    def __init__(self, sessions: sessionmaker) -> None:
+        self._sessions = sessions
+
+    def create(self, name: str) -> tuple[ApiKey, str]:
+        """Returns the key record and the key itself, which is shown once and never again."""
+        secret = "e2b_" + secrets.token_hex(20)
+        row = ApiKeyRow(id=secrets.token_hex(8), name=name, prefix=secret[:10], digest=_digest(secret),
+                        created_at=time.time(), revoked_at=None)
+        with self._sessions.begin() as session:
+            session.add(row)
+        return _public(row), secret
+
+    def verify(self, presented: str | None) -> ApiKey | None:
+        if not presented or not KEY_SHAPE.match(presented):
+            return None
+        with self._sessions() as session:
+            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == _digest(presented)))
+            if row is None or row.revoked_at is not None:
+                return None
+            return _public(row)
+
+    def list(self) -> list[ApiKey]:
+        with self._sessions() as session:
+            return [_public(r) for r in session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+
+    def revoke(self, key_id: str) -> ApiKey:
+        with self._sessions.begin() as session:
+            row = session.get(ApiKeyRow, key_id)
+            if row is None:
+                raise KeyNotFound(key_id)
+            if row.revoked_at is None:
+                row.revoked_at = time.time()
+            return _public(row)

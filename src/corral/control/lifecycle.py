@@ -1,0 +1,222 @@
+"""Sandboxes as the API sees them: ownership, metadata, timeouts that kill on time, metric history,
+and state that survives a restart of the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import sessionmaker
+
+from corral.config import PlatformSettings
+from corral.control.db import MetricRow, SandboxRow
+from corral.orchestrator.envd_link import EnvdUnavailable
+from corral.orchestrator.sandboxes import Orchestrator
+from corral.runtime.base import Resources
+
+log = logging.getLogger("corral.lifecycle")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(sandbox_id: str) -> ApiError:
+    return ApiError(404, f"sandbox {sandbox_id} not found")
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    metadata: dict[str, str]
+    states: set[str]
+    order: str = "desc"
+    started_after: float | None = None
+    template: str | None = None
+
+
+class SandboxService:
+    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings) -> None:
+        self._sessions = sessions
+        self.orchestrator = orchestrator
+        self._settings = settings
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._sampler: asyncio.Task | None = None
+
+    # --- startup and shutdown --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Picks up where a previous server (even one killed with -9) left off."""
+        with self._sessions() as session:
+            rows = list(session.scalars(select(SandboxRow)))
+        live = await self.orchestrator.start(keep={r.id for r in rows})
+        gone = [r.id for r in rows if r.id not in live]
+        if gone:
+            log.warning("%d sandboxes from the database no longer exist: %s", len(gone), ", ".join(gone))
+            self._forget(gone)
+        for row in rows:
+            if row.id in live:
+                self._arm(row.id, row.end_at)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    async def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for task in [self._sampler, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.orchestrator.close()
+
+    # --- create, read, kill ----------------------------------------------------------------------
+
+    def _timeout(self, requested: int | None) -> int:
+        timeout = self._settings.default_timeout_s if requested is None else requested
+        maximum = self._settings.max_timeout_s
+        if maximum and timeout > maximum:
+            raise ApiError(400, f"timeout {timeout}s is above this server's maximum of {maximum}s")
+        return timeout
+
+    async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
+                     env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow:
+        seconds = self._timeout(timeout)
+        token = secrets.token_urlsafe(24)
+        sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet)
+        now = time.time()
+        resources: Resources = sandbox.config.resources
+        row = SandboxRow(id=sandbox.id, key_id=key_id, template=template, envd_token=token,
+                         sandbox_metadata=metadata, env_vars=env_vars, started_at=now, end_at=now + seconds,
+                         vcpus=resources.vcpus, memory_mb=resources.memory_mb, disk_mb=resources.disk_mb,
+                         internet=internet, state="running", lifecycle=lifecycle)
+        try:
+            with self._sessions.begin() as session:
+                session.add(row)
+        except BaseException:
+            await self.orchestrator.kill(sandbox.id)
+            raise
+        self._arm(row.id, row.end_at)
+        return row
+
+    def get(self, key_id: str, sandbox_id: str) -> SandboxRow:
+        with self._sessions() as session:
+            row = session.get(SandboxRow, sandbox_id)
+        if row is None or row.key_id != key_id:
+            raise not_found(sandbox_id)
+        return row
+
+    def list(self, key_id: str, query: ListQuery) -> list[SandboxRow]:
+        with self._sessions() as session:
+            stmt = select(SandboxRow).where(SandboxRow.key_id == key_id)
+            if query.started_after is not None:
+                stmt = stmt.where(SandboxRow.started_at > query.started_after)
+            if query.template:
+                stmt = stmt.where(SandboxRow.template == query.template)
+            order = SandboxRow.started_at.asc() if query.order == "asc" else SandboxRow.started_at.desc()
+            rows = list(session.scalars(stmt.order_by(order, SandboxRow.id)))
+        return [r for r in rows if r.state in query.states
+                and all((r.sandbox_metadata or {}).get(k) == v for k, v in query.metadata.items())]
+
+    async def kill(self, key_id: str, sandbox_id: str) -> None:
+        self.get(key_id, sandbox_id)
+        await self._kill(sandbox_id)
+
+    async def _kill(self, sandbox_id: str) -> None:
+        handle = self._timers.pop(sandbox_id, None)
+        if handle is not None:
+            handle.cancel()
+        await self.orchestrator.kill(sandbox_id)
+        self._forget([sandbox_id])
+
+    def _forget(self, ids: list[str]) -> None:
+        with self._sessions.begin() as session:
+            session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
+            session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
+
+    # --- timeouts --------------------------------------------------------------------------------
+
+    def set_timeout(self, key_id: str, sandbox_id: str, timeout: int) -> SandboxRow:
+        """The sandbox now ends `timeout` seconds from now (sooner or later than before)."""
+        self.get(key_id, sandbox_id)
+        return self._set_end(sandbox_id, time.time() + self._timeout(timeout))
+
+    def extend(self, key_id: str, sandbox_id: str, timeout: int | None) -> SandboxRow:
+        """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
+        row = self.get(key_id, sandbox_id)
+        wanted = time.time() + self._timeout(timeout)
+        return self._set_end(sandbox_id, max(row.end_at, wanted))
+
+    def _set_end(self, sandbox_id: str, end_at: float) -> SandboxRow:
+        with self._sessions.begin() as session:
+            row = session.get(SandboxRow, sandbox_id)
+            if row is None:
+                raise not_found(sandbox_id)
+            row.end_at = end_at
+        self._arm(sandbox_id, end_at)
+        return row
+
+    def _arm(self, sandbox_id: str, end_at: float) -> None:
+        old = self._timers.pop(sandbox_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, end_at - time.time())
+        self._timers[sandbox_id] = loop.call_at(loop.time() + delay, self._expire, sandbox_id)
+
+    def _expire(self, sandbox_id: str) -> None:
+        self._timers.pop(sandbox_id, None)
+        task = asyncio.get_running_loop().create_task(self._kill(sandbox_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self, key_id: str, sandbox_id: str, start: float | None, end: float | None) -> list[MetricRow]:
+        self.get(key_id, sandbox_id)
+        with self._sessions() as session:
+            stmt = select(MetricRow).where(MetricRow.sandbox_id == sandbox_id)
+            if start is not None:
+                stmt = stmt.where(MetricRow.ts >= start)
+            if end is not None:
+                stmt = stmt.where(MetricRow.ts <= end)
+            return list(session.scalars(stmt.order_by(MetricRow.ts)))
+
+    async def sample_once(self) -> None:
+        with self._sessions() as session:
+            rows = list(session.scalars(select(SandboxRow).where(SandboxRow.state == "running")))
+        for row in rows:
+            try:
+                data = await self.orchestrator.metrics(row.id, row.envd_token)
+            except EnvdUnavailable:
+                continue
+            if data is None:
+                continue
+            with self._sessions.begin() as session:
+                if session.get(SandboxRow, row.id) is None:
+                    continue  # killed while we were asking
+                session.add(MetricRow(sandbox_id=row.id, ts=float(data.get("ts", time.time())),
+                                      cpu_count=int(data["cpu_count"]), cpu_used_pct=float(data["cpu_used_pct"]),
+                                      mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]),
+                                      mem_cache=int(data["mem_cache"]), disk_used=int(data["disk_used"]),
+                                      disk_total=int(data["disk_total"])))
+                kept = select(MetricRow.id).where(MetricRow.sandbox_id == row.id).order_by(
+                    MetricRow.ts.desc()).limit(self._settings.metrics_kept)
+                session.execute(delete(MetricRow).where(MetricRow.sandbox_id == row.id,
+                                                        MetricRow.id.not_in(kept)))
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.metrics_interval_s)
+            try:
+                await self.sample_once()
+            except Exception:
+                log.exception("metrics sampling failed")

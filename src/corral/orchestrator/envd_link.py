@@ -1,0 +1,62 @@
+"""The host's side of envd's internal endpoints: /init after every start or restore, /metrics, /health."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import httpx
+
+from corral.envd import DEFAULT_PORT as ENVD_PORT
+
+
+class EnvdUnavailable(Exception):
+    pass
+
+
+class EnvdLink:
+    def __init__(self) -> None:
+        # Sandbox addresses are on the host's own veths: no proxies from the environment apply.
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), trust_env=False)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    @staticmethod
+    def _url(address: str, path: str) -> str:
+        return f"http://{address}:{ENVD_PORT}{path}"
+
+    async def wait_ready(self, address: str, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                response = await self._client.get(self._url(address, "/health"), timeout=1.0)
+                if response.status_code == 204:
+                    return
+            except httpx.TransportError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise EnvdUnavailable(f"envd at {address} did not answer /health within {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+
+    async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
+                   current_token: str | None = None) -> None:
+        body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,
+                "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+        headers = {"X-Access-Token": current_token} if current_token else {}
+        try:
+            response = await self._client.post(self._url(address, "/init"), json=body, headers=headers)
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(f"envd at {address} is unreachable: {e}") from e
+        if response.status_code != 204:
+            raise EnvdUnavailable(f"envd at {address} refused /init: {response.status_code} {response.text}")
+
+    async def metrics(self, address: str, token: str) -> dict:
+        try:
+            response = await self._client.get(self._url(address, "/metrics"), headers={"X-Access-Token": token},
+                                              timeout=5.0)
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(str(e)) from e
+        if response.status_code != 200:
+            raise EnvdUnavailable(f"/metrics answered {response.status_code}")
+        return response.json()

@@ -1,0 +1,93 @@
+"""Warm pools: per template, a few sandboxes already restored from the template snapshot with envd up
+and no identity yet, so that creating a sandbox is a claim plus envd's /init."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from corral.orchestrator.envd_link import EnvdLink
+from corral.runtime.base import Runtime, RuntimeError_, Sandbox, SandboxConfig, TemplateNotFound
+
+log = logging.getLogger("corral.pool")
+
+# After a failed refill (e.g. the host is out of memory) wait this long before trying again.
+RETRY_DELAY_S = 5.0
+
+
+class WarmPool:
+    def __init__(self, runtime: Runtime, envd: EnvdLink, templates: tuple[str, ...], size: int) -> None:
+        self._runtime = runtime
+        self._envd = envd
+        self._templates = templates
+        self._size = max(0, size)
+        self._ready: dict[str, deque[Sandbox]] = {}
+        self._fillers: dict[str, asyncio.Task] = {}
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def start(self) -> None:
+        for template in self._templates:
+            self._refill(template)
+
+    def ready(self, template: str) -> int:
+        return len(self._ready.get(template, ()))
+
+    def ids(self) -> set[str]:
+        return {sb.id for queue in self._ready.values() for sb in queue}
+
+    def claim(self, template: str) -> Sandbox | None:
+        """A ready sandbox, or None when the pool for `template` is empty. A popped sandbox belongs to
+        the caller alone: nothing else can pop it again."""
+        queue = self._ready.get(template)
+        sandbox = queue.popleft() if queue else None
+        if template in self._templates:
+            self._refill(template)
+        return sandbox
+
+    def _refill(self, template: str) -> None:
+        if self._closed or self._size == 0:
+            return
+        task = self._fillers.get(template)
+        if task is None or task.done():
+            self._fillers[template] = asyncio.get_running_loop().create_task(self._fill(template))
+
+    async def _fill(self, template: str) -> None:
+        queue = self._ready.setdefault(template, deque())
+        while not self._closed and len(queue) < self._size:
+            try:
+                sandbox = await self._runtime.create(template, SandboxConfig())
+            except TemplateNotFound as e:
+                log.warning("not pooling %s: %s", template, e)
+                return
+            except RuntimeError_ as e:
+                log.warning("pool refill for %s failed: %s", template, e)
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            try:
+                await self._envd.wait_ready(sandbox.address)
+            except Exception as e:
+                log.warning("pooled sandbox %s has no envd: %s", sandbox.id, e)
+                await self._runtime.destroy(sandbox.id)
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            if self._closed:
+                await self._runtime.destroy(sandbox.id)
+                return
+            queue.append(sandbox)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._fillers.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for queue in self._ready.values():
+            while queue:
+                with contextlib.suppress(RuntimeError_):
+                    await self._runtime.destroy(queue.popleft().id)

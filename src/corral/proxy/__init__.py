@@ -1,0 +1,1 @@
+"""The sandbox proxy: forwards SDK traffic to a port inside a sandbox."""

@@ -1,0 +1,149 @@
+"""Forwards SDK traffic to `port` inside sandbox `id`: streamed both ways (chunked uploads, server
+streams, NDJSON), long-lived, WebSockets included, with the 502 messages the SDKs recognise."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import websockets
+
+from corral.envd import DEFAULT_PORT as ENVD_PORT
+
+NOT_FOUND = "The sandbox was not found"
+PORT_CLOSED = "The sandbox is running but port is not open"
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the routing headers.
+_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"host", b"e2b-sandbox-id", b"e2b-sandbox-port"}
+_HOST_ROUTE = re.compile(r"^(?P<port>\d{1,5})-(?P<sandbox>[a-z0-9]+)\.")
+
+
+def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
+    """`<port>-<sandboxID>.<domain>` → (sandbox id, port)."""
+    host = host.split(":")[0].lower()
+    if not host.endswith("." + domain.lower()):
+        return None
+    match = _HOST_ROUTE.match(host)
+    if match is None or match.end() != len(host) - len(domain):
+        return None
+    return match["sandbox"], int(match["port"])
+
+
+class SandboxProxy:
+    def __init__(self, resolve: Callable[[str], str | None]) -> None:
+        self._resolve = resolve
+        # No overall timeout: commands and watches stream for hours. Connect failures are quick.
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False,
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                                                             keepalive_expiry=60))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
+        address = self._resolve(sandbox_id)
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, sandbox_id, address, port)
+            return
+        if address is None:
+            await _error(send, sandbox_id, NOT_FOUND)
+            return
+        if port == ENVD_PORT and scope["path"].rstrip("/") == "/init":
+            # The host hands out identities through /init; nobody outside may.
+            await _error(send, sandbox_id, "envd's /init is not reachable through the proxy", status=403)
+            return
+        target = f"http://{address}:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP]
+        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+        request = self._client.build_request(scope["method"], target, headers=headers,
+                                             content=_body(receive) if has_body else None)
+        try:
+            upstream = await self._client.send(request, stream=True)
+        except httpx.ConnectError:
+            await _error(send, sandbox_id, PORT_CLOSED)
+            return
+        except httpx.TransportError as e:
+            await _error(send, sandbox_id, f"The sandbox did not answer: {e}")
+            return
+        try:
+            out_headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP]
+            await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (httpx.TransportError, OSError):
+            # The sandbox went away mid-response, or the client did: end what we can.
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await upstream.aclose()
+
+    async def _websocket(self, scope, receive, send, sandbox_id: str, address: str | None, port: int) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if address is None:
+            await send({"type": "websocket.close", "code": 4404, "reason": NOT_FOUND})
+            return
+        target = f"ws://{address}:{port}{scope['path']}"
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k not in _HOP and not k.startswith(b"sec-websocket")]
+        try:
+            upstream = await websockets.connect(target, additional_headers=headers,
+                                                subprotocols=scope.get("subprotocols") or None,
+                                                open_timeout=5, max_size=None)
+        except (OSError, websockets.exceptions.WebSocketException, TimeoutError):
+            await send({"type": "websocket.close", "code": 1011, "reason": PORT_CLOSED})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def client_to_sandbox() -> None:
+            while True:
+                event = await receive()
+                if event["type"] == "websocket.disconnect":
+                    await upstream.close()
+                    return
+                await upstream.send(event.get("bytes") if event.get("bytes") is not None else event.get("text"))
+
+        async def sandbox_to_client() -> None:
+            try:
+                async for data in upstream:
+                    key = "bytes" if isinstance(data, bytes) else "text"
+                    await send({"type": "websocket.send", key: data})
+            finally:
+                with contextlib.suppress(Exception):
+                    await send({"type": "websocket.close", "code": upstream.close_code or 1000})
+
+        tasks = [asyncio.create_task(client_to_sandbox()), asyncio.create_task(sandbox_to_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await upstream.close()
+
+
+async def _body(receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        if chunk := message.get("body", b""):
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _error(send, sandbox_id: str, message: str, status: int = 502) -> None:
+    body = json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,81 @@
+"""`corral serve`: the REST API and the sandbox proxy on one listener.
+
+Requests that carry `E2b-Sandbox-Id` + `E2b-Sandbox-Port` (or, with a domain, a `<port>-<id>.<domain>`
+Host) go to the sandbox; everything else is the API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from corral.config import PlatformSettings, Settings
+from corral.control.api import create_api
+from corral.control.db import open_database
+from corral.control.keys import ApiKeys
+from corral.control.lifecycle import SandboxService
+from corral.orchestrator.sandboxes import Orchestrator
+from corral.proxy.proxy import SandboxProxy, route_from_host
+from corral.runtime.gvisor import GVisorRuntime
+from corral.templates.store import TemplateStore
+
+log = logging.getLogger("corral.server")
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class CorralServer:
+    def __init__(self, settings: Settings, platform: PlatformSettings, *, domain: str | None = None) -> None:
+        self.settings = settings
+        sessions = open_database(platform.resolved_database_url(settings))
+        self.keys = ApiKeys(sessions)
+        store = TemplateStore(settings)
+        runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
+        self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
+                                         pool_templates=platform.pool_templates)
+        self.service = SandboxService(sessions, self.orchestrator, platform)
+        self.api = create_api(self.service, self.keys)
+        self.proxy = SandboxProxy(self.orchestrator.address)
+        self.domain = domain
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        route = self._route(scope)
+        if route is not None:
+            await self.proxy(scope, receive, send, *route)
+        else:
+            await self.api(scope, receive, send)
+
+    def _route(self, scope) -> tuple[str, int] | None:
+        sandbox_id = _header(scope, b"e2b-sandbox-id")
+        port = _header(scope, b"e2b-sandbox-port")
+        if sandbox_id is not None and port is not None and port.isdigit():
+            return sandbox_id, int(port)
+        if self.domain and (host := _header(scope, b"host")):
+            return route_from_host(host, self.domain)
+        return None
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.service.start()
+                except Exception as e:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                with contextlib.suppress(Exception):
+                    await self.proxy.close()
+                await self.service.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
