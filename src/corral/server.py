@@ -41,6 +41,7 @@ class CorralServer:
         self.service = SandboxService(sessions, self.orchestrator, platform)
         self.api = create_api(self.service, self.keys)
         self.proxy = SandboxProxy(self.orchestrator.address)
+        self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
 
     async def __call__(self, scope, receive, send) -> None:

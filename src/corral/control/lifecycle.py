@@ -131,11 +131,12 @@ class SandboxService:
         await self._kill(sandbox_id)
 
     async def _kill(self, sandbox_id: str) -> None:
+        # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
         handle = self._timers.pop(sandbox_id, None)
         if handle is not None:
             handle.cancel()
-        await self.orchestrator.kill(sandbox_id)
         self._forget([sandbox_id])
+        await self.orchestrator.kill(sandbox_id)
 
     def _forget(self, ids: list[str]) -> None:
         with self._sessions.begin() as session:

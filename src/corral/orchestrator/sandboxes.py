@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from corral.orchestrator.envd_link import EnvdLink
 from corral.orchestrator.pool import WarmPool
@@ -23,6 +24,8 @@ class Orchestrator:
         self.envd = EnvdLink()
         self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size)
         self._live: dict[str, Sandbox] = {}
+        # Called with a sandbox id when it is killed (the proxy drops its connections).
+        self.on_gone: list[Callable[[str], Awaitable[None]]] = []
 
     async def start(self, keep: set[str]) -> set[str]:
         """Adopts the runtime's running sandboxes that are in `keep` and destroys the others (pooled or
@@ -69,9 +72,12 @@ class Orchestrator:
         return sandbox
 
     async def kill(self, sandbox_id: str) -> bool:
-        sandbox = self._live.pop(sandbox_id, None)
+        sandbox = self._live.pop(sandbox_id, None)  # unreachable through the proxy from here on
         if sandbox is None:
             return False
+        for callback in self.on_gone:
+            with contextlib.suppress(Exception):
+                await callback(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
             await self.runtime.destroy(sandbox_id)
         return True

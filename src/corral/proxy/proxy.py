@@ -36,13 +36,29 @@ def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
 class SandboxProxy:
     def __init__(self, resolve: Callable[[str], str | None]) -> None:
         self._resolve = resolve
-        # No overall timeout: commands and watches stream for hours. Connect failures are quick.
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False,
-                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                                                             keepalive_expiry=60))
+        # One connection pool per sandbox: addresses are reused by later sandboxes, and a kept-alive
+        # connection to a dead sandbox must never carry a request meant for its successor.
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def _client(self, sandbox_id: str) -> httpx.AsyncClient:
+        client = self._clients.get(sandbox_id)
+        if client is None:
+            # No overall timeout: commands and watches stream for hours. Connect failures are quick.
+            client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False,
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=32,
+                                                           keepalive_expiry=60))
+            self._clients[sandbox_id] = client
+        return client
+
+    async def forget(self, sandbox_id: str) -> None:
+        """The sandbox is gone: drop its connections."""
+        client = self._clients.pop(sandbox_id, None)
+        if client is not None:
+            await client.aclose()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        for sandbox_id in list(self._clients):
+            await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
         address = self._resolve(sandbox_id)
@@ -50,6 +66,7 @@ class SandboxProxy:
             await self._websocket(scope, receive, send, sandbox_id, address, port)
             return
         if address is None:
+            await self.forget(sandbox_id)
             await _error(send, sandbox_id, NOT_FOUND)
             return
         if port == ENVD_PORT and scope["path"].rstrip("/") == "/init":
@@ -61,15 +78,16 @@ class SandboxProxy:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP]
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
-        request = self._client.build_request(scope["method"], target, headers=headers,
+        client = self._client(sandbox_id)
+        request = client.build_request(scope["method"], target, headers=headers,
                                              content=_body(receive) if has_body else None)
         try:
-            upstream = await self._client.send(request, stream=True)
+            upstream = await client.send(request, stream=True)
         except httpx.ConnectError:
             await _error(send, sandbox_id, PORT_CLOSED)
             return
         except httpx.TransportError as e:
-            await _error(send, sandbox_id, f"The sandbox did not answer: {e}")
+            await _error(send, sandbox_id, f"The sandbox did not answer: {e!r}")
             return
         try:
             out_headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP]

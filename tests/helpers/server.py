@@ -1,0 +1,67 @@
+"""A real `corral serve` in a subprocess, on its own instance tag, network and data directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CLI = [sys.executable, "-c", "from corral.cli.main import app; app()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, instance: str, network: str, root: Path, *, dns_upstream: str, pool_size: int = 2,
+                 host: str = "127.0.0.1", extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.host = host
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "CORRAL_INSTANCE": instance, "CORRAL_SANDBOX_NETWORK": network,
+                    "CORRAL_DATA_DIR": str(root / "data"), "CORRAL_RUN_DIR": f"/run/corral-test-{instance}",
+                    "CORRAL_DNS_UPSTREAM": dns_upstream, "CORRAL_POOL_SIZE": str(pool_size),
+                    "CORRAL_METRICS_INTERVAL_S": "1", **(extra_env or {})}
+        self.env.pop("E2B_DEBUG", None)
+        self.log = root / "serve.log"
+        self.process: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([*CLI, *args], env=self.env, check=True, capture_output=True, text=True).stdout
+
+    def start(self, wait_pool: int = 0) -> ServerProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen([*CLI, "serve", "--host", self.host, "--port", str(self.port),
+                                             "--log-level", "warning"], env=self.env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"corral serve exited: {self.log.read_text()[-3000:]}")
+            try:
+                health = httpx.get(f"{self.url}/health", timeout=2).json()
+                if health.get("pooled", {}).get("base", 0) >= wait_pool:
+                    return self
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"corral serve did not come up: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(60)
+        self.process = None
+
+    def sdk_env(self, key: str) -> dict[str, str]:
+        return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": key}

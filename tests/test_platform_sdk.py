@@ -1,0 +1,227 @@
+"""The platform end to end: a real `corral serve` driven by the unmodified `e2b` Python SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from e2b import (
+    AsyncSandbox,
+    AuthenticationException,
+    NotFoundException,
+    Sandbox,
+    SandboxNotFoundException,
+    SandboxQuery,
+    SandboxState,
+)
+
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from tests.helpers.server import ServerProcess
+
+INSTANCE, NETWORK = "t3", "10.204.0.0/22"
+
+
+@pytest.fixture(scope="module")
+def server(harness, runtime):
+    """`runtime` is only needed so that `base` is built before the server starts."""
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS,
+                         host="0.0.0.0").start(wait_pool=2)
+    yield proc
+    proc.stop()
+    from corral.runtime.gvisor import GVisorRuntime
+
+    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
+    harness.run(leftover.start())
+    harness.run(leftover.destroy_all())
+    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+
+
+@pytest.fixture(scope="module")
+def key(server):
+    return server.cli("keys", "create", "--name", "tests").strip()
+
+
+@pytest.fixture
+def opts(server, key):
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+
+
+def test_create_run_files_info_and_kill(opts):
+    sbx = Sandbox.create(metadata={"purpose": "e2e"}, envs={"GREETING": "hi"}, timeout=120, **opts)
+    try:
+        assert sbx.commands.run("echo $GREETING from $(whoami) in $PWD").stdout == "hi from user in /home/user\n"
+        sbx.files.write("notes.txt", "kept")
+        assert sbx.files.read("/home/user/notes.txt") == "kept"
+        info = sbx.get_info()
+        assert info.metadata == {"purpose": "e2e"} and info.state == SandboxState.RUNNING
+        assert info.template_id == "base" and info.envd_version == "0.6.4"
+        assert 110 <= (info.end_at - info.started_at).total_seconds() <= 121
+        assert sbx.is_running()
+    finally:
+        assert sbx.kill() is True
+    assert Sandbox.kill(sbx.sandbox_id, **opts) is False
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sbx.sandbox_id, **opts)
+
+
+def test_list_filters_and_exact_pages(opts):
+    tag = str(time.time())
+    made = [Sandbox.create(metadata={"batch": tag, "n": str(i)}, **opts) for i in range(3)]
+    try:
+        query = SandboxQuery(metadata={"batch": tag})
+        everything = Sandbox.list(query=query, **opts).next_items()
+        assert sorted(s.sandbox_id for s in everything) == sorted(s.sandbox_id for s in made)
+        pages, paginator = [], Sandbox.list(query=query, limit=1, **opts)
+        while paginator.has_next:
+            pages.append(paginator.next_items())
+        assert [len(p) for p in pages] == [1, 1, 1]
+        assert [p[0].sandbox_id for p in pages] == [s.sandbox_id for s in reversed(made)]  # newest first
+        one = Sandbox.list(query=SandboxQuery(metadata={"batch": tag, "n": "1"}), **opts).next_items()
+        assert [s.sandbox_id for s in one] == [made[1].sandbox_id]
+    finally:
+        for sbx in made:
+            sbx.kill()
+
+
+def test_timeout_expiry_and_set_timeout(opts):
+    short = Sandbox.create(timeout=2, **opts)
+    longer = Sandbox.create(timeout=2, **opts)
+    longer.set_timeout(30)
+    time.sleep(3.2)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(short.sandbox_id, **opts)
+    assert longer.commands.run("echo alive").stdout == "alive\n"
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the SDK maps the proxy's 502 by its message
+        short.commands.run("echo gone")
+    assert "not found" in str(info.value).lower() or "not running" in str(info.value).lower()
+    longer.kill()
+
+
+def test_connect_extends_timeout(opts):
+    sbx = Sandbox.create(timeout=5, **opts)
+    again = Sandbox.connect(sbx.sandbox_id, timeout=60, **opts)
+    assert again.commands.run("echo same").stdout == "same\n"
+    assert (again.get_info().end_at - again.get_info().started_at).total_seconds() > 50
+    sbx.kill()
+
+
+def test_bad_keys_and_other_keys_sandboxes(server, opts):
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(**{**opts, "api_key": "e2b_" + "f" * 40})
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(**{**opts, "api_key": "not-a-key"}).next_items()
+    mine = Sandbox.create(**opts)
+    other_key = server.cli("keys", "create", "--name", "other").strip()
+    other = {**opts, "api_key": other_key}
+    try:
+        assert mine.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**other).next_items()]
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.get_info(mine.sandbox_id, **other)
+        assert Sandbox.kill(mine.sandbox_id, **other) is False
+        assert mine.is_running()
+    finally:
+        mine.kill()
+
+
+def test_unknown_sandbox_on_api_and_proxy(server, opts):
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect("i" + "0" * 19, **opts)
+    response = httpx.get(f"{server.url}/health", headers={"E2b-Sandbox-Id": "nope", "E2b-Sandbox-Port": "49983"})
+    assert response.status_code == 502
+    assert response.json() == {"sandboxId": "nope", "message": "The sandbox was not found", "code": 502}
+
+
+def test_proxy_reaches_user_ports_and_reports_closed_ones(server, opts):
+    sbx = Sandbox.create(**opts)
+    try:
+        sbx.commands.run("mkdir -p /tmp/site && echo served > /tmp/site/index.html")
+        sbx.commands.run("cd /tmp/site && python3 -m http.server 8080 --bind 0.0.0.0", background=True,
+                         timeout=0)
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080"}
+        for _ in range(100):
+            response = httpx.get(f"{server.url}/index.html", headers=headers)
+            if response.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert response.text == "served\n"
+        closed = httpx.get(f"{server.url}/", headers={**headers, "E2b-Sandbox-Port": "8081"})
+        assert closed.status_code == 502 and closed.json()["message"] == "The sandbox is running but port is not open"
+        init = httpx.post(f"{server.url}/init", json={"accessToken": "stolen"},
+                          headers={**headers, "E2b-Sandbox-Port": "49983"})
+        assert init.status_code == 403
+    finally:
+        sbx.kill()
+
+
+def test_sandbox_cannot_reach_the_server(server, opts):
+    sbx = Sandbox.create(**opts)
+    try:
+        gateway = sbx.commands.run("ip route | awk '/default/ {print $3}'").stdout.strip()
+        assert gateway.startswith("10.204.")
+        probe = sbx.commands.run(f"curl -s -m 3 -o /dev/null -w '%{{http_code}}' http://{gateway}:{server.port}/health"
+                                 " || true")
+        assert probe.stdout.strip() in ("000", "")
+    finally:
+        sbx.kill()
+
+
+def test_metrics_history(opts):
+    sbx = Sandbox.create(**opts)
+    try:
+        deadline = time.monotonic() + 10
+        metrics = []
+        while time.monotonic() < deadline and len(metrics) < 2:
+            time.sleep(0.5)
+            metrics = sbx.get_metrics()
+        assert len(metrics) >= 2
+        assert metrics[-1].mem_total > 0 and metrics[-1].disk_total > 0 and metrics[-1].cpu_count >= 1
+        assert metrics[0].timestamp <= metrics[-1].timestamp
+    finally:
+        sbx.kill()
+
+
+def test_async_sdk(opts):
+    async def scenario():
+        sbx = await AsyncSandbox.create(envs={"X": "1"}, **opts)
+        try:
+            assert (await sbx.commands.run("echo $X")).stdout == "1\n"
+            await sbx.files.write("/tmp/a", "b")
+            assert await sbx.files.read("/tmp/a") == "b"
+            assert (await sbx.get_info()).sandbox_id == sbx.sandbox_id
+        finally:
+            assert await sbx.kill() is True
+
+    asyncio.run(scenario())
+
+
+def test_invalid_requests_get_json_errors(server, key):
+    headers = {"X-API-KEY": key}
+    bad = httpx.post(f"{server.url}/v2/sandboxes", json={"timeout": 10}, headers=headers)
+    assert bad.status_code == 400 and set(bad.json()) == {"code", "message"}
+    missing = httpx.post(f"{server.url}/v2/sandboxes", json={"templateID": "no-such-template"}, headers=headers)
+    assert missing.status_code == 404 and "no-such-template" in missing.json()["message"]
+    negative = httpx.post(f"{server.url}/sandboxes/x/timeout", json={"timeout": -1}, headers=headers)
+    assert negative.status_code == 400
+    assert httpx.get(f"{server.url}/v2/sandboxes", params={"state": "sleeping"}, headers=headers).status_code == 400
+    assert httpx.get(f"{server.url}/v2/sandboxes", params={"nextToken": "garbage"}, headers=headers).status_code == 400
+    assert httpx.get(f"{server.url}/nope", headers=headers).json() == {"code": 404, "message": "Not Found"}
+
+
+def test_server_restart_after_kill_9_keeps_sandboxes(server, opts):
+    sbx = Sandbox.create(metadata={"survives": "yes"}, timeout=300, **opts)
+    sbx.commands.run("echo before > /home/user/state.txt")
+    doomed = Sandbox.create(timeout=4, **opts)
+    server.stop(signal.SIGKILL)
+    time.sleep(1)
+    server.start(wait_pool=1)
+    again = Sandbox.connect(sbx.sandbox_id, **opts)
+    assert again.commands.run("cat /home/user/state.txt").stdout == "before\n"
+    assert again.get_info().metadata == {"survives": "yes"}
+    time.sleep(3.5)
+    with pytest.raises((SandboxNotFoundException, NotFoundException)):
+        Sandbox.get_info(doomed.sandbox_id, **opts)
+    again.kill()
