@@ -225,3 +225,40 @@ def test_server_restart_after_kill_9_keeps_sandboxes(server, opts):
     with pytest.raises((SandboxNotFoundException, NotFoundException)):
         Sandbox.get_info(doomed.sandbox_id, **opts)
     again.kill()
+
+
+def test_cli_talks_to_the_server(server, key):
+    import json
+    import os
+    import sys
+
+    env = {**server.env, "E2B_API_URL": server.url, "E2B_API_KEY": key}
+    cli = [sys.executable, "-c", "from corral.cli.main import app; app()"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    sandbox_id = run("sandbox", "create", "-m", "via=cli", "-e", "FOO=bar").stdout.strip()
+    listed = json.loads(run("sandbox", "ls", "--json", "-m", "via=cli").stdout)
+    assert [s["sandboxID"] for s in listed] == [sandbox_id]
+    result = run("sandbox", "exec", sandbox_id, "--", "echo $FOO; whoami; exit 4")
+    assert result.returncode == 4 and result.stdout == "bar\nuser\n"
+    assert run("sandbox", "exec", "--user", "root", sandbox_id, "--", "whoami").stdout == "root\n"
+    assert json.loads(run("sandbox", "info", "--json", sandbox_id).stdout)["metadata"] == {"via": "cli"}
+    assert run("sandbox", "kill", sandbox_id).returncode == 0
+    gone = run("sandbox", "kill", sandbox_id)
+    assert gone.returncode == 1 and "not found" in gone.stderr
+    assert os.environ.get("E2B_API_KEY") != key  # the CLI read the key from its own environment
+
+
+def test_revoked_key_is_refused(server, opts):
+    import json
+
+    created = json.loads(server.cli("keys", "create", "--name", "short-lived", "--json"))
+    listed = json.loads(server.cli("keys", "ls", "--json"))
+    assert any(k["id"] == created["id"] and not k["revoked"] for k in listed)
+    assert all("key" not in k for k in listed)  # only hashes are stored
+    Sandbox.list(**{**opts, "api_key": created["key"]}).next_items()
+    server.cli("keys", "revoke", created["id"])
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(**{**opts, "api_key": created["key"]}).next_items()

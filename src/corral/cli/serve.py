@@ -44,6 +44,7 @@ def serve_command(
     if pool_size is not None:
         platform = dataclasses.replace(platform, pool_size=pool_size)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_templates(settings, platform.pool_templates or ("base",))
     server = CorralServer(settings, platform, domain=domain)
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
     if not server.keys.list():
@@ -57,6 +58,31 @@ def serve_command(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(server, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                 timeout_keep_alive=300, ws="websockets-sansio")
+
+
+def _ensure_templates(settings, names: tuple[str, ...]) -> None:
+    """Builds the templates the server pools (`base` by default) if they are not built yet: the first
+    start on a fresh machine takes about a minute, later ones none."""
+    import asyncio
+
+    from corral.cli.local import local_runtime
+    from corral.runtime.base import TemplateNotFound
+
+    async def build() -> None:
+        async with local_runtime(settings) as (runtime, store):
+            for name in names:
+                try:
+                    store.resolve(name)
+                    continue
+                except TemplateNotFound:
+                    pass
+                if name not in store.recipes:
+                    continue
+                with console.status(f"building template {name} (first start only)") as status:
+                    await store.build(name, runtime, progress=lambda line, n=name: status.update(f"{n}: {line}"))
+                console.print(f"[green]built[/green] template {name}")
+
+    asyncio.run(build())
 
 
 @keys_app.command("create")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import json
+import struct
 
 import httpx
 
@@ -38,6 +41,20 @@ class EnvdLink:
             if asyncio.get_running_loop().time() > deadline:
                 raise EnvdUnavailable(f"envd at {address} did not answer /health within {timeout:.0f}s")
             await asyncio.sleep(0.02)
+
+    async def warm(self, address: str, user: str) -> None:
+        """Runs one login-shell command the way the SDK would, so the first command a user sends does not
+        pay for faulting in envd's and bash's pages after a restore."""
+        body = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]}}).encode()
+        headers = {"Content-Type": "application/connect+json",
+                   "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+        try:
+            response = await self._client.post(self._url(address, "/process.Process/Start"), headers=headers,
+                                               content=struct.pack(">BI", 0, len(body)) + body, timeout=30.0)
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {e}") from e
+        if response.status_code != 200 or b'"end"' not in response.content:
+            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {response.status_code}")
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
                    current_token: str | None = None) -> None:

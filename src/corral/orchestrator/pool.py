@@ -18,8 +18,10 @@ RETRY_DELAY_S = 5.0
 
 
 class WarmPool:
-    def __init__(self, runtime: Runtime, envd: EnvdLink, templates: tuple[str, ...], size: int) -> None:
+    def __init__(self, runtime: Runtime, envd: EnvdLink, templates: tuple[str, ...], size: int,
+                 warm_user: str = "user") -> None:
         self._runtime = runtime
+        self._warm_user = warm_user
         self._envd = envd
         self._templates = templates
         self._size = max(0, size)
@@ -71,6 +73,7 @@ class WarmPool:
                 continue
             try:
                 await self._envd.wait_ready(sandbox.address)
+                await self._envd.warm(sandbox.address, self._warm_user)
             except Exception as e:
                 log.warning("pooled sandbox %s has no envd: %s", sandbox.id, e)
                 await self._runtime.destroy(sandbox.id)

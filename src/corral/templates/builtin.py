@@ -18,6 +18,10 @@ BASE = Recipe(
         "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
         # pip may install into the system Python for the sandbox's user, as on E2B.
         "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",
+        # Every SDK command is `bash -l -c`, so the login path is on the hot path. /etc/profile forks
+        # `id -u` (~40 ms under gVisor) just to tell root from others; bash already knows ($EUID), and
+        # other shells (no $EUID) still run `id -u`. Same PATH and prompt for everyone, ~40 ms less.
+        """sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/g' /etc/profile && grep -q 'EUID:-' /etc/profile""",
     ),
     # tini reaps orphans as PID 1; envd is its only child, so every process a client starts descends
     # from the template's start command and is part of every checkpoint.
