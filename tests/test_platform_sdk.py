@@ -262,3 +262,18 @@ def test_revoked_key_is_refused(server, opts):
     server.cli("keys", "revoke", created["id"])
     with pytest.raises(AuthenticationException):
         Sandbox.list(**{**opts, "api_key": created["key"]}).next_items()
+
+
+def test_schema_driven_fuzzing_finds_no_server_errors(server, key):
+    """schemathesis generates requests from the served OpenAPI document (valid and invalid ones, with
+    coverage, fuzzing and stateful phases); no answer may be a 5xx or break the schema's status codes."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
+    result = subprocess.run([st, "run", f"{server.url}/openapi.json", "-H", f"X-API-KEY: {key}",
+                             "--checks", "not_a_server_error", "-n", "25", "--seed", "1", "--no-color"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout
