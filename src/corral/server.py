@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from urllib.parse import parse_qsl
 
 from corral.config import PlatformSettings, Settings
 from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.keys import ApiKeys
 from corral.control.lifecycle import SandboxService
+from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
 from corral.runtime.gvisor import GVisorRuntime
@@ -59,9 +61,20 @@ class CorralServer:
         port = _header(scope, b"e2b-sandbox-port")
         if sandbox_id is not None and port is not None and port.isdigit():
             return sandbox_id, int(port)
-        if self.domain and (host := _header(scope, b"host")):
-            return route_from_host(host, self.domain)
+        host = _header(scope, b"host")
+        if self.domain and host and (route := route_from_host(host, self.domain)) is not None:
+            return route
+        if scope["type"] == "http" and scope["path"] == "/files" and b"signature=" in scope["query_string"]:
+            return self._signed_file_route(scope)
         return None
+
+    def _signed_file_route(self, scope) -> tuple[str, int] | None:
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        operation = "write" if scope["method"] == "POST" else "read"
+        sandbox_id = self.service.sandbox_for_signature(query.get("path", ""), operation, query.get("username", ""),
+                                                        query.get("signature", ""),
+                                                        query.get("signature_expiration"))
+        return (sandbox_id, ENVD_PORT) if sandbox_id else None
 
     async def _lifespan(self, receive, send) -> None:
         while True:

@@ -57,7 +57,7 @@ def serve_command(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(server, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                timeout_keep_alive=300, ws="websockets-sansio")
+                timeout_keep_alive=300, timeout_graceful_shutdown=5, ws="websockets-sansio")
 
 
 def _ensure_templates(settings, names: tuple[str, ...]) -> None:

@@ -4,7 +4,10 @@ and state that survives a restart of the server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -50,6 +53,7 @@ class SandboxService:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
+        self._tokens: dict[str, str] = {}  # envd tokens of live sandboxes, for routing signed file URLs
 
     # --- startup and shutdown --------------------------------------------------------------------
 
@@ -64,6 +68,7 @@ class SandboxService:
             self._forget(gone)
         for row in rows:
             if row.id in live:
+                self._tokens[row.id] = row.envd_token
                 self._arm(row.id, row.end_at)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
@@ -104,6 +109,7 @@ class SandboxService:
         except BaseException:
             await self.orchestrator.kill(sandbox.id)
             raise
+        self._tokens[row.id] = token
         self._arm(row.id, row.end_at)
         return row
 
@@ -135,6 +141,7 @@ class SandboxService:
         handle = self._timers.pop(sandbox_id, None)
         if handle is not None:
             handle.cancel()
+        self._tokens.pop(sandbox_id, None)
         self._forget([sandbox_id])
         await self.orchestrator.kill(sandbox_id)
 
@@ -142,6 +149,18 @@ class SandboxService:
         with self._sessions.begin() as session:
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
+
+    def sandbox_for_signature(self, path: str, operation: str, username: str, signature: str,
+                              expiration: str | None) -> str | None:
+        """Signed file URLs carry no routing headers (they are made for browsers): the sandbox is the one
+        whose token produced the signature."""
+        raw_suffix = f":{expiration}" if expiration else ""
+        for sandbox_id, token in self._tokens.items():
+            digest = hashlib.sha256(f"{path}:{operation}:{username}:{token}{raw_suffix}".encode()).digest()
+            expected = "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
+            if hmac.compare_digest(expected, signature):
+                return sandbox_id
+        return None
 
     # --- timeouts --------------------------------------------------------------------------------
 
