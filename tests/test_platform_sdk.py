@@ -54,6 +54,7 @@ def test_create_run_files_info_and_kill(opts):
     sbx = Sandbox.create(metadata={"purpose": "e2e"}, envs={"GREETING": "hi"}, timeout=120, **opts)
     try:
         assert sbx.commands.run("echo $GREETING from $(whoami) in $PWD").stdout == "hi from user in /home/user\n"
+        assert sbx.commands.run("hostname").stdout == f"{sbx.sandbox_id}\n"
         sbx.files.write("notes.txt", "kept")
         assert sbx.files.read("/home/user/notes.txt") == "kept"
         # Signed URLs carry no routing headers: the server finds the sandbox by its signature.

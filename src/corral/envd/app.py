@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import socket
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -120,6 +121,12 @@ class EnvdApp:
             self.state.default_user = user
         if body.get("defaultWorkdir"):
             self.state.default_workdir = body["defaultWorkdir"]
+        if isinstance(body.get("hostname"), str) and body["hostname"]:
+            # Corral's extension: a sandbox restored from a snapshot would keep the snapshot's hostname.
+            try:
+                socket.sethostname(body["hostname"])
+            except OSError as e:
+                log.warning("cannot set the hostname: %s", e)
         if isinstance(body.get("timestamp"), str):
             _note_clock(body["timestamp"])
         return Response(status_code=204)

@@ -60,9 +60,11 @@ class EnvdLink:
             raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {response.status_code}")
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
-                   current_token: str | None = None) -> None:
+                   hostname: str | None = None, current_token: str | None = None) -> None:
         body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,
                 "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+        if hostname:
+            body["hostname"] = hostname
         headers = {"X-Access-Token": current_token} if current_token else {}
         try:
             response = await self._client.post(self._url(address, "/init"), json=body, headers=headers)

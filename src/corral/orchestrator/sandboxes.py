@@ -62,7 +62,7 @@ class Orchestrator:
             elif not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
-                                 workdir=DEFAULT_WORKDIR)
+                                 workdir=DEFAULT_WORKDIR, hostname=sandbox.id)
         except BaseException:
             if sandbox is not None:
                 with contextlib.suppress(RuntimeError_):
