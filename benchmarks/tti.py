@@ -84,8 +84,14 @@ def burst(opts: dict, count: int, pool: int) -> tuple[int, float, float, list[fl
     finished.sort()
     drained = finished[pool:] if len(finished) > pool + 1 else finished
     rate = (len(drained) - 1) / (drained[-1] - drained[0]) if len(drained) > 1 else 0.0
+    def kill(sbx) -> None:
+        try:
+            sbx.kill()
+        except Exception as e:
+            print("kill failed:", e, file=sys.stderr)
+
     with ThreadPoolExecutor(max_workers=16) as workers:
-        list(workers.map(lambda s: s.kill(), created))
+        list(workers.map(kill, created))
     return failures, total, rate, [f * 1000 for f in finished]
 
 
@@ -173,7 +179,8 @@ def raw_baseline(n: int) -> list[float]:
                 await asyncio.to_thread(init, url, accessToken="t", defaultUser="user")
                 await asyncio.to_thread(sync_client(url, "t", sb.id).commands.run, "node -v")
                 samples.append((time.perf_counter() - start) * 1000)
-                await runtime.destroy(sb.id)
+                # Kept until the end: a destroyed sandbox's address goes to the next one, and the SDK's
+                # connection pool (keyed by URL) would reuse a connection to the dead one.
         finally:
             await runtime.destroy_all()
         return samples
@@ -200,8 +207,11 @@ def main() -> None:
         key = server.cli("keys", "create", "--name", "bench").strip()
         opts = {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
         tti, tti_failures = sequential_tti(opts, args.n)
+        print(f"TTI p50/p95/p99 ms: {stats(tti)} ({tti_failures} failures)", flush=True)
         run_true = run_latency(opts, 200)
+        print(f"commands.run('true') p50/p95/p99 ms: {stats(run_true)}", flush=True)
         direct, proxied = proxy_overhead(server, opts, 500)
+        print(f"envd /health direct {stats(direct)}, proxied {stats(proxied)}", flush=True)
         _wait_pool(server, args.pool)
         burst_failures, burst_total, burst_rate, burst_done = burst(opts, args.burst, args.pool)
     finally:

@@ -304,3 +304,34 @@ def test_js_sdk_end_to_end(server, key):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
         "ok commands", "ok pty", "ok files", "ok list and info", "ok timeout and kill"]
+
+
+def test_websocket_through_the_proxy_and_host_routing(server, opts):
+    from pathlib import Path
+
+    from websockets.sync.client import connect
+
+    sbx = Sandbox.create(**opts)
+    try:
+        sbx.files.write("/home/user/ws_echo.py", (Path(__file__).parent / "helpers" / "ws_echo.py").read_text())
+        sbx.commands.run("python3 /home/user/ws_echo.py 9000", background=True, timeout=0)
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "9000"}
+        ws_url = server.url.replace("http://", "ws://") + "/socket"
+        for _ in range(100):
+            try:
+                socket_ = connect(ws_url, additional_headers=headers, open_timeout=2)
+                break
+            except Exception:
+                time.sleep(0.1)
+        with socket_:
+            socket_.send("hello")
+            assert socket_.recv(timeout=5) == "hello"
+            socket_.send(b"\x00\x01" * 1000)
+            assert socket_.recv(timeout=5) == b"\x00\x01" * 1000
+        # Host-style routing: <port>-<sandbox id>.<domain>, as browsers and get_host() use it.
+        response = httpx.get(f"{server.url}/health", headers={"Host": f"49983-{sbx.sandbox_id}.{server.domain}"})
+        assert response.status_code == 204
+        other = httpx.get(f"{server.url}/health", headers={"Host": f"49983-nosuchbox.{server.domain}"})
+        assert other.status_code == 502 and other.json()["message"] == "The sandbox was not found"
+    finally:
+        sbx.kill()

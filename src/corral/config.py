@@ -66,6 +66,9 @@ class PlatformSettings:
     pool_size: int = field(default_factory=lambda: _env_int("CORRAL_POOL_SIZE", 2))
     pool_templates: tuple[str, ...] = field(
         default_factory=lambda: tuple(t for t in os.environ.get("CORRAL_POOL_TEMPLATES", "base").split(",") if t))
+    # Containers kept created (network, disk, `runsc create`) and ready for a restore, so a create that
+    # misses the warm pool restores in ~0.1 s instead of ~0.3 s.
+    prepared_pool_size: int = field(default_factory=lambda: _env_int("CORRAL_PREPARED_POOL", 4))
     default_timeout_s: int = 300
     # 0 means no maximum: sandboxes may live as long as their owner keeps extending them.
     max_timeout_s: int = field(default_factory=lambda: _env_int("CORRAL_MAX_TIMEOUT_S", 0))

@@ -37,7 +37,7 @@ class CorralServer:
         sessions = open_database(platform.resolved_database_url(settings))
         self.keys = ApiKeys(sessions)
         store = TemplateStore(settings)
-        runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
+        runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=platform.prepared_pool_size)
         self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
                                          pool_templates=platform.pool_templates)
         self.service = SandboxService(sessions, self.orchestrator, platform)

@@ -23,8 +23,10 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, instance: str, network: str, root: Path, *, dns_upstream: str, pool_size: int = 2,
-                 host: str = "127.0.0.1", extra_env: dict[str, str] | None = None) -> None:
+                 host: str = "127.0.0.1", domain: str = "sandbox.test",
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.domain = domain
         self.host = host
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "CORRAL_INSTANCE": instance, "CORRAL_SANDBOX_NETWORK": network,
@@ -41,8 +43,9 @@ class ServerProcess:
     def start(self, wait_pool: int = 0) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen([*CLI, "serve", "--host", self.host, "--port", str(self.port),
-                                             "--log-level", "warning"], env=self.env, stdin=subprocess.DEVNULL,
+            argv = [*CLI, "serve", "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+                    "--domain", self.domain]
+            self.process = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -60,7 +63,11 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
-            self.process.wait(60)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(30)
         self.process = None
 
     def sdk_env(self, key: str) -> dict[str, str]:

@@ -6,8 +6,8 @@ import contextlib
 import ctypes
 import gc
 import json
-import socket
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 

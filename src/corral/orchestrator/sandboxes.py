@@ -3,8 +3,10 @@ envd's /init, killed, and found again after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 from corral.orchestrator.envd_link import EnvdLink
@@ -19,8 +21,12 @@ DEFAULT_WORKDIR = "/home/user"
 
 
 class Orchestrator:
-    def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = ()) -> None:
+    def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
+                 direct_concurrency: int | None = None) -> None:
         self.runtime = runtime
+        # Restores beyond the pool run a few at a time, first come first served: on a small host a
+        # burst of unbounded restores thrashes until every one of them is late.
+        self._direct = asyncio.Semaphore(direct_concurrency or max(2, os.cpu_count() or 2))
         self.envd = EnvdLink()
         self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size)
         self._live: dict[str, Sandbox] = {}
@@ -57,8 +63,13 @@ class Orchestrator:
         sandbox = self.pool.claim(template)
         try:
             if sandbox is None:
-                sandbox = await self.runtime.create(template, SandboxConfig(internet=internet))
-                await self.envd.wait_ready(sandbox.address)
+                async with self._direct:
+                    sandbox = self.pool.claim(template)  # one may have become ready while we waited
+                    if sandbox is None:
+                        sandbox = await self.runtime.create(template, SandboxConfig(internet=internet))
+                        await self.envd.wait_ready(sandbox.address)
+                    elif not internet:
+                        await self.runtime.set_internet(sandbox.id, False)
             elif not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
