@@ -6,6 +6,7 @@ import base64
 import json
 import secrets
 import struct
+import time
 
 import httpx
 import pytest
@@ -152,7 +153,7 @@ def test_bad_requests_leak_nothing(harness, runtime, envd):
     sb, client, _ = envd
     client.post("/process.Process/Start", headers={"Content-Type": STREAM},
                 content=envelope({"process": {"cmd": "/bin/true"}}))  # warm up lazily created state
-    before = footprint(harness, runtime, sb.id)
+    before = _settled_footprint(harness, runtime, sb.id)
     for _ in range(20):
         client.post("/filesystem.Filesystem/Stat", content=b"{", headers={"Content-Type": "application/json"})
         client.post("/process.Process/Start", headers={"Content-Type": STREAM},
@@ -165,8 +166,20 @@ def test_bad_requests_leak_nothing(harness, runtime, envd):
                     headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
         watcher = client.post("/filesystem.Filesystem/CreateWatcher", json={"path": "/tmp"}).json()
         client.post("/filesystem.Filesystem/RemoveWatcher", json=watcher)
-    after = footprint(harness, runtime, sb.id)
+    after = _settled_footprint(harness, runtime, sb.id)
     assert after == before
+
+
+def _settled_footprint(harness, runtime, sandbox_id: str) -> tuple[int, int]:
+    """The footprint once two readings agree: a command that just ended may not be reaped yet."""
+    previous = footprint(harness, runtime, sandbox_id)
+    for _ in range(20):
+        time.sleep(0.25)
+        current = footprint(harness, runtime, sandbox_id)
+        if current == previous:
+            return current
+        previous = current
+    return previous
 
 
 def test_grpc_is_refused_clearly(envd):

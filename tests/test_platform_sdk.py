@@ -335,3 +335,24 @@ def test_websocket_through_the_proxy_and_host_routing(server, opts):
         assert other.status_code == 502 and other.json()["message"] == "The sandbox was not found"
     finally:
         sbx.kill()
+
+
+def test_concurrent_creates_get_distinct_sandboxes_past_the_pool(server, opts):
+    """Twice the pool's size at once: every create succeeds (pool claims, then direct restores), no
+    sandbox is handed out twice, every one has its own token, and the pool refills afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=5) as workers:
+        made = list(workers.map(lambda i: Sandbox.create(metadata={"n": str(i)}, **opts), range(5)))
+    try:
+        assert len({s.sandbox_id for s in made}) == 5
+        assert len({s._envd_access_token for s in made}) == 5
+        outputs = {s.sandbox_id: s.commands.run("hostname").stdout.strip() for s in made}
+        assert outputs == {s.sandbox_id: s.sandbox_id for s in made}
+    finally:
+        for sbx in made:
+            sbx.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(f"{server.url}/health").json()["pooled"]["base"] < 2:
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health").json()["pooled"]["base"] == 2
