@@ -128,6 +128,8 @@ def sandbox_part(n: int) -> list[str]:
                 token = secrets.token_hex(16)
                 assert init(url, accessToken=token, defaultUser="user").status_code == 204
                 sbx = sync_client(url, token)
+                sbx.files.list("/")
+                rows_before = [await rss_row(runtime, sb.id, "envd idle RSS (after /init and one call)")]
                 # Timed inside the sandbox, so it holds neither HTTP nor envd: the gVisor cost alone.
                 loop = ("python3 -c \"import subprocess,time,json;r=[];"
                         "[(lambda t:(subprocess.run(['bash','-l','-c','true']),"
@@ -135,7 +137,7 @@ def sandbox_part(n: int) -> list[str]:
                         f"(time.perf_counter()) for _ in range({n})];print(json.dumps(r))\"")
                 inside = [float(x) for x in
                           __import__("json").loads((await asyncio.to_thread(sbx.commands.run, loop)).stdout)]
-                rows = [row("`bash -l -c true` timed inside the sandbox (baseline)", inside)]
+                rows = [*rows_before, row("`bash -l -c true` timed inside the sandbox (baseline)", inside)]
                 rows.append(row("`commands.run('true')` via envd in gVisor",
                                 await asyncio.to_thread(timed, lambda: sbx.commands.run("true"), n), inside))
                 data = os.urandom(1024)
@@ -154,14 +156,20 @@ def sandbox_part(n: int) -> list[str]:
 
                 rows.append(row("`files.write`+`files.read` 10 MiB via envd in gVisor",
                                 await asyncio.to_thread(timed, large, max(10, n // 10))))
-                probe = f"grep VmRSS /proc/$(pgrep -f '^{ENVD_COMMAND}')/status"
-                rss = await runtime.exec(sb.id, ["/bin/sh", "-c", probe])
-                rows.append(f"| envd idle RSS in the sandbox | | {rss.stdout.decode().split()[1]} kB | | | |")
+                rows.append(await rss_row(runtime, sb.id, "envd RSS after the runs above"))
+                rows.append(await rss_row(runtime, sb.id, "spawner (user) RSS", "spawner_child"))
                 return rows
             finally:
                 await runtime.destroy(sb.id)
 
     return asyncio.run(run())
+
+
+async def rss_row(runtime, sandbox_id: str, label: str, pattern: str | None = None) -> str:
+    pattern = pattern or f"^{ENVD_COMMAND}"
+    probe = f"grep VmRSS /proc/$(pgrep -o -f '{pattern}')/status"
+    result = await runtime.exec(sandbox_id, ["/bin/sh", "-c", probe])
+    return f"| {label} | | {result.stdout.decode().split()[1]} kB | | | |"
 
 
 def main() -> None:

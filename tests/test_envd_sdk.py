@@ -350,3 +350,22 @@ def test_envd_dependencies_are_invisible_to_the_users_python(sbx):
     # What the user does to their own Python cannot reach envd: it still answers afterwards.
     sbx.commands.run("python3 -m pip install --quiet --no-index /nonexistent 2>/dev/null || true", user="root")
     assert sbx.commands.run("echo still-here").stdout == "still-here\n"
+
+
+def test_users_spawner_identity_and_recovery(sbx):
+    """`user`'s commands start from a spawner process running as `user` (no envd fork): they get the
+    user's ids, groups, cwd and a session of their own; killing the spawner only costs one exit status."""
+    result = sbx.commands.run("id -u; id -g; id -G; pwd; ps -o sid= -p $$; echo $$")
+    uid, gid, groups, cwd, sid, pid = result.stdout.split("\n")[:6]
+    assert (uid, gid, cwd) == ("1000", "1000", "/home/user")
+    assert "1000" in groups.split()
+    assert sid.strip() == pid  # session leader, so kill() reaches everything the command started
+    spawner = sbx.commands.run("pgrep -u user -f '[s]pawner_child' || true").stdout.split()
+    assert len(spawner) == 1
+    try:
+        sbx.commands.run(f"kill -9 {spawner[0]}; sleep 0.2")
+    except CommandExitException as e:
+        assert e.exit_code == -1  # its exit status went with the spawner
+    assert sbx.commands.run("id -un").stdout == "user\n"
+    replacement = sbx.commands.run("pgrep -u user -f '[s]pawner_child' || true").stdout.split()
+    assert len(replacement) == 1 and replacement != spawner

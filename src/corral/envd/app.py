@@ -133,6 +133,9 @@ class EnvdApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        with contextlib.suppress(UnknownUser, OSError):
+            # Started before the template's snapshot is taken, so restored sandboxes have it running.
+            self.processes.prepare_user(lookup(self.state.default_user))
         _release_startup_memory()
         yield
         self.filesystem.close()

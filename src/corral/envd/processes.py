@@ -10,9 +10,10 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from corral.envd.spawner import SpawnerGone, Spawners
 from corral.envd.users import User
 
 STD_CHUNK = 32 * 1024
@@ -110,6 +111,7 @@ class ProcessTable:
         self._running: dict[int, ManagedProcess] = {}
         self._exited: dict[int, ManagedProcess] = {}
         self._supervisors: set[asyncio.Task] = set()  # held so the loop does not drop them
+        self._spawners = Spawners()
 
     # --- lookups ---------------------------------------------------------------------------------
 
@@ -166,13 +168,13 @@ class ProcessTable:
                 err_r, err_w = os.pipe()
                 outputs += [(out_r, "stdout", STD_CHUNK), (err_r, "stderr", STD_CHUNK)]
                 child_fds += [out_w, err_w]
-                stdin: int = asyncio.subprocess.DEVNULL
                 if spec.stdin:
                     stdin, stdin_writer = os.pipe()
-                    child_fds.append(stdin)
+                else:
+                    stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                child_fds.append(stdin)
                 stdio = {"stdin": stdin, "stdout": out_w, "stderr": err_w}
-            child = await asyncio.create_subprocess_exec(
-                spec.cmd, *spec.args, env=env, cwd=cwd, start_new_session=True, **stdio, **identity)
+            exited = await self._start(spec, user, env, cwd, stdio, identity)
         except BaseException:
             for fd in [fd for fd, _, _ in outputs] + ([stdin_writer] if stdin_writer is not None else []):
                 os.close(fd)
@@ -181,15 +183,31 @@ class ProcessTable:
             for fd in child_fds:
                 os.close(fd)
         master = outputs[0][0] if spec.pty_size is not None else None
-        proc = ManagedProcess(pid=child.pid, spec=spec, pty_master=master, stdin_writer=stdin_writer)
+        pid, waiter = exited
+        proc = ManagedProcess(pid=pid, spec=spec, pty_master=master, stdin_writer=stdin_writer)
         queue = proc.subscribe()
         readers = [self._attach_reader(proc, fd, kind, size) for fd, kind, size in outputs]
         self._running[proc.pid] = proc
         task = asyncio.get_running_loop().create_task(
-            self._supervise(proc, child, readers, [fd for fd, _, _ in outputs]))
+            self._supervise(proc, waiter, readers, [fd for fd, _, _ in outputs]))
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
         return proc, queue
+
+    async def _start(self, spec: Spec, user: User, env: dict[str, str], cwd: str, stdio: dict,
+                     identity: dict) -> tuple[int, Awaitable[int]]:
+        """Starts the command; returns its pid and an awaitable of its return code."""
+        spawner = self._spawners.for_user(user) if "preexec_fn" not in stdio else None
+        if spawner is not None:
+            try:
+                pid = await spawner.spawn([spec.cmd, *spec.args], env, cwd,
+                                          [stdio["stdin"], stdio["stdout"], stdio["stderr"]])
+                return pid, spawner.wait(pid)
+            except SpawnerGone:
+                pass  # replaced on the next command; this one forks as before
+        child = await asyncio.create_subprocess_exec(
+            spec.cmd, *spec.args, env=env, cwd=cwd, start_new_session=True, **stdio, **identity)
+        return child.pid, child.wait()
 
     @staticmethod
     def _attach_reader(proc: ManagedProcess, fd: int, kind: str, size: int) -> asyncio.Future:
@@ -215,9 +233,9 @@ class ProcessTable:
         loop.add_reader(fd, readable)
         return finished
 
-    async def _supervise(self, proc: ManagedProcess, child: asyncio.subprocess.Process,
+    async def _supervise(self, proc: ManagedProcess, waiter: Awaitable[int],
                          readers: list[asyncio.Future], fds: list[int]) -> None:
-        returncode = await child.wait()
+        returncode = await waiter
         await asyncio.wait(readers, timeout=OUTPUT_DRAIN_S)
         loop = asyncio.get_running_loop()
         for fd in fds:
@@ -278,6 +296,11 @@ class ProcessTable:
     def kill_all(self) -> None:
         for proc in self.running():
             self.signal(proc, signal.SIGKILL)
+        self._spawners.close()
+
+    def prepare_user(self, user: User) -> None:
+        """Starts the user's spawner now rather than on its first command."""
+        self._spawners.for_user(user)
 
 
 def _write_all(fd: int, data: bytes) -> None:
