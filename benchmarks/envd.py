@@ -28,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_section
 from corral.envd.processes import DEFAULT_PATH
 from corral.templates.envd_layer import START_COMMAND
 from tests.helpers.envd_client import init, sync_client
@@ -189,16 +190,8 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        begin, end = "<!-- envd-benchmark:begin -->", "<!-- envd-benchmark:end -->"
-        text = args.write.read_text() if args.write.exists() else ""
-        section = (f"{begin}\n## envd round trips\n\nCommand: `sudo .venv/bin/python benchmarks/envd.py "
-                   f"--n {args.n} --write {args.write}` ({time.strftime('%Y-%m-%d')}, "
-                   f"{os.cpu_count()} cores)\n\n{report}\n{end}")
-        if begin in text:
-            text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        args.write.write_text(text)
+        write_section(args.write, "envd-benchmark", report, heading="envd round trips",
+                      command=f"sudo .venv/bin/python benchmarks/envd.py --n {args.n} --write {args.write}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import write_section
 from corral.config import Settings
 from corral.runtime.base import SandboxConfig
 from corral.runtime.gvisor import GVisorRuntime
@@ -241,18 +245,6 @@ def render(results: dict, args) -> str:
     md = ["| measure | corral | baseline (same run) | ratio / target |", "|---|---|---|---|"]
     md += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(md)
-
-
-def write_section(path: Path, name: str, body: str, command: str) -> None:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    section = f"{begin}\nCommand: `{command}` — run {stamp} on {os.cpu_count()} cores.\n\n{body}\n{end}"
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text += f"\n## Runtime\n\n{section}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

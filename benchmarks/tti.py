@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.envd import pct
+from benchmarks.report import write_section
 from tests.helpers.envd_client import init, sync_client
 from tests.helpers.server import ServerProcess
 
@@ -254,17 +254,10 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        begin, end = "<!-- tti-benchmark:begin -->", "<!-- tti-benchmark:end -->"
-        text = args.write.read_text() if args.write.exists() else ""
-        section = (f"{begin}\n## Time to interactive and request latency (platform)\n\n"
-                   f"Command: `sudo .venv/bin/python benchmarks/tti.py --n {args.n} --burst {args.burst} "
-                   f"--pool {args.pool} --write {args.write}` "
-                   f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)\n\n{report}\n{end}")
-        if begin in text:
-            text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        args.write.write_text(text)
+        write_section(args.write, "tti-benchmark", report,
+                      heading="Time to interactive and request latency (platform)",
+                      command=f"sudo .venv/bin/python benchmarks/tti.py --n {args.n} --burst {args.burst} "
+                              f"--pool {args.pool} --write {args.write}")
 
 
 def _resolver() -> str:
