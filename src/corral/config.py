@@ -42,6 +42,9 @@ class Settings:
         default_factory=lambda: ipaddress.IPv4Address(os.environ.get("CORRAL_DNS_ADDRESS", "169.254.53.53"))
     )
 
+    # Memory a restore must leave available to the host; a restore that would eat into it is refused (507).
+    memory_reserve_mb: int = field(default_factory=lambda: int(os.environ.get("CORRAL_MEMORY_RESERVE_MB", "512")))
+
     @property
     def runsc_root(self) -> Path:
         return self.run_dir / "runsc"

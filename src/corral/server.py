@@ -40,11 +40,21 @@ class CorralServer:
         runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=platform.prepared_pool_size)
         self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
                                          pool_templates=platform.pool_templates)
-        self.service = SandboxService(sessions, self.orchestrator, platform)
+        self.service = SandboxService(sessions, self.orchestrator, platform,
+                                      checkpoint_dir=settings.data_dir / "checkpoints")
+        self.service.branching.is_template = lambda name: name in store.recipes or any(
+            t.name == name for t in store.list())
         self.api = create_api(self.service, self.keys)
-        self.proxy = SandboxProxy(self.orchestrator.address)
+        self.proxy = SandboxProxy(self._address)
         self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
+
+    async def _address(self, sandbox_id: str) -> str | None:
+        """Where the proxy sends a sandbox's traffic; a paused sandbox with autoResume is resumed first."""
+        address = await self.orchestrator.reachable_address(sandbox_id)
+        if address is None and await self.service.branching.auto_resume(sandbox_id):
+            address = await self.orchestrator.reachable_address(sandbox_id)
+        return address
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":

@@ -3,18 +3,27 @@ parse nothing else."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.control import schemas
+from corral.control.api_branching import branching_routes
+from corral.control.api_common import (
+    CLIENT_ID,
+    ERRORS,
+    Key,
+    iso,
+    page_offset,
+    page_token,
+    sandbox_answer,
+)
 from corral.control.db import SandboxRow
 from corral.control.keys import ApiKey, ApiKeys
 from corral.control.lifecycle import ApiError, ListQuery, SandboxService
@@ -22,22 +31,10 @@ from corral.envd import ENVD_VERSION
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.runtime.base import RuntimeError_
 
-CLIENT_ID = "corral"
-_ERRORS = {401: {"model": schemas.Error}, 404: {"model": schemas.Error}, 400: {"model": schemas.Error}}
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _sandbox(row: SandboxRow) -> schemas.Sandbox:
-    return schemas.Sandbox(templateID=row.template, sandboxID=row.id, alias=row.template, clientID=CLIENT_ID,
-                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token)
-
 
 def _listed(row: SandboxRow) -> dict:
     return dict(templateID=row.template, alias=row.template, sandboxID=row.id, clientID=CLIENT_ID,
-                startedAt=_iso(row.started_at), endAt=_iso(row.end_at), cpuCount=max(1, round(row.vcpus)),
+                startedAt=iso(row.started_at), endAt=iso(row.end_at), cpuCount=max(1, round(row.vcpus)),
                 memoryMB=row.memory_mb, diskSizeMB=row.disk_mb, metadata=row.sandbox_metadata or {},
                 state=row.state, envdVersion=ENVD_VERSION)
 
@@ -46,7 +43,8 @@ def _detail(row: SandboxRow) -> schemas.SandboxDetail:
     lifecycle = row.lifecycle or {}
     return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
                                  lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
-                                                             onTimeout=lifecycle.get("onTimeout", "kill")))
+                                                             onTimeout=lifecycle.get("onTimeout", "kill")),
+                                 pauseMode=row.pause_mode if row.state == "paused" else None)
 
 
 def _parse_metadata(raw: str | None) -> dict[str, str]:
@@ -63,32 +61,6 @@ def _parse_time(raw: str | None, name: str) -> float | None:
         return dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
     except ValueError:
         raise ApiError(400, f"{name} must be an RFC 3339 timestamp, got {raw!r}") from None
-
-
-def _page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
-
-
-def _page_offset(token: str | None) -> int:
-    if not token:
-        return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or int(value) < 0:
-            raise ValueError
-        return int(value)
-    except ValueError:
-        raise ApiError(400, "nextToken is not a token this server issued") from None
-
-
-def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
-    key = request.app.state.keys.verify(x_api_key)
-    if key is None:
-        raise ApiError(401, "Invalid API key" if x_api_key else "Missing X-API-KEY header")
-    return key
-
-
-Key = Annotated[ApiKey, Depends(authenticated)]
 
 
 def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
@@ -131,41 +103,47 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
         row = await service.create(key.id, body.templateID, timeout=body.timeout, metadata=body.metadata or {},
                                    env_vars=body.envVars or {},
                                    internet=body.allow_internet_access is not False, lifecycle=lifecycle)
-        return _sandbox(row)
+        return sandbox_answer(row)
 
-    @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=_ERRORS,
+    @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
               tags=["sandboxes"])
     async def create_v2(body: schemas.NewSandbox, key: Key) -> schemas.Sandbox:
         return await _create(key, body)
 
-    @app.post("/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=_ERRORS,
+    @app.post("/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
               tags=["sandboxes (legacy)"])
     async def create_legacy(body: schemas.NewSandbox, key: Key) -> schemas.Sandbox:
         return await _create(key, body)
 
     async def _connect(key: ApiKey, sandbox_id: str, body: schemas.ConnectSandbox | None,
                        response: Response) -> schemas.Sandbox:
-        row = service.extend(key.id, sandbox_id, body.timeout if body else None)
-        response.status_code = 200  # running (resuming a paused sandbox answers 201)
-        return _sandbox(row)
+        row, resumed = await service.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+                                                      memory=not (body and body.memory is False))
+        response.status_code = 201 if resumed else 200
+        return sandbox_answer(row)
 
-    @app.post("/v2/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox, responses=_ERRORS,
+    @app.post("/v2/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox,
+              responses={**ERRORS, 201: {"model": schemas.Sandbox, "description": "resumed a paused sandbox"}},
               tags=["sandboxes"])
     async def connect_v2(sandbox_id: str, key: Key, response: Response,
                          body: schemas.ConnectSandbox | None = None) -> schemas.Sandbox:
         return await _connect(key, sandbox_id, body, response)
 
-    @app.post("/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox, responses=_ERRORS,
+    @app.post("/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox,
+              responses={**ERRORS, 201: {"model": schemas.Sandbox, "description": "resumed a paused sandbox"}},
               tags=["sandboxes (legacy)"])
     async def connect_legacy(sandbox_id: str, key: Key, response: Response,
                              body: schemas.ConnectSandbox | None = None) -> schemas.Sandbox:
         return await _connect(key, sandbox_id, body, response)
 
     @app.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model=schemas.Sandbox,
-              responses={**_ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
+              responses={**ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
     async def resume_legacy(sandbox_id: str, key: Key, body: schemas.ConnectSandbox | None = None):
-        service.get(key.id, sandbox_id)
-        raise ApiError(409, f"sandbox {sandbox_id} is already running")
+        if service.get(key.id, sandbox_id).state == "running":
+            raise ApiError(409, f"sandbox {sandbox_id} is already running")
+        row, _ = await service.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+                                                memory=not (body and body.memory is False))
+        return sandbox_answer(row)
 
     async def _list(key: ApiKey, metadata: str | None, state: str | None, order: str | None,
                     started_after: str | None, template: str | None, limit: int | None,
@@ -180,47 +158,49 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
                                               order=order or "desc",
                                               started_after=_parse_time(started_after, "startedAfter"),
                                               template=template))
-        offset = _page_offset(next_token)
+        offset = page_offset(next_token)
         end = len(rows) if limit is None else offset + limit
         if end < len(rows):
-            response.headers["X-Next-Token"] = _page_token(end)
+            response.headers["X-Next-Token"] = page_token(end)
         response.headers["X-Total-Running"] = str(sum(1 for r in rows if r.state == "running"))
         return [_listed(r) for r in rows[offset:end]]
 
-    @app.get("/v2/sandboxes", response_model=list[schemas.ListedSandbox], responses=_ERRORS, tags=["sandboxes"])
+    @app.get("/v2/sandboxes", response_model=list[schemas.ListedSandbox], responses=ERRORS, tags=["sandboxes"])
     async def list_v2(key: Key, response: Response, metadata: str | None = None, state: str | None = None,
                       order: str | None = None, startedAfter: str | None = None, template: str | None = None,
                       limit: Annotated[int | None, Query(ge=1, le=100)] = None,
                       nextToken: str | None = None) -> list[dict]:
         return await _list(key, metadata, state, order, startedAfter, template, limit, nextToken, response)
 
-    @app.get("/sandboxes", response_model=list[schemas.ListedSandbox], responses=_ERRORS,
+    @app.get("/sandboxes", response_model=list[schemas.ListedSandbox], responses=ERRORS,
              tags=["sandboxes (legacy)"])
     async def list_legacy(key: Key, response: Response, metadata: str | None = None) -> list[dict]:
         return await _list(key, metadata, "running", None, None, None, None, None, response)
 
-    @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=_ERRORS,
-             tags=["sandboxes"])
+    # Unset fields are left out, not sent as null: the SDK parses e.g. a null pauseMode as an enum value.
+    @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=ERRORS,
+             response_model_exclude_none=True, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
         return _detail(service.get(key.id, sandbox_id))
 
-    @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS, tags=["sandboxes"])
+    @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
         await service.kill(key.id, sandbox_id)
         return Response(status_code=204)
 
-    @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=_ERRORS, tags=["sandboxes"])
+    @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: schemas.SetTimeout, key: Key) -> Response:
         service.set_timeout(key.id, sandbox_id, body.timeout)
         return Response(status_code=204)
 
-    @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=_ERRORS,
+    @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=ERRORS,
              tags=["sandboxes"])
     async def metrics(sandbox_id: str, key: Key, start: int | None = None, end: int | None = None):
         rows = service.metrics(key.id, sandbox_id, start, end)
-        return [schemas.SandboxMetric(timestamp=_iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
+        return [schemas.SandboxMetric(timestamp=iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
                                       cpuUsedPct=r.cpu_used_pct, memUsed=r.mem_used, memTotal=r.mem_total,
                                       memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)
                 for r in rows]
 
+    app.include_router(branching_routes(service))
     return app

@@ -3,7 +3,7 @@ nothing here is SQLite-specific, so PostgreSQL is a URL away)."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -42,6 +42,41 @@ class SandboxRow(Base):
     internet: Mapped[bool] = mapped_column(Boolean, default=True)
     state: Mapped[str] = mapped_column(String(16), default="running")
     lifecycle: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The runtime's id for the running sandbox; a resumed sandbox keeps its API id but gets a new one.
+    runtime_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The checkpoint this sandbox's state descends from (None: straight from a template).
+    head: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # While paused: the pause checkpoint and whether it holds memory ("full") or not ("filesystem").
+    paused_node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pause_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The last timeout asked for; an automatic resume grants it again.
+    timeout_s: Mapped[int] = mapped_column(Integer, default=300)
+
+
+class CheckpointRow(Base):
+    """A node of the checkpoint tree: a snapshot, a pause or a fork point of some sandbox."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # snapshot | pause | fork
+    parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)  # the sandbox it was taken of
+    template: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    node_metadata: Mapped[dict] = mapped_column(JSON, default=dict)
+    env_vars: Mapped[dict] = mapped_column(JSON, default=dict)
+    envd_token: Mapped[str] = mapped_column(String(128))
+    memory: Mapped[bool] = mapped_column(Boolean, default=True)
+    vcpus: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_mb: Mapped[int] = mapped_column(Integer)
+    internet: Mapped[bool] = mapped_column(Boolean, default=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    # False while its files are being written: not listed, not restorable.
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class MetricRow(Base):
@@ -64,7 +99,32 @@ def open_database(url: str) -> sessionmaker:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Databases made by an older Corral lack columns added since; every added column is nullable or has a
+    default, so adding it in place is the whole migration."""
+    existing = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(engine.dialect)
+                default = column.default.arg if column.default is not None and column.default.is_scalar else None
+                clause = f" DEFAULT {_sql_literal(default)}" if default is not None else ""
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
+
+
+def _sql_literal(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -77,4 +137,4 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["ApiKeyRow", "Engine", "MetricRow", "SandboxRow", "open_database"]
+__all__ = ["ApiKeyRow", "CheckpointRow", "Engine", "MetricRow", "SandboxRow", "open_database"]

@@ -11,13 +11,16 @@ import hmac
 import logging
 import secrets
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from corral.config import PlatformSettings
 from corral.control.db import MetricRow, SandboxRow
+from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources
@@ -46,7 +49,10 @@ class ListQuery:
 
 
 class SandboxService:
-    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings) -> None:
+    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings,
+                 checkpoint_dir: Path) -> None:
+        from corral.control.branching import Branching  # it builds on this class
+
         self._sessions = sessions
         self.orchestrator = orchestrator
         self._settings = settings
@@ -54,6 +60,13 @@ class SandboxService:
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         self._tokens: dict[str, str] = {}  # envd tokens of live sandboxes, for routing signed file URLs
+        # One state change at a time per sandbox: kill, pause, resume, snapshot and fork take this lock.
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.branching = Branching(self, sessions, CheckpointFiles(checkpoint_dir, orchestrator.runtime))
+
+    @property
+    def sessions(self) -> sessionmaker:
+        return self._sessions
 
     # --- startup and shutdown --------------------------------------------------------------------
 
@@ -61,8 +74,10 @@ class SandboxService:
         """Picks up where a previous server (even one killed with -9) left off."""
         with self._sessions() as session:
             rows = list(session.scalars(select(SandboxRow)))
-        live = await self.orchestrator.start(keep={r.id for r in rows})
-        gone = [r.id for r in rows if r.id not in live]
+        keep = {r.id: r.runtime_id or r.id for r in rows if r.runtime_id or r.state == "running"}
+        live = await self.orchestrator.start(keep=keep)
+        rows = await self.branching.recover(rows, live)
+        gone = [r.id for r in rows if r.state == "running" and r.id not in live]
         if gone:
             log.warning("%d sandboxes from the database no longer exist: %s", len(gone), ", ".join(gone))
             self._forget(gone)
@@ -70,6 +85,7 @@ class SandboxService:
             if row.id in live:
                 self._tokens[row.id] = row.envd_token
                 self._arm(row.id, row.end_at)
+        self.branching.reclaim(partials=True)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def close(self) -> None:
@@ -85,7 +101,8 @@ class SandboxService:
 
     # --- create, read, kill ----------------------------------------------------------------------
 
-    def _timeout(self, requested: int | None) -> int:
+    def timeout_for(self, requested: int | None) -> int:
+        """Seconds a sandbox gets: the request, or the default, within this server's maximum."""
         timeout = self._settings.default_timeout_s if requested is None else requested
         maximum = self._settings.max_timeout_s
         if maximum and timeout > maximum:
@@ -94,22 +111,35 @@ class SandboxService:
 
     async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
                      env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow:
-        seconds = self._timeout(timeout)
+        seconds = self.timeout_for(timeout)
+        node = self.branching.find_node(key_id, template)
+        if node is not None:
+            (result,) = await self.branching.start_from(node, 1, timeout=seconds, metadata=metadata,
+                                                        env_vars=env_vars, lifecycle=lifecycle, internet=internet)
+            if isinstance(result, BaseException):
+                raise result
+            return result
         token = secrets.token_urlsafe(24)
         sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet)
-        now = time.time()
         resources: Resources = sandbox.config.resources
-        row = SandboxRow(id=sandbox.id, key_id=key_id, template=template, envd_token=token,
-                         sandbox_metadata=metadata, env_vars=env_vars, started_at=now, end_at=now + seconds,
-                         vcpus=resources.vcpus, memory_mb=resources.memory_mb, disk_mb=resources.disk_mb,
-                         internet=internet, state="running", lifecycle=lifecycle)
+        row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template, envd_token=token,
+                         sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
+                         memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
+                         lifecycle=lifecycle)
+        return await self.register(row, seconds)
+
+    async def register(self, row: SandboxRow, seconds: int) -> SandboxRow:
+        """Records a sandbox that is already running (its id live in the orchestrator) and arms its timer;
+        if the record cannot be written the sandbox is killed, never left running unaccounted."""
+        now = time.time()
+        row.started_at, row.end_at, row.timeout_s, row.state = now, now + seconds, seconds, "running"
         try:
             with self._sessions.begin() as session:
                 session.add(row)
         except BaseException:
-            await self.orchestrator.kill(sandbox.id)
+            await self.orchestrator.kill(row.id)
             raise
-        self._tokens[row.id] = token
+        self._tokens[row.id] = row.envd_token
         self._arm(row.id, row.end_at)
         return row
 
@@ -137,18 +167,39 @@ class SandboxService:
         await self._kill(sandbox_id)
 
     async def _kill(self, sandbox_id: str) -> None:
-        # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
+        async with self.locks[sandbox_id]:
+            with self._sessions() as session:
+                if session.get(SandboxRow, sandbox_id) is None:
+                    return  # killed while we waited for the lock
+            # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
+            self.disarm(sandbox_id)
+            self._tokens.pop(sandbox_id, None)
+            self._forget([sandbox_id])
+            await self.orchestrator.kill(sandbox_id)
+            await self.branching.forget_sandbox(sandbox_id)
+        self.locks.pop(sandbox_id, None)
+
+    def disarm(self, sandbox_id: str) -> None:
         handle = self._timers.pop(sandbox_id, None)
         if handle is not None:
             handle.cancel()
+
+    def went_offline(self, sandbox_id: str) -> None:
+        """Paused: no timer, and signed file URLs no longer lead to it."""
+        self.disarm(sandbox_id)
         self._tokens.pop(sandbox_id, None)
-        self._forget([sandbox_id])
-        await self.orchestrator.kill(sandbox_id)
+
+    def came_online(self, row: SandboxRow) -> None:
+        self._tokens[row.id] = row.envd_token
+        self._arm(row.id, row.end_at)
 
     def _forget(self, ids: list[str]) -> None:
         with self._sessions.begin() as session:
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
+
+    def forget(self, ids: list[str]) -> None:
+        self._forget(ids)
 
     def sandbox_for_signature(self, path: str, operation: str, username: str, signature: str,
                               expiration: str | None) -> str | None:
@@ -167,12 +218,12 @@ class SandboxService:
     def set_timeout(self, key_id: str, sandbox_id: str, timeout: int) -> SandboxRow:
         """The sandbox now ends `timeout` seconds from now (sooner or later than before)."""
         self.get(key_id, sandbox_id)
-        return self._set_end(sandbox_id, time.time() + self._timeout(timeout))
+        return self._set_end(sandbox_id, time.time() + self.timeout_for(timeout))
 
     def extend(self, key_id: str, sandbox_id: str, timeout: int | None) -> SandboxRow:
         """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
         row = self.get(key_id, sandbox_id)
-        wanted = time.time() + self._timeout(timeout)
+        wanted = time.time() + self.timeout_for(timeout)
         return self._set_end(sandbox_id, max(row.end_at, wanted))
 
     def _set_end(self, sandbox_id: str, end_at: float) -> SandboxRow:
@@ -181,7 +232,9 @@ class SandboxService:
             if row is None:
                 raise not_found(sandbox_id)
             row.end_at = end_at
-        self._arm(sandbox_id, end_at)
+            row.timeout_s = max(0, round(end_at - time.time()))
+        if row.state == "running":  # a paused sandbox does not run out; its new end counts from resume
+            self._arm(sandbox_id, end_at)
         return row
 
     def _arm(self, sandbox_id: str, end_at: float) -> None:
@@ -194,9 +247,26 @@ class SandboxService:
 
     def _expire(self, sandbox_id: str) -> None:
         self._timers.pop(sandbox_id, None)
-        task = asyncio.get_running_loop().create_task(self._kill(sandbox_id))
+        task = asyncio.get_running_loop().create_task(self._on_timeout(sandbox_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _on_timeout(self, sandbox_id: str) -> None:
+        with self._sessions() as session:
+            row = session.get(SandboxRow, sandbox_id)
+        lifecycle = (row.lifecycle or {}) if row else {}
+        if row is not None and lifecycle.get("onTimeout") == "pause":
+            try:
+                await self.branching.pause(row.key_id, sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
+                                           reason="timeout")
+                return
+            except ApiError as e:
+                if e.status == 409:
+                    return  # paused already
+                log.warning("auto-pause of %s failed (%s); killing it instead", sandbox_id, e.message)
+            except Exception:
+                log.exception("auto-pause of %s failed; killing it instead", sandbox_id)
+        await self._kill(sandbox_id)
 
     # --- metrics ---------------------------------------------------------------------------------
 

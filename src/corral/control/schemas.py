@@ -37,6 +37,92 @@ class ConnectSandbox(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     timeout: int | None = Field(default=None, ge=0)
+    memory: bool | None = Field(default=None, description="false: resume a paused sandbox by cold-booting its "
+                                                           "filesystem instead of restoring its memory")
+
+
+class PauseSandbox(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    memory: bool | None = Field(default=None, description="false: keep only the filesystem (processes restart "
+                                                           "on resume)")
+    requireHealthyGuest: bool | None = None
+
+
+class SnapshotRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    memory: bool | None = None
+    metadata: dict | None = Field(default=None, description="Corral extension: metadata of the checkpoint node")
+
+
+class SnapshotInfo(BaseModel):
+    snapshotID: str
+    names: list[str]
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    timeout: int | None = Field(default=None, ge=0)
+    count: int = Field(default=1, ge=1, le=100)
+
+
+class ForkResult(BaseModel):
+    sandbox: Sandbox | None = None
+    error: Error | None = None
+
+
+class CheckpointNode(BaseModel):
+    """A node of the checkpoint tree (Corral extension)."""
+
+    id: str
+    kind: Literal["snapshot", "pause", "fork"]
+    parentID: str | None
+    sandboxID: str = Field(description="the sandbox it was taken of")
+    template: str
+    name: str | None
+    metadata: dict
+    memory: bool = Field(description="false: filesystem only; sandboxes started from it cold-boot")
+    sizeBytes: int = Field(description="disk used by this node's own files (image and layer)")
+    createdAt: float
+
+
+class NodeSandbox(BaseModel):
+    sandboxID: str
+    state: str
+
+
+class TreeNode(CheckpointNode):
+    sandboxes: list[NodeSandbox] = Field(description="sandboxes standing on this node (running from it, or "
+                                                     "paused in it)")
+    children: list[TreeNode]
+
+
+class Tree(BaseModel):
+    roots: list[TreeNode]
+    totalBytes: int
+
+
+class NodeMetadataPatch(BaseModel):
+    metadata: dict = Field(description="merged into the node's metadata; a null value removes that key")
+
+
+class StartFromCheckpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    count: int = Field(default=1, ge=1, le=100)
+    timeout: int | None = Field(default=None, ge=0)
+    metadata: dict[str, str] | None = None
+    envVars: dict[str, str] | None = None
+
+
+class DeletedNodes(BaseModel):
+    deleted: list[str]
+    reclaimedBytes: int = Field(description="disk space freed by this deletion")
+    retainedBytes: int = Field(description="space of deleted nodes still used by running sandboxes or other "
+                                           "nodes; freed when they go")
 
 
 class SetTimeout(BaseModel):
@@ -81,6 +167,7 @@ class SandboxDetail(ListedSandbox):
     allowInternetAccess: bool | None = None
     domain: str | None = None
     lifecycle: Lifecycle | None = None
+    pauseMode: Literal["full", "filesystem"] | None = None
 
 
 class SandboxMetric(BaseModel):

@@ -8,12 +8,27 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from corral.orchestrator.envd_link import EnvdLink
 from corral.orchestrator.pool import WarmPool
-from corral.runtime.base import Runtime, RuntimeError_, Sandbox, SandboxConfig, SandboxNotFound
+from corral.runtime.base import (
+    Checkpoint,
+    Resources,
+    Runtime,
+    RuntimeError_,
+    Sandbox,
+    SandboxConfig,
+    SandboxNotFound,
+)
 
 log = logging.getLogger("corral.orchestrator")
+
+# A sandbox must hold no TCP connection to the host when it is checkpointed: gVisor (20240729) restores
+# such a connection into a clone whose address has changed and the clone's network then stops answering
+# (docs/branching.md). The proxy's connections are closed first; this is how long the sandbox gets to
+# finish closing its side.
+QUIESCE_S = 0.05
 
 # What E2B templates set up: commands run as `user` in its home unless a request says otherwise.
 DEFAULT_USER = "user"
@@ -30,16 +45,18 @@ class Orchestrator:
         self.envd = EnvdLink()
         self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size)
         self._live: dict[str, Sandbox] = {}
-        # Called with a sandbox id when it is killed (the proxy drops its connections).
+        # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
+        self._quiet: dict[str, asyncio.Event] = {}  # sandboxes being checkpointed: no new connections
 
-    async def start(self, keep: set[str]) -> set[str]:
-        """Adopts the runtime's running sandboxes that are in `keep` and destroys the others (pooled or
-        half-created ones from before a restart). Returns the ids that are live again."""
+    async def start(self, keep: dict[str, str]) -> set[str]:
+        """Adopts the runtime's running sandboxes named in `keep` (API id -> runtime id) and destroys the
+        others (pooled or half-created ones from before a restart). Returns the API ids live again."""
         await self.runtime.start()
+        api_ids = {runtime_id: api_id for api_id, runtime_id in keep.items()}
         for sandbox in self.runtime.list():
-            if sandbox.id in keep:
-                self._live[sandbox.id] = sandbox
+            if sandbox.id in api_ids:
+                self._live[api_ids[sandbox.id]] = sandbox
             else:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
@@ -56,8 +73,18 @@ class Orchestrator:
         sandbox = self._live.get(sandbox_id)
         return sandbox.address if sandbox else None
 
+    async def reachable_address(self, sandbox_id: str) -> str | None:
+        """The address, once no checkpoint of the sandbox is in progress (the proxy waits here)."""
+        while (quiet := self._quiet.get(sandbox_id)) is not None:
+            await quiet.wait()
+        return self.address(sandbox_id)
+
     def live_ids(self) -> set[str]:
         return set(self._live)
+
+    def runtime_id(self, sandbox_id: str) -> str | None:
+        sandbox = self._live.get(sandbox_id)
+        return sandbox.id if sandbox else None
 
     async def create(self, template: str, *, token: str, env_vars: dict[str, str], internet: bool) -> Sandbox:
         sandbox = self.pool.claim(template)
@@ -83,18 +110,90 @@ class Orchestrator:
         return sandbox
 
     async def kill(self, sandbox_id: str) -> bool:
-        sandbox = self._live.pop(sandbox_id, None)  # unreachable through the proxy from here on
+        sandbox = await self._take_offline(sandbox_id)
         if sandbox is None:
             return False
-        for callback in self.on_gone:
-            with contextlib.suppress(Exception):
-                await callback(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
-            await self.runtime.destroy(sandbox_id)
+            await self.runtime.destroy(sandbox.id)
         return True
+
+    async def _take_offline(self, sandbox_id: str) -> Sandbox | None:
+        sandbox = self._live.pop(sandbox_id, None)  # unreachable through the proxy from here on
+        if sandbox is not None:
+            for callback in self.on_gone:
+                with contextlib.suppress(Exception):
+                    await callback(sandbox_id)
+        return sandbox
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _running(self, sandbox_id: str) -> Sandbox:
+        sandbox = self._live.get(sandbox_id)
+        if sandbox is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
+        return sandbox
+
+    @contextlib.asynccontextmanager
+    async def _quiesced(self, sandbox_id: str):
+        """No connection from the host into the sandbox while it is checkpointed; new ones wait."""
+        quiet = self._quiet[sandbox_id] = asyncio.Event()
+        try:
+            for callback in self.on_gone:
+                with contextlib.suppress(Exception):
+                    await callback(sandbox_id)
+            await asyncio.sleep(QUIESCE_S)
+            yield
+        finally:
+            del self._quiet[sandbox_id]
+            quiet.set()
+
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
+        """Checkpoints a running sandbox, which goes on running (it is frozen for the moment it takes).
+        Connections through the proxy into it are closed first."""
+        runtime_id = self._running(sandbox_id).id
+        async with self._quiesced(sandbox_id):
+            return await self.runtime.checkpoint(runtime_id, directory, memory=memory)
+
+    async def pause(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
+        """Checkpoints a sandbox and stops it: it uses no CPU and no memory until `resume`. On failure it
+        keeps running and stays reachable."""
+        sandbox = self._running(sandbox_id)
+        async with self._quiesced(sandbox_id):
+            await self._take_offline(sandbox_id)
+            try:
+                return await self.runtime.checkpoint(sandbox.id, directory, memory=memory, leave_running=False)
+            except BaseException:
+                if sandbox.id in {s.id for s in self.runtime.list()}:
+                    self._live[sandbox_id] = sandbox
+                raise
+
+    async def start_from(self, directory: Path, *, sandbox_id: str | None, token: str, current_token: str,
+                         env_vars: dict[str, str], internet: bool, resources: Resources,
+                         memory: bool = True) -> tuple[str, Sandbox]:
+        """A running sandbox from a checkpoint: the paused sandbox `sandbox_id` itself (resume), or a new
+        one (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the
+        API id and the runtime's sandbox."""
+        config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id)
+        async with self._direct:
+            (sandbox,) = await self.runtime.restore(directory, 1, config, memory=memory)
+        api_id = sandbox_id or sandbox.id
+        try:
+            await self.envd.wait_ready(sandbox.address)
+            cold = not (memory and (directory / "image").is_dir())
+            if cold or sandbox_id is None:
+                # A cold-booted envd starts without identity; a clone carries its source's and gets its own.
+                await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
+                                     workdir=DEFAULT_WORKDIR, hostname=api_id,
+                                     current_token=None if cold else current_token)
+        except BaseException:
+            with contextlib.suppress(RuntimeError_):
+                await self.runtime.destroy(sandbox.id)
+            raise
+        self._live[api_id] = sandbox
+        return api_id, sandbox
 
     async def metrics(self, sandbox_id: str, token: str) -> dict | None:
         address = self.address(sandbox_id)
-        if address is None:
+        if address is None or sandbox_id in self._quiet:
             return None
         return await self.envd.metrics(address, token)

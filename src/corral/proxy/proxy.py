@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import websockets
@@ -36,7 +36,7 @@ def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
 
 
 class SandboxProxy:
-    def __init__(self, resolve: Callable[[str], str | None]) -> None:
+    def __init__(self, resolve: Callable[[str], Awaitable[str | None]]) -> None:
         self._resolve = resolve
         # One connection pool per sandbox: addresses are reused by later sandboxes, and a kept-alive
         # connection to a dead sandbox must never carry a request meant for its successor.
@@ -66,7 +66,7 @@ class SandboxProxy:
             await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
-        address = self._resolve(sandbox_id)
+        address = await self._resolve(sandbox_id)
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, sandbox_id, address, port)
             return

@@ -146,12 +146,24 @@ class Runtime(abc.ABC):
         """Runs a command inside the sandbox out of band (not through envd)."""
 
     @abc.abstractmethod
-    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True) -> Checkpoint:
-        """Freezes memory, processes and filesystem into `directory`."""
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
+                         memory: bool = True) -> Checkpoint:
+        """Freezes memory, processes and filesystem (or, with memory=False, the filesystem alone) of one
+        instant into `directory`. A failed checkpoint leaves nothing in `directory` and, with leave_running,
+        the sandbox running; running out of disk raises InsufficientResources."""
 
     @abc.abstractmethod
-    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig) -> list[Sandbox]:
-        """`count` independent sandboxes from one checkpoint, each with its own network and disk."""
+    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig, *, memory: bool = True,
+                      keep_prepared: bool = False) -> list[Sandbox]:
+        """`count` independent sandboxes from one checkpoint, each with its own network and disk.
+
+        With memory=False, or from a filesystem-only checkpoint, they cold-boot the checkpoint's recorded
+        start command on its filesystem. keep_prepared asks the backend to keep setup work ready for more
+        restores of this checkpoint (worth it for templates, not for one-off checkpoints)."""
+
+    @abc.abstractmethod
+    def layers_in_use(self) -> set[Path]:
+        """Read-only filesystem layers that live (or prepared) sandboxes stand on and must not be removed."""
 
     @abc.abstractmethod
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:

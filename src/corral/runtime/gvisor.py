@@ -9,14 +9,16 @@ Per sandbox, on the host:
   netns corral-<instance>-<slot>     veth to the host, /30 addresses (corral.network.slots)
   runsc container <id> under <run>/runsc
 
-A checkpoint directory holds `image/` (runsc's uncompressed memory image), `layer/` (a copy of the
-sandbox's upper directory at checkpoint time) and `checkpoint.json` (the lower layers it stands on).
+A checkpoint directory holds `image/` (runsc's uncompressed memory image; absent in a filesystem-only
+checkpoint), `layer/` (a copy of the sandbox's upper directory at checkpoint time) and `checkpoint.json`
+(the lower layers it stands on and the command that cold-boots it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -77,6 +79,9 @@ class _Box:
     config: SandboxConfig
     lowers: list[Path]
     dir: Path
+    # What `boot` started; a filesystem-only checkpoint cold-boots it again.
+    command: list[str] = field(default_factory=list)
+    cwd: str = "/"
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -111,6 +116,7 @@ class _Box:
         return {
             "id": self.id, "template": self.template, "slot": self.slot.index,
             "lowers": [str(p) for p in self.lowers], "created_at": self.created_at,
+            "command": self.command, "cwd": self.cwd,
             "config": {**asdict(self.config), "resources": asdict(self.config.resources)},
         }
 
@@ -179,7 +185,8 @@ class GVisorRuntime(Runtime):
                 continue
             box = _Box(id=sid, template=data["template"], slot=self.slots.claim(data["slot"]),
                        config=_config_from_record(data["config"]), lowers=[Path(p) for p in data["lowers"]],
-                       dir=self.sandboxes_dir / sid, created_at=data["created_at"])
+                       dir=self.sandboxes_dir / sid, created_at=data["created_at"],
+                       command=data.get("command", []), cwd=data.get("cwd", "/"))
             if state.status in ("running", "paused") and os.path.ismount(box.rootfs):
                 self._boxes[sid] = box
                 if not box.config.internet:
@@ -253,7 +260,7 @@ class GVisorRuntime(Runtime):
         """Network slot, disk, root filesystem and a `runsc create`d container, not yet running."""
         sid = new_sandbox_id()
         box = _Box(id=sid, template=template, slot=self.slots.allocate(), config=config, lowers=lowers,
-                   dir=self.sandboxes_dir / sid)
+                   dir=self.sandboxes_dir / sid, command=command, cwd=cwd)
         try:
             box.dir.mkdir(parents=True)
             await create_slot(box.slot)
@@ -328,7 +335,7 @@ class GVisorRuntime(Runtime):
         if self._resolve_template is None:
             raise TemplateNotFound("this runtime has no template store")
         checkpoint = self._resolve_template(template)
-        return (await self.restore(checkpoint, 1, config))[0]
+        return (await self.restore(checkpoint, 1, config, keep_prepared=True))[0]
 
     def address(self, sandbox_id: str, port: int) -> tuple[str, int]:
         return str(self._box(sandbox_id).slot.guest), port
@@ -347,33 +354,55 @@ class GVisorRuntime(Runtime):
             process.unlink(missing_ok=True)
         return ExecResult(exit_code=code, stdout=out, stderr=err)
 
-    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True) -> Checkpoint:
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
+                         memory: bool = True) -> Checkpoint:
         box = self._box(sandbox_id)
         if directory.exists() and any(directory.iterdir()):
             raise CheckpointInvalid(f"checkpoint directory {directory} is not empty")
+        if not memory and not box.command:
+            raise CheckpointInvalid(f"sandbox {sandbox_id} has no recorded start command: it cannot be cold-booted "
+                                    "from a filesystem-only checkpoint (rebuild its template)")
         # Build next to the target and rename at the end: a failed checkpoint never looks complete.
         staging = directory.with_name(f".{directory.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        frozen = False
         try:
-            await self.runsc.checkpoint(box.id, staging / "image", box.log, leave_running=leave_running)
-            # The upper layer must be frozen to be shared: copy it while the sandbox is stopped or (with
-            # leave_running) accept that files written during the copy may land in either state.
+            if not memory:
+                # Dirty file data may still sit in the sandbox kernel's page cache; a memory image would keep
+                # it, a filesystem-only checkpoint must have it on disk.
+                await self.exec(sandbox_id, ["/bin/sync"], timeout=60)
+            # Memory image and filesystem layer must describe the same instant: the sandbox stays frozen from
+            # before the image until the upper directory is copied.
+            await self.runsc.pause(box.id)
+            frozen = True
+            if memory:
+                await self.runsc.checkpoint(box.id, staging / "image", box.log, leave_running=True)
             await _copy_tree(box.disk / "upper", staging / "layer")
             meta = {"template": box.template, "lowers": [str(p) for p in box.lowers],
-                    "platform": self.settings.platform, "created_at": time.time(),
-                    "resources": asdict(box.config.resources)}
+                    "platform": self.settings.platform, "created_at": time.time(), "memory": memory,
+                    "command": box.command, "cwd": box.cwd, "resources": asdict(box.config.resources)}
             (staging / CHECKPOINT_META).write_text(json.dumps(meta))
             directory.parent.mkdir(parents=True, exist_ok=True)
             if directory.exists():
                 directory.rmdir()
             staging.rename(directory)
-        except (RunscError, OSError) as exc:
+        except (RunscError, OSError, SandboxFailed) as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if frozen:  # the source keeps running whatever went wrong, also when it was to be stopped
+                with contextlib.suppress(RunscError):
+                    await self.runsc.resume(box.id)
+            if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+                raise InsufficientResources(f"no space left on {directory.parent} for a checkpoint of "
+                                            f"{sandbox_id}; the sandbox is unchanged") from exc
             raise SandboxFailed(f"checkpoint of {sandbox_id} failed: {exc}") from exc
-        finally:
-            if not leave_running:
-                await self.destroy(sandbox_id)
+        if leave_running:
+            try:
+                await self.runsc.resume(box.id)
+            except RunscError as exc:
+                raise SandboxFailed(f"sandbox {sandbox_id} did not resume after its checkpoint: {exc}") from exc
+        else:
+            await self.destroy(sandbox_id)
         return Checkpoint(path=directory, template=box.template, size_bytes=tree_size(directory))
 
     def _read_checkpoint(self, checkpoint: Path) -> dict:
@@ -382,7 +411,8 @@ class GVisorRuntime(Runtime):
             lowers = [Path(p) for p in meta["lowers"]]
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointInvalid(f"{checkpoint} is not a Corral checkpoint: {exc}") from None
-        if not (checkpoint / "image" / "checkpoint.img").is_file():
+        meta.setdefault("memory", True)
+        if meta["memory"] and not (checkpoint / "image" / "checkpoint.img").is_file():
             raise CheckpointInvalid(f"{checkpoint} has no memory image (image/checkpoint.img)")
         for layer in [checkpoint / "layer", *lowers]:
             if not layer.is_dir():
@@ -393,22 +423,44 @@ class GVisorRuntime(Runtime):
         meta["layers"] = [checkpoint / "layer", *lowers]
         return meta
 
-    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig) -> list[Sandbox]:
+    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig, *,
+                      memory: bool = True, keep_prepared: bool = False) -> list[Sandbox]:
         if count < 1:
             raise CheckpointInvalid(f"count must be at least 1, got {count}")
         meta = self._read_checkpoint(checkpoint)
         self._check_capacity(config.resources)
+        cold = not (memory and meta["memory"])
+        if cold and not meta.get("command"):
+            raise CheckpointInvalid(f"{checkpoint} records no start command to cold-boot from")
+        if not cold:
+            self._check_memory_for(checkpoint / "image", count)
         key = _PoolKey(checkpoint, config.resources)
         results = await asyncio.gather(
-            *(self._restore_one(key, meta, config) for _ in range(count)), return_exceptions=True)
+            *(self._cold_boot(meta, config) if cold else self._restore_one(key, meta, config) for _ in range(count)),
+            return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for r in results:
                 if isinstance(r, Sandbox):
                     await self.destroy(r.id)
             raise failures[0]
-        self._ensure_pool(key, meta)
+        if keep_prepared and not cold:
+            self._ensure_pool(key, meta)
         return list(results)  # type: ignore[arg-type]
+
+    def _check_memory_for(self, image: Path, count: int) -> None:
+        """Every restored clone loads the whole image into its own memory (gvisor-notes §3): refuse up front
+        instead of letting the host's OOM killer pick a victim halfway through."""
+        needed_mb = count * tree_size(image) // (1024 * 1024)
+        available_mb = _meminfo_mb("MemAvailable") - self.settings.memory_reserve_mb
+        if needed_mb > available_mb:
+            raise InsufficientResources(
+                f"restoring {count} sandbox(es) needs about {needed_mb} MB of memory but only {max(0, available_mb)} "
+                f"MB are available (after keeping {self.settings.memory_reserve_mb} MB for the host)")
+
+    async def _cold_boot(self, meta: dict, config: SandboxConfig) -> Sandbox:
+        box = await self._prepare(meta["template"], meta["layers"], config, meta["command"], meta.get("cwd", "/"))
+        return await self._go_live(box, image=None)
 
     async def _restore_one(self, key: _PoolKey, meta: dict, config: SandboxConfig) -> Sandbox:
         pool = self._pools.get(key)
@@ -417,6 +469,8 @@ class GVisorRuntime(Runtime):
             box.config = config
         else:
             box = await self._prepare(meta["template"], meta["layers"], config, _RESTORE_PLACEHOLDER)
+        # What the checkpointed sandbox was booted with, so that it can be checkpointed filesystem-only too.
+        box.command, box.cwd = list(meta.get("command") or []), meta.get("cwd", "/")
         return await self._go_live(box, image=key.checkpoint / "image")
 
     def _ensure_pool(self, key: _PoolKey, meta: dict) -> None:
@@ -467,6 +521,10 @@ class GVisorRuntime(Runtime):
 
     def list(self) -> list[Sandbox]:
         return [b.public() for b in self._boxes.values()]
+
+    def layers_in_use(self) -> set[Path]:
+        boxes = [*self._boxes.values(), *(b for pool in self._pools.values() for b in pool)]
+        return {layer for box in boxes for layer in box.lowers}
 
     async def snapshot_compat(self) -> str:
         flags = [f for f in self.runsc.global_flags if not f.startswith("--root=")]

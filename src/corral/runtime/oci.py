@@ -27,9 +27,10 @@ def host_memory_limit_mb(memory_mb: int) -> int:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-# Bump when the spec changes in a way a checkpoint carries (mounts, for one): snapshots taken with an
-# older spec are rebuilt rather than restored.
-SPEC_VERSION = 2
+# Bump when the spec changes in a way a checkpoint carries (mounts, for one), or checkpoints gain a field
+# sandboxes restored from them need (3: the start command, for filesystem-only checkpoints): snapshots
+# taken before are rebuilt rather than restored.
+SPEC_VERSION = 3
 
 
 def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, hostname: str,

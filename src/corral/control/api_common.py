@@ -1,0 +1,53 @@
+"""What the API's route modules share: authentication, the Sandbox answer, time and page-token formats."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from corral.control import schemas
+from corral.control.db import SandboxRow
+from corral.control.keys import ApiKey
+from corral.control.lifecycle import ApiError
+from corral.envd import ENVD_VERSION
+
+CLIENT_ID = "corral"
+ERRORS = {401: {"model": schemas.Error}, 404: {"model": schemas.Error}, 400: {"model": schemas.Error}}
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def sandbox_answer(row: SandboxRow) -> schemas.Sandbox:
+    return schemas.Sandbox(templateID=row.template, sandboxID=row.id, alias=row.template, clientID=CLIENT_ID,
+                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token)
+
+
+def page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def page_offset(token: str | None) -> int:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "o" or int(value) < 0:
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise ApiError(400, "nextToken is not a token this server issued") from None
+
+
+def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+    key = request.app.state.keys.verify(x_api_key)
+    if key is None:
+        raise ApiError(401, "Invalid API key" if x_api_key else "Missing X-API-KEY header")
+    return key
+
+
+Key = Annotated[ApiKey, Depends(authenticated)]

@@ -1,0 +1,342 @@
+"""Pause/resume, snapshots and fork through a real `corral serve`, driven by the unmodified `e2b` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from e2b import AsyncSandbox, Sandbox, SandboxException, SandboxNotFoundException, SandboxQuery, SandboxState
+
+from tests.helpers.server import ServerProcess
+
+INSTANCE, NETWORK = "t4", "10.206.0.0/22"
+COUNTER = "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' >/dev/null 2>&1 &"
+
+
+@pytest.fixture(scope="module")
+def server(harness, runtime):
+    """`runtime` is only needed so that `base` is built before the server starts."""
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS,
+                         pool_size=1).start(wait_pool=1)
+    yield proc
+    proc.stop()
+    from corral.runtime.gvisor import GVisorRuntime
+
+    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
+    harness.run(leftover.start())
+    harness.run(leftover.destroy_all())
+    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+
+
+@pytest.fixture(scope="module")
+def key(server):
+    return server.cli("keys", "create", "--name", "branching").strip()
+
+
+@pytest.fixture
+def opts(server, key):
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+
+
+def api(server, key, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, server.url + path, headers={"X-API-KEY": key}, timeout=120, **kwargs)
+
+
+def count(sbx) -> int:
+    return int(sbx.commands.run("cat /tmp/count").stdout)
+
+
+def checkpoint_dirs(server) -> set[str]:
+    root = TEST_ROOT / INSTANCE / "data" / "checkpoints"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def test_pause_list_connect_resumes_memory_and_files(server, key, opts):
+    sbx = Sandbox.create(metadata={"t": "pause"}, envs={"MARK": "kept"}, timeout=120, **opts)
+    try:
+        sbx.commands.run(COUNTER)
+        sbx.files.write("/home/user/state.txt", "before pause")
+        sbx.commands.run("python3 -c 'import time; time.sleep(0.01)'")
+        time.sleep(1)
+        before = count(sbx)
+        assert sbx.pause() is True
+        assert sbx.pause() is False  # 409: already paused
+        info = Sandbox.get_info(sbx.sandbox_id, **opts)
+        assert info.state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED], metadata={"t": "pause"}), **opts)
+        assert [s.sandbox_id for s in paused.next_items()] == [sbx.sandbox_id]
+        raw = api(server, key, "GET", f"/sandboxes/{sbx.sandbox_id}").json()
+        assert raw["pauseMode"] == "full"
+        time.sleep(1.5)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=60, **opts)
+        assert resumed.sandbox_id == sbx.sandbox_id
+        assert resumed.files.read("/home/user/state.txt") == "before pause"
+        assert resumed.commands.run("echo $MARK").stdout == "kept\n"
+        after = count(resumed)
+        # The counter went on from where it was: frozen while paused (1.5 s would be ~7 ticks more).
+        assert before <= after <= before + 5, (before, after)
+        time.sleep(0.5)
+        assert count(resumed) > after  # and it keeps running
+        assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.RUNNING
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_filesystem_only_pause_restarts_processes_and_keeps_files(server, key, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        sbx.commands.run(COUNTER)
+        sbx.files.write("/home/user/fs.txt", "on disk")
+        assert sbx.pause(mode="filesystem") is True
+        assert api(server, key, "GET", f"/sandboxes/{sbx.sandbox_id}").json()["pauseMode"] == "filesystem"
+        resumed = Sandbox.connect(sbx.sandbox_id, **opts)
+        assert resumed.files.read("/home/user/fs.txt") == "on disk"
+        # Cold-booted: the counter process is gone (its last value stays in the file).
+        procs = resumed.commands.run("ps -eo args").stdout
+        assert "while true" not in procs
+        assert resumed.commands.run("whoami").stdout == "user\n"
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_pause_mid_command_then_reconnect_to_the_process(server, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        handle = sbx.commands.run("for i in $(seq 1 30); do echo $i >> /tmp/progress; sleep 0.1; done",
+                                  background=True)
+        time.sleep(0.5)
+        sbx.pause()
+        resumed = Sandbox.connect(sbx.sandbox_id, **opts)
+        result = resumed.commands.connect(handle.pid).wait()
+        assert result.exit_code == 0
+        assert resumed.commands.run("wc -l < /tmp/progress").stdout.strip() == "30"
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_legacy_resume_endpoint_codes(server, key, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        assert api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/resume", json={}).status_code == 409
+        assert api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/pause", json={}).status_code == 204
+        assert api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/pause", json={}).status_code == 409
+        r = api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/resume", json={"timeout": 60})
+        assert r.status_code == 201 and r.json()["sandboxID"] == sbx.sandbox_id
+        r = api(server, key, "POST", f"/v2/sandboxes/{sbx.sandbox_id}/connect", json={"timeout": 60})
+        assert r.status_code == 200
+        assert api(server, key, "POST", "/sandboxes/nope/pause", json={}).status_code == 404
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_auto_pause_on_timeout_then_auto_resume_through_the_proxy(server, key, opts):
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True}, **opts)
+    try:
+        sbx.commands.run("mkdir -p /tmp/www && echo served > /tmp/www/index.html")
+        sbx.commands.run("cd /tmp/www && python3 -m http.server 8000", background=True)
+        sbx.commands.run("sleep 0.5")
+        host = sbx.get_host(8000)
+        deadline = time.monotonic() + 10
+        while Sandbox.get_info(sbx.sandbox_id, **opts).state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "the sandbox was not paused on timeout"
+            time.sleep(0.2)
+        lifecycle = api(server, key, "GET", f"/sandboxes/{sbx.sandbox_id}").json()["lifecycle"]
+        assert lifecycle == {"autoResume": True, "onTimeout": "pause"}
+        # A request for the paused sandbox resumes it and is then served.
+        r = httpx.get(f"{server.url}/index.html", headers={"E2b-Sandbox-Id": sbx.sandbox_id,
+                                                           "E2b-Sandbox-Port": "8000"}, timeout=30)
+        assert r.status_code == 200 and r.text == "served\n", host
+        assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.RUNNING
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_paused_without_auto_resume_is_not_resumed_by_traffic(server, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        sbx.pause()
+        r = httpx.get(f"{server.url}/health", headers={"E2b-Sandbox-Id": sbx.sandbox_id,
+                                                       "E2b-Sandbox-Port": "49983"})
+        assert r.status_code == 502 and "not found" in r.text
+        assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_snapshot_then_two_sandboxes_from_it(server, key, opts):
+    src = Sandbox.create(timeout=120, **opts)
+    try:
+        src.files.write("/home/user/snap.txt", "in snapshot")
+        snap = src.create_snapshot(name="e2e-snap")
+        assert snap.names == ["e2e-snap"]
+        src.files.write("/home/user/snap.txt", "after snapshot")  # the source runs on
+        assert src.commands.run("echo alive").stdout == "alive\n"
+        listed = [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=src.sandbox_id, **opts).next_items()]
+        assert listed == [snap.snapshot_id]
+        a = Sandbox.create(template=snap.snapshot_id, timeout=60, **opts)
+        b = Sandbox.create(template="e2e-snap", timeout=60, **opts)
+        try:
+            assert a.sandbox_id != b.sandbox_id != src.sandbox_id
+            assert a.files.read("/home/user/snap.txt") == "in snapshot"
+            a.files.write("/home/user/only-a", "a")
+            assert not b.files.exists("/home/user/only-a")
+            assert b.files.read("/home/user/snap.txt") == "in snapshot"
+            assert a.commands.run("hostname").stdout.strip() == a.sandbox_id
+            # In use by a running sandbox: deleting works and keeps what the sandbox stands on.
+            assert Sandbox.delete_snapshot(snap.snapshot_id, **opts) is True
+            assert Sandbox.delete_snapshot(snap.snapshot_id, **opts) is False
+            assert a.files.read("/home/user/snap.txt") == "in snapshot"
+            assert a.commands.run("cat /etc/hostname >/dev/null && echo ok").stdout == "ok\n"
+        finally:
+            a.kill()
+            b.kill()
+    finally:
+        src.kill()
+    with pytest.raises(SandboxException):
+        Sandbox.create(template=snap.snapshot_id, **opts)
+
+
+def test_snapshot_name_rules(server, key, opts):
+    src = Sandbox.create(timeout=60, **opts)
+    try:
+        r = api(server, key, "POST", f"/sandboxes/{src.sandbox_id}/snapshots", json={"name": "base"})
+        assert r.status_code == 400 and "template" in r.json()["message"]
+        r = api(server, key, "POST", f"/sandboxes/{src.sandbox_id}/snapshots", json={"name": "../x"})
+        assert r.status_code == 400
+        assert api(server, key, "POST", "/sandboxes/nope/snapshots", json={}).status_code == 404
+        assert api(server, key, "DELETE", "/templates/nope").status_code == 404
+    finally:
+        src.kill()
+
+
+def _fork_and_check_divergence(opts, source, forks):
+    assert len(forks) == 3 and all(isinstance(f, Sandbox) for f in forks), forks
+    ids = {f.sandbox_id for f in forks}
+    assert len(ids) == 3 and source.sandbox_id not in ids
+    try:
+        for f in forks:
+            assert f.files.read("/home/user/base.txt") == "shared"
+        forks[0].files.write("/home/user/mine.txt", "first")
+        assert [f.files.exists("/home/user/mine.txt") for f in forks] == [True, False, False]
+        randoms = {f.commands.run("head -c 16 /dev/urandom | od -An -tx1").stdout for f in forks}
+        uuids = {f.commands.run("python3 -c 'import uuid; print(uuid.uuid4())'").stdout for f in forks}
+        assert len(randoms) == 3 and len(uuids) == 3
+        assert {f.commands.run("hostname").stdout.strip() for f in forks} == ids
+    finally:
+        for f in forks:
+            f.kill()
+
+
+def test_fork_running_sandbox_three_ways(server, opts):
+    src = Sandbox.create(timeout=120, **opts)
+    try:
+        src.files.write("/home/user/base.txt", "shared")
+        end_before = src.get_info().end_at
+        forks = src.fork(count=3, timeout=60)
+        # The source keeps running with the same id and timeout.
+        assert src.commands.run("echo still").stdout == "still\n"
+        assert src.get_info().end_at == end_before
+        assert not src.files.exists("/home/user/mine.txt")
+        _fork_and_check_divergence(opts, src, forks)
+    finally:
+        src.kill()
+
+
+def test_fork_paused_sandbox_three_ways(server, key, opts):
+    src = Sandbox.create(timeout=120, **opts)
+    try:
+        src.files.write("/home/user/base.txt", "shared")
+        src.pause()
+        forks = Sandbox.fork(src.sandbox_id, count=3, timeout=60, **opts)
+        assert Sandbox.get_info(src.sandbox_id, **opts).state == SandboxState.PAUSED
+        _fork_and_check_divergence(opts, src, forks)
+        resumed = Sandbox.connect(src.sandbox_id, **opts)
+        assert resumed.files.read("/home/user/base.txt") == "shared"
+    finally:
+        Sandbox.kill(src.sandbox_id, **opts)
+
+
+def test_fork_errors(server, key, opts):
+    assert api(server, key, "POST", "/sandboxes/nope/fork", json={"count": 1}).status_code == 404
+    src = Sandbox.create(timeout=60, **opts)
+    try:
+        for bad in (0, 101):
+            r = api(server, key, "POST", f"/sandboxes/{src.sandbox_id}/fork", json={"count": bad})
+            assert r.status_code == 400 and "count" in r.json()["message"]
+    finally:
+        src.kill()
+
+
+def test_fork_a_sandbox_being_killed(server, key, opts):
+    src = Sandbox.create(timeout=60, **opts)
+
+    async def race():
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-KEY": key}, timeout=60) as client:
+            return await asyncio.gather(client.delete(f"/sandboxes/{src.sandbox_id}"),
+                                        client.post(f"/sandboxes/{src.sandbox_id}/fork", json={"count": 2}))
+
+    killed, forked = asyncio.run(race())
+    assert killed.status_code == 204
+    # Either the fork went first (two forks, then the kill) or the kill did (404): never a half state.
+    if forked.status_code == 201:
+        for item in forked.json():
+            assert item["sandbox"] is not None
+            api(server, key, "DELETE", f"/sandboxes/{item['sandbox']['sandboxID']}")
+    else:
+        assert forked.status_code == 404, forked.text
+    assert api(server, key, "GET", f"/sandboxes/{src.sandbox_id}").status_code == 404
+
+
+def test_async_sdk_pause_connect_fork(server, opts):
+    async def scenario():
+        sbx = await AsyncSandbox.create(timeout=120, **opts)
+        try:
+            await sbx.files.write("/home/user/a.txt", "async")
+            assert await sbx.pause() is True
+            assert (await AsyncSandbox.get_info(sbx.sandbox_id, **opts)).state == SandboxState.PAUSED
+            again = await AsyncSandbox.connect(sbx.sandbox_id, **opts)
+            assert await again.files.read("/home/user/a.txt") == "async"
+            (fork,) = await again.fork(count=1)
+            try:
+                assert await fork.files.read("/home/user/a.txt") == "async"
+            finally:
+                await fork.kill()
+        finally:
+            await AsyncSandbox.kill(sbx.sandbox_id, **opts)
+
+    asyncio.run(scenario())
+
+
+def test_killing_a_paused_sandbox_frees_its_checkpoint(server, opts):
+    sbx = Sandbox.create(timeout=60, **opts)
+    before = checkpoint_dirs(server)
+    sbx.pause()
+    (pause_dir,) = checkpoint_dirs(server) - before
+    assert Sandbox.kill(sbx.sandbox_id, **opts) is True
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sbx.sandbox_id, **opts)
+    assert pause_dir not in checkpoint_dirs(server)
+
+
+def test_restart_with_paused_sandboxes(server, key, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    sbx.commands.run(COUNTER)
+    sbx.files.write("/home/user/survives.txt", "restart")
+    time.sleep(0.5)
+    sbx.pause()
+    server.stop(signal.SIGKILL)
+    server.start()
+    try:
+        assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED
+        resumed = Sandbox.connect(sbx.sandbox_id, **opts)
+        assert resumed.files.read("/home/user/survives.txt") == "restart"
+        first = count(resumed)
+        time.sleep(0.5)
+        assert count(resumed) > first
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **opts)
