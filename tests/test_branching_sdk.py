@@ -30,6 +30,7 @@ def server(harness, runtime):
     leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
     harness.run(leftover.start())
     harness.run(leftover.destroy_all())
+    subprocess.run(["cp", str(proc.log), str(TEST_ROOT / f"{INSTANCE}-serve.log")], check=False)
     subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
 
 
@@ -340,3 +341,94 @@ def test_restart_with_paused_sandboxes(server, key, opts):
         assert count(resumed) > first
     finally:
         Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_js_sdk_pause_connect_fork(server, key, monkeypatch):
+    from tests.helpers.node import run_script
+
+    for name, value in server.sdk_env(key).items():
+        monkeypatch.setenv(name, value)
+    result = run_script("branching.mjs")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
+        "ok pause and connect", "ok fork"]
+
+
+def _du(path) -> int:
+    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def test_checkpoint_tree_depth_three_width_three(server, key, opts):
+    from corral.client import Checkpoints, CorralError
+
+    path = "/home/user/path.txt"
+    store = TEST_ROOT / INSTANCE / "data" / "checkpoints"
+    with Checkpoints(server.url, key) as tree_api:
+        def child_of(node_id: str, step: str, score: int) -> str:
+            (started,) = tree_api.start(node_id, timeout=60)
+            assert started.error is None, started.error
+            sbx = Sandbox.connect(started.sandbox_id, **opts)
+            sbx.commands.run(f"echo -n /{step} >> {path} && head -c 2000000 /dev/urandom > /home/user/blob{step}")
+            node = sbx.create_snapshot().snapshot_id
+            tree_api.set_metadata(node, score=score, step=step)
+            sbx.kill()
+            return node
+
+        first = Sandbox.create(timeout=60, **opts)
+        first.files.write(path, "r")
+        root = first.create_snapshot().snapshot_id
+        tree_api.set_metadata(root, score=-1)
+        first.kill()
+        level1 = [child_of(root, str(i), i) for i in range(3)]
+        level2 = {parent: [child_of(parent, f"{i}{j}", 10 * i + j) for j in range(3)]
+                  for i, parent in enumerate(level1)}
+
+        tree = tree_api.tree(root)
+        assert [r.id for r in tree.roots] == [root]
+        assert [c.id for c in tree.roots[0].children] == level1
+        assert all([c.id for c in node.children] == level2[node.id] for node in tree.roots[0].children)
+        assert len(tree.nodes()) == 13 and tree.total_bytes == sum(n.size_bytes for n in tree.nodes())
+        # The same lineage is found from any node in it.
+        assert {n.id for n in tree_api.tree(level2[level1[1]][2]).nodes()} == {n.id for n in tree.nodes()}
+
+        # Restore the best leaf and its grandparent (the root).
+        best = max(tree.nodes(), key=lambda n: n.metadata["score"])
+        assert best.metadata == {"score": 22, "step": "22"} and best.parent_id == level1[2]
+        grandparent = tree_api.get(best.parent_id).parent_id
+        assert grandparent == root
+        (leaf,) = tree_api.start(best.id, timeout=60)
+        (top,) = tree_api.start(grandparent, timeout=60)
+        assert Sandbox.connect(leaf.sandbox_id, **opts).files.read(path) == "r/2/22"
+        assert Sandbox.connect(top.sandbox_id, **opts).files.read(path) == "r"
+        drawn = server.cli("tree", "show", leaf.sandbox_id, "--url", server.url, "--api-key", key)
+        assert best.id in drawn and root in drawn and leaf.sandbox_id in drawn
+        Sandbox.kill(leaf.sandbox_id, **opts)
+        Sandbox.kill(top.sandbox_id, **opts)
+
+        # Deleting a subtree gives its disk space back.
+        before = _du(store)
+        deleted = tree_api.delete(level1[0], subtree=True)
+        assert sorted(deleted.deleted) == sorted([level1[0], *level2[level1[0]]])
+        assert deleted.reclaimed_bytes > 4 * 2_000_000 and deleted.retained_bytes == 0
+        assert _du(store) <= before - deleted.reclaimed_bytes + 65536
+        assert not any((store / n).exists() for n in deleted.deleted)
+        assert len(tree_api.tree(root).nodes()) == 9
+
+        # Deleting an inner node moves its children up; their files keep what they stood on.
+        middle = level1[1]
+        result = tree_api.delete(middle)
+        assert result.deleted == [middle] and result.retained_bytes > 0
+        after = tree_api.tree(root)
+        assert set(level2[middle]) <= {c.id for c in after.roots[0].children}
+        (orphan,) = tree_api.start(level2[middle][0], timeout=60)
+        assert Sandbox.connect(orphan.sandbox_id, **opts).files.read(path) == "r/1/10"
+        Sandbox.kill(orphan.sandbox_id, **opts)
+        with pytest.raises(CorralError) as missing:
+            tree_api.get(middle)
+        assert missing.value.status == 404
+
+        # Removing the rest frees everything, including the retained layer of the deleted middle node.
+        everything = tree_api.delete(root, subtree=True)
+        assert len(everything.deleted) == 8
+        leaves = [n for kids in level2.values() for n in kids]
+        assert not any((store / n).exists() for n in [root, middle, *level1, *leaves])

@@ -17,20 +17,24 @@ from corral.cli import remote
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime
 from corral.cli.serve import keys_app, serve_command
+from corral.cli.tree import sandbox_fork, sandbox_pause, sandbox_resume, sandbox_snapshot, tree_app
 from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
 from corral.templates.store import TemplateBuildFailed
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 template_app = typer.Typer(no_args_is_help=True, help="Build and list templates.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes: through the server's API (ls, create, info, "
-                                                     "kill, exec) or directly on this host (run).")
+                                                     "kill, exec, pause, resume, snapshot, fork) or directly on "
+                                                     "this host (run).")
 app.add_typer(template_app, name="template")
 app.add_typer(sandbox_app, name="sandbox")
 app.command("doctor")(doctor_command)
 app.command("serve")(serve_command)
 app.add_typer(keys_app, name="keys")
+app.add_typer(tree_app, name="tree")
 for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_create), ("info", remote.sandbox_info),
-                        ("kill", remote.sandbox_kill)):
+                        ("kill", remote.sandbox_kill), ("pause", sandbox_pause), ("resume", sandbox_resume),
+                        ("snapshot", sandbox_snapshot), ("fork", sandbox_fork)):
     sandbox_app.command(_name)(_command)
 sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})(remote.sandbox_exec)
 

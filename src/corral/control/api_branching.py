@@ -74,7 +74,8 @@ def branching_routes(service: SandboxService) -> APIRouter:
     async def list_nodes(key: Key, sandboxID: str | None = None, name: str | None = None,
                          kind: str | None = None) -> list[dict]:
         kinds = set(kind.split(",")) if kind else None
-        return [node_view(n) for n in service.branching.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds=kinds)]
+        nodes = service.branching.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds=kinds)
+        return [node_view(n) for n in nodes]
 
     @router.get("/checkpoints/{ref}", response_model=schemas.CheckpointNode, responses=ERRORS,
                 tags=["checkpoint tree"])
