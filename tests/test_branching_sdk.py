@@ -432,3 +432,32 @@ def test_checkpoint_tree_depth_three_width_three(server, key, opts):
         assert len(everything.deleted) == 8
         leaves = [n for kids in level2.values() for n in kids]
         assert not any((store / n).exists() for n in [root, middle, *level1, *leaves])
+
+
+def test_deleting_a_snapshot_while_sandboxes_start_from_it(server, key, opts):
+    src = Sandbox.create(timeout=60, **opts)
+    src.files.write("/home/user/x.txt", "x")
+    snap = src.create_snapshot().snapshot_id
+    src.kill()
+
+    async def race():
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-KEY": key}, timeout=120) as client:
+            start = asyncio.create_task(client.post(f"/checkpoints/{snap}/sandboxes", json={"count": 4}))
+            await asyncio.sleep(0.3)
+            return await client.delete(f"/templates/{snap}"), await start
+
+    deleted, started = asyncio.run(race())
+    assert started.status_code == 201
+    ids = [item["sandbox"]["sandboxID"] for item in started.json()]
+    assert len(ids) == 4  # every start succeeded whatever the delete did
+    try:
+        if deleted.status_code == 409:
+            assert "in use" in deleted.json()["message"]
+            assert api(server, key, "DELETE", f"/templates/{snap}").status_code == 204
+        else:
+            assert deleted.status_code == 204
+        for sandbox_id in ids:  # the running sandboxes keep what they stand on
+            assert Sandbox.connect(sandbox_id, **opts).files.read("/home/user/x.txt") == "x"
+    finally:
+        for sandbox_id in ids:
+            Sandbox.kill(sandbox_id, **opts)

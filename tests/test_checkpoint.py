@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -155,3 +156,61 @@ def test_checkpoint_into_non_empty_directory_is_refused(harness, runtime, sandbo
     with pytest.raises(CheckpointInvalid, match="not empty"):
         harness.run(runtime.checkpoint(sb.id, tmp_path / "busy"))
     assert harness.run(runtime.state(sb.id)) == "running"
+
+
+def test_full_disk_during_checkpoint_leaves_source_running_and_nothing_visible(harness, runtime, counter_sandbox,
+                                                                               tmp_path):
+    from corral.runtime.base import InsufficientResources
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "corral-test-full", str(small)], check=True)
+    try:
+        with pytest.raises(InsufficientResources, match="no space left"):
+            harness.run(runtime.checkpoint(counter_sandbox.id, small / "ckpt"))
+        assert list(small.iterdir()) == []  # no partial checkpoint, not even its staging directory
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert harness.run(runtime.state(counter_sandbox.id)) == "running"
+    assert get(runtime, counter_sandbox.id) == 4  # the source keeps running, not frozen
+
+
+def test_restore_refused_when_memory_is_short(harness, runtime, counter_sandbox, tmp_path):
+    from dataclasses import replace
+
+    from corral.runtime.base import InsufficientResources
+
+    ckpt = harness.run(runtime.checkpoint(counter_sandbox.id, tmp_path / "ckpt"))
+    before = {s.id for s in runtime.list()}
+    settings = runtime.settings
+    runtime.settings = replace(settings, memory_reserve_mb=10_000_000)
+    try:
+        with pytest.raises(InsufficientResources, match="needs about"):
+            harness.run(runtime.restore(ckpt.path, 1, SandboxConfig()))
+    finally:
+        runtime.settings = settings
+    assert {s.id for s in runtime.list()} == before
+    (clone,) = harness.run(runtime.restore(ckpt.path, 1, SandboxConfig()))  # the checkpoint is intact
+    assert get(runtime, clone.id) == 4
+    harness.run(runtime.destroy(clone.id))
+
+
+def test_filesystem_only_checkpoint_cold_boots_with_the_files(harness, runtime, counter_sandbox, tmp_path):
+    harness.run(runtime.exec(counter_sandbox.id, ["sh", "-c", "echo kept > /home/user/fs.txt"]))
+    ckpt = harness.run(runtime.checkpoint(counter_sandbox.id, tmp_path / "fs", memory=False))
+    assert not (ckpt.path / "image").exists()
+    (clone,) = harness.run(runtime.restore(ckpt.path, 1, SandboxConfig()))
+    try:
+        # Booted again: the counter starts from 1, the files are there.
+        assert get(runtime, clone.id) == 1
+        out = harness.run(runtime.exec(clone.id, ["cat", "/home/user/fs.txt", "/home/user/pre.txt"]))
+        assert out.stdout == b"kept\nbefore\n"
+    finally:
+        harness.run(runtime.destroy(clone.id))
+    # A memory checkpoint can be cold-booted too, on request.
+    full = harness.run(runtime.checkpoint(counter_sandbox.id, tmp_path / "full"))
+    (cold,) = harness.run(runtime.restore(full.path, 1, SandboxConfig(), memory=False))
+    try:
+        assert get(runtime, cold.id) == 1
+    finally:
+        harness.run(runtime.destroy(cold.id))

@@ -392,7 +392,7 @@ class GVisorRuntime(Runtime):
             if frozen:  # the source keeps running whatever went wrong, also when it was to be stopped
                 with contextlib.suppress(RunscError):
                     await self.runsc.resume(box.id)
-            if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+            if "no space left on device" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC:
                 raise InsufficientResources(f"no space left on {directory.parent} for a checkpoint of "
                                             f"{sandbox_id}; the sandbox is unchanged") from exc
             raise SandboxFailed(f"checkpoint of {sandbox_id} failed: {exc}") from exc
