@@ -1,0 +1,237 @@
+"""Branching benchmark: pause/resume, snapshot and fork through a real `corral serve` with the unmodified
+e2b SDK, next to the raw runtime's checkpoint and restore measured in the same run.
+
+    sudo .venv/bin/python benchmarks/branching.py [--cycles 20] [--write docs/benchmarks.md]
+
+Needs the `base` template (`corral template build base`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from e2b import Sandbox
+
+from benchmarks.report import write_section
+from benchmarks.runtime import pct
+from corral.config import Settings
+from corral.runtime.base import SandboxConfig
+from corral.runtime.gvisor import GVisorRuntime
+from corral.templates.store import TemplateStore
+from tests.helpers.server import ServerProcess
+
+BENCH_ROOT = Path("/var/tmp/corral-bench-branching")
+TARGETS = {"pause_p50": 300.0, "resume_p50": 150.0, "fork1_p50": 300.0, "fork10_p50": 2000.0}
+BIG = ("nohup python3 -c \"import time; x = [str(i) * 10 for i in range(2_000_000)]; "
+       "time.sleep(86400)\" >/dev/null 2>&1 &")
+
+
+def stats(values: list[float]) -> str:
+    return f"{pct(values, 50):.0f} | {pct(values, 95):.0f} | {pct(values, 99):.0f}"
+
+
+def ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def raw_baseline(cycles: int) -> tuple[list[float], list[float], int]:
+    """The runtime alone: checkpoint of an idle base sandbox (left running) and restore of it."""
+    settings = Settings(data_dir=BENCH_ROOT / "raw", run_dir=Path("/run/corral-bench-raw"), instance="bR",
+                        sandbox_network=ipaddress.IPv4Network("10.208.0.0/22"))
+    store = TemplateStore(Settings())
+
+    async def run() -> tuple[list[float], list[float], int]:
+        runtime = GVisorRuntime(settings, resolve_template=store.resolve)
+        await runtime.start()
+        checkpoints, restores = [], []
+        try:
+            source = await runtime.create("base", SandboxConfig())
+            size = 0
+            for i in range(cycles):
+                start = time.perf_counter()
+                ckpt = await runtime.checkpoint(source.id, BENCH_ROOT / "raw" / f"ck{i}")
+                checkpoints.append(ms_since(start))
+                size = ckpt.size_bytes
+                start = time.perf_counter()
+                (clone,) = await runtime.restore(ckpt.path, 1, SandboxConfig())
+                restores.append(ms_since(start))
+                await runtime.destroy(clone.id)
+                shutil.rmtree(ckpt.path)
+        finally:
+            await runtime.destroy_all()
+        return checkpoints, restores, size
+
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(BENCH_ROOT / "raw", ignore_errors=True)
+
+
+def pause_resume(opts: dict, cycles: int, setup: str | None = None) -> tuple[list[float], list[float], list[float]]:
+    """Pause and resume (connect) one sandbox `cycles` times; resume-to-command is until a command ran."""
+    sbx = Sandbox.create(timeout=3600, **opts)
+    pauses, resumes, to_command = [], [], []
+    try:
+        if setup:
+            sbx.commands.run(setup)
+            time.sleep(8)  # let the objects get built
+        for _ in range(cycles):
+            start = time.perf_counter()
+            assert sbx.pause() is True
+            pauses.append(ms_since(start))
+            start = time.perf_counter()
+            sbx = Sandbox.connect(sbx.sandbox_id, **opts)
+            resumes.append(ms_since(start))
+            sbx.commands.run("true")
+            to_command.append(ms_since(start))
+    finally:
+        sbx.kill()
+    return pauses, resumes, to_command
+
+
+def snapshots(server: ServerProcess, key: str, opts: dict, n: int) -> tuple[list[float], list[int]]:
+    sbx = Sandbox.create(timeout=600, **opts)
+    times, sizes = [], []
+    try:
+        for i in range(n):
+            sbx.files.write(f"/home/user/step{i}.txt", "x" * 100_000)
+            start = time.perf_counter()
+            snap = sbx.create_snapshot()
+            times.append(ms_since(start))
+            node = httpx.get(f"{server.url}/checkpoints/{snap.snapshot_id}", headers={"X-API-KEY": key}).json()
+            sizes.append(node["sizeBytes"])
+            Sandbox.delete_snapshot(snap.snapshot_id, **opts)
+    finally:
+        sbx.kill()
+    return times, sizes
+
+
+def forks(server: ServerProcess, key: str, opts: dict, count: int, rounds: int) -> tuple[list[float], list[float], int]:
+    """Wall time of a fork call (it answers when every fork has envd up and its identity) and of each fork's
+    first command after that; failures counted."""
+    source = Sandbox.create(timeout=600, **opts)
+    walls, first_commands, failures = [], [], 0
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            response = httpx.post(f"{server.url}/sandboxes/{source.sandbox_id}/fork", json={"count": count},
+                                  headers={"X-API-KEY": key}, timeout=600)
+            walls.append(ms_since(start))
+            results = response.json()
+            ids = [r["sandbox"]["sandboxID"] for r in results if "sandbox" in r]
+            failures += count - len(ids)
+            for sandbox_id in ids[:10]:
+                forked = Sandbox.connect(sandbox_id, **opts)
+                start = time.perf_counter()
+                forked.commands.run("true")
+                first_commands.append(ms_since(start))
+            for sandbox_id in ids:
+                httpx.delete(f"{server.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": key}, timeout=120)
+    finally:
+        source.kill()
+    return walls, first_commands, failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+
+    raw_ckpt, raw_restore, raw_size = raw_baseline(args.cycles)
+    print(f"raw checkpoint {stats(raw_ckpt)}, restore {stats(raw_restore)}", flush=True)
+    server = ServerProcess("bB", "10.207.0.0/20", BENCH_ROOT / "server", dns_upstream=_resolver(), pool_size=2,
+                           extra_env={"CORRAL_METRICS_INTERVAL_S": "30"})
+    server.start(wait_pool=2)
+    try:
+        key = server.cli("keys", "create", "--name", "bench").strip()
+        opts = {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+        idle = pause_resume(opts, args.cycles)
+        print(f"idle pause {stats(idle[0])}, resume {stats(idle[1])}", flush=True)
+        big = pause_resume(opts, max(3, args.cycles // 4), setup=BIG)
+        print(f"200 MB pause {stats(big[0])}, resume {stats(big[1])}", flush=True)
+        snap_times, snap_sizes = snapshots(server, key, opts, args.cycles // 2)
+        print(f"snapshot {stats(snap_times)}", flush=True)
+        fork1 = forks(server, key, opts, 1, args.cycles // 2)
+        print(f"fork x1 {stats(fork1[0])}", flush=True)
+        fork10 = forks(server, key, opts, 10, 3)
+        print(f"fork x10 {stats(fork10[0])}", flush=True)
+        fork100 = forks(server, key, opts, 100, 1)
+        print(f"fork x100 {fork100[0][0]:.0f} ms, {fork100[2]} failures", flush=True)
+    finally:
+        server.stop()
+        _cleanup(server)
+
+    mark = {True: "met", False: "**NOT met**"}
+    mib = 1024 * 1024
+    lines = [
+        "| measure | n | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|",
+        f"| baseline: raw runtime checkpoint (idle base, left running) | {len(raw_ckpt)} | {stats(raw_ckpt)} |",
+        f"| baseline: raw runtime restore of that checkpoint | {len(raw_restore)} | {stats(raw_restore)} |",
+        f"| pause, idle `base` (`sbx.pause()`) | {len(idle[0])} | {stats(idle[0])} |",
+        f"| resume, idle `base` (`Sandbox.connect`) | {len(idle[1])} | {stats(idle[1])} |",
+        f"| resume → first `commands.run('true')` done, idle | {len(idle[2])} | {stats(idle[2])} |",
+        f"| pause, holding ~200 MB of Python objects | {len(big[0])} | {stats(big[0])} |",
+        f"| resume, holding ~200 MB of Python objects | {len(big[1])} | {stats(big[1])} |",
+        f"| snapshot of a running sandbox (`create_snapshot`) | {len(snap_times)} | {stats(snap_times)} |",
+        f"| fork ×1: call until the fork is ready | {len(fork1[0])} | {stats(fork1[0])} |",
+        f"| fork ×10: call until all 10 are ready | {len(fork10[0])} | {stats(fork10[0])} |",
+        f"| fork ×100: call until all 100 are ready | 1 | {fork100[0][0]:.0f} | | |",
+        f"| a fork's first `commands.run('true')` | {len(fork10[1])} | {stats(fork10[1])} |",
+        "",
+        f"Disk per snapshot (image + layer of an idle `base` sandbox with 100 KB written): "
+        f"{pct(snap_sizes, 50) / mib:.1f} MiB; raw runtime checkpoint: {raw_size / mib:.1f} MiB. "
+        f"Fork ×100: {fork100[2]} failures.",
+        "",
+        "| target | measured | verdict |", "|---|---|---|",
+        f"| pause p50 <= {TARGETS['pause_p50']:.0f} ms (idle) | {pct(idle[0], 50):.0f} ms "
+        f"| {mark[pct(idle[0], 50) <= TARGETS['pause_p50']]} |",
+        f"| resume p50 <= {TARGETS['resume_p50']:.0f} ms (idle) | {pct(idle[1], 50):.0f} ms "
+        f"| {mark[pct(idle[1], 50) <= TARGETS['resume_p50']]} |",
+        f"| fork ×1 <= {TARGETS['fork1_p50']:.0f} ms | {pct(fork1[0], 50):.0f} ms "
+        f"| {mark[pct(fork1[0], 50) <= TARGETS['fork1_p50']]} |",
+        f"| fork ×10 <= {TARGETS['fork10_p50']:.0f} ms to all ready | {pct(fork10[0], 50):.0f} ms "
+        f"| {mark[pct(fork10[0], 50) <= TARGETS['fork10_p50']]} |",
+        f"| fork ×100 completes with 0 failures | {fork100[2]} failures | {mark[fork100[2] == 0]} |",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        write_section(args.write, "branching-benchmark", report, heading="Pause, resume, snapshot and fork",
+                      command=f"sudo .venv/bin/python benchmarks/branching.py --cycles {args.cycles} "
+                              f"--write {args.write}")
+
+
+def _resolver() -> str:
+    from corral.network.dns import upstream_resolvers
+
+    return str(upstream_resolvers()[0])
+
+
+def _cleanup(server: ServerProcess) -> None:
+    settings = Settings(data_dir=Path(server.env["CORRAL_DATA_DIR"]), run_dir=Path(server.env["CORRAL_RUN_DIR"]),
+                        sandbox_network=ipaddress.IPv4Network(server.env["CORRAL_SANDBOX_NETWORK"]),
+                        instance=server.env["CORRAL_INSTANCE"])
+
+    async def run() -> None:
+        runtime = GVisorRuntime(settings)
+        await runtime.start()
+        await runtime.destroy_all()
+
+    asyncio.run(run())
+    shutil.copy(server.log, BENCH_ROOT / "serve.log")  # kept for a look after the run
+    shutil.rmtree(BENCH_ROOT / "server", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
