@@ -124,8 +124,8 @@ def forks(server: ServerProcess, key: str, opts: dict, count: int, rounds: int) 
     try:
         for _ in range(rounds):
             start = time.perf_counter()
-            response = httpx.post(f"{server.url}/sandboxes/{source.sandbox_id}/fork", json={"count": count},
-                                  headers={"X-API-KEY": key}, timeout=600)
+            response = httpx.post(f"{server.url}/sandboxes/{source.sandbox_id}/fork",
+                                  json={"count": count, "timeout": 3600}, headers={"X-API-KEY": key}, timeout=900)
             walls.append(ms_since(start))
             results = response.json()
             ids = [r["sandbox"]["sandboxID"] for r in results if "sandbox" in r]
@@ -151,7 +151,7 @@ def main() -> None:
     raw_ckpt, raw_restore, raw_size = raw_baseline(args.cycles)
     print(f"raw checkpoint {stats(raw_ckpt)}, restore {stats(raw_restore)}", flush=True)
     server = ServerProcess("bB", "10.207.0.0/20", BENCH_ROOT / "server", dns_upstream=_resolver(), pool_size=2,
-                           extra_env={"CORRAL_METRICS_INTERVAL_S": "30"})
+                           extra_env={"CORRAL_METRICS_INTERVAL_S": "30"}, log_level="info")
     server.start(wait_pool=2)
     try:
         key = server.cli("keys", "create", "--name", "bench").strip()
@@ -184,25 +184,25 @@ def main() -> None:
         f"| pause, holding ~200 MB of Python objects | {len(big[0])} | {stats(big[0])} |",
         f"| resume, holding ~200 MB of Python objects | {len(big[1])} | {stats(big[1])} |",
         f"| snapshot of a running sandbox (`create_snapshot`) | {len(snap_times)} | {stats(snap_times)} |",
-        f"| fork ×1: call until the fork is ready | {len(fork1[0])} | {stats(fork1[0])} |",
-        f"| fork ×10: call until all 10 are ready | {len(fork10[0])} | {stats(fork10[0])} |",
-        f"| fork ×100: call until all 100 are ready | 1 | {fork100[0][0]:.0f} | | |",
+        f"| fork x1: call until the fork is ready | {len(fork1[0])} | {stats(fork1[0])} |",
+        f"| fork x10: call until all 10 are ready | {len(fork10[0])} | {stats(fork10[0])} |",
+        f"| fork x100: call until all 100 are ready | 1 | {fork100[0][0]:.0f} | | |",
         f"| a fork's first `commands.run('true')` | {len(fork10[1])} | {stats(fork10[1])} |",
         "",
         f"Disk per snapshot (image + layer of an idle `base` sandbox with 100 KB written): "
         f"{pct(snap_sizes, 50) / mib:.1f} MiB; raw runtime checkpoint: {raw_size / mib:.1f} MiB. "
-        f"Fork ×100: {fork100[2]} failures.",
+        f"Fork x100: {fork100[2]} failures.",
         "",
         "| target | measured | verdict |", "|---|---|---|",
         f"| pause p50 <= {TARGETS['pause_p50']:.0f} ms (idle) | {pct(idle[0], 50):.0f} ms "
         f"| {mark[pct(idle[0], 50) <= TARGETS['pause_p50']]} |",
         f"| resume p50 <= {TARGETS['resume_p50']:.0f} ms (idle) | {pct(idle[1], 50):.0f} ms "
         f"| {mark[pct(idle[1], 50) <= TARGETS['resume_p50']]} |",
-        f"| fork ×1 <= {TARGETS['fork1_p50']:.0f} ms | {pct(fork1[0], 50):.0f} ms "
+        f"| fork x1 <= {TARGETS['fork1_p50']:.0f} ms | {pct(fork1[0], 50):.0f} ms "
         f"| {mark[pct(fork1[0], 50) <= TARGETS['fork1_p50']]} |",
-        f"| fork ×10 <= {TARGETS['fork10_p50']:.0f} ms to all ready | {pct(fork10[0], 50):.0f} ms "
+        f"| fork x10 <= {TARGETS['fork10_p50']:.0f} ms to all ready | {pct(fork10[0], 50):.0f} ms "
         f"| {mark[pct(fork10[0], 50) <= TARGETS['fork10_p50']]} |",
-        f"| fork ×100 completes with 0 failures | {fork100[2]} failures | {mark[fork100[2] == 0]} |",
+        f"| fork x100 completes with 0 failures | {fork100[2]} failures | {mark[fork100[2] == 0]} |",
     ]
     report = "\n".join(lines)
     print(report)

@@ -24,7 +24,7 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, instance: str, network: str, root: Path, *, dns_upstream: str, pool_size: int = 2,
                  host: str = "127.0.0.1", domain: str = "sandbox.test",
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, log_level: str = "warning") -> None:
         self.port = free_port()
         self.domain = domain
         self.host = host
@@ -35,6 +35,7 @@ class ServerProcess:
                     "CORRAL_METRICS_INTERVAL_S": "1", **(extra_env or {})}
         self.env.pop("E2B_DEBUG", None)
         self.log = root / "serve.log"
+        self.log_level = log_level
         self.process: subprocess.Popen | None = None
 
     def cli(self, *args: str) -> str:
@@ -43,7 +44,7 @@ class ServerProcess:
     def start(self, wait_pool: int = 0) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as log:
-            argv = [*CLI, "serve", "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+            argv = [*CLI, "serve", "--host", self.host, "--port", str(self.port), "--log-level", self.log_level,
                     "--domain", self.domain]
             self.process = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -32,7 +32,8 @@ class EnvdLink:
     def _url(address: str, path: str) -> str:
         return f"http://{address}:{ENVD_PORT}{path}"
 
-    async def wait_ready(self, address: str, timeout: float = 10.0) -> None:
+    # Generous: on a host saturated by many sandboxes (forks x100 on 2 cores) envd answers late, not never.
+    async def wait_ready(self, address: str, timeout: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
@@ -66,10 +67,16 @@ class EnvdLink:
         if hostname:
             body["hostname"] = hostname
         headers = {"X-Access-Token": current_token} if current_token else {}
-        try:
-            response = await self._client.post(self._url(address, "/init"), json=body, headers=headers)
-        except httpx.TransportError as e:
-            raise EnvdUnavailable(f"envd at {address} is unreachable: {e}") from e
+        deadline = asyncio.get_running_loop().time() + 30.0
+        while True:
+            try:
+                response = await self._client.post(self._url(address, "/init"), json=body, headers=headers)
+                break
+            except httpx.TransportError as e:
+                # A saturated host (many sandboxes on few cores) makes connects time out; /init is idempotent.
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
+                await asyncio.sleep(0.1)
         if response.status_code != 204:
             raise EnvdUnavailable(f"envd at {address} refused /init: {response.status_code} {response.text}")
 

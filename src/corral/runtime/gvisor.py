@@ -591,7 +591,7 @@ async def _kill_and_reap(pids: list[int], timeout: float = 5.0) -> None:
     while pending and time.monotonic() < deadline:
         for pid in list(pending):
             try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
+                if os.waitpid(pid, os.WNOHANG)[0]:  # noqa: ASYNC222 (WNOHANG never blocks)
                     pending.discard(pid)
             except ChildProcessError:  # not our child: its own parent reaps it
                 pending.discard(pid)
