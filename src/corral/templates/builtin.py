@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import corral.interpreter
 from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.interpreter import DEFAULT_PORT as INTERPRETER_PORT
+from corral.templates.envd_layer import INTERPRETER_COMMAND
 from corral.templates.envd_layer import START_COMMAND as ENVD_START
 from corral.templates.recipe import ReadyCheck, Recipe
 
@@ -30,4 +35,35 @@ BASE = Recipe(
     workdir="/home/user",
 )
 
-BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE,)}
+# The data stack and the kernels live in the user's own Python (the system python3, where `pip install`
+# in a command or `!pip install` in a cell installs), so what the user installs, the next cell imports.
+DATA_STACK = (
+    "ipykernel==7.4.0", "bash_kernel==0.10.0", "numpy", "pandas", "matplotlib", "seaborn", "scipy",
+    "scikit-learn", "openpyxl", "requests", "e2b-charts==1.0.0",
+)
+_STARTUP = (Path(corral.interpreter.__file__).parent / "kernel_startup.py").read_text()
+_STARTUP_DIR = "/home/user/.ipython/profile_default/startup"
+
+CODE_INTERPRETER = Recipe(
+    name="code-interpreter-v1",
+    packages=BASE.packages,
+    pip=DATA_STACK,
+    setup=(
+        *BASE.setup,
+        "python3 -m ipykernel install --prefix /usr/local && python3 -m bash_kernel.install --sys-prefix",
+        f"mkdir -p {_STARTUP_DIR} && cat > {_STARTUP_DIR}/00-corral.py <<'CORRAL_EOF'\n{_STARTUP}CORRAL_EOF",
+        "mkdir -p /home/user/.config/matplotlib && echo 'backend: module://matplotlib_inline.backend_inline' "
+        "> /home/user/.config/matplotlib/matplotlibrc",
+        "chown -R user:user /home/user",
+    ),
+    # envd as in `base`, plus the code interpreter as `user`, both under tini so both are checkpointed.
+    start_command=("/usr/bin/tini", "-s", "--", "/bin/sh", "-c",
+                   "setpriv --reuid=1000 --regid=1000 --init-groups --reset-env "
+                   + " ".join(INTERPRETER_COMMAND) + " & exec " + " ".join(ENVD_START)
+                   + " --default-user user --workdir /home/user"),
+    # The interpreter answers only once its default Python kernel is up: the snapshot holds a warm one.
+    ready=ReadyCheck(port=INTERPRETER_PORT, timeout_s=180),
+    workdir="/home/user",
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER)}

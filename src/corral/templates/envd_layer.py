@@ -1,7 +1,8 @@
-"""The envd layer: our in-sandbox daemon and its private dependencies, as a read-only overlay layer.
+"""The envd layer: our in-sandbox code (envd and the code interpreter) and its private dependencies, as a
+read-only overlay layer.
 
 Everything lives under /opt/corral/envd and runs with `python3 -I -S` plus an explicit path, so nothing
-the sandbox's user installs, upgrades or removes with pip can shadow or break envd, and `pip list`
+the sandbox's user installs, upgrades or removes with pip can shadow or break it, and `pip list`
 inside the sandbox shows none of it. Cached in `<cache>/envd/<key>/`, keyed by the code and pins.
 """
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import corral.envd
+import corral.interpreter
 
 PREFIX = "opt/corral/envd"
 # Exact pins, installed without dependency resolution so the layer is reproducible.
@@ -22,6 +24,9 @@ REQUIREMENTS = (
     "idna==3.20", "inotify-simple==2.0.1", "protobuf-py==0.6.0", "protobuf-py-ext==0.6.0",
     "python-multipart==0.0.34", "starlette==1.10.0", "typing-extensions==4.16.0", "uvicorn==0.54.0",
 )
+# The code interpreter's own (it drives kernels; the kernels live in the user's environment). Resolved by
+# pip from these pins (binary wheels only), since jupyter_client brings a handful of dependencies.
+INTERPRETER_REQUIREMENTS = ("jupyter_client==8.10.0", "pyzmq==27.3.0", "httpx==0.28.1")
 # The sandbox's interpreter (Debian bookworm's python3).
 TARGET_PYTHON = ("3.11", "cp311", ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64"))
 
@@ -37,19 +42,33 @@ main()
 '''
 
 START_COMMAND = ("/usr/bin/python3", "-I", "-S", f"/{PREFIX}/envd.py")
+INTERPRETER_COMMAND = ("/usr/bin/python3", "-I", "-S", f"/{PREFIX}/interpreter.py")
+PACKAGES = (corral.envd, corral.interpreter)
 
 
-def _sources() -> list[Path]:
-    root = Path(corral.envd.__file__).parent
-    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+def _sources() -> list[tuple[Path, Path]]:
+    """(file, its path relative to the `corral` package) for all in-sandbox code."""
+    out = []
+    for package in PACKAGES:
+        root = Path(package.__file__).parent
+        out += [(p, p.relative_to(root.parent)) for p in sorted(root.rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts]
+    return out
 
 
 def layer_key() -> str:
-    digest = hashlib.sha256(repr((REQUIREMENTS, TARGET_PYTHON, LAUNCHER)).encode())
-    root = Path(corral.envd.__file__).parent
-    for path in _sources():
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    digest = hashlib.sha256(repr((REQUIREMENTS, INTERPRETER_REQUIREMENTS, TARGET_PYTHON, LAUNCHER)).encode())
+    for path, relative in _sources():
+        digest.update(str(relative).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def host_pip_install_args() -> list[str]:
+    """The host's pip, installing binary wheels for the sandbox's Python."""
+    version, abi, platforms = TARGET_PYTHON
+    return [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--only-binary=:all:",
+            "--python-version", version, "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none",
+            *(arg for p in platforms for arg in ("--platform", p))]
 
 
 async def ensure_envd_layer(cache_dir: Path, log_path: Path | None = None) -> Path:
@@ -62,18 +81,22 @@ async def ensure_envd_layer(cache_dir: Path, log_path: Path | None = None) -> Pa
     home = partial / PREFIX
     lib = home / "lib"
     version, abi, platforms = TARGET_PYTHON
-    await _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-                "--only-binary=:all:", "--python-version", version, "--implementation", "cp", "--abi", abi,
-                *(arg for p in platforms for arg in ("--platform", p)), "--target", str(lib), *REQUIREMENTS])
+    target_args = ["--only-binary=:all:", "--python-version", version, "--implementation", "cp", "--abi", abi,
+                   "--abi", "abi3", "--abi", "none", *(arg for p in platforms for arg in ("--platform", p))]
+    await _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", *target_args,
+                "--target", str(lib), *REQUIREMENTS])
+    await _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--upgrade", *target_args,
+                "--target", str(lib), *INTERPRETER_REQUIREMENTS])
     package = lib / "corral"
-    package.mkdir()
+    package.mkdir(exist_ok=True)
     (package / "__init__.py").write_text('"""Corral\'s in-sandbox code."""\n')
-    source_root = Path(corral.envd.__file__).parent
-    for path in _sources():
-        dest = package / "envd" / path.relative_to(source_root)
+    for path, relative in _sources():
+        dest = lib / "corral" / relative
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)
     (home / "envd.py").write_text(LAUNCHER)
+    (home / "interpreter.py").write_text(LAUNCHER.replace("envd", "the code interpreter", 1)
+                                         .replace("corral.envd.__main__", "corral.interpreter.__main__"))
     # Byte-compile now: the layer is read-only in sandboxes and startup should not parse sources.
     await _run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(lib)])
     for path in partial.rglob("*"):

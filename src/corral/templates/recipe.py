@@ -32,6 +32,10 @@ class Recipe:
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     packages: tuple[str, ...] = ()
+    # Python packages for the template's system python3 (/usr/local), installed from PyPI by the host's
+    # pip (binary wheels for the template's Python), so they come through whatever index, proxy and CA the
+    # host is configured with; the chroot may have no way to verify the host's TLS interception.
+    pip: tuple[str, ...] = ()
     # Shell commands run with chroot inside the new root filesystem after the packages are in.
     setup: tuple[str, ...] = ()
     workdir: str = "/"
@@ -39,7 +43,7 @@ class Recipe:
 
     def rootfs_key(self) -> str:
         return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
-                        "packages": sorted(self.packages), "setup": list(self.setup)})
+                        "packages": sorted(self.packages), "pip": list(self.pip), "setup": list(self.setup)})
 
     def snapshot_key(self, environment: dict) -> str:
         """`environment` holds what else shapes the snapshot: runtime platform, runsc version, DNS address."""

@@ -124,6 +124,14 @@ class TemplateStore:
                     await _stream(["chroot", str(partial), "apt-get", "install", "-y", "-q",
                                    "--no-install-recommends", *recipe.packages], log, progress,
                                   env={"DEBIAN_FRONTEND": "noninteractive"})
+                if recipe.pip:
+                    progress(f"pip: installing {len(recipe.pip)} Python packages")
+                    await _stream([*envd_layer.host_pip_install_args(), "--root", str(partial),
+                                   "--prefix", "/usr/local", *recipe.pip], log, progress)
+                    # Entry points were written with the host's interpreter in their shebang.
+                    await _stream(["chroot", str(partial), "/bin/sh", "-ec",
+                                   "for f in /usr/local/bin/*; do [ -f \"$f\" ] && sed -i "
+                                   "'1s|^#!.*python.*$|#!/usr/bin/python3|' \"$f\"; done; true"], log, progress)
                 for command in recipe.setup:
                     progress(f"setup: {command[:60]}")
                     await _stream(["chroot", str(partial), "/bin/sh", "-ec", command], log, progress)

@@ -1,0 +1,154 @@
+"""The code interpreter through a real `corral serve`, driven by the unmodified `e2b-code-interpreter` SDK
+against the `code-interpreter-v1` template."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+
+from tests.helpers.server import ServerProcess
+
+INSTANCE, NETWORK = "t5", "10.213.0.0/22"
+TEMPLATE = "code-interpreter-v1"
+
+pytest.importorskip("e2b_code_interpreter", reason="e2b-code-interpreter is part of the dev extra")
+from e2b_code_interpreter import AsyncSandbox, Sandbox  # noqa: E402
+from e2b_code_interpreter import NotFoundException, TimeoutException  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(harness, runtime, store):
+    harness.run(store.build(TEMPLATE, runtime), timeout=3600)
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
+                         extra_env={"CORRAL_POOL_TEMPLATES": TEMPLATE})
+    proc.start()
+    yield proc
+    proc.stop()
+    from corral.runtime.gvisor import GVisorRuntime
+
+    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
+    harness.run(leftover.start())
+    harness.run(leftover.destroy_all())
+    subprocess.run(["cp", str(proc.log), str(TEST_ROOT / f"{INSTANCE}-serve.log")], check=False)
+    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+
+
+@pytest.fixture(scope="module")
+def opts(server):
+    key = server.cli("keys", "create", "--name", "interpreter").strip()
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+
+
+@pytest.fixture(scope="module")
+def sbx(opts):
+    sandbox = Sandbox.create(TEMPLATE, envs={"FROM_CREATE": "yes"}, timeout=600, **opts)
+    yield sandbox
+    sandbox.kill()
+
+
+def test_state_stdout_results_and_errors(sbx):
+    assert sbx.run_code("x = 40").error is None
+    execution = sbx.run_code("x + 2")
+    assert execution.text == "42" and execution.results[0].is_main_result
+    seen = []
+    execution = sbx.run_code("for i in range(3): print(i)\nimport sys; print('oops', file=sys.stderr)",
+                             on_stdout=lambda m: seen.append(m.line))
+    assert "".join(execution.logs.stdout) == "0\n1\n2\n" and seen == ["0\n", "1\n", "2\n"]
+    assert execution.logs.stderr == ["oops\n"]
+    failed = sbx.run_code("1 / 0")
+    assert failed.error.name == "ZeroDivisionError" and "division by zero" in failed.error.value
+    assert "ZeroDivisionError" in failed.error.traceback
+    assert sbx.run_code("x").text == "40"  # the context survived the error
+
+
+def test_display_dataframe_and_chart(sbx):
+    execution = sbx.run_code(
+        "import pandas as pd\nfrom IPython.display import display, HTML, Markdown\n"
+        "display(HTML('<b>hi</b>'), Markdown('# title'))\n"
+        "pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})")
+    html, markdown, frame = execution.results
+    assert html.html == "<b>hi</b>" and markdown.markdown == "# title"
+    assert frame.is_main_result and frame.data == {"a": [1, 2], "b": ["x", "y"]} and "<table" in frame.html
+    execution = sbx.run_code(
+        "import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 2, 3], [1, 4, 9], label='sq')\n"
+        "plt.title('squares')\nplt.show()")
+    (figure,) = execution.results
+    assert figure.png and figure.chart is not None
+    assert figure.chart.type.value == "line" and figure.chart.title == "squares"
+
+
+def test_env_vars_per_run_and_from_create(sbx):
+    assert sbx.run_code("import os; os.environ.get('FROM_CREATE')").text == "'yes'"
+    assert sbx.run_code("os.environ['ONLY_NOW']", envs={"ONLY_NOW": "1"}).text == "'1'"
+    assert sbx.run_code("os.environ.get('ONLY_NOW', 'gone')").text == "'gone'"
+
+
+def test_contexts_and_bash(sbx):
+    ctx = sbx.create_code_context(cwd="/tmp")
+    try:
+        assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "'/tmp'"
+        assert ctx.id in [c.id for c in sbx.list_code_contexts()]
+        sbx.run_code("y = 1", context=ctx)
+        sbx.restart_code_context(ctx)
+        assert sbx.run_code("y", context=ctx).error.name == "NameError"
+    finally:
+        sbx.remove_code_context(ctx)
+    assert ctx.id not in [c.id for c in sbx.list_code_contexts()]
+    with pytest.raises(NotFoundException):
+        sbx.run_code("1", context=ctx)
+    assert "".join(sbx.run_code("echo $((6*7))", language="bash").logs.stdout) == "42\n"
+
+
+def test_timeout_interrupts_and_the_context_goes_on(sbx):
+    with pytest.raises(TimeoutException):
+        sbx.run_code("import time; time.sleep(10)", timeout=2)
+    assert sbx.run_code("'after'").text == "'after'"
+
+
+def test_pip_install_then_import(sbx):
+    result = sbx.commands.run("pip install --quiet --no-index /dev/null 2>&1; python3 -m pip --version")
+    assert "pip" in result.stdout
+    # A package made on the spot (no network needed): pip installs into the user's site, the kernel imports it.
+    sbx.commands.run("mkdir -p /tmp/pkg/corral_demo && echo 'VALUE = 7' > /tmp/pkg/corral_demo/__init__.py && "
+                     "printf '[project]\\nname=\"corral-demo\"\\nversion=\"1\"\\n' > /tmp/pkg/pyproject.toml && "
+                     "pip install --quiet --no-build-isolation /tmp/pkg", timeout=120)
+    assert sbx.run_code("import corral_demo; corral_demo.VALUE").text == "7"
+
+
+def test_bad_input(sbx, server):
+    import httpx
+
+    headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}
+    r = httpx.post(f"{server.url}/execute", headers=headers, json={"code": "1", "context_id": "x", "language": "python"})
+    assert r.status_code == 400
+    r = httpx.post(f"{server.url}/execute", headers=headers, json={"code": "1", "language": "cobol"})
+    assert r.status_code == 400 and "not supported" in r.text
+
+
+def test_dead_kernel_is_reported_and_restart_recovers(sbx):
+    ctx = sbx.create_code_context()
+    try:
+        first = sbx.run_code("import os; os._exit(1)", context=ctx)
+        second = sbx.run_code("1", context=ctx) if first.error is None else first
+        assert second.error is not None or first.error is not None
+        sbx.restart_code_context(ctx)
+        assert sbx.run_code("2 + 2", context=ctx).text == "4"
+    finally:
+        sbx.remove_code_context(ctx)
+
+
+def test_async_sdk_and_twenty_concurrent_sandboxes(opts):
+    async def one(i: int) -> str:
+        sandbox = await AsyncSandbox.create(TEMPLATE, timeout=300, **opts)
+        try:
+            return (await sandbox.run_code(f"{i} * 2")).text
+        finally:
+            await sandbox.kill()
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(20)))
+
+    assert asyncio.run(all_of_them()) == [str(i * 2) for i in range(20)]
