@@ -54,7 +54,9 @@ CODE_INTERPRETER = Recipe(
         f"mkdir -p {_STARTUP_DIR} && cat > {_STARTUP_DIR}/00-corral.py <<'CORRAL_EOF'\n{_STARTUP}CORRAL_EOF",
         "mkdir -p /home/user/.config/matplotlib && echo 'backend: module://matplotlib_inline.backend_inline' "
         "> /home/user/.config/matplotlib/matplotlibrc",
-        "chown -R user:user /home/user",
+        # The user's site directory must exist when a kernel starts, or Python leaves it off sys.path and
+        # a `pip install` (as user, so into it) is not importable until the kernel restarts.
+        "mkdir -p /home/user/.local/lib/python3.11/site-packages && chown -R user:user /home/user",
     ),
     # envd as in `base`, plus the code interpreter as `user`, both under tini so both are checkpointed.
     start_command=("/usr/bin/tini", "-s", "--", "/bin/sh", "-c",

@@ -126,12 +126,14 @@ class TemplateStore:
                                   env={"DEBIAN_FRONTEND": "noninteractive"})
                 if recipe.pip:
                     progress(f"pip: installing {len(recipe.pip)} Python packages")
-                    await _stream([*envd_layer.host_pip_install_args(), "--root", str(partial),
-                                   "--prefix", "/usr/local", *recipe.pip], log, progress)
-                    # Entry points were written with the host's interpreter in their shebang.
+                    site = f"/usr/local/lib/python{envd_layer.TARGET_PYTHON[0]}/dist-packages"
+                    await _stream([*envd_layer.host_pip_install_args(), "--target", f"{partial}{site}",
+                                   *recipe.pip], log, progress)
+                    # Entry points land in <site>/bin with the host's interpreter in their shebang.
                     await _stream(["chroot", str(partial), "/bin/sh", "-ec",
-                                   "for f in /usr/local/bin/*; do [ -f \"$f\" ] && sed -i "
-                                   "'1s|^#!.*python.*$|#!/usr/bin/python3|' \"$f\"; done; true"], log, progress)
+                                   f"if [ -d {site}/bin ]; then for f in {site}/bin/*; do "
+                                   "sed -i '1s|^#!.*python.*$|#!/usr/bin/python3|' \"$f\"; "
+                                   f"mv \"$f\" /usr/local/bin/; done; rmdir {site}/bin; fi"], log, progress)
                 for command in recipe.setup:
                     progress(f"setup: {command[:60]}")
                     await _stream(["chroot", str(partial), "/bin/sh", "-ec", command], log, progress)
