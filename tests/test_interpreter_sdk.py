@@ -8,15 +8,13 @@ import subprocess
 
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from e2b_code_interpreter import AsyncSandbox, NotFoundException, Sandbox, TimeoutException
 
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t5", "10.213.0.0/22"
 TEMPLATE = "code-interpreter-v1"
 
-pytest.importorskip("e2b_code_interpreter", reason="e2b-code-interpreter is part of the dev extra")
-from e2b_code_interpreter import AsyncSandbox, Sandbox  # noqa: E402
-from e2b_code_interpreter import NotFoundException, TimeoutException  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,8 @@ def test_bad_input(sbx, server):
     import httpx
 
     headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}
-    r = httpx.post(f"{server.url}/execute", headers=headers, json={"code": "1", "context_id": "x", "language": "python"})
+    both = {"code": "1", "context_id": "x", "language": "python"}
+    r = httpx.post(f"{server.url}/execute", headers=headers, json=both)
     assert r.status_code == 400
     r = httpx.post(f"{server.url}/execute", headers=headers, json={"code": "1", "language": "cobol"})
     assert r.status_code == 400 and "not supported" in r.text
