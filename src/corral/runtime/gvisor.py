@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import string
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -578,6 +579,40 @@ def _become_subreaper() -> None:
     pr_set_child_subreaper = 36
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    if not _reaper_started.is_set():
+        # Orphans also arrive on their own: a sandbox that exits, or every sandbox of a runtime that was
+        # killed (this process is then their nearest subreaper). Unreaped, they would make any later
+        # `runsc delete` of them wait forever.
+        _reaper_started.set()
+        threading.Thread(target=_reap_orphans_forever, name="corral-reaper", daemon=True).start()
+
+
+_reaper_started = threading.Event()
+
+
+def _reap_orphans_forever(interval: float = 0.5) -> None:
+    """Reaps our zombie children that are sandbox processes. Those run as re-executed runsc (`exe`);
+    the runsc commands we start ourselves are named `runsc` and are waited for by asyncio, never here."""
+    me = os.getpid()
+    while True:
+        time.sleep(interval)
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm = stat[stat.find("(") + 1:stat.rfind(")")]
+            fields = stat[stat.rfind(")") + 2:].split()
+            if comm == "exe" and fields[0] == "Z" and int(fields[1]) == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(entry), os.WNOHANG)
 
 
 async def _kill_and_reap(pids: list[int], timeout: float = 5.0) -> None:
