@@ -152,3 +152,14 @@ def test_async_sdk_and_twenty_concurrent_sandboxes(opts):
         return await asyncio.gather(*(one(i) for i in range(20)))
 
     assert asyncio.run(all_of_them()) == [str(i * 2) for i in range(20)]
+
+
+def test_js_sdk_run_code(server, opts, monkeypatch):
+    from tests.helpers.node import run_script
+
+    for name, value in server.sdk_env(opts["api_key"]).items():
+        monkeypatch.setenv(name, value)
+    result = run_script("interpreter.mjs")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
+        "ok state and results", "ok errors", "ok contexts", "ok dataframe"]
