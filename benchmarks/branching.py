@@ -28,7 +28,7 @@ from corral.config import Settings
 from corral.runtime.base import SandboxConfig
 from corral.runtime.gvisor import GVisorRuntime
 from corral.templates.store import TemplateStore
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, host_resolver
 
 BENCH_ROOT = Path("/var/tmp/corral-bench-branching")
 TARGETS = {"pause_p50": 300.0, "resume_p50": 150.0, "fork1_p50": 300.0, "fork10_p50": 2000.0}
@@ -159,7 +159,7 @@ def main() -> None:
 
     raw_ckpt, raw_restore, raw_size = raw_baseline(args.cycles)
     print(f"raw checkpoint {stats(raw_ckpt)}, restore {stats(raw_restore)}", flush=True)
-    server = ServerProcess("bB", "10.207.0.0/20", BENCH_ROOT / "server", dns_upstream=_resolver(), pool_size=2,
+    server = ServerProcess("bB", "10.207.0.0/20", BENCH_ROOT / "server", dns_upstream=host_resolver(), pool_size=2,
                            extra_env={"CORRAL_METRICS_INTERVAL_S": "30"}, log_level="info")
     server.start(wait_pool=2)
     try:
@@ -179,10 +179,15 @@ def main() -> None:
         print(f"fork x{args.many} {fork100[0][0]:.0f} ms, {fork100[2]} failures", flush=True)
     finally:
         server.stop()
-        _cleanup(server)
+        server.destroy_everything(keep_log=BENCH_ROOT / "serve.log")
 
     mark = {True: "met", False: "**NOT met**"}
     mib = 1024 * 1024
+    ckpt50, restore50 = pct(raw_ckpt, 50), pct(raw_restore, 50)
+
+    def vs(values: list[float], baseline: float) -> str:
+        return f"{pct(values, 50) / baseline:.2f}x"
+
     lines = [
         "| measure | n | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|",
         f"| baseline: raw runtime checkpoint (idle base, left running) | {len(raw_ckpt)} | {stats(raw_ckpt)} |",
@@ -197,6 +202,11 @@ def main() -> None:
         f"| fork x10: call until all 10 are ready | {len(fork10[0])} | {stats(fork10[0])} |",
         f"| fork x{args.many}: call until all {args.many} are ready | 1 | {fork100[0][0]:.0f} | | |",
         f"| a fork's first `commands.run('true')` | {len(fork10[1])} | {stats(fork10[1])} |",
+        "",
+        "Against the raw runtime in the same run (p50 over p50): "
+        f"pause {vs(idle[0], ckpt50)} a raw checkpoint, snapshot {vs(snap_times, ckpt50)} a raw checkpoint, "
+        f"resume {vs(idle[1], restore50)} a raw restore, fork x1 {vs(fork1[0], ckpt50 + restore50)} a raw "
+        "checkpoint plus restore.",
         "",
         f"Disk per snapshot (image + layer of an idle `base` sandbox with 100 KB written): "
         f"{pct(snap_sizes, 50) / mib:.1f} MiB; raw runtime checkpoint: {raw_size / mib:.1f} MiB. "
@@ -220,27 +230,6 @@ def main() -> None:
         write_section(args.write, "branching-benchmark", report, heading="Pause, resume, snapshot and fork",
                       command=f"sudo .venv/bin/python benchmarks/branching.py --cycles {args.cycles} "
                               f"--many {args.many} --write {args.write}")
-
-
-def _resolver() -> str:
-    from corral.network.dns import upstream_resolvers
-
-    return str(upstream_resolvers()[0])
-
-
-def _cleanup(server: ServerProcess) -> None:
-    settings = Settings(data_dir=Path(server.env["CORRAL_DATA_DIR"]), run_dir=Path(server.env["CORRAL_RUN_DIR"]),
-                        sandbox_network=ipaddress.IPv4Network(server.env["CORRAL_SANDBOX_NETWORK"]),
-                        instance=server.env["CORRAL_INSTANCE"])
-
-    async def run() -> None:
-        runtime = GVisorRuntime(settings)
-        await runtime.start()
-        await runtime.destroy_all()
-
-    asyncio.run(run())
-    shutil.copy(server.log, BENCH_ROOT / "serve.log")  # kept for a look after the run
-    shutil.rmtree(BENCH_ROOT / "server", ignore_errors=True)
 
 
 if __name__ == "__main__":

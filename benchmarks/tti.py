@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.envd import pct
 from benchmarks.report import write_section
 from tests.helpers.envd_client import init, sync_client
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, host_resolver
 
 BENCH_ROOT = Path("/var/tmp/corral-bench")
 TARGETS = {"tti_p50": 60.0, "tti_p99": 200.0, "burst_rate": 10.0, "run_true_p50": 25.0, "proxy_p50": 1.0}
@@ -200,7 +200,7 @@ def main() -> None:
     args = parser.parse_args()
 
     baseline = raw_baseline(max(10, args.n // 5))
-    server = ServerProcess("bS", "10.205.0.0/20", BENCH_ROOT / "server", dns_upstream=_resolver(),
+    server = ServerProcess("bS", "10.205.0.0/20", BENCH_ROOT / "server", dns_upstream=host_resolver(),
                            pool_size=args.pool, extra_env={"CORRAL_METRICS_INTERVAL_S": "30"})
     server.start(wait_pool=args.pool)
     try:
@@ -216,7 +216,7 @@ def main() -> None:
         burst_failures, burst_total, burst_rate, burst_done = burst(opts, args.burst, args.pool)
     finally:
         server.stop()
-        _cleanup(server)
+        server.destroy_everything()
 
     proxy_added = pct(proxied, 50) - pct(direct, 50)
     verdict = {
@@ -260,35 +260,10 @@ def main() -> None:
                               f"--pool {args.pool} --write {args.write}")
 
 
-def _resolver() -> str:
-    from corral.network.dns import upstream_resolvers
-
-    return str(upstream_resolvers()[0])
-
-
 def _wait_pool(server: ServerProcess, size: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and httpx.get(f"{server.url}/health").json()["pooled"].get("base", 0) < size:
         time.sleep(0.2)
-
-
-def _cleanup(server: ServerProcess) -> None:
-    import ipaddress
-
-    from corral.config import Settings
-    from corral.runtime.gvisor import GVisorRuntime
-
-    settings = Settings(data_dir=Path(server.env["CORRAL_DATA_DIR"]), run_dir=Path(server.env["CORRAL_RUN_DIR"]),
-                        sandbox_network=ipaddress.IPv4Network(server.env["CORRAL_SANDBOX_NETWORK"]),
-                        instance=server.env["CORRAL_INSTANCE"])
-
-    async def run() -> None:
-        runtime = GVisorRuntime(settings)
-        await runtime.start()
-        await runtime.destroy_all()
-
-    asyncio.run(run())
-    shutil.rmtree(BENCH_ROOT / "server", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import AsyncSandbox, Sandbox, SandboxException, SandboxNotFoundException, SandboxQuery, SandboxState
 
 from tests.helpers.server import ServerProcess
@@ -25,13 +25,7 @@ def server(harness, runtime):
                          pool_size=1).start(wait_pool=1)
     yield proc
     proc.stop()
-    from corral.runtime.gvisor import GVisorRuntime
-
-    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
-    harness.run(leftover.start())
-    harness.run(leftover.destroy_all())
-    subprocess.run(["cp", str(proc.log), str(TEST_ROOT / f"{INSTANCE}-serve.log")], check=False)
-    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+    proc.destroy_everything(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ against the `code-interpreter-v1` template."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b_code_interpreter import AsyncSandbox, NotFoundException, Sandbox, TimeoutException
 
 from tests.helpers.server import ServerProcess
@@ -25,13 +24,7 @@ def server(harness, runtime, store):
     proc.start()
     yield proc
     proc.stop()
-    from corral.runtime.gvisor import GVisorRuntime
-
-    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
-    harness.run(leftover.start())
-    harness.run(leftover.destroy_all())
-    subprocess.run(["cp", str(proc.log), str(TEST_ROOT / f"{INSTANCE}-serve.log")], check=False)
-    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+    proc.destroy_everything(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT, make_settings
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import (
     AsyncSandbox,
     AuthenticationException,
@@ -32,12 +32,7 @@ def server(harness, runtime):
                          host="0.0.0.0").start(wait_pool=2)
     yield proc
     proc.stop()
-    from corral.runtime.gvisor import GVisorRuntime
-
-    leftover = GVisorRuntime(make_settings(INSTANCE, NETWORK))
-    harness.run(leftover.start())
-    harness.run(leftover.destroy_all())
-    subprocess.run(["rm", "-rf", str(TEST_ROOT / INSTANCE)], check=False)
+    proc.destroy_everything()
 
 
 @pytest.fixture(scope="module")

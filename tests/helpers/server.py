@@ -15,6 +15,13 @@ import httpx
 CLI = [sys.executable, "-c", "from corral.cli.main import app; app()"]
 
 
+def host_resolver() -> str:
+    """The host's first DNS resolver, as sandboxes' upstream."""
+    from corral.network.dns import upstream_resolvers
+
+    return str(upstream_resolvers()[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,6 +77,30 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(30)
         self.process = None
+
+    def destroy_everything(self, keep_log: Path | None = None) -> None:
+        """After stop(): destroys whatever sandboxes, netns and mounts the server left and removes its
+        directory (copying its log to `keep_log` first, for a look after a failed run)."""
+        import asyncio
+        import ipaddress
+        import shutil
+
+        from corral.config import Settings
+        from corral.runtime.gvisor import GVisorRuntime
+
+        settings = Settings(data_dir=Path(self.env["CORRAL_DATA_DIR"]), run_dir=Path(self.env["CORRAL_RUN_DIR"]),
+                            sandbox_network=ipaddress.IPv4Network(self.env["CORRAL_SANDBOX_NETWORK"]),
+                            instance=self.env["CORRAL_INSTANCE"])
+
+        async def run() -> None:
+            runtime = GVisorRuntime(settings)
+            await runtime.start()
+            await runtime.destroy_all()
+
+        asyncio.run(run())
+        if keep_log is not None and self.log.exists():
+            shutil.copy(self.log, keep_log)
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
     def sdk_env(self, key: str) -> dict[str, str]:
         return {"E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url, "E2B_API_KEY": key}

@@ -80,19 +80,22 @@ class CheckpointFiles:
         Returns the bytes freed."""
         if not self.root.is_dir():
             return 0
-        needed = set(self._runtime.layers_in_use())
-        for node_id in keep:
-            needed |= self._lowers(node_id)
         freed = 0
-        for entry in list(self.root.iterdir()):
-            name = entry.name
-            if name.startswith("."):
+        candidates = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith("."):
                 if partials:
                     freed += tree_size(entry)
                     shutil.rmtree(entry, ignore_errors=True)
-                continue
-            if name in keep or name in busy:
-                continue
+            elif entry.name not in keep and entry.name not in busy:
+                candidates.append(entry)
+        if not candidates:  # the common case on every kill: nothing to decide, no checkpoint.json to read
+            return freed
+        needed = set(self._runtime.layers_in_use())
+        for node_id in keep:
+            needed |= self._lowers(node_id)
+        for entry in candidates:
+            name = entry.name
             if entry / "layer" in needed:
                 freed += self.drop_image(name)
                 continue
