@@ -72,6 +72,61 @@ def test_display_dataframe_and_chart(sbx):
     assert figure.chart.type.value == "line" and figure.chart.title == "squares"
 
 
+CHARTS = {
+    "scatter": "plt.scatter([1, 2, 3], [3, 1, 2], label='pts')",
+    "bar": "plt.bar(['a', 'b', 'c'], [3, 5, 4], label='n')",
+    "pie": "plt.pie([1, 2, 3], labels=['x', 'y', 'z'])",
+    # e2b-charts reads boxes drawn as patches (as E2B's examples draw them); see docs/interpreter.md.
+    "box_and_whisker": "plt.boxplot([[1, 2, 3, 4, 5], [0, 2, 4, 6, 7, 9, 30]], tick_labels=['p', 'q'], "
+                       "patch_artist=True)",
+    "superchart": "fig, axes = plt.subplots(1, 2); axes[0].plot([1, 2], [1, 2]); axes[1].bar(['a'], [1])",
+}
+
+
+@pytest.mark.parametrize("kind", list(CHARTS))
+def test_each_chart_type(sbx, kind):
+    execution = sbx.run_code(f"import matplotlib.pyplot as plt\nplt.figure()\n{CHARTS[kind]}\nplt.title('t')\n"
+                             "plt.show()")
+    assert execution.error is None, execution.error
+    chart = execution.results[-1].chart
+    assert chart is not None and chart.type.value == kind
+    if kind == "scatter":
+        assert [p for p in chart.elements[0].points] == [(1, 3), (2, 1), (3, 2)]
+    elif kind == "bar":
+        assert [(e.label, e.value) for e in chart.elements] == [("a", 3), ("b", 5), ("c", 4)]
+    elif kind == "pie":
+        assert [e.label for e in chart.elements] == ["x", "y", "z"]
+        assert sum(e.angle for e in chart.elements) == pytest.approx(360)
+    elif kind == "box_and_whisker":
+        p, q = chart.elements
+        assert (p.label, p.min, p.first_quartile, p.median, p.third_quartile, p.max) == ("p", 1, 2, 3, 4, 5)
+        assert (q.label, q.min, q.median, q.max, q.outliers) == ("q", 0, 6, 9, [30])
+    else:
+        assert [c.type.value for c in chart.elements] == ["line", "bar"]
+
+
+def test_javascript_and_typescript(sbx):
+    execution = sbx.run_code("const answer = 40 + 2; console.log('from js'); answer", language="js")
+    assert execution.error is None and execution.text == "42"
+    assert execution.logs.stdout == ["from js\n"]
+    assert sbx.run_code("answer * 2", language="javascript").text == "84"  # state persists
+    # TypeScript runs on the same kernel: annotations are fine, and the JS state is there.
+    assert sbx.run_code("const half: number = answer / 2; half", language="ts").text == "21"
+    failed = sbx.run_code("throw new TypeError('bad value')", language="js")
+    assert failed.error.name == "TypeError" and failed.error.value == "bad value"
+    assert sbx.run_code("answer", language="js").text == "42"  # the context survived the error
+    assert sbx.run_code("process.env.FROM_CREATE", language="js").text == '"yes"'
+    assert sbx.run_code("Deno.env.get('ONLY_NOW')", language="js", envs={"ONLY_NOW": "x"}).text == '"x"'
+    assert sbx.run_code("Deno.env.get('ONLY_NOW') ?? 'gone'", language="js").text == '"gone"'
+    ctx = sbx.create_code_context(language="js", cwd="/tmp")
+    try:
+        assert ctx.language == "javascript"
+        assert sbx.run_code("Deno.cwd()", context=ctx).text == '"/tmp"'
+        assert sbx.run_code("typeof answer", context=ctx).text == '"undefined"'  # a context of its own
+    finally:
+        sbx.remove_code_context(ctx)
+
+
 def test_env_vars_per_run_and_from_create(sbx):
     assert sbx.run_code("import os; os.environ.get('FROM_CREATE')").text == "'yes'"
     assert sbx.run_code("os.environ['ONLY_NOW']", envs={"ONLY_NOW": "1"}).text == "'1'"
@@ -155,4 +210,4 @@ def test_js_sdk_run_code(server, opts, monkeypatch):
     result = run_script("interpreter.mjs")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
-        "ok state and results", "ok errors", "ok contexts", "ok dataframe"]
+        "ok state and results", "ok errors", "ok contexts", "ok dataframe", "ok javascript"]

@@ -29,6 +29,13 @@ try {
     const execution = await sbx.runCode("import pandas as pd; pd.DataFrame({'a': [1, 2]})")
     assert.deepEqual(execution.results[0].data, { a: [1, 2] })
   })
+  await check('javascript', async () => {
+    const execution = await sbx.runCode('const n: number = 6; console.log("js"); n * 7', { language: 'ts' })
+    assert.equal(execution.text, '42')
+    assert.deepEqual(execution.logs.stdout, ['js\n'])
+    const failed = await sbx.runCode('null.x', { language: 'js' })
+    assert.equal(failed.error.name, 'TypeError')
+  })
 } finally {
   await sbx.kill()
 }

@@ -80,8 +80,8 @@ class Interpreter:
                                          f"POST /contexts/{ctx.id}/restart", status_code=500)
             if not ctx.sandbox_env_applied:
                 sandbox_env = await self._sandbox_env(request)
-                if sandbox_env and (prelude := env_prelude(ctx.language, sandbox_env)):
-                    await run_silently(ctx, prelude.replace("_corral_saved_env = ", "_corral_unused = "))
+                if sandbox_env and (prelude := env_prelude(ctx.language, sandbox_env, save=False)):
+                    await run_silently(ctx, prelude)
                 ctx.sandbox_env_applied = True
             if env_vars:
                 await run_silently(ctx, env_prelude(ctx.language, env_vars))

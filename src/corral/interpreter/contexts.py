@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 from jupyter_client.kernelspec import NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
-# Language names the SDKs send -> Jupyter kernel names installed in the template.
-KERNELS = {"python": "python3", "bash": "bash"}
-ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash"}
+# Language names the SDKs send -> Jupyter kernel names installed in the template. JavaScript and
+# TypeScript share Deno's kernel (TypeScript runs as is, type annotations and all).
+KERNELS = {"python": "python3", "bash": "bash", "javascript": "deno", "typescript": "deno"}
+ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash", "js": "javascript",
+           "node": "javascript", "ts": "typescript"}
+# Kernels whose IOPub output may arrive after their `idle` status (Deno's does, by up to ~50 ms): an
+# execution on them ends with a fence instead (see execute.py).
+LATE_OUTPUT_KERNELS = {"deno"}
 
 
 class UnknownLanguage(Exception):
@@ -37,6 +42,10 @@ class Context:
     client: object  # AsyncKernelClient
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sandbox_env_applied: bool = False
+
+    @property
+    def kernel(self) -> str:
+        return KERNELS[self.language]
 
     def public(self) -> dict:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -66,7 +75,7 @@ class ContextTable:
     def __init__(self, default_cwd: str) -> None:
         self.default_cwd = default_cwd
         self._contexts: dict[str, Context] = {}
-        self._defaults: dict[str, str] = {}  # language -> id of its default context
+        self._defaults: dict[str, str] = {}  # kernel name -> id of its default context
 
     async def create(self, language: str | None, cwd: str | None) -> Context:
         name = normalise(language)
@@ -80,18 +89,18 @@ class ContextTable:
         return ctx
 
     async def default(self, language: str | None) -> Context:
-        """The language's default context, created on first use."""
+        """The language's default context, created on first use (one per kernel: `js` and `ts` share)."""
         name = normalise(language)
-        ctx_id = self._defaults.get(name)
+        ctx_id = self._defaults.get(KERNELS[name])
         if ctx_id is None or ctx_id not in self._contexts:
             ctx = await self.create(name, None)
-            self._defaults[name] = ctx.id
+            self._defaults[KERNELS[name]] = ctx.id
             return ctx
         return self._contexts[ctx_id]
 
     def get(self, ctx_id: str) -> Context | None:
         if ctx_id == "default":
-            ctx_id = self._defaults.get("python", "")
+            ctx_id = self._defaults.get(KERNELS["python"], "")
         return self._contexts.get(ctx_id)
 
     def all(self) -> list[Context]:

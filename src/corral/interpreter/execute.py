@@ -7,9 +7,10 @@ import asyncio
 import datetime as dt
 import json
 import queue
+import uuid
 from collections.abc import AsyncIterator
 
-from corral.interpreter.contexts import Context
+from corral.interpreter.contexts import LATE_OUTPUT_KERNELS, Context
 
 KEEPALIVE_S = 5.0
 # Jupyter MIME types -> the SDK's Result fields; anything else goes to `extra`.
@@ -41,8 +42,9 @@ def result_fields(data: dict, is_main: bool) -> dict:
     return out
 
 
-def env_prelude(language: str, env: dict[str, str], restore: bool = False) -> str:
-    """Code that sets (or, with restore, puts back) environment variables in the kernel."""
+def env_prelude(language: str, env: dict[str, str], *, restore: bool = False, save: bool = True) -> str:
+    """Code that sets environment variables in the kernel, remembering their old values when `save`
+    (per-run env vars), or, with `restore`, puts the remembered values back."""
     if language == "python":
         if restore:
             return ("import os as _corral_os\n"
@@ -50,8 +52,8 @@ def env_prelude(language: str, env: dict[str, str], restore: bool = False) -> st
                     "    _corral_os.environ.pop(_k, None) if _v is None else _corral_os.environ.__setitem__(_k, _v)\n"
                     "del _corral_saved_env, _k, _v, _corral_os\n")
         return (f"import os as _corral_os\n_corral_env = {env!r}\n"
-                "_corral_saved_env = {k: _corral_os.environ.get(k) for k in _corral_env}\n"
-                "_corral_os.environ.update(_corral_env)\ndel _corral_env, _corral_os\n")
+                + ("_corral_saved_env = {k: _corral_os.environ.get(k) for k in _corral_env}\n" if save else "")
+                + "_corral_os.environ.update(_corral_env)\ndel _corral_env, _corral_os\n")
     if language == "bash":
         if restore:
             return "\n".join(f"if [ -n \"${{_CORRAL_SET_{i}+x}}\" ]; then export {k}=\"$_CORRAL_OLD_{i}\"; "
@@ -60,10 +62,29 @@ def env_prelude(language: str, env: dict[str, str], restore: bool = False) -> st
         parts = []
         for i, (k, v) in enumerate(env.items()):
             quoted = "'" + v.replace("'", "'\\''") + "'"
-            parts.append(f"if [ -n \"${{{k}+x}}\" ]; then _CORRAL_SET_{i}=1; _CORRAL_OLD_{i}=\"${k}\"; fi; "
-                         f"export {k}={quoted}")
+            if save:
+                parts.append(f"if [ -n \"${{{k}+x}}\" ]; then _CORRAL_SET_{i}=1; _CORRAL_OLD_{i}=\"${k}\"; fi")
+            parts.append(f"export {k}={quoted}")
         return "\n".join(parts)
+    if language in ("javascript", "typescript"):
+        # Deno's process.env is a view of Deno.env, so both see the change.
+        if restore:
+            return ("for (const [k, v] of Object.entries(globalThis.__corral_saved_env ?? {})) "
+                    "{ v === null ? Deno.env.delete(k) : Deno.env.set(k, v); }\n"
+                    "delete globalThis.__corral_saved_env;\n")
+        remember = "globalThis.__corral_saved_env[k] = Deno.env.get(k) ?? null; " if save else ""
+        return (("globalThis.__corral_saved_env = {};\n" if save else "")
+                + f"for (const [k, v] of Object.entries({json.dumps(env)})) {{ {remember}Deno.env.set(k, v); }}\n")
     return ""
+
+
+FENCE_MIME = "application/x-corral-fence"
+FENCE_GRACE_S = 1.0  # how long to wait for the fence's display once the fence itself went idle
+
+
+def fence_code(token: str) -> str:
+    """Code whose only output is a display of FENCE_MIME: it leaves the kernel after all earlier output."""
+    return f"await Deno.jupyter.display({{{json.dumps(FENCE_MIME)}: {json.dumps(token)}}}, {{raw: true}});"
 
 
 async def run_silently(ctx: Context, code: str) -> None:
@@ -85,8 +106,15 @@ async def execute(ctx: Context, code: str, state: dict) -> AsyncIterator[bytes]:
     """Streams one execution; the caller holds the context's lock. `state["msg_id"]` is set at once and
     `state["finished"]` at the end: a caller whose consumer went away earlier interrupts the kernel."""
     msg_id = state["msg_id"] = ctx.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+    fence_id: str | None = None
+    fence_token = uuid.uuid4().hex
+    fence_deadline: float | None = None  # set when the fence went idle without its display yet
+    loop = asyncio.get_running_loop()
     while True:
-        msg = await _next_iopub(ctx, KEEPALIVE_S)
+        wait = KEEPALIVE_S if fence_deadline is None else max(0.0, fence_deadline - loop.time())
+        msg = await _next_iopub(ctx, wait)
+        if msg is None and fence_deadline is not None and loop.time() >= fence_deadline:
+            break
         if msg is None:
             if not await ctx.manager.is_alive():
                 yield line({"type": "error", "name": "KernelDied", "value": "the kernel died; restart the "
@@ -94,7 +122,16 @@ async def execute(ctx: Context, code: str, state: dict) -> AsyncIterator[bytes]:
                 break
             yield line({"type": "keepalive"})
             continue
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+        parent = msg.get("parent_header", {}).get("msg_id")
+        if fence_id is not None and parent == fence_id:
+            if msg["msg_type"] == "display_data" and msg["content"].get("data", {}).get(FENCE_MIME) == fence_token:
+                break
+            if msg["msg_type"] == "error":  # the fence itself failed: nothing more will come
+                break
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                fence_deadline = fence_deadline or loop.time() + FENCE_GRACE_S
+            continue
+        if parent != msg_id:
             continue
         kind, content = msg["msg_type"], msg["content"]
         if kind == "execute_input":
@@ -108,7 +145,12 @@ async def execute(ctx: Context, code: str, state: dict) -> AsyncIterator[bytes]:
             yield line({"type": "error", "name": content.get("ename", ""), "value": content.get("evalue", ""),
                         "traceback": "\n".join(content.get("traceback", []))})
         elif kind == "status" and content.get("execution_state") == "idle":
-            break
+            if ctx.kernel not in LATE_OUTPUT_KERNELS:
+                break
+            if fence_id is None:
+                # Output the kernel sent before the fence's display reaches us before it does.
+                fence_id = ctx.client.execute(fence_code(fence_token), silent=False, store_history=False,
+                                              allow_stdin=False, stop_on_error=False)
     state["finished"] = True
     yield line({"type": "end_of_execution"})
 

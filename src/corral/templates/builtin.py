@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import corral.interpreter
@@ -41,6 +42,14 @@ DATA_STACK = (
     "ipykernel==7.4.0", "bash_kernel==0.10.0", "numpy", "pandas", "matplotlib", "seaborn", "scipy",
     "scikit-learn", "openpyxl", "requests", "e2b-charts==1.0.0",
 )
+# JavaScript and TypeScript: Deno's Jupyter kernel (a single binary from npm; Node.js has no Jupyter kernel
+# that installs without a native build here).
+JS_KERNEL = ("deno@2.9.6",)
+_DENO_KERNELSPEC = json.dumps({
+    "argv": ["/usr/local/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+    "display_name": "Deno", "language": "typescript",
+    "env": {"NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1"},
+})
 _STARTUP = (Path(corral.interpreter.__file__).parent / "kernel_startup.py").read_text()
 _STARTUP_DIR = "/home/user/.ipython/profile_default/startup"
 
@@ -48,9 +57,12 @@ CODE_INTERPRETER = Recipe(
     name="code-interpreter-v1",
     packages=BASE.packages,
     pip=DATA_STACK,
+    npm=JS_KERNEL,
     setup=(
         *BASE.setup,
         "python3 -m ipykernel install --prefix /usr/local && python3 -m bash_kernel.install --sys-prefix",
+        "mkdir -p /usr/local/share/jupyter/kernels/deno && "
+        f"echo '{_DENO_KERNELSPEC}' > /usr/local/share/jupyter/kernels/deno/kernel.json && deno --version",
         f"mkdir -p {_STARTUP_DIR} && cat > {_STARTUP_DIR}/00-corral.py <<'CORRAL_EOF'\n{_STARTUP}CORRAL_EOF",
         "mkdir -p /home/user/.config/matplotlib && echo 'backend: module://matplotlib_inline.backend_inline' "
         "> /home/user/.config/matplotlib/matplotlibrc",

@@ -36,6 +36,8 @@ class Recipe:
     # pip (binary wheels for the template's Python), so they come through whatever index, proxy and CA the
     # host is configured with; the chroot may have no way to verify the host's TLS interception.
     pip: tuple[str, ...] = ()
+    # npm packages installed globally into the template's /usr/local by the host's npm, for the same reason.
+    npm: tuple[str, ...] = ()
     # Shell commands run with chroot inside the new root filesystem after the packages are in.
     setup: tuple[str, ...] = ()
     workdir: str = "/"
@@ -43,7 +45,7 @@ class Recipe:
 
     def rootfs_key(self) -> str:
         return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
-                        "packages": sorted(self.packages), "pip": list(self.pip), "setup": list(self.setup)})
+                        "packages": sorted(self.packages), "pip": list(self.pip), "npm": list(self.npm), "setup": list(self.setup)})
 
     def snapshot_key(self, environment: dict) -> str:
         """`environment` holds what else shapes the snapshot: runtime platform, runsc version, DNS address."""

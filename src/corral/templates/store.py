@@ -134,6 +134,13 @@ class TemplateStore:
                                    f"if [ -d {site}/bin ]; then for f in {site}/bin/*; do "
                                    "sed -i '1s|^#!.*python.*$|#!/usr/bin/python3|' \"$f\"; "
                                    f"mv \"$f\" /usr/local/bin/; done; rmdir {site}/bin; fi"], log, progress)
+                if recipe.npm:
+                    if shutil.which("npm") is None:
+                        raise TemplateBuildFailed("npm is needed on the host to install "
+                                                  f"{', '.join(recipe.npm)} (scripts/install.sh installs it)")
+                    progress(f"npm: installing {', '.join(recipe.npm)}")
+                    await _stream(["npm", "install", "--global", "--prefix", f"{partial}/usr/local", "--no-audit",
+                                   "--no-fund", "--no-update-notifier", *recipe.npm], log, progress)
                 for command in recipe.setup:
                     progress(f"setup: {command[:60]}")
                     await _stream(["chroot", str(partial), "/bin/sh", "-ec", command], log, progress)
