@@ -37,7 +37,7 @@ CHART_CODE = ("import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 2, 3,
 IN_SANDBOX = r'''
 import json, sys, time
 from jupyter_client.manager import start_new_kernel
-n, chart_n, chart_code = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+n, chart_n, chart_code = int(sys.argv[1]), int(sys.argv[2]), open(sys.argv[3]).read()
 km, kc = start_new_kernel(kernel_name="python3")
 def timed(code, count):
     for _ in range(3):
@@ -104,8 +104,8 @@ def create_to_first_result(opts: dict, n: int, server: ServerProcess, pool: int)
 
 def in_sandbox_baseline(sbx, n: int, chart_n: int) -> dict:
     sbx.files.write("/tmp/bench_kernel.py", IN_SANDBOX)
-    result = sbx.commands.run(f"python3 /tmp/bench_kernel.py {n} {chart_n} {json.dumps(CHART_CODE)!r}",
-                              timeout=600)
+    sbx.files.write("/tmp/bench_chart.py", CHART_CODE)
+    result = sbx.commands.run(f"python3 /tmp/bench_kernel.py {n} {chart_n} /tmp/bench_chart.py", timeout=600)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

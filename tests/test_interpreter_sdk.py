@@ -41,6 +41,9 @@ def sbx(opts):
 
 
 def test_state_stdout_results_and_errors(sbx):
+    # The sandbox came from the warm pool, whose warm-up ran a cell: it left no trace a user could see.
+    first = sbx.run_code("_")
+    assert first.execution_count == 1 and first.text == "''"
     assert sbx.run_code("x = 40").error is None
     execution = sbx.run_code("x + 2")
     assert execution.text == "42" and execution.results[0].is_main_result

@@ -71,3 +71,17 @@ def test_cpu_quota_caps_cpu_time(harness, runtime, sandbox_factory):
     used = harness.run(runtime.stats(sb.id)).cpu_seconds - before
     # 3 s of wall time at 0.5 cores is 1.5 s of CPU; unlimited it would approach 6 s on 2 cores.
     assert 0.5 < used < 2.5
+
+
+def test_low_priority_sandbox_yields_cpu_until_raised(runtime, sandbox_factory):
+    """Warm-pool sandboxes restore with the lowest CPU weight; a claim gives them the normal one."""
+    from pathlib import Path
+
+    sb = sandbox_factory(SandboxConfig(low_priority=True))
+    relative = f"{runtime.cgroup_parent.lstrip('/')}/{sb.id}"
+    shares = Path("/sys/fs/cgroup/cpu") / relative / "cpu.shares"
+    weight = Path("/sys/fs/cgroup") / relative / "cpu.weight"
+    knob, low, normal = (shares, "2", "1024") if shares.exists() else (weight, "1", "100")
+    assert knob.read_text().strip() == low
+    runtime.raise_priority(sb.id)
+    assert knob.read_text().strip() == normal

@@ -39,7 +39,9 @@ class CorralServer:
         store = TemplateStore(settings)
         runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=platform.prepared_pool_size)
         self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
-                                         pool_templates=platform.pool_templates)
+                                         pool_templates=platform.pool_templates,
+                                         warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
+                                                   if recipe.warm_up})
         self.service = SandboxService(sessions, self.orchestrator, platform,
                                       checkpoint_dir=settings.data_dir / "checkpoints")
         self.service.branching.is_template = lambda name: name in store.recipes or any(

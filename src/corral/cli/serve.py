@@ -61,8 +61,8 @@ def serve_command(
 
 
 def _ensure_templates(settings, names: tuple[str, ...]) -> None:
-    """Builds the templates the server pools (`base` by default) if they are not built yet: the first
-    start on a fresh machine takes about a minute, later ones none."""
+    """Builds the templates the server pools (`base` by default) when they are missing or their recipe
+    changed (an upgrade): the first start on a fresh machine takes about a minute, later ones none."""
     import asyncio
 
     from corral.cli.local import local_runtime
@@ -71,14 +71,16 @@ def _ensure_templates(settings, names: tuple[str, ...]) -> None:
     async def build() -> None:
         async with local_runtime(settings) as (runtime, store):
             for name in names:
-                try:
-                    store.resolve(name)
-                    continue
-                except TemplateNotFound:
-                    pass
                 if name not in store.recipes:
                     continue
-                with console.status(f"building template {name} (first start only)") as status:
+                try:
+                    store.resolve(name)
+                    verb = "" if await store.is_current(name, runtime) else "rebuilding out-of-date"
+                except TemplateNotFound:
+                    verb = "building"
+                if not verb:
+                    continue
+                with console.status(f"{verb} template {name}") as status:
                     await store.build(name, runtime, progress=lambda line, n=name: status.update(f"{n}: {line}"))
                 console.print(f"[green]built[/green] template {name}")
 

@@ -52,6 +52,22 @@ class Interpreter:
     async def health(self, request: Request) -> Response:
         return PlainTextResponse("OK")
 
+    async def warm(self, request: Request) -> Response:
+        """Corral's own (not in the E2B protocol): the warm pool calls it on a freshly restored sandbox so
+        that the user's first run_code does not pay for faulting the kernel's pages back in (~100 ms).
+        In every Python context it runs and displays a result like a user's cell would, but outside the
+        history (the execution count does not move), then resets `_` to its initial value."""
+        await self._sandbox_env(request)  # the envd connection, too
+        for ctx in self.contexts.all():
+            if ctx.language != "python":
+                continue
+            async with ctx.lock:
+                if await ctx.manager.is_alive():
+                    async for _ in execute(ctx, "1 + 1", {}, store_history=False):
+                        pass
+                    await run_silently(ctx, "get_ipython().displayhook.flush()")
+        return Response(status_code=204)
+
     async def execute(self, request: Request) -> Response:
         body = await self._body(request)
         code = body.get("code")
@@ -159,6 +175,7 @@ def create_app(interpreter: Interpreter, lifespan=None) -> Starlette:
 
     return Starlette(routes=[
         Route("/health", interpreter.health, methods=["GET"]),
+        Route("/warm", interpreter.warm, methods=["POST"]),
         Route("/execute", interpreter.execute, methods=["POST"]),
         Route("/contexts", interpreter.create_context, methods=["POST"]),
         Route("/contexts", interpreter.list_contexts, methods=["GET"]),

@@ -102,10 +102,12 @@ async def _next_iopub(ctx: Context, timeout: float) -> dict | None:
         return None
 
 
-async def execute(ctx: Context, code: str, state: dict) -> AsyncIterator[bytes]:
+async def execute(ctx: Context, code: str, state: dict, *, store_history: bool = True) -> AsyncIterator[bytes]:
     """Streams one execution; the caller holds the context's lock. `state["msg_id"]` is set at once and
-    `state["finished"]` at the end: a caller whose consumer went away earlier interrupts the kernel."""
-    msg_id = state["msg_id"] = ctx.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+    `state["finished"]` at the end: a caller whose consumer went away earlier interrupts the kernel.
+    Without `store_history` the execution count and history stay as they were."""
+    msg_id = state["msg_id"] = ctx.client.execute(code, store_history=store_history, allow_stdin=False,
+                                                  stop_on_error=True)
     fence_id: str | None = None
     fence_token = uuid.uuid4().hex
     fence_deadline: float | None = None  # set when the fence went idle without its display yet

@@ -60,6 +60,16 @@ class EnvdLink:
         if response.status_code != 200 or b'"end"' not in response.content:
             raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {response.status_code}")
 
+    async def warm_service(self, address: str, port: int, path: str) -> None:
+        """POSTs a template's warm-up request (`Recipe.warm_up`) to its service in the sandbox."""
+        try:
+            response = await self._client.post(f"http://{address}:{port}{path}", timeout=60.0)
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(f"the service on port {port} at {address} failed its warm-up: {e}") from e
+        if response.status_code >= 300:
+            raise EnvdUnavailable(f"the service on port {port} at {address} failed its warm-up: "
+                                  f"{response.status_code}")
+
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
                    hostname: str | None = None, current_token: str | None = None) -> None:
         body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,

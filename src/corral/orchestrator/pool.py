@@ -15,12 +15,16 @@ log = logging.getLogger("corral.pool")
 
 # After a failed refill (e.g. the host is out of memory) wait this long before trying again.
 RETRY_DELAY_S = 5.0
+# A claim is followed by the new sandbox's first requests; while the pool still has sandboxes to hand
+# out, its refill (runsc processes, disk setup: ~130 ms of CPU) waits this long so as not to slow them.
+REFILL_DELAY_S = 0.3
 
 
 class WarmPool:
     def __init__(self, runtime: Runtime, envd: EnvdLink, templates: tuple[str, ...], size: int,
-                 warm_user: str = "user") -> None:
+                 warm_user: str = "user", warm_ups: dict[str, tuple[int, str]] | None = None) -> None:
         self._runtime = runtime
+        self._warm_ups = warm_ups or {}  # template -> (port, path) POSTed after a restore
         self._warm_user = warm_user
         self._envd = envd
         self._templates = templates
@@ -48,8 +52,13 @@ class WarmPool:
         the caller alone: nothing else can pop it again."""
         queue = self._ready.get(template)
         sandbox = queue.popleft() if queue else None
+        if sandbox is not None:
+            self._runtime.raise_priority(sandbox.id)
         if template in self._templates:
-            self._refill(template)
+            if queue:
+                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill, template)
+            else:
+                self._refill(template)
         return sandbox
 
     def _refill(self, template: str) -> None:
@@ -63,7 +72,7 @@ class WarmPool:
         queue = self._ready.setdefault(template, deque())
         while not self._closed and len(queue) < self._size:
             try:
-                sandbox = await self._runtime.create(template, SandboxConfig())
+                sandbox = await self._runtime.create(template, SandboxConfig(low_priority=True))
             except TemplateNotFound as e:
                 log.warning("not pooling %s: %s", template, e)
                 return
@@ -74,8 +83,10 @@ class WarmPool:
             try:
                 await self._envd.wait_ready(sandbox.address)
                 await self._envd.warm(sandbox.address, self._warm_user)
+                if template in self._warm_ups:
+                    await self._envd.warm_service(sandbox.address, *self._warm_ups[template])
             except Exception as e:
-                log.warning("pooled sandbox %s has no envd: %s", sandbox.id, e)
+                log.warning("pooled sandbox %s is not ready to hand out: %s", sandbox.id, e)
                 await self._runtime.destroy(sandbox.id)
                 await asyncio.sleep(RETRY_DELAY_S)
                 continue

@@ -37,7 +37,7 @@ DEFAULT_WORKDIR = "/home/user"
 
 class Orchestrator:
     def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
-                 direct_concurrency: int | None = None) -> None:
+                 direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None) -> None:
         self.runtime = runtime
         # Restores beyond the pool run a few at a time, first come first served: on a small host a
         # burst of unbounded restores thrashes until every one of them is late.
@@ -46,7 +46,7 @@ class Orchestrator:
         # measured no faster than 2 (fork x10: 2.2 s vs 2.0 s).
         self._restores = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.envd = EnvdLink()
-        self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size)
+        self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size, warm_ups=warm_ups)
         self._live: dict[str, Sandbox] = {}
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []

@@ -74,6 +74,9 @@ class SandboxConfig:
     labels: dict[str, str] = field(default_factory=dict)
     internet: bool = True
     hostname: str | None = None
+    # Restored ahead of demand (a warm pool): its CPU, the restore included, yields to every other
+    # sandbox until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
+    low_priority: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def layers_in_use(self) -> set[Path]:
         """Read-only filesystem layers that live (or prepared) sandboxes stand on and must not be removed."""
+
+    @abc.abstractmethod
+    def raise_priority(self, sandbox_id: str) -> None:
+        """Gives a sandbox created with `low_priority` the same CPU weight as every other."""
 
     @abc.abstractmethod
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:

@@ -220,6 +220,22 @@ class GVisorRuntime(Runtime):
                 continue
         return []
 
+    def _set_cpu_weight(self, sandbox_id: str, low: bool) -> None:
+        """CPU weight relative to other sandboxes (cgroup v1 cpu.shares, or v2 cpu.weight); quotas stay."""
+        root = Path("/sys/fs/cgroup")
+        relative = f"{self.cgroup_parent.lstrip('/')}/{sandbox_id}"
+        for path, value in ((root / "cpu" / relative / "cpu.shares", "2" if low else "1024"),
+                            (root / relative / "cpu.weight", "1" if low else "100")):
+            try:
+                path.write_text(value)
+                return
+            except OSError:
+                continue
+        log.debug("no CPU weight control for sandbox %s", sandbox_id)
+
+    def raise_priority(self, sandbox_id: str) -> None:
+        self._set_cpu_weight(sandbox_id, low=False)
+
     def _remove_stale_cgroups(self, keep: set[str]) -> None:
         root = Path("/sys/fs/cgroup")
         parents = [root / self.cgroup_parent.lstrip("/")]
@@ -292,6 +308,8 @@ class GVisorRuntime(Runtime):
     async def _go_live(self, box: _Box, *, image: Path | None) -> Sandbox:
         """Starts (or restores `image` into) a prepared container and registers it."""
         try:
+            if box.config.low_priority:
+                self._set_cpu_weight(box.id, low=True)
             await configure_guest(box.slot)
             if not box.config.internet:
                 await firewall.set_offline(self.settings.instance, box.slot.guest, True)

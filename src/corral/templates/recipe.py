@@ -42,6 +42,10 @@ class Recipe:
     setup: tuple[str, ...] = ()
     workdir: str = "/"
     env: dict[str, str] = field(default_factory=dict)
+    # (port, path): an HTTP POST the warm pool sends to each sandbox it restores, before handing it out, so
+    # the template's service faults its pages back in then rather than on the user's first request.
+    # Not part of the cache keys: it changes nothing that is built.
+    warm_up: tuple[int, str] | None = None
 
     def rootfs_key(self) -> str:
         return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,

@@ -69,6 +69,12 @@ class TemplateStore:
                                    f"build one with `corral template build {name}`)")
         return current.resolve()
 
+    async def is_current(self, name: str, runtime: Runtime) -> bool:
+        """Whether template `name` is built from its recipe as it is now (False after an upgrade changed it)."""
+        recipe = self.recipes[name]
+        key = recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
+        return self.resolve(name).name == key
+
     def list(self) -> list[TemplateInfo]:
         out = []
         base = self.root / "templates"
