@@ -85,3 +85,26 @@ def test_low_priority_sandbox_yields_cpu_until_raised(runtime, sandbox_factory):
     assert knob.read_text().strip() == low
     runtime.raise_priority(sb.id)
     assert knob.read_text().strip() == normal
+
+
+def test_frozen_sandbox_uses_no_cpu_and_thaws_for_what_needs_it(harness, runtime, sandbox_factory):
+    """freeze() stops the sandbox's host processes (gVisor's kernel too: `runsc pause` would leave it
+    burning); stats answer without waking it; exec, checkpoint and destroy thaw it first."""
+    import time
+
+    sb = sandbox_factory()
+    idle_before = runtime.host_cpu_seconds(sb.id)
+    time.sleep(2)
+    idle_burn = runtime.host_cpu_seconds(sb.id) - idle_before
+    assert runtime.freeze(sb.id) and runtime.is_frozen(sb.id)
+    time.sleep(0.3)  # FREEZING -> FROZEN
+    before = runtime.host_cpu_seconds(sb.id)
+    time.sleep(2)
+    frozen_burn = runtime.host_cpu_seconds(sb.id) - before
+    assert frozen_burn < 0.002 < idle_burn, (frozen_burn, idle_burn)
+    assert harness.run(runtime.stats(sb.id)).disk_total_bytes > 0
+    assert harness.run(runtime.exec(sb.id, ["echo", "awake"])).stdout == b"awake\n"
+    assert not runtime.is_frozen(sb.id)
+    assert runtime.freeze(sb.id)
+    harness.run(runtime.destroy(sb.id))
+    assert runtime._container_pids(sb.id) == [] and sb.id not in {s.id for s in runtime.list()}

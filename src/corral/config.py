@@ -78,6 +78,12 @@ class PlatformSettings:
     metrics_interval_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_METRICS_INTERVAL_S", "5")))
     # Samples kept per sandbox (720 x 5 s = one hour).
     metrics_kept: int = field(default_factory=lambda: _env_int("CORRAL_METRICS_KEPT", 720))
+    # The idle policy (orchestrator/idle.py): a sandbox with no request through the proxy and little CPU
+    # for this long is frozen (no CPU; thawed in ~1 ms by the next request). 0 turns it off.
+    idle_freeze_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_IDLE_FREEZE_S", "10")))
+    # Frozen sandboxes run for a second this often, so their timers still fire (late by up to this).
+    idle_breathe_every_s: float = field(
+        default_factory=lambda: float(os.environ.get("CORRAL_IDLE_BREATHE_S", "10")))
 
     def resolved_database_url(self, settings: Settings) -> str:
         return self.database_url or f"sqlite:///{settings.data_dir / 'corral.db'}"

@@ -41,7 +41,9 @@ class CorralServer:
         self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
                                          pool_templates=platform.pool_templates,
                                          warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
-                                                   if recipe.warm_up})
+                                                   if recipe.warm_up},
+                                         idle_after_s=platform.idle_freeze_s,
+                                         breathe_every_s=platform.idle_breathe_every_s)
         self.service = SandboxService(sessions, self.orchestrator, platform,
                                       checkpoint_dir=settings.data_dir / "checkpoints")
         self.service.branching.is_template = lambda name: name in store.recipes or any(
@@ -64,7 +66,8 @@ class CorralServer:
             return
         route = self._route(scope)
         if route is not None:
-            await self.proxy(scope, receive, send, *route)
+            with self.orchestrator.in_use(route[0]):
+                await self.proxy(scope, receive, send, *route)
         else:
             await self.api(scope, receive, send)
 

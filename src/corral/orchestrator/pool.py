@@ -22,8 +22,10 @@ REFILL_DELAY_S = 0.3
 
 class WarmPool:
     def __init__(self, runtime: Runtime, envd: EnvdLink, templates: tuple[str, ...], size: int,
-                 warm_user: str = "user", warm_ups: dict[str, tuple[int, str]] | None = None) -> None:
+                 warm_user: str = "user", warm_ups: dict[str, tuple[int, str]] | None = None,
+                 freeze_ready: bool = False) -> None:
         self._runtime = runtime
+        self._freeze_ready = freeze_ready  # ready sandboxes wait frozen (no CPU) until claimed
         self._warm_ups = warm_ups or {}  # template -> (port, path) POSTed after a restore
         self._warm_user = warm_user
         self._envd = envd
@@ -53,6 +55,7 @@ class WarmPool:
         queue = self._ready.get(template)
         sandbox = queue.popleft() if queue else None
         if sandbox is not None:
+            self._runtime.thaw(sandbox.id)
             self._runtime.raise_priority(sandbox.id)
         if template in self._templates:
             if queue:
@@ -93,6 +96,8 @@ class WarmPool:
             if self._closed:
                 await self._runtime.destroy(sandbox.id)
                 return
+            if self._freeze_ready:
+                self._runtime.freeze(sandbox.id)
             queue.append(sandbox)
 
     async def close(self) -> None:

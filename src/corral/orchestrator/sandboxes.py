@@ -10,6 +10,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.envd_link import EnvdLink
 from corral.orchestrator.pool import WarmPool
 from corral.runtime.base import (
@@ -37,7 +38,8 @@ DEFAULT_WORKDIR = "/home/user"
 
 class Orchestrator:
     def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
-                 direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None) -> None:
+                 direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None,
+                 idle_after_s: float = 0.0, breathe_every_s: float = 10.0) -> None:
         self.runtime = runtime
         # Restores beyond the pool run a few at a time, first come first served: on a small host a
         # burst of unbounded restores thrashes until every one of them is late.
@@ -46,7 +48,10 @@ class Orchestrator:
         # measured no faster than 2 (fork x10: 2.2 s vs 2.0 s).
         self._restores = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.envd = EnvdLink()
-        self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size, warm_ups=warm_ups)
+        self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size, warm_ups=warm_ups,
+                             freeze_ready=idle_after_s > 0)
+        self.idle = IdleFreezer(runtime, self.runtime_id, idle_after_s=idle_after_s,
+                                breathe_every_s=breathe_every_s)
         self._live: dict[str, Sandbox] = {}
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
@@ -59,15 +64,17 @@ class Orchestrator:
         api_ids = {runtime_id: api_id for api_id, runtime_id in keep.items()}
         for sandbox in self.runtime.list():
             if sandbox.id in api_ids:
-                self._live[api_ids[sandbox.id]] = sandbox
+                self._go_live(api_ids[sandbox.id], sandbox)
             else:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
         self.pool.start()
+        self.idle.start()
         return set(self._live)
 
     async def close(self) -> None:
         """Stops pooling; live sandboxes keep running so a restarted server finds them again."""
+        await self.idle.close()
         await self.pool.close()
         await self.envd.close()
         await self.runtime.close()
@@ -80,7 +87,16 @@ class Orchestrator:
         """The address, once no checkpoint of the sandbox is in progress (the proxy waits here)."""
         while (quiet := self._quiet.get(sandbox_id)) is not None:
             await quiet.wait()
+        self.idle.wake(sandbox_id)
         return self.address(sandbox_id)
+
+    def in_use(self, sandbox_id: str):
+        """Context manager around a proxied request: the sandbox is not idle while it is open."""
+        return self.idle.in_use(sandbox_id)
+
+    def _go_live(self, sandbox_id: str, sandbox: Sandbox) -> None:
+        self._live[sandbox_id] = sandbox
+        self.idle.track(sandbox_id)
 
     def live_ids(self) -> set[str]:
         return set(self._live)
@@ -109,7 +125,7 @@ class Orchestrator:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
             raise
-        self._live[sandbox.id] = sandbox
+        self._go_live(sandbox.id, sandbox)
         return sandbox
 
     async def kill(self, sandbox_id: str) -> bool:
@@ -122,6 +138,7 @@ class Orchestrator:
 
     async def _take_offline(self, sandbox_id: str) -> Sandbox | None:
         sandbox = self._live.pop(sandbox_id, None)  # unreachable through the proxy from here on
+        self.idle.forget(sandbox_id)
         if sandbox is not None:
             for callback in self.on_gone:
                 with contextlib.suppress(Exception):
@@ -154,6 +171,7 @@ class Orchestrator:
         """Checkpoints a running sandbox, which goes on running (it is frozen for the moment it takes).
         Connections through the proxy into it are closed first."""
         runtime_id = self._running(sandbox_id).id
+        self.idle.wake(sandbox_id)
         async with self._quiesced(sandbox_id):
             return await self.runtime.checkpoint(runtime_id, directory, memory=memory)
 
@@ -167,7 +185,7 @@ class Orchestrator:
                 return await self.runtime.checkpoint(sandbox.id, directory, memory=memory, leave_running=False)
             except BaseException:
                 if sandbox.id in {s.id for s in self.runtime.list()}:
-                    self._live[sandbox_id] = sandbox
+                    self._go_live(sandbox_id, sandbox)
                 raise
 
     async def start_from(self, directory: Path, *, sandbox_id: str | None, token: str, current_token: str,
@@ -192,11 +210,11 @@ class Orchestrator:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
             raise
-        self._live[api_id] = sandbox
+        self._go_live(api_id, sandbox)
         return api_id, sandbox
 
     async def metrics(self, sandbox_id: str, token: str) -> dict | None:
         address = self.address(sandbox_id)
-        if address is None or sandbox_id in self._quiet:
-            return None
+        if address is None or sandbox_id in self._quiet or self.idle.frozen(sandbox_id):
+            return None  # a frozen sandbox is not woken to be sampled: its history has a gap
         return await self.envd.metrics(address, token)

@@ -173,6 +173,23 @@ class Runtime(abc.ABC):
         """Gives a sandbox created with `low_priority` the same CPU weight as every other."""
 
     @abc.abstractmethod
+    def freeze(self, sandbox_id: str) -> bool:
+        """Stops every host process of the sandbox, its kernel included: no CPU at all, memory stays
+        resident, and `thaw` continues it in about a millisecond. Refused (False) while a runtime
+        operation on the sandbox is under way; every operation that needs it running thaws it first."""
+
+    @abc.abstractmethod
+    def thaw(self, sandbox_id: str) -> None:
+        """Continues a frozen sandbox (no-op when it is not frozen)."""
+
+    @abc.abstractmethod
+    def is_frozen(self, sandbox_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def host_cpu_seconds(self, sandbox_id: str) -> float | None:
+        """CPU time the sandbox's host processes used so far, read cheaply (no call into the sandbox)."""
+
+    @abc.abstractmethod
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         """Allows or cuts the sandbox's egress to the internet (its isolation rules stay as they are)."""
 

@@ -37,6 +37,7 @@ from corral.network.commands import NetworkError
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
 from corral.runtime import oci
+from corral.runtime.cgroups import SandboxCgroup
 from corral.runtime.base import (
     Checkpoint,
     CheckpointInvalid,
@@ -148,6 +149,9 @@ class GVisorRuntime(Runtime):
         self._pool_tasks: dict[_PoolKey, asyncio.Task] = {}
         self._restore_gate = asyncio.Semaphore(_RESTORE_CONCURRENCY)
         self._started = False
+        self._frozen: set[str] = set()  # frozen by freeze(): no CPU at all until thawed
+        self._operating: dict[str, int] = {}  # runtime operations in progress per sandbox (never frozen)
+        self._last_stats: dict[str, SandboxStats] = {}
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -177,6 +181,10 @@ class GVisorRuntime(Runtime):
             except (OSError, ValueError):
                 continue
         containers = set(await self.runsc.list_ids())
+        # A previous process may have left sandboxes frozen; runsc cannot talk to a frozen sandbox (and
+        # a frozen process does not even die of SIGKILL), so everything is thawed before anything else.
+        for sid in containers | set(records):
+            self._cgroup(sid).thaw()
         netns = self.slots.existing()
         for sid, data in records.items():
             if sid in self._boxes or sid not in containers or data["slot"] not in netns:
@@ -220,21 +228,50 @@ class GVisorRuntime(Runtime):
                 continue
         return []
 
+    def _cgroup(self, sandbox_id: str) -> SandboxCgroup:
+        return SandboxCgroup(f"{self.cgroup_parent}/{sandbox_id}")
+
     def _set_cpu_weight(self, sandbox_id: str, low: bool) -> None:
-        """CPU weight relative to other sandboxes (cgroup v1 cpu.shares, or v2 cpu.weight); quotas stay."""
-        root = Path("/sys/fs/cgroup")
-        relative = f"{self.cgroup_parent.lstrip('/')}/{sandbox_id}"
-        for path, value in ((root / "cpu" / relative / "cpu.shares", "2" if low else "1024"),
-                            (root / relative / "cpu.weight", "1" if low else "100")):
-            try:
-                path.write_text(value)
-                return
-            except OSError:
-                continue
-        log.debug("no CPU weight control for sandbox %s", sandbox_id)
+        if not self._cgroup(sandbox_id).set_cpu_weight(low):
+            log.debug("no CPU weight control for sandbox %s", sandbox_id)
 
     def raise_priority(self, sandbox_id: str) -> None:
         self._set_cpu_weight(sandbox_id, low=False)
+
+    def freeze(self, sandbox_id: str) -> bool:
+        box = self._box(sandbox_id)
+        if self._operating.get(box.id):
+            return False  # a checkpoint, exec or teardown is under way: it needs the sandbox running
+        if self._cgroup(box.id).freeze():
+            self._frozen.add(box.id)
+            return True
+        return False
+
+    def thaw(self, sandbox_id: str) -> None:
+        box = self._box(sandbox_id)
+        if box.id in self._frozen:
+            self._cgroup(box.id).thaw()
+            self._frozen.discard(box.id)
+
+    def is_frozen(self, sandbox_id: str) -> bool:
+        return self._box(sandbox_id).id in self._frozen
+
+    def host_cpu_seconds(self, sandbox_id: str) -> float | None:
+        return self._cgroup(self._box(sandbox_id).id).cpu_seconds()
+
+    @contextlib.contextmanager
+    def _awake(self, sandbox_id: str):
+        """Thaws the sandbox and keeps it from being frozen while the block runs (runsc talks to it)."""
+        self._operating[sandbox_id] = self._operating.get(sandbox_id, 0) + 1
+        try:
+            if sandbox_id in self._frozen:
+                self._cgroup(sandbox_id).thaw()
+                self._frozen.discard(sandbox_id)
+            yield
+        finally:
+            self._operating[sandbox_id] -= 1
+            if not self._operating[sandbox_id]:
+                del self._operating[sandbox_id]
 
     def _remove_stale_cgroups(self, keep: set[str]) -> None:
         root = Path("/sys/fs/cgroup")
@@ -337,6 +374,9 @@ class GVisorRuntime(Runtime):
     async def _teardown(self, box: _Box) -> None:
         """Frees everything a box may hold; each step tolerates the resource being already gone."""
         self._boxes.pop(box.id, None)
+        self._cgroup(box.id).thaw()  # a frozen process does not die of SIGKILL until it is thawed
+        self._frozen.discard(box.id)
+        self._last_stats.pop(box.id, None)
         await _kill_and_reap(self._container_pids(box.id))
         await self._ignore_errors(self.runsc.delete(box.id))
         if not box.config.internet:
@@ -381,7 +421,8 @@ class GVisorRuntime(Runtime):
         process = box.dir / f"exec-{secrets.token_hex(6)}.json"
         process.write_text(json.dumps(exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
         try:
-            code, out, err = await self.runsc.exec(box.id, process, timeout=timeout)
+            with self._awake(box.id):
+                code, out, err = await self.runsc.exec(box.id, process, timeout=timeout)
         except TimeoutError:
             raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
         finally:
@@ -390,6 +431,11 @@ class GVisorRuntime(Runtime):
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
                          memory: bool = True) -> Checkpoint:
+        with self._awake(self._box(sandbox_id).id):
+            return await self._checkpoint(sandbox_id, directory, leave_running=leave_running, memory=memory)
+
+    async def _checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool,
+                          memory: bool) -> Checkpoint:
         box = self._box(sandbox_id)
         if directory.exists() and any(directory.iterdir()):
             raise CheckpointInvalid(f"checkpoint directory {directory} is not empty")
@@ -533,22 +579,36 @@ class GVisorRuntime(Runtime):
         tmp.rename(box.record)
 
     async def pause(self, sandbox_id: str) -> None:
-        await self.runsc.pause(self._box(sandbox_id).id)
+        box = self._box(sandbox_id)
+        with self._awake(box.id):
+            await self.runsc.pause(box.id)
 
     async def resume(self, sandbox_id: str) -> None:
-        await self.runsc.resume(self._box(sandbox_id).id)
+        box = self._box(sandbox_id)
+        with self._awake(box.id):
+            await self.runsc.resume(box.id)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         box = self._box(sandbox_id)
+        if box.id in self._frozen:
+            # runsc would ask the frozen gVisor kernel; nothing in it moved since it was frozen.
+            last = self._last_stats.get(box.id, SandboxStats(0.0, 0, 0, 0))
+            used, total = usage(box.disk)
+            return SandboxStats(cpu_seconds=last.cpu_seconds, memory_bytes=last.memory_bytes,
+                                disk_used_bytes=used, disk_total_bytes=total)
         data = (await self.runsc.events_stats(box.id)).get("data", {})
         cpu_ns = data.get("cpu", {}).get("usage", {}).get("total", 0)
         memory = data.get("memory", {}).get("usage", {}).get("usage", 0)
         used, total = usage(box.disk)
-        return SandboxStats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
-                            disk_total_bytes=total)
+        stats = SandboxStats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
+                             disk_total_bytes=total)
+        self._last_stats[box.id] = stats
+        return stats
 
     async def state(self, sandbox_id: str) -> str:
-        return (await self.runsc.state(self._box(sandbox_id).id)).status
+        box = self._box(sandbox_id)
+        with self._awake(box.id):
+            return (await self.runsc.state(box.id)).status
 
     async def destroy(self, sandbox_id: str) -> None:
         await self._teardown(self._box(sandbox_id))
