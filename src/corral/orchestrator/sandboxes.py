@@ -10,8 +10,8 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.envd_link import EnvdLink
+from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.pool import WarmPool
 from corral.runtime.base import (
     Checkpoint,

@@ -37,7 +37,6 @@ from corral.network.commands import NetworkError
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
 from corral.runtime import oci
-from corral.runtime.cgroups import SandboxCgroup
 from corral.runtime.base import (
     Checkpoint,
     CheckpointInvalid,
@@ -53,6 +52,7 @@ from corral.runtime.base import (
     TemplateNotFound,
 )
 from corral.runtime.base import Stats as SandboxStats
+from corral.runtime.cgroups import SandboxCgroup
 from corral.runtime.oci import build_spec, exec_process, write_bundle
 from corral.runtime.runsc import Runsc, RunscError, log_tail
 from corral.storage.disk import DiskError, create_disk, mount_overlay, mounts_under, tree_size, unmount, usage

@@ -49,7 +49,8 @@ class Recipe:
 
     def rootfs_key(self) -> str:
         return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
-                        "packages": sorted(self.packages), "pip": list(self.pip), "npm": list(self.npm), "setup": list(self.setup)})
+                        "packages": sorted(self.packages), "pip": list(self.pip), "npm": list(self.npm),
+                        "setup": list(self.setup)})
 
     def snapshot_key(self, environment: dict) -> str:
         """`environment` holds what else shapes the snapshot: runtime platform, runsc version, DNS address."""
