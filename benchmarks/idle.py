@@ -85,7 +85,7 @@ def main() -> None:
     print(f"policy on: {on['pct']:.2f} % of a core per idle sandbox", flush=True)
 
     def ms(samples: list[float]) -> str:
-        return f"{pct(samples, 50):.1f} | {max(samples):.1f}"
+        return f"{pct(samples, 50):.1f} / {max(samples):.1f}"
 
     met = on["pct"] <= TARGET_PCT
     lines = [
