@@ -17,6 +17,7 @@ import uvicorn
 
 from corral.envd import DEFAULT_PORT
 from corral.envd.app import EnvdApp
+from corral.envd.oom import OomGuard
 from corral.envd.state import SandboxState
 
 
@@ -26,7 +27,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--default-user", default=os.environ.get("ENVD_DEFAULT_USER", "root"))
     parser.add_argument("--workdir", default=os.environ.get("ENVD_WORKDIR"))
+    parser.add_argument("--oom-guard", action="store_true",
+                        help="kill the largest process when the sandbox runs out of memory (inside a sandbox "
+                             "only: it reads the sandbox's limit from /proc/meminfo)")
     args = parser.parse_args()
+    if args.oom_guard:
+        OomGuard().start()
     state = SandboxState(default_user=args.default_user, default_workdir=args.workdir)
     uvicorn.run(EnvdApp(state), host=args.host, port=args.port, log_level="warning", access_log=False,
                 # SDK clients keep connections pooled for up to 300 s; do not drop them sooner.

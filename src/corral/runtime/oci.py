@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from corral.envd.memory import host_memory_limit_mb
 from corral.runtime.base import Resources
 
 # gVisor implements these inside its own kernel; granting them does not widen the host boundary.
@@ -16,13 +17,6 @@ _CAPABILITIES = [
 ]
 
 _CPU_PERIOD_US = 100_000
-# gVisor has no OOM killer of its own (google/gvisor#1967): the host memory cgroup is the enforcer and it
-# counts the sentry and gofer too, so they get room on top of what the sandbox asked for.
-SENTRY_HEADROOM_MB = 96
-
-
-def host_memory_limit_mb(memory_mb: int) -> int:
-    return memory_mb + SENTRY_HEADROOM_MB + memory_mb // 8
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

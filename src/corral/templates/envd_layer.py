@@ -41,7 +41,7 @@ from corral.envd.__main__ import main
 main()
 '''
 
-START_COMMAND = ("/usr/bin/python3", "-I", "-S", f"/{PREFIX}/envd.py")
+START_COMMAND = ("/usr/bin/python3", "-I", "-S", f"/{PREFIX}/envd.py", "--oom-guard")
 INTERPRETER_COMMAND = ("/usr/bin/python3", "-I", "-S", f"/{PREFIX}/interpreter.py")
 PACKAGES = (corral.envd, corral.interpreter)
 
