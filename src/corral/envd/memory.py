@@ -17,6 +17,12 @@ def host_memory_limit_mb(memory_mb: int) -> int:
     return memory_mb + SENTRY_HEADROOM_MB + memory_mb // 8
 
 
+# envd's OOM guard acts when what the sandbox uses reaches MemTotal (the host limit) minus this: room for
+# gVisor's kernel and gofer (~60-90 MB, in the host cgroup but invisible inside) and for the guard to act
+# before the host limit is hit. A sandbox thus gets memory_mb + 32 + memory_mb/8 MB before the guard acts.
+GUARD_RESERVE_MB = 160
+
+
 def sandbox_memory_kib(mem_total_kib: int) -> int:
-    """What the sandbox itself may use, from the MemTotal it sees (the inverse of host_memory_limit_mb)."""
-    return max(0, int((mem_total_kib - SENTRY_HEADROOM_MB * 1024) / 1.125))
+    """What the sandbox itself may use, from the MemTotal it sees (at least the memory_mb it asked for)."""
+    return max(0, mem_total_kib - GUARD_RESERVE_MB * 1024)
