@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 from helpers.leaks import footprint
@@ -22,17 +23,29 @@ def host_counts() -> dict[str, int]:
     return {"processes": procs, "fds": fds, "netns": netns, "mounts": mounts, "loop devices": loops}
 
 
+def processes() -> dict[int, str]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat=,args="], capture_output=True, text=True).stdout
+    return {int(line.split()[0]): line.strip()[:160] for line in out.splitlines() if line.strip()}
+
+
+def new_processes(before: dict[int, str]) -> list[str]:
+    """What appeared since `before` (shown when the count is off, to tell a leak from host noise)."""
+    return [line for pid, line in processes().items() if pid not in before]
+
+
 @pytest.mark.soak
 @pytest.mark.timeout(7200)  # 1000 cycles take 15-20 minutes on 2 cores
 def test_create_destroy_cycles_leak_nothing(harness, runtime, settings):
     cycles = int(os.environ.get("CORRAL_SOAK_CYCLES", "1000"))
-    before, fp_before = host_counts(), footprint(settings)
+    before, fp_before, before_ps = host_counts(), footprint(settings), processes()
     for i in range(cycles):
         sb = harness.run(runtime.create("base", SandboxConfig(internet=i % 2 == 0)))
         harness.run(runtime.destroy(sb.id))
+    # The last sandbox's processes come to us as zombies and are reaped every 0.5 s (gvisor.py's reaper).
+    time.sleep(1.5)
     after, fp_after = host_counts(), footprint(settings)
     assert fp_after == fp_before
     # Other processes on the host may come and go; allow a little noise there, none elsewhere.
-    assert abs(after["processes"] - before["processes"]) <= 5, (before, after)
+    assert abs(after["processes"] - before["processes"]) <= 5, (before, after, new_processes(before_ps))
     for key in ("fds", "netns", "mounts", "loop devices"):
         assert after[key] == before[key], (key, before, after)
