@@ -94,7 +94,10 @@ def check_cgroups() -> Check:
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
         return Check("cgroups", True, "cgroup v2 (unified)")
     if os.path.isdir("/sys/fs/cgroup/memory"):
-        return Check("cgroups", True, "cgroup v1/hybrid: memory and cpu limits enforced through v1 controllers")
+        if not os.path.isdir("/sys/fs/cgroup/freezer"):
+            return Check("cgroups", False, "cgroup v1 without the freezer controller: idle sandboxes cannot be "
+                         "frozen and keep burning CPU", "mount the freezer controller, or CORRAL_IDLE_FREEZE_S=0")
+        return Check("cgroups", True, "cgroup v1/hybrid: memory and cpu limits and freezing through v1 controllers")
     return Check("cgroups", False, "no memory cgroup controller", "boot with cgroups enabled")
 
 
