@@ -108,3 +108,32 @@ def test_kill_9_then_restart_adopts_running_sandboxes_and_removes_the_rest(harne
     import shutil
     shutil.rmtree(TEST_ROOT / "t2", ignore_errors=True)
     shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+def test_restart_kills_what_only_a_stale_cgroup_still_knows(harness):
+    """A `runsc create` killed half-way leaves a gVisor sandbox and gofer that runsc has no state for; the
+    next runtime finds them by their cgroup and kills them."""
+    import shutil
+
+    from corral.runtime.gvisor import GVisorRuntime
+
+    settings = make_settings("t2", "10.203.0.0/24")
+    cgroup = Path("/sys/fs/cgroup/pids") / f"corral-{settings.instance}" / "iorphanxxxxxxxxxxxxx"
+    cgroup.mkdir(parents=True, exist_ok=True)
+    orphan = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        (cgroup / "cgroup.procs").write_text(str(orphan.pid))
+        runtime = GVisorRuntime(settings)
+        harness.run(runtime.start())
+        harness.run(runtime.destroy_all())
+        # Killed and reaped (by the runtime, which is this process: Popen then reads no status).
+        assert orphan.poll() is not None and not Path(f"/proc/{orphan.pid}").exists()
+        assert not cgroup.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        with __import__("contextlib").suppress(OSError):
+            cgroup.rmdir()
+        shutil.rmtree(TEST_ROOT / "t2", ignore_errors=True)
+        shutil.rmtree(settings.run_dir, ignore_errors=True)

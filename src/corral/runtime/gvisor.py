@@ -215,7 +215,7 @@ class GVisorRuntime(Runtime):
         for entry in list(self.sandboxes_dir.iterdir()):
             if entry.name not in adopted:
                 shutil.rmtree(entry, ignore_errors=True)
-        self._remove_stale_cgroups(adopted)
+        await self._remove_stale_cgroups(adopted)
 
     def _container_pids(self, sandbox_id: str) -> list[int]:
         """The sandbox's host processes (sentry, gofer, stubs): everything in its cgroup."""
@@ -273,17 +273,27 @@ class GVisorRuntime(Runtime):
             if not self._operating[sandbox_id]:
                 del self._operating[sandbox_id]
 
-    def _remove_stale_cgroups(self, keep: set[str]) -> None:
+    async def _remove_stale_cgroups(self, keep: set[str]) -> None:
+        """Removes this instance's sandbox cgroups other than `keep`, killing what is still in them: a
+        `runsc create` killed half-way (the server stopped during a pool refill) leaves a gVisor sandbox
+        and gofer that runsc has no state for, so only their cgroup still knows them."""
         root = Path("/sys/fs/cgroup")
         parents = [root / self.cgroup_parent.lstrip("/")]
         parents += [c / self.cgroup_parent.lstrip("/") for c in root.iterdir() if c.is_dir()]
+        stale = {child.name for parent in parents if parent.is_dir()
+                 for child in parent.iterdir() if child.is_dir() and child.name not in keep}
+        for sid in stale:
+            self._cgroup(sid).thaw()
+            await _kill_and_reap(self._container_pids(sid))
+        # Killed processes that are not our children leave their cgroup only once they have fully exited.
+        for _ in range(100):  # up to 5 s
+            if not any(self._container_pids(sid) for sid in stale):
+                break
+            await asyncio.sleep(0.05)
         for parent in parents:
-            if not parent.is_dir():
-                continue
-            for child in parent.iterdir():
-                if child.is_dir() and child.name not in keep:
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
+            for sid in stale:
+                with contextlib.suppress(OSError):
+                    (parent / sid).rmdir()
 
     async def close(self) -> None:
         for task in self._pool_tasks.values():
