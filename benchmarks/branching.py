@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2b import Sandbox
 
-from benchmarks.report import write_section
+from benchmarks.report import targets_table, write_section
 from benchmarks.runtime import pct
 from corral.config import Settings
 from corral.runtime.base import SandboxConfig
@@ -181,7 +181,6 @@ def main() -> None:
         server.stop()
         server.destroy_everything(keep_log=BENCH_ROOT / "serve.log")
 
-    mark = {True: "met", False: "**NOT met**"}
     mib = 1024 * 1024
     ckpt50, restore50 = pct(raw_ckpt, 50), pct(raw_restore, 50)
 
@@ -212,17 +211,18 @@ def main() -> None:
         f"{pct(snap_sizes, 50) / mib:.1f} MiB; raw runtime checkpoint: {raw_size / mib:.1f} MiB. "
         f"Fork x{args.many}: {fork100[2]} failures.",
         "",
-        "| target | measured | verdict |", "|---|---|---|",
-        f"| pause p50 <= {TARGETS['pause_p50']:.0f} ms (idle) | {pct(idle[0], 50):.0f} ms "
-        f"| {mark[pct(idle[0], 50) <= TARGETS['pause_p50']]} |",
-        f"| resume p50 <= {TARGETS['resume_p50']:.0f} ms (idle) | {pct(idle[1], 50):.0f} ms "
-        f"| {mark[pct(idle[1], 50) <= TARGETS['resume_p50']]} |",
-        f"| fork x1 <= {TARGETS['fork1_p50']:.0f} ms | {pct(fork1[0], 50):.0f} ms "
-        f"| {mark[pct(fork1[0], 50) <= TARGETS['fork1_p50']]} |",
-        f"| fork x10 <= {TARGETS['fork10_p50']:.0f} ms to all ready | {pct(fork10[0], 50):.0f} ms "
-        f"| {mark[pct(fork10[0], 50) <= TARGETS['fork10_p50']]} |",
-        f"| fork x100 completes with 0 failures | x{args.many}: {fork100[2]} failures "
-        f"| {mark[fork100[2] == 0] if args.many >= 100 else '**not run at 100**'} |",
+        *targets_table([
+            (f"pause p50 <= {TARGETS['pause_p50']:.0f} ms (idle)", f"{pct(idle[0], 50):.0f} ms",
+             pct(idle[0], 50) <= TARGETS["pause_p50"]),
+            (f"resume p50 <= {TARGETS['resume_p50']:.0f} ms (idle)", f"{pct(idle[1], 50):.0f} ms",
+             pct(idle[1], 50) <= TARGETS["resume_p50"]),
+            (f"fork x1 <= {TARGETS['fork1_p50']:.0f} ms", f"{pct(fork1[0], 50):.0f} ms",
+             pct(fork1[0], 50) <= TARGETS["fork1_p50"]),
+            (f"fork x10 <= {TARGETS['fork10_p50']:.0f} ms to all ready", f"{pct(fork10[0], 50):.0f} ms",
+             pct(fork10[0], 50) <= TARGETS["fork10_p50"]),
+            ("fork x100 completes with 0 failures", f"x{args.many}: {fork100[2]} failures",
+             fork100[2] == 0 if args.many >= 100 else "**not run at 100**"),
+        ]),
     ]
     report = "\n".join(lines)
     print(report)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.envd import pct
-from benchmarks.report import write_section
+from benchmarks.report import targets_table, write_section
 from corral.runtime.cgroups import SandboxCgroup
 from tests.helpers.server import ServerProcess, host_resolver
 
@@ -87,7 +87,6 @@ def main() -> None:
     def ms(samples: list[float]) -> str:
         return f"{pct(samples, 50):.1f} / {max(samples):.1f}"
 
-    met = on["pct"] <= TARGET_PCT
     lines = [
         f"{args.sandboxes} idle `base` sandboxes under `corral serve`, CPU of their host cgroups summed over "
         f"{args.seconds:.0f} s, starting {IDLE_S + 2:.0f} s after their last command.",
@@ -96,14 +95,12 @@ def main() -> None:
         "|---|---|---|---|",
         f"| CPU per idle sandbox, % of one core | {off['pct']:.2f} | {on['pct']:.2f} "
         f"| {on['pct'] / off['pct'] if off['pct'] else float('nan'):.2f}x |",
-        "",
         "| first `commands.run('true')` after idling (p50 / max ms, n=" f"{wakes}) | {ms(off['idle_first'])} "
         f"| {ms(on['idle_first'])} | |",
         f"| the next one, sandbox awake (p50 / max ms) | {ms(off['awake'])} | {ms(on['awake'])} | |",
         "",
-        "| target | measured | verdict |", "|---|---|---|",
-        f"| idle CPU per sandbox <= {TARGET_PCT:.0f} % of a core | {on['pct']:.2f} % (policy on; "
-        f"{off['pct']:.2f} % off) | {'met' if met else '**NOT met**'} |",
+        *targets_table([(f"idle CPU per sandbox <= {TARGET_PCT:.0f} % of a core",
+                          f"{on['pct']:.2f} % (policy on; {off['pct']:.2f} % off)", on["pct"] <= TARGET_PCT)]),
     ]
     report = "\n".join(lines)
     print(report)

@@ -1,6 +1,7 @@
 """Code interpreter latency through a real `corral serve`, with the unmodified e2b-code-interpreter SDK.
 
-    sudo .venv/bin/python benchmarks/interpreter.py [--n 200] [--creates 30] [--pool 3] [--write docs/benchmarks.md]
+    sudo .venv/bin/python benchmarks/interpreter.py [--n 200] [--charts 30] [--creates 30] [--pool 3] \
+        [--write docs/benchmarks.md]
 
 Measures, each with p50/p95/p99:
   - `run_code('1+1')` round trip on a running `code-interpreter-v1` sandbox;
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.envd import pct
-from benchmarks.report import write_section
+from benchmarks.report import targets_table, write_section
 from tests.helpers.server import ServerProcess, host_resolver
 
 BENCH_ROOT = Path("/var/tmp/corral-bench-interpreter")
@@ -156,7 +157,6 @@ def main() -> None:
 
     ratio = pct(one, 50) / pct(base["one"], 50)
     chart_ratio = pct(chart, 50) / pct(base["chart"], 50)
-    mark = {True: "met", False: "**NOT met**"}
     one_ok = pct(one, 50) <= TARGETS["one_plus_one_p50"]
     first_ok = bool(first) and failures == 0 and pct(first, 50) <= TARGETS["create_first_result_p50"]
     lines = [
@@ -173,10 +173,11 @@ def main() -> None:
         f"Against the in-sandbox baseline (p50 over p50): `1+1` {ratio:.2f}x, chart {chart_ratio:.2f}x. "
         f"Create failures: {failures} of {args.creates}.",
         "",
-        "| target | measured | verdict |", "|---|---|---|",
-        f"| `run_code('1+1')` p50 <= {TARGETS['one_plus_one_p50']:.0f} ms | {pct(one, 50):.1f} ms | {mark[one_ok]} |",
-        f"| create → first result p50 <= {TARGETS['create_first_result_p50']:.0f} ms (warm pool) "
-        f"| {pct(first, 50) if first else float('nan'):.1f} ms | {mark[first_ok]} |",
+        *targets_table([
+            (f"`run_code('1+1')` p50 <= {TARGETS['one_plus_one_p50']:.0f} ms", f"{pct(one, 50):.1f} ms", one_ok),
+            (f"create → first result p50 <= {TARGETS['create_first_result_p50']:.0f} ms (warm pool)",
+             f"{pct(first, 50) if first else float('nan'):.1f} ms", first_ok),
+        ]),
     ]
     report = "\n".join(lines)
     print(report)

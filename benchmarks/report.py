@@ -22,3 +22,12 @@ def write_section(path: Path, name: str, body: str, command: str, heading: str |
     else:
         text += f"\n## {name.capitalize()}\n\n{section}\n"
     path.write_text(text)
+
+
+def targets_table(rows: list[tuple[str, str, bool | str]]) -> list[str]:
+    """The `| target | measured | verdict |` table: each row's verdict is met / NOT met, or a note."""
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    for target, measured, verdict in rows:
+        shown = ("met" if verdict else "**NOT met**") if isinstance(verdict, bool) else verdict
+        lines.append(f"| {target} | {measured} | {shown} |")
+    return lines

@@ -21,11 +21,9 @@ COUNTER = "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sl
 @pytest.fixture(scope="module")
 def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS,
-                         pool_size=1).start(wait_pool=1)
-    yield proc
-    proc.stop()
-    proc.destroy_everything(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log")
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1)
+    with proc.serving(wait_pool=1, keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+        yield proc
 
 
 @pytest.fixture(scope="module")

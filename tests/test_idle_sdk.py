@@ -24,10 +24,8 @@ def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
                          extra_env={"CORRAL_IDLE_FREEZE_S": str(IDLE_S), "CORRAL_IDLE_BREATHE_S": str(BREATHE_S)})
-    proc.start(wait_pool=1)
-    yield proc
-    proc.stop()
-    proc.destroy_everything(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log")
+    with proc.serving(wait_pool=1, keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,8 @@ def server(harness, runtime, store):
     harness.run(store.build(TEMPLATE, runtime), timeout=3600)
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
                          extra_env={"CORRAL_POOL_TEMPLATES": TEMPLATE})
-    proc.start()
-    yield proc
-    proc.stop()
-    proc.destroy_everything(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log")
+    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,9 @@ INSTANCE, NETWORK = "t3", "10.204.0.0/22"
 @pytest.fixture(scope="module")
 def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS,
-                         host="0.0.0.0").start(wait_pool=2)
-    yield proc
-    proc.stop()
-    proc.destroy_everything()
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, host="0.0.0.0")
+    with proc.serving(wait_pool=2):
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -67,6 +69,16 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"corral serve did not come up: {self.log.read_text()[-3000:]}")
+
+    @contextlib.contextmanager
+    def serving(self, wait_pool: int = 0, keep_log: Path | None = None) -> Iterator[ServerProcess]:
+        """Started for the block (a test module's fixture), then stopped and everything it left destroyed."""
+        self.start(wait_pool=wait_pool)
+        try:
+            yield self
+        finally:
+            self.stop()
+            self.destroy_everything(keep_log=keep_log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
