@@ -98,8 +98,8 @@ class IdleFreezer:
                 activity.last_active = time.monotonic()
 
     def frozen(self, sandbox_id: str) -> bool:
-        activity = self._sandboxes.get(sandbox_id)
-        return activity is not None and activity.frozen_at is not None
+        runtime_id = self._runtime_id(sandbox_id)
+        return runtime_id is not None and self._runtime.is_frozen(runtime_id)
 
     # ---------------------------------------------------------------- the loop
 
@@ -117,6 +117,9 @@ class IdleFreezer:
         runtime_id = self._runtime_id(sandbox_id)
         if runtime_id is None:
             return
+        if activity.frozen_at is not None and not self._runtime.is_frozen(runtime_id):
+            activity.frozen_at = None  # a runtime operation (exec, checkpoint) thawed it: it is in use
+            activity.last_active = now
         if activity.frozen_at is not None:
             if now - activity.frozen_at >= self.breathe_every_s:
                 self._runtime.thaw(runtime_id)

@@ -87,7 +87,6 @@ class Orchestrator:
         """The address, once no checkpoint of the sandbox is in progress (the proxy waits here)."""
         while (quiet := self._quiet.get(sandbox_id)) is not None:
             await quiet.wait()
-        self.idle.wake(sandbox_id)
         return self.address(sandbox_id)
 
     def in_use(self, sandbox_id: str):
