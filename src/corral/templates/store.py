@@ -71,9 +71,7 @@ class TemplateStore:
 
     async def is_current(self, name: str, runtime: Runtime) -> bool:
         """Whether template `name` is built from its recipe as it is now (False after an upgrade changed it)."""
-        recipe = self.recipes[name]
-        key = recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
-        return self.resolve(name).name == key
+        return self.resolve(name).name == await self._snapshot_key(self.recipes[name], runtime)
 
     def list(self) -> list[TemplateInfo]:
         out = []
@@ -88,6 +86,9 @@ class TemplateStore:
                                     size_bytes=tree_size(snapshot), built_at=meta["created_at"]))
         return out
 
+    async def _snapshot_key(self, recipe: Recipe, runtime: Runtime) -> str:
+        return recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
+
     def environment(self, runtime_compat: str) -> dict:
         return {"runtime": runtime_compat, "dns": str(self.settings.dns_address), "envd": envd_layer.layer_key()}
 
@@ -101,7 +102,7 @@ class TemplateStore:
             raise TemplateNotFound(
                 f"no recipe for template {name!r}; known: {', '.join(sorted(self.recipes))}") from None
         rootfs = await self.ensure_rootfs(recipe, force=force, progress=progress)
-        key = recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
+        key = await self._snapshot_key(recipe, runtime)
         tdir = self.root / "templates" / name
         snapshot = tdir / key
         if force or not snapshot.is_dir():
