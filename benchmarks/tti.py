@@ -242,6 +242,9 @@ def main() -> None:
         f"Burst: {burst_failures} failures, {burst_total:.1f} s in all, {burst_rate:.1f} creates/s after the pool "
         f"of {args.pool} was drained.",
         "",
+        f"Against the baseline in the same run (p50 over p50): TTI {pct(tti, 50) / pct(baseline, 50):.2f}x a raw "
+        f"restore + /init + `node -v`; proxied `/health` {pct(proxied, 50) / pct(direct, 50):.2f}x a direct one.",
+        "",
         "| target | measured | verdict |", "|---|---|---|",
         f"| TTI p50 <= {TARGETS['tti_p50']:.0f} ms | {pct(tti, 50):.1f} ms | {mark[verdict['tti_p50']]} |",
         f"| TTI p99 <= {TARGETS['tti_p99']:.0f} ms | {pct(tti, 99):.1f} ms | {mark[verdict['tti_p99']]} |",
