@@ -67,6 +67,40 @@ def test_run_reports_output_user_cwd_and_environment(sbx):
     assert as_root.stdout == "root\n/root\n"
 
 
+def test_accounts_changed_by_commands_apply_to_the_next_request(sbx):
+    name = "u" + secrets.token_hex(3)
+    with pytest.raises(AuthenticationException):
+        sbx.commands.run("true", user=name)
+    sbx.commands.run(f"useradd --create-home {name}", user="root")
+    assert sbx.commands.run("whoami; echo $HOME", user=name).stdout == f"{name}\n/home/{name}\n"
+    sbx.commands.run(f"groupadd g{name} && usermod -aG g{name} {name}", user="root")
+    assert f"g{name}" in sbx.commands.run("id -Gn", user=name).stdout.split()
+    sbx.commands.run(f"userdel --remove {name}", user="root")  # no process of envd's runs as the user
+    with pytest.raises(AuthenticationException):
+        sbx.commands.run("true", user=name)
+    # The default user's commands start from a resident spawner; it follows the account too, and a
+    # command started before the change keeps its identity and still reports its exit.
+    background = sbx.commands.run("sleep 2; id -Gn", background=True)
+    sbx.commands.run(f"usermod -aG g{name} user", user="root")
+    try:
+        assert f"g{name}" in sbx.commands.run("id -Gn").stdout.split()
+        assert f"g{name}" not in background.wait().stdout.split()
+    finally:
+        sbx.commands.run(f"gpasswd --delete user g{name} >/dev/null && groupdel g{name}", user="root")
+    assert f"g{name}" not in sbx.commands.run("id -Gn").stdout.split()
+    assert sbx.commands.run("pgrep -u user -f -c [s]pawner_child").stdout == "1\n"  # the old one is gone
+
+
+def test_root_commands_keep_root_identity(sbx):
+    assert sbx.commands.run("id -u; id -g; id -G; echo $HOME", user="root").stdout == "0\n0\n0\n/root\n"
+    received = bytearray()
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80), user="root", cwd="/root")
+    time.sleep(1.0)  # interactive bash discards what is typed before its first prompt
+    sbx.pty.send_stdin(terminal.pid, b"mesg; id -u; exit 0\n")
+    assert terminal.wait(on_pty=received.extend).exit_code == 0
+    assert b"is n" in received  # a root login at a terminal still runs ~/.profile's `mesg n`
+
+
 def test_cwd_rules(sbx):
     sbx.commands.run("mkdir -p /home/user/proj/sub")
     assert sbx.commands.run("pwd", cwd="~/proj").stdout == "/home/user/proj\n"

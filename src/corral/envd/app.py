@@ -117,8 +117,10 @@ class EnvdApp:
             self.state.env_vars = dict(env_vars)
         if "accessToken" in body:
             self.state.access_token = body["accessToken"] or None
-        if user is not None:
+        if user is not None and user != self.state.default_user:
             self.state.default_user = user
+            with contextlib.suppress(UnknownUser, OSError):
+                self.processes.prepare_user(lookup(user))
         if body.get("defaultWorkdir"):
             self.state.default_workdir = body["defaultWorkdir"]
         if isinstance(body.get("hostname"), str) and body["hostname"]:

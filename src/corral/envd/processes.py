@@ -299,8 +299,8 @@ class ProcessTable:
         self._spawners.close()
 
     def prepare_user(self, user: User) -> None:
-        """Starts the user's spawner now rather than on its first command."""
-        self._spawners.for_user(user)
+        """Gives the user (the sandbox's default one) a resident spawner, started now."""
+        self._spawners.prepare(user)
 
 
 def _write_all(fd: int, data: bytes) -> None:

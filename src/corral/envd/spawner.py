@@ -82,6 +82,11 @@ class Spawner:
     def wait(self, pid: int) -> asyncio.Future:
         return self._exits[pid]
 
+    @property
+    def running(self) -> bool:
+        """Whether a command it started has not been reported exited yet."""
+        return bool(self._pending) or any(not future.done() for future in self._exits.values())
+
     def _readable(self) -> None:
         while True:
             try:
@@ -126,20 +131,43 @@ class Spawner:
 
 
 class Spawners:
-    """One spawner per non-root user, made on demand."""
+    """Spawners for root and for the users envd was told to prepare (the default user), made on demand.
+
+    Root's commands need one too: envd would otherwise fork itself for each, since passing supplementary
+    groups rules out vfork. Other users' commands fork envd as before: a resident spawner would be a
+    process of that user, and `userdel` refuses to remove a user who has one.
+    """
 
     def __init__(self) -> None:
         self._by_uid: dict[int, Spawner] = {}
+        self._resident: set[int] = {0}
+        self._retired: list[Spawner] = []
+
+    def prepare(self, user: User) -> None:
+        self._resident.add(user.uid)
+        self.for_user(user)
 
     def for_user(self, user: User) -> Spawner | None:
-        if user.is_root or os.geteuid() != 0:
-            return None  # root's commands (rare) and unprivileged development runs fork as before
+        if os.geteuid() != 0 or user.uid not in self._resident:
+            return None  # forks as before (and an unprivileged development envd runs all as itself)
+        self._close_idle_retired()
         spawner = self._by_uid.get(user.uid)
+        if spawner is not None and spawner.alive and spawner.user != user:
+            # The account changed (e.g. `usermod -aG`): new commands get the new identity, as a new login
+            # would; the old spawner stays until the commands it started have exited.
+            self._retired.append(spawner)
+            spawner = None
         if spawner is None or not spawner.alive:
             spawner = self._by_uid[user.uid] = Spawner.launch(user)
         return spawner
 
+    def _close_idle_retired(self) -> None:
+        for spawner in [s for s in self._retired if not s.running]:
+            spawner.close()
+            self._retired.remove(spawner)
+
     def close(self) -> None:
-        for spawner in self._by_uid.values():
+        for spawner in [*self._by_uid.values(), *self._retired]:
             spawner.close()
         self._by_uid.clear()
+        self._retired.clear()

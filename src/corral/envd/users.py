@@ -39,14 +39,41 @@ class User:
         return bits & want == want
 
 
+# Every request names a user, and a lookup through NSS reads /etc/passwd and /etc/group: ~1.5 ms under
+# gVisor. Answers are kept while those files are unchanged (useradd, groupadd or usermod in a command
+# replaces them, which changes their mtime or inode, so a new user is found on its next request).
+_ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+_cache: dict[str, User] = {}
+_cache_stamp: tuple | None = None
+
+
+def _account_files_stamp() -> tuple:
+    stamp = []
+    for path in _ACCOUNT_FILES:
+        try:
+            st = os.stat(path)
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
 def lookup(name: str) -> User:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise UnknownUser(name) from None
-    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return User(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
-                home=entry.pw_dir or "/")
+    global _cache_stamp
+    stamp = _account_files_stamp()
+    if stamp != _cache_stamp:
+        _cache.clear()
+        _cache_stamp = stamp
+    user = _cache.get(name)
+    if user is None:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise UnknownUser(name) from None  # not cached: the user may be created by the next command
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        user = _cache[name] = User(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
+                                   home=entry.pw_dir or "/")
+    return user
 
 
 def from_basic_auth(header: str | None) -> str | None:
