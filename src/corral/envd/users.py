@@ -43,36 +43,43 @@ class User:
 # gVisor. Answers are kept while those files are unchanged (useradd, groupadd or usermod in a command
 # replaces them, which changes their mtime or inode, so a new user is found on its next request).
 _ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
-_cache: dict[str, User] = {}
-_cache_stamp: tuple | None = None
 
 
-def _account_files_stamp() -> tuple:
-    stamp = []
-    for path in _ACCOUNT_FILES:
-        try:
-            st = os.stat(path)
-            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            stamp.append(None)
-    return tuple(stamp)
+class _AccountCache:
+    def __init__(self) -> None:
+        self.users: dict[str, User] = {}
+        self.stamp: tuple | None = None
+
+    def fresh(self) -> dict[str, User]:
+        stamp = tuple(_file_stamp(path) for path in _ACCOUNT_FILES)
+        if stamp != self.stamp:
+            self.users.clear()
+            self.stamp = stamp
+        return self.users
+
+
+def _file_stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+_accounts = _AccountCache()
 
 
 def lookup(name: str) -> User:
-    global _cache_stamp
-    stamp = _account_files_stamp()
-    if stamp != _cache_stamp:
-        _cache.clear()
-        _cache_stamp = stamp
-    user = _cache.get(name)
+    users = _accounts.fresh()
+    user = users.get(name)
     if user is None:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise UnknownUser(name) from None  # not cached: the user may be created by the next command
+            raise UnknownUser(name) from None  # not kept: the next command may create the user
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        user = _cache[name] = User(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
-                                   home=entry.pw_dir or "/")
+        user = users[name] = User(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
+                                  home=entry.pw_dir or "/")
     return user
 
 
