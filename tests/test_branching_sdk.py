@@ -49,6 +49,17 @@ def checkpoint_dirs(server) -> set[str]:
     return {p.name for p in root.iterdir()} if root.is_dir() else set()
 
 
+def resume_ready(server) -> int:
+    return httpx.get(f"{server.url}/health", timeout=10).json()["resumeReady"]
+
+
+def wait_resume_ready(server, expected: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while resume_ready(server) != expected:
+        assert time.monotonic() < deadline, f"resumeReady stayed {resume_ready(server)}, expected {expected}"
+        time.sleep(0.1)
+
+
 def test_pause_list_connect_resumes_memory_and_files(server, key, opts):
     sbx = Sandbox.create(metadata={"t": "pause"}, envs={"MARK": "kept"}, timeout=120, **opts)
     try:
@@ -66,8 +77,10 @@ def test_pause_list_connect_resumes_memory_and_files(server, key, opts):
         raw = api(server, key, "GET", f"/sandboxes/{sbx.sandbox_id}").json()
         assert raw["pauseMode"] == "full"
         time.sleep(1.5)
+        wait_resume_ready(server, 1)  # its container is prepared: the resume below takes it
         resumed = Sandbox.connect(sbx.sandbox_id, timeout=60, **opts)
         assert resumed.sandbox_id == sbx.sandbox_id
+        assert resume_ready(server) == 0
         assert resumed.files.read("/home/user/state.txt") == "before pause"
         assert resumed.commands.run("echo $MARK").stdout == "kept\n"
         after = count(resumed)
@@ -310,7 +323,9 @@ def test_killing_a_paused_sandbox_frees_its_checkpoint(server, opts):
     before = checkpoint_dirs(server)
     sbx.pause()
     (pause_dir,) = checkpoint_dirs(server) - before
+    wait_resume_ready(server, 1)
     assert Sandbox.kill(sbx.sandbox_id, **opts) is True
+    assert resume_ready(server) == 0  # what was prepared for its resume is gone with it
     with pytest.raises(SandboxNotFoundException):
         Sandbox.connect(sbx.sandbox_id, **opts)
     assert pause_dir not in checkpoint_dirs(server)

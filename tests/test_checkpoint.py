@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -214,3 +215,57 @@ def test_filesystem_only_checkpoint_cold_boots_with_the_files(harness, runtime, 
         assert get(runtime, cold.id) == 1
     finally:
         harness.run(runtime.destroy(cold.id))
+
+
+def test_a_prepared_restore_is_used_once_and_released_without_leftovers(harness, runtime, settings, counter_sandbox,
+                                                                        tmp_path):
+    from helpers.leaks import footprint
+
+    from corral.runtime.base import Resources
+
+    target = tmp_path / "paused"
+    harness.run(runtime.checkpoint(counter_sandbox.id, target, leave_running=False))
+    before = footprint(settings)
+    assert harness.run(runtime.prepare_restore(target, Resources())) is True
+    assert runtime.prepared(target) == 1
+    held = footprint(settings)
+    assert (held.containers, held.netns) == (before.containers + 1, before.netns + 1)
+    (clone,) = harness.run(runtime.restore(target, 1, SandboxConfig()))
+    assert runtime.prepared(target) == 0  # the restore took it
+    assert get(runtime, clone.id) == 4  # and it is the checkpointed process, going on
+    harness.run(runtime.destroy(clone.id))
+    assert harness.run(runtime.prepare_restore(target, Resources())) is True
+    harness.run(runtime.release_prepared(target))
+    assert runtime.prepared(target) == 0
+    assert footprint(settings) == before
+    with pytest.raises(CheckpointInvalid):
+        harness.run(runtime.prepare_restore(tmp_path / "missing", Resources()))
+    assert footprint(settings) == before
+
+
+def test_resume_warmth_holds_for_its_time_then_releases(harness, runtime, settings, counter_sandbox, tmp_path):
+    from helpers.leaks import footprint
+
+    from corral.orchestrator.resume_warmth import ResumeWarmth
+    from corral.runtime.base import Resources
+
+    target = tmp_path / "paused"
+    harness.run(runtime.checkpoint(counter_sandbox.id, target, leave_running=False))
+    before = footprint(settings)
+
+    async def scenario() -> list[int]:
+        warmth = ResumeWarmth(runtime, keep_s=1.5, most=1)
+        warmth.hold(target, Resources())
+        seen = []
+        for _ in range(40):  # held within a few seconds, released 1.5 s later
+            await asyncio.sleep(0.1)
+            seen.append(warmth.ready())
+            if seen[-1] == 0 and 1 in seen:
+                break
+        await warmth.close()
+        return seen
+
+    seen = harness.run(scenario())
+    assert 1 in seen and seen[-1] == 0, seen
+    assert runtime.prepared(target) == 0
+    assert footprint(settings) == before

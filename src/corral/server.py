@@ -43,7 +43,9 @@ class CorralServer:
                                          warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
                                                    if recipe.warm_up},
                                          idle_after_s=platform.idle_freeze_s,
-                                         breathe_every_s=platform.idle_breathe_every_s)
+                                         breathe_every_s=platform.idle_breathe_every_s,
+                                         resume_warm_s=platform.resume_warm_s,
+                                         resume_warm_max=platform.resume_warm_max)
         self.service = SandboxService(sessions, self.orchestrator, platform,
                                       checkpoint_dir=settings.data_dir / "checkpoints")
         self.service.branching.is_template = lambda name: name in store.recipes or any(

@@ -94,7 +94,8 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
     async def health() -> schemas.Health:
         pool = service.orchestrator.pool
         return schemas.Health(sandboxes=len(service.orchestrator.live_ids()),
-                              pooled={t: pool.ready(t) for t in service.orchestrator.pool._templates})
+                              pooled={t: pool.ready(t) for t in service.orchestrator.pool._templates},
+                              resumeReady=service.orchestrator.resume_ready())
 
     async def _create(key: ApiKey, body: schemas.NewSandbox) -> schemas.Sandbox:
         lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",

@@ -365,10 +365,13 @@ class Branching:
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
         """After a kill: its pause checkpoints go too, unless the tree hangs on them."""
+        with self._sessions() as session:
+            pause_ids = list(session.scalars(select(CheckpointRow.id).where(
+                CheckpointRow.sandbox_id == sandbox_id, CheckpointRow.kind == "pause")))
+        for node_id in pause_ids:  # a killed paused sandbox holds nothing ready to resume any more
+            await self._orchestrator.release_prepared(self.files.path(node_id))
         with self._sessions.begin() as session:
-            pauses = list(session.scalars(select(CheckpointRow).where(CheckpointRow.sandbox_id == sandbox_id,
-                                                                       CheckpointRow.kind == "pause")))
-            for node in pauses:
+            for node in session.scalars(select(CheckpointRow).where(CheckpointRow.id.in_(pause_ids))):
                 has_children = session.scalars(select(CheckpointRow.id).where(
                     CheckpointRow.parent_id == node.id)).first() is not None
                 has_sandboxes = session.scalars(select(SandboxRow.id).where(

@@ -186,3 +186,5 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     sandboxes: int
     pooled: dict[str, int]
+    # Paused sandboxes whose resume is prepared (CORRAL_RESUME_WARM_S).
+    resumeReady: int = 0

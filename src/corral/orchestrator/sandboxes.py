@@ -13,6 +13,7 @@ from pathlib import Path
 from corral.orchestrator.envd_link import EnvdLink
 from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.pool import WarmPool
+from corral.orchestrator.resume_warmth import ResumeWarmth
 from corral.runtime.base import (
     Checkpoint,
     Resources,
@@ -39,8 +40,10 @@ DEFAULT_WORKDIR = "/home/user"
 class Orchestrator:
     def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
                  direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None,
-                 idle_after_s: float = 0.0, breathe_every_s: float = 10.0) -> None:
+                 idle_after_s: float = 0.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
+                 resume_warm_max: int = 16) -> None:
         self.runtime = runtime
+        self._resume_warm = ResumeWarmth(runtime, keep_s=resume_warm_s, most=resume_warm_max)
         # Restores beyond the pool run a few at a time, first come first served: on a small host a
         # burst of unbounded restores thrashes until every one of them is late.
         self._direct = asyncio.Semaphore(direct_concurrency or max(2, os.cpu_count() or 2))
@@ -74,6 +77,7 @@ class Orchestrator:
 
     async def close(self) -> None:
         """Stops pooling; live sandboxes keep running so a restarted server finds them again."""
+        await self._resume_warm.close()
         await self.idle.close()
         await self.pool.close()
         await self.envd.close()
@@ -181,11 +185,23 @@ class Orchestrator:
         async with self._quiesced(sandbox_id):
             await self._take_offline(sandbox_id)
             try:
-                return await self.runtime.checkpoint(sandbox.id, directory, memory=memory, leave_running=False)
+                checkpoint = await self.runtime.checkpoint(sandbox.id, directory, memory=memory,
+                                                           leave_running=False)
             except BaseException:
                 if sandbox.id in {s.id for s in self.runtime.list()}:
                     self._go_live(sandbox_id, sandbox)
                 raise
+        if memory:
+            self._resume_warm.hold(directory, sandbox.config.resources)
+        return checkpoint
+
+    def resume_ready(self) -> int:
+        """Paused sandboxes whose resume is prepared right now."""
+        return self._resume_warm.ready()
+
+    async def release_prepared(self, directory: Path) -> None:
+        """Frees what is held ready to resume from `directory` (its paused sandbox was killed)."""
+        await self._resume_warm.release(directory)
 
     async def start_from(self, directory: Path, *, sandbox_id: str | None, token: str, current_token: str,
                          env_vars: dict[str, str], internet: bool, resources: Resources,
@@ -196,6 +212,7 @@ class Orchestrator:
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id)
         async with self._restores:
             (sandbox,) = await self.runtime.restore(directory, 1, config, memory=memory)
+        self._resume_warm.used(directory)
         api_id = sandbox_id or sandbox.id
         try:
             await self.envd.wait_ready(sandbox.address)

@@ -164,6 +164,20 @@ class Runtime(abc.ABC):
         start command on its filesystem. keep_prepared asks the backend to keep setup work ready for more
         restores of this checkpoint (worth it for templates, not for one-off checkpoints)."""
 
+    async def prepare_restore(self, checkpoint: Path, resources: Resources) -> bool:
+        """Does the setup of one later `restore(checkpoint, 1, ...)` with these resources now (e.g. for a
+        paused sandbox, whose resume is likely soon), held until that restore or `release_prepared`.
+        Returns whether anything was prepared; backends without such setup keep this default."""
+        return False
+
+    async def release_prepared(self, checkpoint: Path) -> None:
+        """Frees whatever is held ready for restores of `checkpoint`."""
+        return None
+
+    def prepared(self, checkpoint: Path) -> int:
+        """How many restores of `checkpoint` are held ready (by `prepare_restore` or a pool)."""
+        return 0
+
     @abc.abstractmethod
     def layers_in_use(self) -> set[Path]:
         """Read-only filesystem layers that live (or prepared) sandboxes stand on and must not be removed."""

@@ -581,6 +581,31 @@ class GVisorRuntime(Runtime):
             self._cgroup(box.id).freeze()
             pool.append(box)
 
+    async def prepare_restore(self, checkpoint: Path, resources: Resources) -> bool:
+        meta = self._read_checkpoint(checkpoint)
+        if not meta["memory"]:
+            return False  # a filesystem-only checkpoint cold-boots, with no container to prepare
+        self._check_capacity(resources)
+        key = _PoolKey(checkpoint, resources)
+        box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=resources),
+                                  _RESTORE_PLACEHOLDER)
+        self._cgroup(box.id).freeze()  # no CPU while it waits
+        self._pools.setdefault(key, []).append(box)
+        return True
+
+    async def release_prepared(self, checkpoint: Path) -> None:
+        for key in [k for k in self._pools if k.checkpoint == checkpoint]:
+            task = self._pool_tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for box in self._pools.pop(key, []):
+                await self._teardown(box)
+
+    def prepared(self, checkpoint: Path) -> int:
+        return sum(len(boxes) for key, boxes in self._pools.items() if key.checkpoint == checkpoint)
+
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         box = self._box(sandbox_id)
         if box.config.internet == enabled:

@@ -1,0 +1,83 @@
+"""Paused sandboxes resume faster for a while: their container is prepared right after the pause.
+
+A resume is a restore, and ~130 ms of a restore is setup that does not depend on the memory image
+(network namespace, disk, overlay, `runsc create`; docs/gvisor-notes §3). For `keep_s` after a pause
+that setup is held ready, frozen (no CPU); then it is released and the paused sandbox holds no
+process at all. At most `most` are held; a new pause releases the oldest beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+from corral.runtime.base import Resources, Runtime
+
+log = logging.getLogger("corral.orchestrator")
+
+
+class ResumeWarmth:
+    def __init__(self, runtime: Runtime, *, keep_s: float, most: int) -> None:
+        self._runtime = runtime
+        self._keep_s = keep_s
+        self._most = most
+        # checkpoint directory -> (event that ends the hold early, task holding it)
+        self._held: OrderedDict[Path, tuple[asyncio.Event, asyncio.Task]] = OrderedDict()
+
+    def hold(self, directory: Path, resources: Resources) -> None:
+        """Starts preparing a resume from `directory` in the background."""
+        if self._keep_s <= 0 or self._most <= 0 or directory in self._held:
+            return
+        while len(self._held) >= self._most:
+            oldest, (done, _) = next(iter(self._held.items()))
+            done.set()
+            self._held.pop(oldest)  # its task releases it
+        done = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._hold(directory, resources, done))
+        self._held[directory] = (done, task)
+        task.add_done_callback(lambda _: self._forget(directory, task))
+
+    def ready(self) -> int:
+        return sum(1 for directory in self._held if self._runtime.prepared(directory))
+
+    def used(self, directory: Path) -> None:
+        """A restore from `directory` took (or did without) what was prepared: stop holding it."""
+        if (held := self._held.get(directory)) is not None:
+            held[0].set()
+
+    async def release(self, directory: Path) -> None:
+        """Ends the hold on `directory` and waits until what it held is freed."""
+        held = self._held.get(directory)
+        if held is not None:
+            held[0].set()
+            with contextlib.suppress(Exception):
+                await held[1]
+        await self._runtime.release_prepared(directory)
+
+    async def close(self) -> None:
+        held = list(self._held.values())
+        for done, _ in held:
+            done.set()
+        for _, task in held:
+            with contextlib.suppress(Exception):
+                await task
+
+    async def _hold(self, directory: Path, resources: Resources, done: asyncio.Event) -> None:
+        # Never cancelled: a container interrupted half-way through its setup would be left behind.
+        try:
+            if await self._runtime.prepare_restore(directory, resources):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), self._keep_s)
+        except Exception as exc:  # an optimisation only: the resume then does the whole restore
+            log.info("could not prepare the resume from %s: %s", directory.name, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._runtime.release_prepared(directory)
+
+    def _forget(self, directory: Path, task: asyncio.Task) -> None:
+        held = self._held.get(directory)
+        if held is not None and held[1] is task:
+            del self._held[directory]
