@@ -249,23 +249,30 @@ def test_resume_warmth_holds_for_its_time_then_releases(harness, runtime, settin
     from corral.orchestrator.resume_warmth import ResumeWarmth
     from corral.runtime.base import Resources
 
-    target = tmp_path / "paused"
+    target, second = tmp_path / "paused", tmp_path / "paused-too"
     harness.run(runtime.checkpoint(counter_sandbox.id, target, leave_running=False))
+    shutil.copytree(target, second, symlinks=True)
     before = footprint(settings)
 
-    async def scenario() -> list[int]:
-        warmth = ResumeWarmth(runtime, keep_s=1.5, most=1)
-        warmth.hold(target, Resources())
-        seen = []
-        for _ in range(40):  # held within a few seconds, released 1.5 s later
-            await asyncio.sleep(0.1)
-            seen.append(warmth.ready())
-            if seen[-1] == 0 and 1 in seen:
-                break
-        await warmth.close()
-        return seen
+    async def until(condition, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
 
-    seen = harness.run(scenario())
-    assert 1 in seen and seen[-1] == 0, seen
-    assert runtime.prepared(target) == 0
+    async def scenario() -> None:
+        warmth = ResumeWarmth(runtime, keep_s=2.0, most=1)
+        warmth.hold(target, Resources())
+        await warmth.settled(target)
+        assert (warmth.ready(), runtime.prepared(target)) == (1, 1)
+        # One held at most: holding a second releases the first.
+        warmth.hold(second, Resources())
+        await until(lambda: runtime.prepared(target) == 0 and runtime.prepared(second) == 1)
+        assert warmth.ready() == 1
+        # Released by itself after keep_s.
+        await until(lambda: runtime.prepared(second) == 0)
+        assert warmth.ready() == 0
+        await warmth.close()
+
+    harness.run(scenario())
     assert footprint(settings) == before

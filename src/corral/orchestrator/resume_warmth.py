@@ -26,6 +26,8 @@ class ResumeWarmth:
         self._most = most
         # checkpoint directory -> (event that ends the hold early, task holding it)
         self._held: OrderedDict[Path, tuple[asyncio.Event, asyncio.Task]] = OrderedDict()
+        self._settled: dict[Path, asyncio.Event] = {}  # set once the preparation finished (or failed)
+        self._tasks: set[asyncio.Task] = set()  # evicted holds too, until they have released
 
     def hold(self, directory: Path, resources: Resources) -> None:
         """Starts preparing a resume from `directory` in the background."""
@@ -35,13 +37,24 @@ class ResumeWarmth:
             oldest, (done, _) = next(iter(self._held.items()))
             done.set()
             self._held.pop(oldest)  # its task releases it
+            self._settled.pop(oldest, None)
         done = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._hold(directory, resources, done))
+        self._settled[directory] = settled = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._hold(directory, resources, done, settled))
         self._held[directory] = (done, task)
+        self._tasks.add(task)
         task.add_done_callback(lambda _: self._forget(directory, task))
 
     def ready(self) -> int:
         return sum(1 for directory in self._held if self._runtime.prepared(directory))
+
+    async def settled(self, directory: Path, timeout: float = 5.0) -> None:
+        """Waits while the resume from `directory` is being prepared: a resume right after its pause then
+        takes the container being made instead of making a second one next to it."""
+        settled = self._settled.get(directory)
+        if settled is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), timeout)
 
     def used(self, directory: Path) -> None:
         """A restore from `directory` took (or did without) what was prepared: stop holding it."""
@@ -58,26 +71,31 @@ class ResumeWarmth:
         await self._runtime.release_prepared(directory)
 
     async def close(self) -> None:
-        held = list(self._held.values())
-        for done, _ in held:
+        for done, _ in self._held.values():
             done.set()
-        for _, task in held:
+        for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
 
-    async def _hold(self, directory: Path, resources: Resources, done: asyncio.Event) -> None:
+    async def _hold(self, directory: Path, resources: Resources, done: asyncio.Event,
+                    settled: asyncio.Event) -> None:
         # Never cancelled: a container interrupted half-way through its setup would be left behind.
         try:
-            if await self._runtime.prepare_restore(directory, resources):
+            prepared = await self._runtime.prepare_restore(directory, resources)
+            settled.set()
+            if prepared:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), self._keep_s)
         except Exception as exc:  # an optimisation only: the resume then does the whole restore
             log.info("could not prepare the resume from %s: %s", directory.name, exc)
         finally:
+            settled.set()
             with contextlib.suppress(Exception):
                 await self._runtime.release_prepared(directory)
 
     def _forget(self, directory: Path, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
         held = self._held.get(directory)
         if held is not None and held[1] is task:
             del self._held[directory]
+            self._settled.pop(directory, None)

@@ -210,6 +210,7 @@ class Orchestrator:
         one (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the
         API id and the runtime's sandbox."""
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id)
+        await self._resume_warm.settled(directory)
         async with self._restores:
             (sandbox,) = await self.runtime.restore(directory, 1, config, memory=memory)
         self._resume_warm.used(directory)
