@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -210,13 +211,19 @@ class Orchestrator:
         one (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the
         API id and the runtime's sandbox."""
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id)
+        started = time.perf_counter()
         await self._resume_warm.settled(directory)
+        settled = time.perf_counter()
         async with self._restores:
             (sandbox,) = await self.runtime.restore(directory, 1, config, memory=memory)
+        restored = time.perf_counter()
         self._resume_warm.used(directory)
         api_id = sandbox_id or sandbox.id
         try:
             await self.envd.wait_ready(sandbox.address)
+            log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
+                      "%.1f ms later", api_id, directory.name, (settled - started) * 1000,
+                      (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)
             cold = not (memory and (directory / "image").is_dir())
             if cold or sandbox_id is None:
                 # A cold-booted envd starts without identity; a clone carries its source's and gets its own.

@@ -355,17 +355,21 @@ class GVisorRuntime(Runtime):
     async def _go_live(self, box: _Box, *, image: Path | None) -> Sandbox:
         """Starts (or restores `image` into) a prepared container and registers it."""
         try:
+            began = time.perf_counter()
             self._cgroup(box.id).thaw()  # prepared containers wait frozen
             if box.config.low_priority:
                 self._set_cpu_weight(box.id, low=True)
             await configure_guest(box.slot)
             if not box.config.internet:
                 await firewall.set_offline(self.settings.instance, box.slot.guest, True)
+            configured = time.perf_counter()
             if image is None:
                 await self.runsc.start(box.id, box.log)
             else:
                 async with self._restore_gate:
                     await self.runsc.restore(box.id, box.bundle, image, box.log)
+            log.debug("%s: network %.1f ms, runsc %s %.1f ms", box.id, (configured - began) * 1000,
+                      "start" if image is None else "restore", (time.perf_counter() - configured) * 1000)
             # A restore whose flags do not match the image exits 0 with a dead sandbox (gvisor-notes §8.3).
             # Its processes are then gone or zombies; checking that costs nothing, `runsc state` ~25 ms.
             if not _all_alive(self._container_pids(box.id)):
