@@ -29,9 +29,10 @@ log = logging.getLogger("corral.orchestrator")
 
 # A sandbox must hold no TCP connection to the host when it is checkpointed: gVisor (20240729) restores
 # such a connection into a clone whose address has changed and the clone's network then stops answering
-# (docs/branching.md). The proxy's connections are closed first; this is how long the sandbox gets to
-# finish closing its side.
-QUIESCE_S = 0.05
+# (docs/branching.md). The proxy's connections are closed first; the checkpoint waits until the host's
+# socket table shows the sandbox has closed its side of each (usually a few ms), for at most this long.
+QUIESCE_S = 0.1
+QUIESCE_POLL_S = 0.002
 
 # What E2B templates set up: commands run as `user` in its home unless a request says otherwise.
 DEFAULT_USER = "user"
@@ -165,11 +166,28 @@ class Orchestrator:
             for callback in self.on_gone:
                 with contextlib.suppress(Exception):
                     await callback(sandbox_id)
-            await asyncio.sleep(QUIESCE_S)
+            await self._connections_closed(sandbox_id)
             yield
         finally:
             del self._quiet[sandbox_id]
             quiet.set()
+
+    async def _connections_closed(self, sandbox_id: str) -> None:
+        runtime_id = self._running(sandbox_id).id
+        deadline = time.monotonic() + QUIESCE_S
+        while time.monotonic() < deadline:
+            try:
+                open_ = self.runtime.host_connections(runtime_id)
+            except (RuntimeError_, OSError):
+                open_ = None
+            if open_ is None:  # the backend cannot tell: give the sandbox the whole time
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return
+            if open_ == 0:
+                return
+            await asyncio.sleep(QUIESCE_POLL_S)
+        log.info("checkpoint of %s: %d connection(s) still open after %.0f ms", sandbox_id,
+                 self.runtime.host_connections(runtime_id) or 0, QUIESCE_S * 1000)
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
         """Checkpoints a running sandbox, which goes on running (it is frozen for the moment it takes).
@@ -183,6 +201,7 @@ class Orchestrator:
         """Checkpoints a sandbox and stops it: it uses no CPU and no memory until `resume`. On failure it
         keeps running and stays reachable."""
         sandbox = self._running(sandbox_id)
+        self.idle.wake(sandbox_id)  # a frozen sandbox could not close its connections
         async with self._quiesced(sandbox_id):
             await self._take_offline(sandbox_id)
             try:

@@ -174,6 +174,11 @@ class Runtime(abc.ABC):
         """Frees whatever is held ready for restores of `checkpoint`."""
         return None
 
+    def host_connections(self, sandbox_id: str) -> int | None:
+        """TCP connections from the host into the sandbox whose sandbox side may still be open (None: the
+        backend cannot tell). A checkpoint is best taken at 0 (see orchestrator QUIESCE_S)."""
+        return None
+
     def prepared(self, checkpoint: Path) -> int:
         """How many restores of `checkpoint` are held ready (by `prepare_restore` or a pool)."""
         return 0

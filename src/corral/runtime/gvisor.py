@@ -34,6 +34,7 @@ from pathlib import Path
 from corral.config import Settings
 from corral.network import firewall
 from corral.network.commands import NetworkError
+from corral.network.connections import open_connections_to
 from corral.network.dns import upstream_resolvers
 from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
 from corral.runtime import oci
@@ -606,6 +607,9 @@ class GVisorRuntime(Runtime):
                     await task
             for box in self._pools.pop(key, []):
                 await self._teardown(box)
+
+    def host_connections(self, sandbox_id: str) -> int | None:
+        return open_connections_to(str(self._box(sandbox_id).slot.guest))
 
     def prepared(self, checkpoint: Path) -> int:
         return sum(len(boxes) for key, boxes in self._pools.items() if key.checkpoint == checkpoint)
