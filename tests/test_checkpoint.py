@@ -276,3 +276,59 @@ def test_resume_warmth_holds_for_its_time_then_releases(harness, runtime, settin
 
     harness.run(scenario())
     assert footprint(settings) == before
+
+
+@pytest.fixture
+def template_pool(harness, runtime, store):
+    """The session runtime keeps no prepared containers; this test's restores of `base` make it keep one."""
+    runtime._pool_size = 1
+    try:
+        yield store.resolve("base")
+    finally:
+        runtime._pool_size = 0
+        harness.run(runtime.close())  # tears down what the pool holds
+
+
+def _wait_prepared(harness, runtime, checkpoint, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while runtime.prepared(checkpoint) != count:
+        assert time.monotonic() < deadline, f"{runtime.prepared(checkpoint)} prepared, expected {count}"
+        harness.run(asyncio.sleep(0.05))  # the pool fills on the harness's loop
+
+
+def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, runtime, template_pool, tmp_path):
+    source = harness.run(runtime.create("base", SandboxConfig()))
+    made = [source.id]
+    try:
+        _wait_prepared(harness, runtime, template_pool, 1)
+        script = ("echo forked > /home/user/note.txt && rm /etc/debian_version && echo t > /tmp/in-tmp && "
+                  "rm -rf /opt/corral-none && mkdir -p /srv/new/dir && ln -s /home/user/note.txt /srv/link")
+        assert harness.run(runtime.exec(source.id, ["sh", "-c", script])).exit_code == 0
+        small = tmp_path / "small"
+        harness.run(runtime.checkpoint(source.id, small, leave_running=True))
+        (clone,) = harness.run(runtime.restore(small, 1, SandboxConfig()))
+        made.append(clone.id)
+        # Replayed, not stacked: the clone does not stand on the checkpoint's layer.
+        assert small / "layer" not in runtime.layers_in_use()
+        check = ("cat /home/user/note.txt /tmp/in-tmp /srv/link; test -e /etc/debian_version || echo deleted; "
+                 "test -d /srv/new/dir && echo dir")
+        result = harness.run(runtime.exec(clone.id, ["sh", "-c", check]))
+        assert result.stdout.decode() == "forked\nt\nforked\ndeleted\ndir\n"
+        host, port = runtime.address(clone.id, 49983)
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=10) as response:
+            assert response.status == 204  # envd came back from the memory image
+        # A layer above the replay limit is stacked as before.
+        assert harness.run(runtime.exec(source.id, ["sh", "-c", "head -c 2000000 /dev/urandom > /home/user/big"]
+                                        )).exit_code == 0
+        _wait_prepared(harness, runtime, template_pool, 1)
+        big = tmp_path / "big"
+        harness.run(runtime.checkpoint(source.id, big, leave_running=True))
+        (stacked,) = harness.run(runtime.restore(big, 1, SandboxConfig()))
+        made.append(stacked.id)
+        assert big / "layer" in runtime.layers_in_use()
+        assert runtime.prepared(template_pool) == 1  # left for the next one
+        size = harness.run(runtime.exec(stacked.id, ["stat", "-c", "%s", "/home/user/big"])).stdout
+        assert size.decode().strip() == "2000000"
+    finally:
+        for sid in made:
+            harness.run(runtime.destroy(sid))

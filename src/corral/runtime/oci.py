@@ -21,6 +21,10 @@ _CPU_PERIOD_US = 100_000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+# Directories of the root filesystem that are bind-mounted into the sandbox (the gofer binds them at
+# `runsc create`): anything that writes into a prepared root must keep these directories' inodes.
+ROOTFS_BIND_DIRS = ("tmp",)
+
 # Bump when the spec changes in a way a checkpoint carries (mounts, for one), or checkpoints gain a field
 # sandboxes restored from them need (3: the start command, for filesystem-only checkpoints): snapshots
 # taken before are rebuilt rather than restored.
@@ -58,7 +62,8 @@ def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, 
             # runsc puts a tmpfs on /tmp unless the spec mounts something there; that tmpfs would be
             # unbounded sandbox memory (a large file in /tmp gets the whole sandbox killed by the host's
             # memory limit). Keep /tmp on the sandbox's disk, under its quota, like the rest of the root.
-            {"destination": "/tmp", "type": "bind", "source": str(rootfs / "tmp"), "options": ["rbind", "rw"]},
+            *({"destination": f"/{d}", "type": "bind", "source": str(rootfs / d), "options": ["rbind", "rw"]}
+              for d in ROOTFS_BIND_DIRS),
         ],
         "linux": {
             "namespaces": [
