@@ -155,6 +155,9 @@ class GVisorRuntime(Runtime):
         self._pools: dict[_PoolKey, list[_Box]] = {}
         self._pool_tasks: dict[_PoolKey, asyncio.Task] = {}
         self._template_pools: dict[_PoolKey, dict] = {}  # pools kept by _ensure_pool, with their metadata
+        self._restoring = 0  # restore() calls in progress
+        self._no_restores = asyncio.Event()
+        self._no_restores.set()
         self._restore_gate = asyncio.Semaphore(_RESTORE_CONCURRENCY)
         self._started = False
         self._frozen: set[str] = set()  # frozen by freeze(): no CPU at all until thawed
@@ -539,9 +542,17 @@ class GVisorRuntime(Runtime):
         if not cold:
             self._check_memory_for(checkpoint / "image", count)
         key = _PoolKey(checkpoint, config.resources)
-        results = await asyncio.gather(
-            *(self._cold_boot(meta, config) if cold else self._restore_one(key, meta, config) for _ in range(count)),
-            return_exceptions=True)
+        self._restoring += 1
+        self._no_restores.clear()
+        try:
+            results = await asyncio.gather(
+                *(self._cold_boot(meta, config) if cold else self._restore_one(key, meta, config)
+                  for _ in range(count)),
+                return_exceptions=True)
+        finally:
+            self._restoring -= 1
+            if not self._restoring:
+                self._no_restores.set()
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for r in results:
@@ -614,10 +625,12 @@ class GVisorRuntime(Runtime):
             self._pool_tasks[key] = asyncio.create_task(self._fill_pool(key, meta, delay))
 
     async def _fill_pool(self, key: _PoolKey, meta: dict, delay: float = 0.0) -> None:
-        # After a take, the sandbox that took it goes first (its restore is on someone's critical path).
+        # After a take, the sandbox that took it goes first (its restore is on someone's critical path), and
+        # so do restores in progress: on a small host, preparing containers beside them slows them down.
         await asyncio.sleep(delay)
         pool = self._pools.setdefault(key, [])
         while len(pool) < self._pool_size:
+            await self._no_restores.wait()
             box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
                                       _RESTORE_PLACEHOLDER)
             # A created container's gVisor kernel already idles at ~3 % of a core: it waits frozen.
@@ -630,8 +643,10 @@ class GVisorRuntime(Runtime):
             return False  # a filesystem-only checkpoint cold-boots, with no container to prepare
         self._check_capacity(resources)
         key = _PoolKey(checkpoint, resources)
-        box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=resources),
-                                  _RESTORE_PLACEHOLDER)
+        config = SandboxConfig(resources=resources)
+        box = await self._take_prepared_for(key, meta, config)
+        if box is None:
+            box = await self._prepare(meta["template"], meta["layers"], config, _RESTORE_PLACEHOLDER)
         self._cgroup(box.id).freeze()  # no CPU while it waits
         self._pools.setdefault(key, []).append(box)
         return True
