@@ -249,7 +249,9 @@ class Branching:
                     return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template)
+        began = time.perf_counter()
         node = await self.snapshot(key_id, sandbox_id, kind="fork")
+        log.debug("fork of %s: snapshot %.1f ms", sandbox_id, (time.perf_counter() - began) * 1000)
         return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                      env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                      internet=row.internet, template=row.template)

@@ -46,6 +46,22 @@ class EnvdLink:
                 raise EnvdUnavailable(f"envd at {address} did not answer /health within {timeout:.0f}s")
             await asyncio.sleep(0.02)
 
+    async def wait_listening(self, address: str, timeout: float = 30.0) -> None:
+        """Until envd's port accepts a connection. Enough after a restore from memory, where envd is the
+        same process that answered before the checkpoint: its first HTTP request after a restore is slow
+        (~30 ms while its memory is mapped back in), and the caller's own first request pays that anyway."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(address, ENVD_PORT), 1.0)
+                writer.close()
+                return
+            except (OSError, TimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EnvdUnavailable(
+                        f"envd at {address} did not accept a connection within {timeout:.0f}s") from None
+                await asyncio.sleep(0.02)
+
     async def warm(self, address: str, user: str) -> None:
         """Runs one login-shell command the way the SDK would, so the first command a user sends does not
         pay for faulting in envd's and bash's pages after a restore."""

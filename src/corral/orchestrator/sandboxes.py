@@ -239,16 +239,19 @@ class Orchestrator:
         self._resume_warm.used(directory)
         api_id = sandbox_id or sandbox.id
         try:
-            await self.envd.wait_ready(sandbox.address)
-            log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
-                      "%.1f ms later", api_id, directory.name, (settled - started) * 1000,
-                      (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)
             cold = not (memory and (directory / "image").is_dir())
+            if cold:
+                await self.envd.wait_ready(sandbox.address)
+            elif sandbox_id is not None:
+                await self.envd.wait_listening(sandbox.address)  # a resume: the same envd as before the pause
             if cold or sandbox_id is None:
                 # A cold-booted envd starts without identity; a clone carries its source's and gets its own.
                 await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                      workdir=DEFAULT_WORKDIR, hostname=api_id,
                                      current_token=None if cold else current_token)
+            log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
+                      "%.1f ms later", api_id, directory.name, (settled - started) * 1000,
+                      (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)
         except BaseException:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
