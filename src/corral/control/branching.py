@@ -212,7 +212,7 @@ class Branching:
             raise ApiError(400, f"snapshot name {name!r} is the name of a template")
 
     async def snapshot(self, key_id: str, sandbox_id: str, *, name: str | None = None, memory: bool = True,
-                       metadata: dict | None = None, kind: str = "snapshot") -> CheckpointRow:
+                       metadata: dict | None = None, kind: str = "snapshot", clones: int = 0) -> CheckpointRow:
         self._check_name(name)
         async with self._service.locks[sandbox_id]:
             row = self._service.get(key_id, sandbox_id)
@@ -228,7 +228,8 @@ class Branching:
                 return self._finish_node(node)
             node = self._record_node(row, kind, memory=memory, name=name, metadata=metadata)
             try:
-                await self._orchestrator.checkpoint(sandbox_id, self.files.path(node.id), memory=memory)
+                await self._orchestrator.checkpoint(sandbox_id, self.files.path(node.id), memory=memory,
+                                                    clones=clones)
             except BaseException:
                 self._drop_node(node.id)
                 raise
@@ -250,7 +251,7 @@ class Branching:
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template)
         began = time.perf_counter()
-        node = await self.snapshot(key_id, sandbox_id, kind="fork")
+        node = await self.snapshot(key_id, sandbox_id, kind="fork", clones=count)
         log.debug("fork of %s: snapshot %.1f ms", sandbox_id, (time.perf_counter() - began) * 1000)
         return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                      env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},

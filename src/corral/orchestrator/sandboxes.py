@@ -189,13 +189,21 @@ class Orchestrator:
         log.info("checkpoint of %s: %d connection(s) still open after %.0f ms", sandbox_id,
                  self.runtime.host_connections(runtime_id) or 0, QUIESCE_S * 1000)
 
-    async def checkpoint(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, memory: bool = True,
+                         clones: int = 0) -> Checkpoint:
         """Checkpoints a running sandbox, which goes on running (it is frozen for the moment it takes).
-        Connections through the proxy into it are closed first."""
+        Connections through the proxy into it are closed first. `clones` sandboxes about to be started
+        from the checkpoint (a fork) have their containers prepared meanwhile."""
         runtime_id = self._running(sandbox_id).id
         self.idle.wake(sandbox_id)
-        async with self._quiesced(sandbox_id):
-            return await self.runtime.checkpoint(runtime_id, directory, memory=memory)
+        preparing = asyncio.ensure_future(self.runtime.prepare_like(runtime_id, clones)) if clones else None
+        try:
+            async with self._quiesced(sandbox_id):
+                return await self.runtime.checkpoint(runtime_id, directory, memory=memory)
+        finally:
+            if preparing is not None:
+                with contextlib.suppress(Exception):
+                    await preparing
 
     async def pause(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
         """Checkpoints a sandbox and stops it: it uses no CPU and no memory until `resume`. On failure it

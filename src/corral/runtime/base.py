@@ -174,6 +174,11 @@ class Runtime(abc.ABC):
         """Frees whatever is held ready for restores of `checkpoint`."""
         return None
 
+    async def prepare_like(self, sandbox_id: str, count: int) -> None:
+        """Prepares up to `count` containers that restores of a checkpoint of this sandbox can take (e.g.
+        while the checkpoint for a fork is being made). Backends without prepared containers do nothing."""
+        return None
+
     def host_connections(self, sandbox_id: str) -> int | None:
         """TCP connections from the host into the sandbox whose sandbox side may still be open (None: the
         backend cannot tell). A checkpoint is best taken at 0 (see orchestrator QUIESCE_S)."""

@@ -72,6 +72,7 @@ _RESTORE_CONCURRENCY = 4
 # checkpoint made from it; larger layers are stacked, so checkpoint trees share them (docs/branching.md).
 _REPLAY_LIMIT = LayerSize(entries=1024, bytes=2**20)
 _REFILL_DELAY_S = 0.3
+_PREPARE_ALONGSIDE = 4
 
 
 def new_sandbox_id() -> str:
@@ -668,6 +669,30 @@ class GVisorRuntime(Runtime):
 
     def host_connections(self, sandbox_id: str) -> int | None:
         return open_connections_to(str(self._box(sandbox_id).slot.guest))
+
+    async def prepare_like(self, sandbox_id: str, count: int) -> None:
+        box = self._box(sandbox_id)
+        keys = [k for k, meta in self._template_pools.items()
+                if k.resources == box.config.resources and meta["layers"] == box.lowers]
+        if not keys:
+            return  # not started from a pooled template: its clones stack its layer on new containers
+        key, meta = keys[0], self._template_pools[keys[0]]
+        pool = self._pools.setdefault(key, [])
+        gate = asyncio.Semaphore(2)
+
+        async def one() -> None:
+            async with gate:
+                made = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
+                                           _RESTORE_PLACEHOLDER)
+            self._cgroup(made.id).freeze()
+            pool.append(made)
+
+        # Only as many as can be made while the checkpoint is taken (~150 ms, two at a time): more would
+        # hold up the restores that wait for this, and be left over if they fail.
+        wanted = min(count, len(pool) + _PREPARE_ALONGSIDE) - len(pool)
+        results = await asyncio.gather(*(one() for _ in range(max(0, wanted))), return_exceptions=True)
+        for failure in (r for r in results if isinstance(r, BaseException)):
+            log.info("preparing containers for clones of %s: %s", sandbox_id, failure)
 
     def prepared(self, checkpoint: Path) -> int:
         return sum(len(boxes) for key, boxes in self._pools.items() if key.checkpoint == checkpoint)
