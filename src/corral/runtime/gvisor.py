@@ -156,9 +156,11 @@ class GVisorRuntime(Runtime):
         self._pools: dict[_PoolKey, list[_Box]] = {}
         self._pool_tasks: dict[_PoolKey, asyncio.Task] = {}
         self._template_pools: dict[_PoolKey, dict] = {}  # pools kept by _ensure_pool, with their metadata
-        self._restoring = 0  # restore() calls in progress
-        self._no_restores = asyncio.Event()
-        self._no_restores.set()
+        self._resuming: dict[str, asyncio.Task] = {}  # sources resuming after a checkpoint (_settle)
+        self._resume_failures: dict[str, str] = {}
+        self._busy = 0  # restores and checkpoints in progress: pools refill only when there are none
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._restore_gate = asyncio.Semaphore(_RESTORE_CONCURRENCY)
         self._started = False
         self._frozen: set[str] = set()  # frozen by freeze(): no CPU at all until thawed
@@ -240,6 +242,18 @@ class GVisorRuntime(Runtime):
                 continue
         return []
 
+    @contextlib.contextmanager
+    def _busy_with(self):
+        """Around a restore or checkpoint, which someone waits for; pool refills wait for none to run."""
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
     def _cgroup(self, sandbox_id: str) -> SandboxCgroup:
         return SandboxCgroup(f"{self.cgroup_parent}/{sandbox_id}")
 
@@ -308,6 +322,9 @@ class GVisorRuntime(Runtime):
                     (parent / sid).rmdir()
 
     async def close(self) -> None:
+        for resuming in list(self._resuming.values()):  # a source left paused would stay paused
+            with contextlib.suppress(Exception):
+                await resuming
         for task in self._pool_tasks.values():
             task.cancel()
         for task in self._pool_tasks.values():
@@ -445,6 +462,7 @@ class GVisorRuntime(Runtime):
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
         box = self._box(sandbox_id)
+        await self._settle(box.id)
         uid, gid = _parse_user(user)
         process = box.dir / f"exec-{secrets.token_hex(6)}.json"
         process.write_text(json.dumps(exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
@@ -459,7 +477,8 @@ class GVisorRuntime(Runtime):
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
                          memory: bool = True) -> Checkpoint:
-        with self._awake(self._box(sandbox_id).id):
+        await self._settle(self._box(sandbox_id).id)
+        with self._awake(self._box(sandbox_id).id), self._busy_with():
             return await self._checkpoint(sandbox_id, directory, leave_running=leave_running, memory=memory)
 
     async def _checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool,
@@ -510,13 +529,43 @@ class GVisorRuntime(Runtime):
                                             f"{sandbox_id}; the sandbox is unchanged") from exc
             raise SandboxFailed(f"checkpoint of {sandbox_id} failed: {exc}") from exc
         if leave_running:
-            try:
-                await self.runsc.resume(box.id)
-            except RunscError as exc:
-                raise SandboxFailed(f"sandbox {sandbox_id} did not resume after its checkpoint: {exc}") from exc
+            self._resume_in_background(box)
         else:
             await self.destroy(sandbox_id)
         return Checkpoint(path=directory, template=box.template, size_bytes=tree_size(directory))
+
+    def _resume_in_background(self, box: _Box) -> None:
+        """Resumes a checkpointed source while the caller goes on (a fork restores its clone meanwhile):
+        `runsc resume` is ~25 ms, mostly its command-line start. Operations on the sandbox wait for it
+        (_settle) and it is not frozen meanwhile; traffic that arrives first waits in its network queue."""
+        self._operating[box.id] = self._operating.get(box.id, 0) + 1
+
+        async def resume() -> None:
+            try:
+                for attempt in (1, 2):
+                    try:
+                        await self.runsc.resume(box.id)
+                        return
+                    except RunscError as exc:
+                        if attempt == 2:
+                            self._resume_failures[box.id] = str(exc)
+                            log.error("sandbox %s did not resume after its checkpoint: %s", box.id, exc)
+            finally:
+                self._operating[box.id] -= 1
+                if not self._operating[box.id]:
+                    del self._operating[box.id]
+
+        task = self._resuming[box.id] = asyncio.create_task(resume())
+        task.add_done_callback(lambda _: self._resuming.pop(box.id, None) if self._resuming.get(box.id) is task
+                               else None)
+
+    async def _settle(self, sandbox_id: str) -> None:
+        """Waits for a background resume of the sandbox; raises if it failed."""
+        task = self._resuming.get(sandbox_id)
+        if task is not None:
+            await asyncio.shield(task)
+        if (failure := self._resume_failures.pop(sandbox_id, None)) is not None:
+            raise SandboxFailed(f"sandbox {sandbox_id} did not resume after its checkpoint: {failure}")
 
     def _read_checkpoint(self, checkpoint: Path) -> dict:
         try:
@@ -548,17 +597,11 @@ class GVisorRuntime(Runtime):
         if not cold:
             self._check_memory_for(checkpoint / "image", count)
         key = _PoolKey(checkpoint, config.resources)
-        self._restoring += 1
-        self._no_restores.clear()
-        try:
+        with self._busy_with():
             results = await asyncio.gather(
                 *(self._cold_boot(meta, config) if cold else self._restore_one(key, meta, config)
                   for _ in range(count)),
                 return_exceptions=True)
-        finally:
-            self._restoring -= 1
-            if not self._restoring:
-                self._no_restores.set()
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for r in results:
@@ -636,7 +679,7 @@ class GVisorRuntime(Runtime):
         await asyncio.sleep(delay)
         pool = self._pools.setdefault(key, [])
         while len(pool) < self._pool_size:
-            await self._no_restores.wait()
+            await self._idle.wait()
             box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
                                       _RESTORE_PLACEHOLDER)
             # A created container's gVisor kernel already idles at ~3 % of a core: it waits frozen.
@@ -709,16 +752,19 @@ class GVisorRuntime(Runtime):
 
     async def pause(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
+        await self._settle(box.id)
         with self._awake(box.id):
             await self.runsc.pause(box.id)
 
     async def resume(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
+        await self._settle(box.id)
         with self._awake(box.id):
             await self.runsc.resume(box.id)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         box = self._box(sandbox_id)
+        await self._settle(box.id)
         if box.id in self._frozen:
             # runsc would ask the frozen gVisor kernel; nothing in it moved since it was frozen.
             last = self._last_stats.get(box.id, SandboxStats(0.0, 0, 0, 0))
@@ -736,11 +782,16 @@ class GVisorRuntime(Runtime):
 
     async def state(self, sandbox_id: str) -> str:
         box = self._box(sandbox_id)
+        await self._settle(box.id)
         with self._awake(box.id):
             return (await self.runsc.state(box.id)).status
 
     async def destroy(self, sandbox_id: str) -> None:
-        await self._teardown(self._box(sandbox_id))
+        box = self._box(sandbox_id)
+        with contextlib.suppress(SandboxFailed):
+            await self._settle(box.id)  # runsc must not be resuming what is being deleted
+        self._resume_failures.pop(box.id, None)
+        await self._teardown(box)
 
     def list(self) -> list[Sandbox]:
         return [b.public() for b in self._boxes.values()]
