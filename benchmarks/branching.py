@@ -186,7 +186,7 @@ def main() -> None:
         print(f"200 MB pause {stats(big[0])}, resume {stats(big[1])}", flush=True)
         snap_times, snap_sizes = snapshots(server, key, opts, args.cycles // 2)
         print(f"snapshot {stats(snap_times)}", flush=True)
-        fork1 = forks(server, key, opts, 1, args.cycles // 2)
+        fork1 = forks(server, key, opts, 1, args.cycles)
         print(f"fork x1 {stats(fork1[0])}", flush=True)
         fork10 = forks(server, key, opts, 10, 3)
         print(f"fork x10 {stats(fork10[0])}", flush=True)
@@ -204,7 +204,8 @@ def main() -> None:
 
     lines = [
         "| measure | n | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|",
-        f"| baseline: raw runtime checkpoint (idle base, left running) | {len(raw_ckpt)} | {stats(raw_ckpt)} |",
+        f"| baseline: raw runtime checkpoint (idle base, left running; returns while it resumes) | {len(raw_ckpt)} | "
+        f"{stats(raw_ckpt)} |",
         f"| baseline: raw runtime restore of that checkpoint | {len(raw_restore)} | {stats(raw_restore)} |",
         f"| pause, idle `base` (`sbx.pause()`) | {len(idle[0])} | {stats(idle[0])} |",
         f"| resume, idle `base` (`Sandbox.connect`), container prepared after the pause | {len(idle[1])} | "
