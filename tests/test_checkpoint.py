@@ -296,11 +296,15 @@ def _wait_prepared(harness, runtime, checkpoint, count: int) -> None:
         harness.run(asyncio.sleep(0.05))  # the pool fills on the harness's loop
 
 
-def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, runtime, template_pool, tmp_path):
+def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, runtime, settings, template_pool,
+                                                                    tmp_path):
+    from helpers.leaks import footprint
+
     source = harness.run(runtime.create("base", SandboxConfig()))
     made = [source.id]
     try:
         _wait_prepared(harness, runtime, template_pool, 1)
+        before = footprint(settings)
         script = ("echo forked > /home/user/note.txt && rm /etc/debian_version && echo t > /tmp/in-tmp && "
                   "rm -rf /opt/corral-none && mkdir -p /srv/new/dir && ln -s /home/user/note.txt /srv/link")
         assert harness.run(runtime.exec(source.id, ["sh", "-c", script])).exit_code == 0
@@ -329,6 +333,11 @@ def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, ru
         assert runtime.prepared(template_pool) == 1  # left for the next one
         size = harness.run(runtime.exec(stacked.id, ["stat", "-c", "%s", "/home/user/big"])).stdout
         assert size.decode().strip() == "2000000"
+        for sid in made[1:]:
+            harness.run(runtime.destroy(sid))
+        del made[1:]
+        _wait_prepared(harness, runtime, template_pool, 1)
+        assert footprint(settings) == before  # the clones are gone and the pool is back to one container
     finally:
         for sid in made:
             harness.run(runtime.destroy(sid))
