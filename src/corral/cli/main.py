@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -99,6 +100,32 @@ def template_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON."
     for name in sorted(set(store.recipes) - built):
         table.add_row(name, "-", "not built", f"corral template build {name}")
     console.print(table)
+
+
+@template_app.command("prune")
+def template_prune(
+        data_dir: list[Path] = typer.Option(None, "--data-dir",
+                                            help="A data directory whose sandboxes and checkpoints use this cache "
+                                                 "(repeat for each; default: CORRAL_DATA_DIR)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Remove template builds (root filesystems, envd layers, snapshots) that nothing uses any more."""
+    from corral.config import load_settings
+    from corral.templates.prune import remove, unused_builds
+
+    settings = load_settings()
+    entries = unused_builds(settings.cache_dir, data_dir or [settings.data_dir])
+    freed = sum(e.size_bytes for e in entries) if dry_run else remove(entries)
+    if as_json:
+        print(json.dumps({"removed": [] if dry_run else [str(e.path) for e in entries],
+                          "unused": [str(e.path) for e in entries], "bytes": freed, "dryRun": dry_run}))
+        return
+    table = Table("build", "size")
+    for entry in entries:
+        table.add_row(str(entry.path.relative_to(settings.cache_dir)), f"{entry.size_bytes / 2**20:.1f} MiB")
+    console.print(table)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{len(entries)} unused build(s); {verb} {freed / 2**20:.1f} MiB")
 
 
 @sandbox_app.command("run", context_settings={"allow_interspersed_args": False})
