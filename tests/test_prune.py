@@ -34,6 +34,10 @@ def make_cache(root: Path) -> dict[str, Path]:
         "envd_new": build(cache / "envd" / "e-new"),
     }
     (cache / "rootfs" / "r-old.log").write_text("build log")
+    failed = cache / "rootfs" / "r-failed.log"  # a failed build leaves only its log
+    failed.write_text("debootstrap failed")
+    os.utime(failed, (OLD, OLD))
+    p["failed_log"] = failed
     base = cache / "templates" / "base"
     p["etc_new"] = build(base / "s-new.etc")
     p["snap_new"] = build(base / "s-new", lowers=[base / "s-new.etc", p["envd_new"], p["rootfs_new"]])
@@ -102,4 +106,7 @@ def test_cli_dry_run_removes_nothing(tmp_path):
     assert p["rootfs_old"].exists()
     out = subprocess.run([sys.executable, "-c", "from corral.cli.main import app; app()", "template", "prune",
                           "--json"], env=env, capture_output=True, text=True, check=True).stdout
-    assert str(p["rootfs_old"]) in json.loads(out)["removed"] and not p["rootfs_old"].exists()
+    removed = json.loads(out)["removed"]
+    assert str(p["rootfs_old"]) in removed and not p["rootfs_old"].exists()
+    assert str(p["failed_log"]) in removed and not p["failed_log"].exists()
+    assert p["rootfs_new"].exists() and (p["cache"] / "rootfs" / "r-new").is_dir()

@@ -111,10 +111,10 @@ def template_prune(
         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Remove template builds (root filesystems, envd layers, snapshots) that nothing uses any more."""
     from corral.config import load_settings
-    from corral.templates.prune import remove, unused_builds
+    from corral.templates.prune import orphan_logs, remove, unused_builds
 
     settings = load_settings()
-    entries = unused_builds(settings.cache_dir, data_dir or [settings.data_dir])
+    entries = unused_builds(settings.cache_dir, data_dir or [settings.data_dir]) + orphan_logs(settings.cache_dir)
     freed = sum(e.size_bytes for e in entries) if dry_run else remove(entries)
     if as_json:
         print(json.dumps({"removed": [] if dry_run else [str(e.path) for e in entries],

@@ -98,11 +98,20 @@ def unused_builds(cache: Path, data_dirs: list[Path], *, mounted: set[Path] | No
     return unused
 
 
+def orphan_logs(cache: Path, *, min_age_s: float = 3600) -> list[CacheEntry]:
+    """Build logs whose build is gone (failed builds leave their log for a look)."""
+    return [CacheEntry(log, log.stat().st_size) for log in sorted((cache / "rootfs").glob("*.log"))
+            if not log.with_suffix("").exists() and time.time() - log.stat().st_mtime >= min_age_s]
+
+
 def remove(entries: list[CacheEntry]) -> int:
     """Deletes the entries (and a build log next to one); returns the bytes freed."""
     freed = 0
     for entry in entries:
-        shutil.rmtree(entry.path, ignore_errors=True)
-        entry.path.with_name(entry.path.name + ".log").unlink(missing_ok=True)
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            entry.path.with_name(entry.path.name + ".log").unlink(missing_ok=True)
+        else:
+            entry.path.unlink(missing_ok=True)
         freed += entry.size_bytes
     return freed
