@@ -67,6 +67,8 @@ CHILD = textwrap.dedent("""
         await rt.start()
         a = await rt.create("base", SandboxConfig())
         b = await rt.create("base", SandboxConfig(internet=False))
+        await rt.runsc.pause(a.id)  # as during a checkpoint, when the process dies before resuming it
+        await rt.pause(b.id)  # paused on purpose
         print(a.id, b.id, flush=True)
         await asyncio.sleep(3600)  # the pool keeps filling until the parent kills us
 
@@ -97,6 +99,9 @@ def test_kill_9_then_restart_adopts_running_sandboxes_and_removes_the_rest(harne
         assert sorted(s.id for s in again.list()) == sorted(ids)
         adopted = footprint(settings)
         assert (adopted.containers, adopted.netns, adopted.sandbox_dirs) == (2, 2, 2)
+        # The one a checkpoint had paused runs again; the one paused on purpose stays paused.
+        assert [harness.run(again.state(sid)) for sid in ids] == ["running", "paused"]
+        harness.run(again.resume(ids[1]))
         for sid in ids:
             r = harness.run(again.exec(sid, ["echo", "still here"]))
             assert r.stdout == b"still here\n"

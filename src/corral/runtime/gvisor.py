@@ -93,6 +93,7 @@ class _Box:
     command: list[str] = field(default_factory=list)
     cwd: str = "/"
     created_at: float = field(default_factory=time.time)
+    paused: bool = False  # by pause() (in memory): stays paused across a restart of the runtime
 
     @property
     def disk_image(self) -> Path:
@@ -126,7 +127,7 @@ class _Box:
         return {
             "id": self.id, "template": self.template, "slot": self.slot.index,
             "lowers": [str(p) for p in self.lowers], "created_at": self.created_at,
-            "command": self.command, "cwd": self.cwd,
+            "command": self.command, "cwd": self.cwd, "paused": self.paused,
             "config": {**asdict(self.config), "resources": asdict(self.config.resources)},
         }
 
@@ -194,6 +195,9 @@ class GVisorRuntime(Runtime):
                 records[entry.name] = json.loads((entry / "record.json").read_text())
             except (OSError, ValueError):
                 continue
+        orphans = self.runsc.cli_processes()
+        await _kill_and_reap(orphans)
+        await _until_gone(orphans)
         containers = set(await self.runsc.list_ids())
         # A previous process may have left sandboxes frozen; runsc cannot talk to a frozen sandbox (and
         # a frozen process does not even die of SIGKILL), so everything is thawed before anything else.
@@ -212,6 +216,15 @@ class GVisorRuntime(Runtime):
                        dir=self.sandboxes_dir / sid, created_at=data["created_at"],
                        command=data.get("command", []), cwd=data.get("cwd", "/"))
             if state.status in ("running", "paused") and os.path.ismount(box.rootfs):
+                box.paused = bool(data.get("paused"))
+                if state.status == "paused" and not box.paused:
+                    # Paused only for the moment of a checkpoint when the previous process died.
+                    try:
+                        await self.runsc.resume(sid)
+                    except RunscError as exc:
+                        log.warning("sandbox %s was left paused by a checkpoint and does not resume: %s", sid, exc)
+                        self.slots.release(box.slot)
+                        continue
                 self._boxes[sid] = box
                 if not box.config.internet:
                     await firewall.set_offline(self.settings.instance, box.slot.guest, True)
@@ -410,11 +423,15 @@ class GVisorRuntime(Runtime):
             await self._teardown(box)
             what = "restoring checkpoint" if image is not None else "starting sandbox"
             raise SandboxFailed(f"{what} failed: {exc}") from exc
+        self._write_record(box)
+        self._boxes[box.id] = box
+        return box.public()
+
+    @staticmethod
+    def _write_record(box: _Box) -> None:
         tmp = box.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(box.to_record()))
         tmp.rename(box.record)
-        self._boxes[box.id] = box
-        return box.public()
 
     async def _teardown(self, box: _Box) -> None:
         """Frees everything a box may hold; each step tolerates the resource being already gone."""
@@ -746,21 +763,23 @@ class GVisorRuntime(Runtime):
             return
         await firewall.set_offline(self.settings.instance, box.slot.guest, not enabled)
         box.config = replace(box.config, internet=enabled)
-        tmp = box.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(box.to_record()))
-        tmp.rename(box.record)
+        self._write_record(box)
 
     async def pause(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
         await self._settle(box.id)
         with self._awake(box.id):
             await self.runsc.pause(box.id)
+        box.paused = True
+        self._write_record(box)
 
     async def resume(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
         await self._settle(box.id)
         with self._awake(box.id):
             await self.runsc.resume(box.id)
+        box.paused = False
+        self._write_record(box)
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         box = self._box(sandbox_id)
@@ -871,6 +890,24 @@ def _reap_orphans_forever(interval: float = 0.5) -> None:
             if comm == "exe" and fields[0] == "Z" and int(fields[1]) == me:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(int(entry), os.WNOHANG)
+
+
+async def _until_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Waits until none of `pids` runs (gone, or a zombie its parent has yet to reap)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] != "Z":
+                        running.append(pid)
+            except (OSError, IndexError):
+                continue
+        if not running:
+            return
+        pids = running
+        await asyncio.sleep(0.01)
 
 
 async def _kill_and_reap(pids: list[int], timeout: float = 5.0) -> None:

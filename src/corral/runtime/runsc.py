@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,11 @@ class ContainerState:
     id: str
     status: str  # "created", "running", "paused", "stopped"
     pid: int
+
+
+# runsc subcommands that are one-off command-line runs, as opposed to a sandbox's (`boot`) or gofer's.
+_CLI_COMMANDS = frozenset({"create", "restore", "start", "run", "checkpoint", "pause", "resume", "delete", "kill",
+                           "exec", "state", "events", "list", "ps"})
 
 
 class Runsc:
@@ -118,6 +124,28 @@ class Runsc:
     async def state(self, cid: str) -> ContainerState:
         data = json.loads(await self._run("state", cid))
         return ContainerState(id=data["id"], status=data["status"], pid=int(data.get("pid") or 0))
+
+    def cli_processes(self) -> list[int]:
+        """Pids of `runsc` commands (create, restore, ...; not sandboxes or gofers) working on this root.
+        Called before anything of ours runs, they are left from a process that died: a `runsc create`
+        goes on after its caller is killed and would add a container after the next one has looked."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue
+            if not argv or os.path.basename(argv[0]) != os.path.basename(self.binary):
+                continue
+            if f"--root={self.root}" not in argv:
+                continue
+            command = next((a for a in argv[1:] if not a.startswith("-")), "")
+            if command in _CLI_COMMANDS:
+                found.append(int(entry))
+        return found
 
     async def list_ids(self) -> list[str]:
         if not self.root.exists():
