@@ -72,6 +72,8 @@ _RESTORE_CONCURRENCY = 4
 # checkpoint made from it; larger layers are stacked, so checkpoint trees share them (docs/branching.md).
 _REPLAY_LIMIT = LayerSize(entries=1024, bytes=2**20)
 _REFILL_DELAY_S = 0.3
+# Containers prepare_like makes while a fork's checkpoint is taken; fork x10 measured 1.80 s p50 with 2,
+# 1.46 s with 4 and 1.71 s with 8 (5 forks each on 2 cores).
 _PREPARE_ALONGSIDE = 4
 
 
