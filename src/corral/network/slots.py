@@ -2,8 +2,8 @@
 
 Slot i owns addresses base+1 (host end, the sandbox's gateway) and base+2 (the sandbox), base = net + 4i.
 The host reaches TCP ports inside at base+2 through the veth route. runsc moves the sandbox address
-into its own netstack on every start and restore and never gives it back, so `configure_guest` must
-run before each of them.
+into its own netstack on every start and restore and never gives it back: a new slot has it (and its
+default route) from `create_slot`, and a slot used again needs `configure_guest` before the next one.
 
 The kernel is the source of truth for which slots exist (`ip netns list`); nothing else is stored.
 """
@@ -97,7 +97,8 @@ async def create_slot(slot: Slot) -> None:
     try:
         await run(["ip", "-batch", "-"], batch)
         await run(["ip", "-n", slot.netns, "-batch", "-"],
-                  f"link set {guest_tmp} name eth0\nlink set lo up\nlink set eth0 up\n")
+                  f"link set {guest_tmp} name eth0\nlink set lo up\nlink set eth0 up\n"
+                  f"addr replace {slot.guest}/30 dev eth0\nroute replace default via {slot.gateway}\n")
     except NetworkError:
         await destroy_slot(slot)
         raise

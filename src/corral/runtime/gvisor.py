@@ -36,7 +36,7 @@ from corral.network import firewall
 from corral.network.commands import NetworkError
 from corral.network.connections import open_connections_to
 from corral.network.dns import upstream_resolvers
-from corral.network.slots import Slot, SlotAllocator, configure_guest, create_slot, destroy_slot
+from corral.network.slots import Slot, SlotAllocator, create_slot, destroy_slot
 from corral.runtime import oci
 from corral.runtime.base import (
     Checkpoint,
@@ -404,7 +404,6 @@ class GVisorRuntime(Runtime):
             self._cgroup(box.id).thaw()  # prepared containers wait frozen
             if box.config.low_priority:
                 self._set_cpu_weight(box.id, low=True)
-            await configure_guest(box.slot)
             if not box.config.internet:
                 await firewall.set_offline(self.settings.instance, box.slot.guest, True)
             configured = time.perf_counter()
