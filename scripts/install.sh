@@ -30,7 +30,8 @@ packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-cer
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 command -v runsc >/dev/null 2>&1 || missing="$missing runsc"
-# node + npm: the JS SDK tests, and template builds install npm packages (Deno's kernel) with them.
+# node + npm: the JS SDK tests, and template builds install npm packages (Node.js 24 for `base`, Deno's
+# kernel) with them.
 command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then
   apt-get update -q

@@ -102,10 +102,11 @@ def check_cgroups() -> Check:
 
 
 def check_tools() -> Check:
-    missing = [t for t in ("debootstrap", "mkfs.ext4", "ip", "unshare", "chroot") if not shutil.which(t)]
+    # npm: template builds install Node.js itself (and Deno's kernel) from the npm registry with it.
+    missing = [t for t in ("debootstrap", "mkfs.ext4", "ip", "unshare", "chroot", "npm") if not shutil.which(t)]
     if missing:
         return Check("tools", False, "missing: " + ", ".join(missing), INSTALL)
-    return Check("tools", True, "debootstrap, mkfs.ext4, ip, unshare, chroot")
+    return Check("tools", True, "debootstrap, mkfs.ext4, ip, unshare, chroot, npm")
 
 
 def check_dns() -> Check:
