@@ -49,3 +49,54 @@ def test_create_destroy_cycles_leak_nothing(harness, runtime, settings):
     assert abs(after["processes"] - before["processes"]) <= 5, (before, after, new_processes(before_ps))
     for key in ("fds", "netns", "mounts", "loop devices"):
         assert after[key] == before[key], (key, before, after)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+def test_checkpoint_restore_cycles_leak_nothing(harness, runtime, settings, store, tmp_path):
+    """Forks the way the server does them: checkpoints of a running sandbox (its resume in the background),
+    clones that replay the small layer into the template's pre-created container, resumes prepared and
+    released. Nothing may be left afterwards."""
+    import asyncio
+    import shutil
+
+    from corral.runtime.base import Resources
+
+    cycles = int(os.environ.get("CORRAL_SOAK_BRANCH_CYCLES", "100"))
+    template = store.resolve("base")
+
+    def wait_prepared(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while runtime.prepared(template) != count:
+            assert time.monotonic() < deadline
+            harness.run(asyncio.sleep(0.05))
+
+    runtime._pool_size = 1  # the session runtime keeps no pool; this test's restores use one
+    source = harness.run(runtime.create("base", SandboxConfig()))
+    try:
+        wait_prepared(1)
+        before, fp_before, before_ps = host_counts(), footprint(settings), processes()
+        for i in range(cycles):
+            directory = tmp_path / f"c{i}"
+            wait_prepared(1)  # refilled after the last cycle took it
+            harness.run(runtime.exec(source.id, ["sh", "-c", f"echo {i} > /home/user/step"]))
+            harness.run(runtime.checkpoint(source.id, directory, leave_running=True))
+            (clone,) = harness.run(runtime.restore(directory, 1, SandboxConfig()))
+            assert directory / "layer" not in runtime.layers_in_use()  # replayed, not stacked
+            assert harness.run(runtime.exec(clone.id, ["cat", "/home/user/step"])).stdout == f"{i}\n".encode()
+            if i % 2:
+                assert harness.run(runtime.prepare_restore(directory, Resources()))
+                harness.run(runtime.release_prepared(directory))
+            harness.run(runtime.destroy(clone.id))
+            shutil.rmtree(directory)
+        wait_prepared(1)
+        time.sleep(1.5)
+        after, fp_after = host_counts(), footprint(settings)
+        assert fp_after == fp_before
+        assert abs(after["processes"] - before["processes"]) <= 5, (before, after, new_processes(before_ps))
+        for key in ("fds", "netns", "mounts", "loop devices"):
+            assert after[key] == before[key], (key, before, after)
+    finally:
+        harness.run(runtime.destroy(source.id))
+        runtime._pool_size = 0
+        harness.run(runtime.close())
