@@ -406,14 +406,14 @@ class GVisorRuntime(Runtime):
                 self._set_cpu_weight(box.id, low=True)
             if not box.config.internet:
                 await firewall.set_offline(self.settings.instance, box.slot.guest, True)
-            configured = time.perf_counter()
+            set_up = time.perf_counter()
             if image is None:
                 await self.runsc.start(box.id, box.log)
             else:
                 async with self._restore_gate:
                     await self.runsc.restore(box.id, box.bundle, image, box.log)
-            log.debug("%s: network %.1f ms, runsc %s %.1f ms", box.id, (configured - began) * 1000,
-                      "start" if image is None else "restore", (time.perf_counter() - configured) * 1000)
+            log.debug("%s: set-up %.1f ms, runsc %s %.1f ms", box.id, (set_up - began) * 1000,
+                      "start" if image is None else "restore", (time.perf_counter() - set_up) * 1000)
             # A restore whose flags do not match the image exits 0 with a dead sandbox (gvisor-notes §8.3).
             # Its processes are then gone or zombies; checking that costs nothing, `runsc state` ~25 ms.
             if not _all_alive(self._container_pids(box.id)):
@@ -495,8 +495,9 @@ class GVisorRuntime(Runtime):
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
                          memory: bool = True) -> Checkpoint:
-        await self._settle(self._box(sandbox_id).id)
-        with self._awake(self._box(sandbox_id).id), self._busy_with():
+        sid = self._box(sandbox_id).id
+        await self._settle(sid)
+        with self._awake(sid), self._busy_with():
             return await self._checkpoint(sandbox_id, directory, leave_running=leave_running, memory=memory)
 
     async def _checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool,
@@ -556,10 +557,11 @@ class GVisorRuntime(Runtime):
         """Resumes a checkpointed source while the caller goes on (a fork restores its clone meanwhile):
         `runsc resume` is ~25 ms, mostly its command-line start. Operations on the sandbox wait for it
         (_settle) and it is not frozen meanwhile; traffic that arrives first waits in its network queue."""
-        self._operating[box.id] = self._operating.get(box.id, 0) + 1
+        awake = contextlib.ExitStack()
+        awake.enter_context(self._awake(box.id))  # now, not when the task first runs
 
         async def resume() -> None:
-            try:
+            with awake:
                 for attempt in (1, 2):
                     try:
                         await self.runsc.resume(box.id)
@@ -568,10 +570,6 @@ class GVisorRuntime(Runtime):
                         if attempt == 2:
                             self._resume_failures[box.id] = str(exc)
                             log.error("sandbox %s did not resume after its checkpoint: %s", box.id, exc)
-            finally:
-                self._operating[box.id] -= 1
-                if not self._operating[box.id]:
-                    del self._operating[box.id]
 
         task = self._resuming[box.id] = asyncio.create_task(resume())
         task.add_done_callback(lambda _: self._resuming.pop(box.id, None) if self._resuming.get(box.id) is task
@@ -655,24 +653,35 @@ class GVisorRuntime(Runtime):
         box.command, box.cwd = list(meta.get("command") or []), meta.get("cwd", "/")
         return await self._go_live(box, image=key.checkpoint / "image")
 
+    def _template_pool_for(self, lowers: list[Path], resources: Resources) -> _PoolKey | None:
+        """The template pool whose containers stand on exactly `lowers`, if one is kept."""
+        return next((k for k, meta in self._template_pools.items()
+                     if k.resources == resources and meta["layers"] == lowers), None)
+
+    async def _prepare_frozen(self, meta: dict, resources: Resources) -> _Box:
+        """A container prepared for restores of the checkpoint `meta` describes, frozen until used: a
+        created container's gVisor kernel already idles at ~3 % of a core."""
+        box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=resources),
+                                  _RESTORE_PLACEHOLDER)
+        self._cgroup(box.id).freeze()
+        return box
+
     async def _take_prepared_for(self, key: _PoolKey, meta: dict, config: SandboxConfig) -> _Box | None:
         """A template's prepared container whose lower layers are this checkpoint's, with the checkpoint's
         (small) layer replayed into its root: the same filesystem as stacking the layer under a new
         container, without the ~130 ms of preparing one (storage/layers.py). None when there is none."""
-        lowers = meta["layers"][1:]
-        sources = [k for k in self._template_pools if k != key and k.resources == config.resources
-                   and self._pools.get(k) and self._pools[k][-1].lowers == lowers]
-        if not sources:
+        source = self._template_pool_for(meta["layers"][1:], config.resources)
+        if source is None or source == key or not self._pools.get(source):
             return None
         layer = key.checkpoint / "layer"
         size = await asyncio.to_thread(layer_size, layer, stop_after=_REPLAY_LIMIT)
         if size.entries > _REPLAY_LIMIT.entries or size.bytes > _REPLAY_LIMIT.bytes:
             return None
-        pool = self._pools.get(sources[0])
+        pool = self._pools.get(source)
         if not pool:
             return None  # taken while the layer was measured
         box = pool.pop()
-        self._ensure_pool(sources[0], self._template_pools[sources[0]], delay=_REFILL_DELAY_S)
+        self._ensure_pool(source, self._template_pools[source], delay=_REFILL_DELAY_S)
         try:
             await asyncio.to_thread(apply_layer, layer, box.rootfs, keep=set(oci.ROOTFS_BIND_DIRS))
         except (LayerNotApplicable, OSError) as exc:
@@ -698,11 +707,7 @@ class GVisorRuntime(Runtime):
         pool = self._pools.setdefault(key, [])
         while len(pool) < self._pool_size:
             await self._idle.wait()
-            box = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
-                                      _RESTORE_PLACEHOLDER)
-            # A created container's gVisor kernel already idles at ~3 % of a core: it waits frozen.
-            self._cgroup(box.id).freeze()
-            pool.append(box)
+            pool.append(await self._prepare_frozen(meta, key.resources))
 
     async def prepare_restore(self, checkpoint: Path, resources: Resources) -> bool:
         meta = self._read_checkpoint(checkpoint)
@@ -710,11 +715,10 @@ class GVisorRuntime(Runtime):
             return False  # a filesystem-only checkpoint cold-boots, with no container to prepare
         self._check_capacity(resources)
         key = _PoolKey(checkpoint, resources)
-        config = SandboxConfig(resources=resources)
-        box = await self._take_prepared_for(key, meta, config)
+        # Taken from a template's pool, it is frozen already, as pooled containers are.
+        box = await self._take_prepared_for(key, meta, SandboxConfig(resources=resources))
         if box is None:
-            box = await self._prepare(meta["template"], meta["layers"], config, _RESTORE_PLACEHOLDER)
-        self._cgroup(box.id).freeze()  # no CPU while it waits
+            box = await self._prepare_frozen(meta, resources)
         self._pools.setdefault(key, []).append(box)
         return True
 
@@ -733,20 +737,15 @@ class GVisorRuntime(Runtime):
 
     async def prepare_like(self, sandbox_id: str, count: int) -> None:
         box = self._box(sandbox_id)
-        keys = [k for k, meta in self._template_pools.items()
-                if k.resources == box.config.resources and meta["layers"] == box.lowers]
-        if not keys:
+        key = self._template_pool_for(box.lowers, box.config.resources)
+        if key is None:
             return  # not started from a pooled template: its clones stack its layer on new containers
-        key, meta = keys[0], self._template_pools[keys[0]]
         pool = self._pools.setdefault(key, [])
         gate = asyncio.Semaphore(2)
 
         async def one() -> None:
             async with gate:
-                made = await self._prepare(meta["template"], meta["layers"], SandboxConfig(resources=key.resources),
-                                           _RESTORE_PLACEHOLDER)
-            self._cgroup(made.id).freeze()
-            pool.append(made)
+                pool.append(await self._prepare_frozen(self._template_pools[key], key.resources))
 
         # Only as many as can be made while the checkpoint is taken (~150 ms, two at a time): more would
         # hold up the restores that wait for this, and be left over if they fail.
