@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import json
 import struct
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -34,33 +35,27 @@ class EnvdLink:
 
     # Generous: on a host saturated by many sandboxes (forks x100 on 2 cores) envd answers late, not never.
     async def wait_ready(self, address: str, timeout: float = 30.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
+        async def answers() -> bool:
             try:
-                response = await self._client.get(self._url(address, "/health"), timeout=1.0)
-                if response.status_code == 204:
-                    return
+                return (await self._client.get(self._url(address, "/health"), timeout=1.0)).status_code == 204
             except httpx.TransportError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise EnvdUnavailable(f"envd at {address} did not answer /health within {timeout:.0f}s")
-            await asyncio.sleep(0.02)
+                return False
+
+        await _poll(answers, timeout, f"envd at {address} did not answer /health within {timeout:.0f}s")
 
     async def wait_listening(self, address: str, timeout: float = 30.0) -> None:
         """Until envd's port accepts a connection. Enough after a restore from memory, where envd is the
         same process that answered before the checkpoint: its first HTTP request after a restore is slow
         (~30 ms while its memory is mapped back in), and the caller's own first request pays that anyway."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
+        async def accepts() -> bool:
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(address, ENVD_PORT), 1.0)
-                writer.close()
-                return
             except (OSError, TimeoutError):
-                if asyncio.get_running_loop().time() > deadline:
-                    raise EnvdUnavailable(
-                        f"envd at {address} did not accept a connection within {timeout:.0f}s") from None
-                await asyncio.sleep(0.02)
+                return False
+            writer.close()
+            return True
+
+        await _poll(accepts, timeout, f"envd at {address} did not accept a connection within {timeout:.0f}s")
 
     async def warm(self, address: str, user: str) -> None:
         """Runs one login-shell command the way the SDK would, so the first command a user sends does not
@@ -115,3 +110,12 @@ class EnvdLink:
         if response.status_code != 200:
             raise EnvdUnavailable(f"/metrics answered {response.status_code}")
         return response.json()
+
+
+async def _poll(ready: Callable[[], Awaitable[bool]], timeout: float, failure: str) -> None:
+    """Tries `ready` every 20 ms until it says yes; EnvdUnavailable(failure) after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await ready():
+        if asyncio.get_running_loop().time() > deadline:
+            raise EnvdUnavailable(failure)
+        await asyncio.sleep(0.02)
