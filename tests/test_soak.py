@@ -33,14 +33,8 @@ def new_processes(before: dict[int, str]) -> list[str]:
     return [line for pid, line in processes().items() if pid not in before]
 
 
-@pytest.mark.soak
-@pytest.mark.timeout(7200)  # 1000 cycles take 15-20 minutes on 2 cores
-def test_create_destroy_cycles_leak_nothing(harness, runtime, settings):
-    cycles = int(os.environ.get("CORRAL_SOAK_CYCLES", "1000"))
-    before, fp_before, before_ps = host_counts(), footprint(settings), processes()
-    for i in range(cycles):
-        sb = harness.run(runtime.create("base", SandboxConfig(internet=i % 2 == 0)))
-        harness.run(runtime.destroy(sb.id))
+def assert_back_to(before: dict[str, int], fp_before, before_ps: dict[int, str], settings) -> None:
+    """The host and the runtime are as they were when `before` was counted."""
     # The last sandbox's processes come to us as zombies and are reaped every 0.5 s (gvisor.py's reaper).
     time.sleep(1.5)
     after, fp_after = host_counts(), footprint(settings)
@@ -49,6 +43,17 @@ def test_create_destroy_cycles_leak_nothing(harness, runtime, settings):
     assert abs(after["processes"] - before["processes"]) <= 5, (before, after, new_processes(before_ps))
     for key in ("fds", "netns", "mounts", "loop devices"):
         assert after[key] == before[key], (key, before, after)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(7200)  # 1000 cycles take 15-20 minutes on 2 cores
+def test_create_destroy_cycles_leak_nothing(harness, runtime, settings):
+    cycles = int(os.environ.get("CORRAL_SOAK_CYCLES", "1000"))
+    before, fp_before, before_ps = host_counts(), footprint(settings), processes()
+    for i in range(cycles):
+        sb = harness.run(runtime.create("base", SandboxConfig(internet=i % 2 == 0)))
+        harness.run(runtime.destroy(sb.id))
+    assert_back_to(before, fp_before, before_ps, settings)
 
 
 @pytest.mark.soak
@@ -90,12 +95,7 @@ def test_checkpoint_restore_cycles_leak_nothing(harness, runtime, settings, stor
             harness.run(runtime.destroy(clone.id))
             shutil.rmtree(directory)
         wait_prepared(1)
-        time.sleep(1.5)
-        after, fp_after = host_counts(), footprint(settings)
-        assert fp_after == fp_before
-        assert abs(after["processes"] - before["processes"]) <= 5, (before, after, new_processes(before_ps))
-        for key in ("fds", "netns", "mounts", "loop devices"):
-            assert after[key] == before[key], (key, before, after)
+        assert_back_to(before, fp_before, before_ps, settings)
     finally:
         harness.run(runtime.destroy(source.id))
         runtime._pool_size = 0
