@@ -4,7 +4,8 @@
 
 Measures cold create, restore-to-running (direct and from the pre-created pool), restore throughput with
 20 concurrent, checkpoint time and size, memory per idle sandbox (MemAvailable drop) and idle CPU per
-sandbox for the systrap and ptrace platforms. Needs the `base` template (`corral template build base`).
+sandbox for the systrap and ptrace platforms, and memory per pre-created (frozen) container. Needs the
+`base` template (`corral template build base`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import write_section
 from corral.config import Settings
-from corral.runtime.base import SandboxConfig
+from corral.runtime.base import Resources, SandboxConfig
 from corral.runtime.gvisor import GVisorRuntime
 from corral.templates.store import TemplateStore
 
@@ -178,6 +179,19 @@ async def bench_density(rt: GVisorRuntime, snapshot: Path | None, layers: list[P
             "cpu_pct_per_sandbox": (cpu1 - cpu0) / idle_s / count * 100}
 
 
+async def bench_prepared_memory(rt: GVisorRuntime, snapshot: Path, count: int) -> float:
+    """MemAvailable drop per pre-created, frozen container (what a template pool entry or a paused
+    sandbox's prepared resume holds), over `count` of them."""
+    await asyncio.sleep(2)
+    before = mem_available_mb()
+    for _ in range(count):
+        await rt.prepare_restore(snapshot, Resources())
+    await asyncio.sleep(3)
+    after = mem_available_mb()
+    await rt.release_prepared(snapshot)
+    return (before - after) / count
+
+
 async def main(args) -> dict:
     settings = settings_for("b1", "10.210.0.0/22")
     store = TemplateStore(settings)
@@ -200,6 +214,8 @@ async def main(args) -> dict:
             results["checkpoint"] = await bench_checkpoint(rt, snapshot, 5)
         with console.status(f"density x{args.density} (systrap)"):
             results["density_systrap"] = await bench_density(rt, snapshot, layers, args.density, args.idle)
+        with console.status(f"{args.density} pre-created containers"):
+            results["prepared_mb"] = await bench_prepared_memory(rt, snapshot, args.density)
     finally:
         await rt.destroy_all()
     ptrace = GVisorRuntime(settings_for("b2", "10.211.0.0/22", platform="ptrace"))
@@ -234,6 +250,9 @@ def render(results: dict, args) -> str:
         ("checkpoint size MiB", f"{statistics.median(ck['size_mb']):.1f}", "", ""),
         (f"memory per idle sandbox (MemAvailable drop, {args.density} sandboxes) MiB",
          f"{ds['mem_mb_per_sandbox']:.1f}", f"ptrace {dp['mem_mb_per_sandbox']:.1f}", "target <= 30"),
+        (f"memory per pre-created frozen container (MemAvailable drop, {args.density}) MiB",
+         f"{results['prepared_mb']:.1f}", f"idle sandbox {ds['mem_mb_per_sandbox']:.1f}",
+         f"{results['prepared_mb'] / ds['mem_mb_per_sandbox']:.2f}x"),
         (f"idle CPU per sandbox, systrap ({args.idle:.0f} s)", f"{ds['cpu_pct_per_sandbox']:.2f} %",
          f"ptrace {dp['cpu_pct_per_sandbox']:.2f} %",
          f"{ds['cpu_pct_per_sandbox'] / max(dp['cpu_pct_per_sandbox'], 0.001):.1f}x"),

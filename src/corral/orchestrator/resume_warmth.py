@@ -2,7 +2,7 @@
 
 A resume is a restore, and ~130 ms of a restore is setup that does not depend on the memory image
 (network namespace, disk, overlay, `runsc create`; docs/gvisor-notes §3). For `keep_s` after a pause
-that setup is held ready, frozen: no CPU, ~11.5 MiB (a gVisor sandbox process and gofer that have not
+that setup is held ready, frozen: no CPU, ~10 MiB (a gVisor sandbox process and gofer that have not
 booted). Then it is released and the paused sandbox holds no process at all. At most `most` are held;
 a new pause releases the oldest beyond that.
 """
