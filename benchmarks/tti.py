@@ -95,17 +95,18 @@ def burst(opts: dict, count: int, pool: int) -> tuple[int, float, float, list[fl
     return failures, total, rate, [f * 1000 for f in finished]
 
 
-def run_latency(opts: dict, n: int) -> list[float]:
+def run_latency(opts: dict, n: int, user: str | None = None) -> list[float]:
     from e2b import Sandbox
 
     sbx = Sandbox.create(**opts)
+    kwargs = {"user": user} if user else {}
     try:
         for _ in range(5):
-            sbx.commands.run("true")
+            sbx.commands.run("true", **kwargs)
         samples = []
         for _ in range(n):
             start = time.perf_counter()
-            sbx.commands.run("true")
+            sbx.commands.run("true", **kwargs)
             samples.append((time.perf_counter() - start) * 1000)
         return samples
     finally:
@@ -210,6 +211,8 @@ def main() -> None:
         print(f"TTI p50/p95/p99 ms: {stats(tti)} ({tti_failures} failures)", flush=True)
         run_true = run_latency(opts, 200)
         print(f"commands.run('true') p50/p95/p99 ms: {stats(run_true)}", flush=True)
+        run_root = run_latency(opts, 100, user="root")
+        print(f"commands.run('true', user='root') p50/p95/p99 ms: {stats(run_root)}", flush=True)
         direct, proxied = proxy_overhead(server, opts, 500)
         print(f"envd /health direct {stats(direct)}, proxied {stats(proxied)}", flush=True)
         _wait_pool(server, args.pool)
@@ -236,6 +239,8 @@ def main() -> None:
         f"| burst of {args.burst} concurrent creates (time to each create's answer) | {args.burst} "
         f"| {args.burst - burst_failures}/{args.burst} | {stats(burst_done)} |",
         f"| `commands.run('true')` | {len(run_true)} | {len(run_true)}/{len(run_true)} | {stats(run_true)} |",
+        f"| `commands.run('true', user='root')` | {len(run_root)} | {len(run_root)}/{len(run_root)} | "
+        f"{stats(run_root)} |",
         f"| envd `GET /health` straight to the sandbox | {len(direct)} | | {stats(direct)} |",
         f"| envd `GET /health` through the proxy | {len(proxied)} | | {stats(proxied)} |",
         "",
