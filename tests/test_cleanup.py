@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ import pytest
 from conftest import TEST_ROOT, make_settings
 from helpers.leaks import empty, footprint
 
+from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.network.connections import open_connections_to
 from corral.runtime.base import Resources, SandboxConfig
 
 
@@ -27,6 +30,22 @@ def test_destroy_leaves_nothing(harness, runtime, settings, sandbox_factory):
     assert footprint(settings) == before
     from corral.network.firewall import offline_addresses
     assert str(runtime.slots.claim(0).gateway) not in offline_addresses(settings.instance)
+
+
+def test_destroy_aborts_the_hosts_connections_into_the_sandbox(harness, runtime, sandbox_factory):
+    """A connection still open when its sandbox goes away must not outlive it: the next sandbox on the same
+    address would count it as its own (a checkpoint waits for such connections to close)."""
+    sb = sandbox_factory(SandboxConfig())
+    host, port = runtime.address(sb.id, ENVD_PORT)
+    held = socket.create_connection((host, port), timeout=5)
+    try:
+        assert open_connections_to(host) == 1
+        harness.run(runtime.destroy(sb.id))
+        assert open_connections_to(host) == 0
+        with pytest.raises(OSError):  # aborted: the kernel reports it to the socket's owner
+            held.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        held.close()
 
 
 def test_create_with_unknown_template_is_refused(harness, runtime, settings):

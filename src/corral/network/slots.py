@@ -111,7 +111,13 @@ async def configure_guest(slot: Slot) -> None:
 
 
 async def destroy_slot(slot: Slot) -> None:
-    """Deleting the netns destroys its veth end, which destroys the pair."""
+    """Aborts the host's TCP connections to the sandbox address, then deletes the netns (which destroys
+    its veth end, and with it the pair).
+
+    Without the abort, a connection the host closed as the sandbox went away lingers as an orphan for up
+    to two minutes (FIN-WAIT-1, retransmitting into a netns that no longer exists), and the next sandbox
+    given this slot would count it as one of its own: its checkpoints would wait for it to close."""
+    await run(["ss", "-K", "-t", "dst", str(slot.guest)], check=False)
     await run(["ip", "-force", "-batch", "-"],
               f"netns del {slot.netns}\nlink del {slot.host_ifname}\n", check=False)
 
