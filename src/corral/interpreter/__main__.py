@@ -11,6 +11,7 @@ import uvicorn
 
 from corral.interpreter import DEFAULT_PORT
 from corral.interpreter.app import Interpreter, create_app
+from corral.interpreter.execute import run_silently
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         ctx = await interpreter.contexts.default("python")
-        await ctx.client.execute_interactive("1", silent=True, store_history=False, timeout=60)
+        await run_silently(ctx, "1")
         yield
 
     uvicorn.run(create_app(interpreter, lifespan=lifespan), host=args.host, port=args.port, log_level="warning",

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from jupyter_client.kernelspec import NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
+from corral.interpreter.iopub import IOPub
+
 # Language names the SDKs send -> Jupyter kernel names installed in the template. JavaScript and
 # TypeScript share Deno's kernel (TypeScript runs as is, type annotations and all).
 KERNELS = {"python": "python3", "bash": "bash", "javascript": "deno", "typescript": "deno"}
@@ -40,6 +42,7 @@ class Context:
     cwd: str
     manager: AsyncKernelManager
     client: object  # AsyncKernelClient
+    iopub: IOPub | None = None  # the client's IOPub messages (nothing else reads that socket)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sandbox_env_applied: bool = False
 
@@ -53,22 +56,29 @@ class Context:
     async def start(self) -> None:
         env = {**os.environ, "PWD": self.cwd}
         await self.manager.start_kernel(cwd=self.cwd, env=env)
+        await self._connect()
+
+    async def _connect(self) -> None:
         self.client = self.manager.client()
         self.client.start_channels()
-        await self.client.wait_for_ready(timeout=60)
+        await self.client.wait_for_ready(timeout=60)  # reads IOPub itself: the reader comes after
+        self.iopub = IOPub(self.client)
         self.sandbox_env_applied = False
 
-    async def stop(self) -> None:
+    def _disconnect(self) -> None:
+        if self.iopub is not None:
+            self.iopub.close()
+            self.iopub = None
         self.client.stop_channels()
+
+    async def stop(self) -> None:
+        self._disconnect()
         await self.manager.shutdown_kernel(now=True)
 
     async def restart(self) -> None:
-        self.client.stop_channels()
+        self._disconnect()
         await self.manager.restart_kernel(now=True)
-        self.client = self.manager.client()
-        self.client.start_channels()
-        await self.client.wait_for_ready(timeout=60)
-        self.sandbox_env_applied = False
+        await self._connect()
 
 
 class ContextTable:

@@ -87,19 +87,34 @@ def fence_code(token: str) -> str:
     return f"await Deno.jupyter.display({{{json.dumps(FENCE_MIME)}: {json.dumps(token)}}}, {{raw: true}});"
 
 
-async def run_silently(ctx: Context, code: str) -> None:
-    """Runs setup code and waits for it; output is discarded."""
-    reply = await ctx.client.execute_interactive(code, silent=True, store_history=False, timeout=60,
-                                                 output_hook=lambda msg: None)
+async def run_silently(ctx: Context, code: str, timeout: float = 60.0) -> None:
+    """Runs setup code and waits for it; output is discarded, an error raises RuntimeError."""
+    msg_id = ctx.client.execute(code, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        msg = await _next_iopub(ctx, max(0.0, deadline - loop.time()))
+        if msg is None:
+            raise RuntimeError(f"setup code did not finish within {timeout:.0f}s")
+        if (msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "status"
+                and msg["content"].get("execution_state") == "idle"):
+            break
+    # The verdict is in the reply. Replies to earlier executions (nobody waits for those) come first.
+    while True:
+        try:
+            reply = await ctx.client.get_shell_msg(timeout=max(0.1, deadline - loop.time()))
+        except (queue.Empty, TimeoutError):
+            raise RuntimeError("setup code sent no reply") from None
+        if reply.get("parent_header", {}).get("msg_id") == msg_id:
+            break
     if reply["content"].get("status") == "error":
         raise RuntimeError(f"setup code failed: {reply['content'].get('ename')}: {reply['content'].get('evalue')}")
 
 
 async def _next_iopub(ctx: Context, timeout: float) -> dict | None:
-    try:
-        return await ctx.client.get_iopub_msg(timeout=timeout)
-    except (queue.Empty, TimeoutError):
-        return None
+    if ctx.iopub is None:
+        raise RuntimeError(f"context {ctx.id} is not connected to its kernel")
+    return await ctx.iopub.next(timeout)
 
 
 async def execute(ctx: Context, code: str, state: dict, *, store_history: bool = True) -> AsyncIterator[bytes]:
