@@ -15,7 +15,7 @@ from e2b import Sandbox
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t6", "10.215.0.0/22"
-IDLE_S, BREATHE_S = 1.0, 3.0
+IDLE_S, FRESH_S, BREATHE_S = 3.0, 0.5, 3.0
 FREEZER = Path("/sys/fs/cgroup/freezer") / f"corral-{INSTANCE}"
 
 
@@ -23,7 +23,8 @@ FREEZER = Path("/sys/fs/cgroup/freezer") / f"corral-{INSTANCE}"
 def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
-                         extra_env={"CORRAL_IDLE_FREEZE_S": str(IDLE_S), "CORRAL_IDLE_BREATHE_S": str(BREATHE_S)})
+                         extra_env={"CORRAL_IDLE_FREEZE_S": str(IDLE_S), "CORRAL_IDLE_FRESH_S": str(FRESH_S),
+                                    "CORRAL_IDLE_BREATHE_S": str(BREATHE_S)})
     with proc.serving(wait_pool=1, keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
         yield proc
 
@@ -86,6 +87,21 @@ def test_idle_sandbox_freezes_breathes_and_thaws_on_request(server, opts):
         sbx.kill()
 
 
+def test_a_sandbox_nobody_has_used_yet_freezes_sooner(server, opts):
+    fresh = Sandbox.create(timeout=120, **opts)
+    used = Sandbox.create(timeout=120, **opts)
+    try:
+        used.commands.run("true")
+        assert wait_for_state(fresh.sandbox_id, "FROZEN", timeout=IDLE_S - 1), "an unused sandbox was not frozen"
+        assert freezer_state(used.sandbox_id) == "THAWED"  # used within the idle time: left awake
+        assert wait_for_state(used.sandbox_id, "FROZEN")  # until it is idle for the whole idle time
+        assert fresh.commands.run("echo thawed").stdout == "thawed\n"  # the first request thaws it
+        assert freezer_state(fresh.sandbox_id) == "THAWED"
+    finally:
+        fresh.kill()
+        used.kill()
+
+
 def test_open_request_keeps_the_sandbox_awake(server, opts):
     sbx = Sandbox.create(timeout=120, **opts)
     try:
@@ -119,7 +135,7 @@ def test_frozen_sandbox_pauses_resumes_and_survives_a_server_crash(server, opts)
         resumed = Sandbox.connect(sbx.sandbox_id, **opts)
         assert resumed.files.read("/home/user/kept.txt") == "still here"
         # Frozen again, then the server dies without cleaning up: the restarted one must thaw it.
-        frozen = [rid for rid in runtime_ids(server) if wait_for_state(rid, "FROZEN", timeout=5)]
+        frozen = [rid for rid in runtime_ids(server) if wait_for_state(rid, "FROZEN", timeout=10)]
         assert frozen
         server.stop(signal.SIGKILL)
         server.start(wait_pool=1)

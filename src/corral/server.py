@@ -43,6 +43,7 @@ class CorralServer:
                                          warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
                                                    if recipe.warm_up},
                                          idle_after_s=platform.idle_freeze_s,
+                                         idle_fresh_s=platform.idle_fresh_s,
                                          breathe_every_s=platform.idle_breathe_every_s,
                                          resume_warm_s=platform.resume_warm_s,
                                          resume_warm_max=platform.resume_warm_max)

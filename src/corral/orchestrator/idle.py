@@ -10,7 +10,12 @@ Frozen sandboxes breathe: every `breathe_every_s` they run for `breathe_for_s`, 
 timers (a `sleep 60 && curl` started earlier) still progresses, late by at most `breathe_every_s`; one
 that uses CPU while breathing is active again and stays thawed. What cannot be told apart from idle is a
 process that waits for the network with no CPU and no request through the proxy (an outgoing long poll):
-it waits up to `breathe_every_s` longer. `CORRAL_IDLE_FREEZE_S=0` turns the policy off."""
+it waits up to `breathe_every_s` longer. `CORRAL_IDLE_FREEZE_S=0` turns the policy off.
+
+A sandbox created from a template that has had no request yet is frozen sooner, after `fresh_after_s`:
+nothing of the user's runs in it that could be waiting, and while many are being created at once (a
+burst of creates) those already made would otherwise burn the CPU the next ones need (100 creates took
+36 s with the 10 s rule for them and 22 s with 1 s, docs/platform.md). Its first request thaws it."""
 
 from __future__ import annotations
 
@@ -35,14 +40,17 @@ class _Activity:
     cpu_seconds: float | None = None
     frozen_at: float | None = None
     breathing_until: float | None = None
+    fresh: bool = False  # made from a template and not used yet
 
 
 class IdleFreezer:
     def __init__(self, runtime: Runtime, runtime_id: Callable[[str], str | None], *, idle_after_s: float,
-                 breathe_every_s: float = 10.0, breathe_for_s: float = 1.0, busy_cpu: float = 0.25) -> None:
+                 fresh_after_s: float = 1.0, breathe_every_s: float = 10.0, breathe_for_s: float = 1.0,
+                 busy_cpu: float = 0.25) -> None:
         self._runtime = runtime
         self._runtime_id = runtime_id  # API id -> runtime id (it changes when a sandbox is resumed)
         self.idle_after_s = idle_after_s
+        self.fresh_after_s = min(fresh_after_s, idle_after_s)
         self.breathe_every_s = breathe_every_s
         self.breathe_for_s = breathe_for_s
         self.busy_cpu = busy_cpu  # fraction of a core above which a sandbox is working, not idle
@@ -67,9 +75,10 @@ class IdleFreezer:
                 await self._task
             self._task = None
 
-    def track(self, sandbox_id: str) -> None:
-        """A sandbox became live (created, resumed, adopted): active now."""
-        self._sandboxes[sandbox_id] = _Activity(last_active=time.monotonic())
+    def track(self, sandbox_id: str, *, fresh: bool = False) -> None:
+        """A sandbox became live (created, resumed, adopted): active now. `fresh`: created from a template,
+        so nothing of the user's runs in it yet (resumed, forked and adopted sandboxes may have)."""
+        self._sandboxes[sandbox_id] = _Activity(last_active=time.monotonic(), fresh=fresh)
 
     def forget(self, sandbox_id: str) -> None:
         self._sandboxes.pop(sandbox_id, None)
@@ -80,6 +89,7 @@ class IdleFreezer:
         if activity is None:
             return
         activity.last_active = time.monotonic()
+        activity.fresh = False
         if activity.frozen_at is not None or activity.breathing_until is not None:
             self._thaw(sandbox_id, activity)
 
@@ -136,7 +146,7 @@ class IdleFreezer:
             if now >= activity.breathing_until:
                 self._freeze(runtime_id, activity, now)
             return
-        if now - activity.last_active >= self.idle_after_s:
+        if now - activity.last_active >= (self.fresh_after_s if activity.fresh else self.idle_after_s):
             self._freeze(runtime_id, activity, now)
 
     def _sample_cpu(self, runtime_id: str, activity: _Activity, now: float) -> float:

@@ -42,8 +42,8 @@ DEFAULT_WORKDIR = "/home/user"
 class Orchestrator:
     def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
                  direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None,
-                 idle_after_s: float = 0.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
-                 resume_warm_max: int = 16) -> None:
+                 idle_after_s: float = 0.0, idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0,
+                 resume_warm_s: float = 0.0, resume_warm_max: int = 16) -> None:
         self.runtime = runtime
         self._resume_warm = ResumeWarmth(runtime, keep_s=resume_warm_s, most=resume_warm_max)
         # Restores beyond the pool run a few at a time, first come first served: on a small host a
@@ -55,7 +55,7 @@ class Orchestrator:
         self.envd = EnvdLink()
         self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size, warm_ups=warm_ups,
                              freeze_ready=idle_after_s > 0)
-        self.idle = IdleFreezer(runtime, self.runtime_id, idle_after_s=idle_after_s,
+        self.idle = IdleFreezer(runtime, self.runtime_id, idle_after_s=idle_after_s, fresh_after_s=idle_fresh_s,
                                 breathe_every_s=breathe_every_s)
         self._live: dict[str, Sandbox] = {}
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
@@ -99,9 +99,9 @@ class Orchestrator:
         """Context manager around a proxied request: the sandbox is not idle while it is open."""
         return self.idle.in_use(sandbox_id)
 
-    def _go_live(self, sandbox_id: str, sandbox: Sandbox) -> None:
+    def _go_live(self, sandbox_id: str, sandbox: Sandbox, *, fresh: bool = False) -> None:
         self._live[sandbox_id] = sandbox
-        self.idle.track(sandbox_id)
+        self.idle.track(sandbox_id, fresh=fresh)
 
     def live_ids(self) -> set[str]:
         return set(self._live)
@@ -130,7 +130,7 @@ class Orchestrator:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
             raise
-        self._go_live(sandbox.id, sandbox)
+        self._go_live(sandbox.id, sandbox, fresh=True)
         return sandbox
 
     async def kill(self, sandbox_id: str) -> bool:
