@@ -102,6 +102,22 @@ def test_a_sandbox_nobody_has_used_yet_freezes_sooner(server, opts):
         used.kill()
 
 
+def test_asking_the_api_about_an_unused_sandbox_gives_it_the_whole_idle_time(server, opts):
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        assert wait_for_state(sbx.sandbox_id, "FROZEN", timeout=IDLE_S - 1)
+        assert sbx.get_info().sandbox_id == sbx.sandbox_id  # its owner is interested: thawed, and awake...
+        assert freezer_state(sbx.sandbox_id) == "THAWED"
+        time.sleep(FRESH_S + 1)
+        assert freezer_state(sbx.sandbox_id) == "THAWED"  # ...for longer than the rule for unused ones
+        assert wait_for_state(sbx.sandbox_id, "FROZEN")
+        sbx.get_info()  # no longer unused: asking the API changes nothing now
+        time.sleep(0.2)
+        assert freezer_state(sbx.sandbox_id) == "FROZEN"
+    finally:
+        sbx.kill()
+
+
 def test_open_request_keeps_the_sandbox_awake(server, opts):
     sbx = Sandbox.create(timeout=120, **opts)
     try:

@@ -144,10 +144,12 @@ class SandboxService:
         return row
 
     def get(self, key_id: str, sandbox_id: str) -> SandboxRow:
+        """The owner's sandbox, for any of the per-sandbox API calls (which count as interest in it)."""
         with self._sessions() as session:
             row = session.get(SandboxRow, sandbox_id)
         if row is None or row.key_id != key_id:
             raise not_found(sandbox_id)
+        self.orchestrator.noticed(sandbox_id)
         return row
 
     def list(self, key_id: str, query: ListQuery) -> list[SandboxRow]:

@@ -93,6 +93,14 @@ class IdleFreezer:
         if activity.frozen_at is not None or activity.breathing_until is not None:
             self._thaw(sandbox_id, activity)
 
+    def noticed(self, sandbox_id: str) -> None:
+        """Its owner asked the API about it (info, metrics, timeout, connect). A sandbox nobody has used yet
+        is then treated as used: thawed if the short rule for unused ones froze it, and given the whole idle
+        time from now (its metrics, say, are being watched). For others this changes nothing."""
+        activity = self._sandboxes.get(sandbox_id)
+        if activity is not None and activity.fresh:
+            self.wake(sandbox_id)
+
     @contextlib.contextmanager
     def in_use(self, sandbox_id: str) -> Iterator[None]:
         """Around a proxied request: the sandbox stays thawed while it is open."""

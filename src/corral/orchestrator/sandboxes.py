@@ -99,6 +99,10 @@ class Orchestrator:
         """Context manager around a proxied request: the sandbox is not idle while it is open."""
         return self.idle.in_use(sandbox_id)
 
+    def noticed(self, sandbox_id: str) -> None:
+        """Its owner asked the API about it: see IdleFreezer.noticed."""
+        self.idle.noticed(sandbox_id)
+
     def _go_live(self, sandbox_id: str, sandbox: Sandbox, *, fresh: bool = False) -> None:
         self._live[sandbox_id] = sandbox
         self.idle.track(sandbox_id, fresh=fresh)
