@@ -86,7 +86,7 @@ class PlatformSettings:
     # The idle policy (orchestrator/idle.py): a sandbox with no request through the proxy and little CPU
     # for this long is frozen (no CPU; thawed in ~1 ms by the next request). 0 turns it off.
     idle_freeze_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_IDLE_FREEZE_S", "10")))
-    # ... and sooner when it was created from a template and has had no request yet.
+    # ... and sooner when it was created from a template and has had no request yet (0: no sooner).
     idle_fresh_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_IDLE_FRESH_S", "1")))
     # Frozen sandboxes run for a second this often, so their timers still fire (late by up to this).
     idle_breathe_every_s: float = field(

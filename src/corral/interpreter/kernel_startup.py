@@ -7,7 +7,7 @@ the user's environment): adds the structured results the SDKs understand next to
 Matched by type name, so pandas and matplotlib are imported only when the user imports them.
 
 It also trims two waits from every execution that cost ~3 ms under gVisor, where a thread hand-off is ten
-times dearer than on a host (docs/interpreter.md, "Latency"):
+times dearer than on a host (docs/interpreter.md, "Two waits trimmed from every execution"):
 - ipykernel flushes stdout and stderr around every execution, each flush a round trip to its IOPub thread,
   even when nothing was written. A flush with nothing buffered now returns at once; one with output
   behaves as before. Messages keep their order: everything the kernel sends goes through that one thread.

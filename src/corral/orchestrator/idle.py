@@ -50,7 +50,8 @@ class IdleFreezer:
         self._runtime = runtime
         self._runtime_id = runtime_id  # API id -> runtime id (it changes when a sandbox is resumed)
         self.idle_after_s = idle_after_s
-        self.fresh_after_s = min(fresh_after_s, idle_after_s)
+        # 0 (or more than the idle time): no separate rule for unused sandboxes.
+        self.fresh_after_s = min(fresh_after_s, idle_after_s) if fresh_after_s > 0 else idle_after_s
         self.breathe_every_s = breathe_every_s
         self.breathe_for_s = breathe_for_s
         self.busy_cpu = busy_cpu  # fraction of a core above which a sandbox is working, not idle
