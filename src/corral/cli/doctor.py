@@ -103,10 +103,12 @@ def check_cgroups() -> Check:
 
 def check_tools() -> Check:
     # npm: template builds install Node.js itself (and Deno's kernel) from the npm registry with it.
-    missing = [t for t in ("debootstrap", "mkfs.ext4", "ip", "unshare", "chroot", "npm") if not shutil.which(t)]
+    # ss: destroying a sandbox aborts the host's connections to its address with it.
+    tools = ("debootstrap", "mkfs.ext4", "ip", "ss", "unshare", "chroot", "npm")
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         return Check("tools", False, "missing: " + ", ".join(missing), INSTALL)
-    return Check("tools", True, "debootstrap, mkfs.ext4, ip, unshare, chroot, npm")
+    return Check("tools", True, ", ".join(tools))
 
 
 def check_dns() -> Check:

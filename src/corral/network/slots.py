@@ -10,6 +10,7 @@ The kernel is the source of truth for which slots exist (`ip netns list`); nothi
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -117,7 +118,9 @@ async def destroy_slot(slot: Slot) -> None:
     Without the abort, a connection the host closed as the sandbox went away lingers as an orphan for up
     to two minutes (FIN-WAIT-1, retransmitting into a netns that no longer exists), and the next sandbox
     given this slot would count it as one of its own: its checkpoints would wait for it to close."""
-    await run(["ss", "-K", "-t", "dst", str(slot.guest)], check=False)
+    # Without `ss` (iproute2 has it) the netns still goes; the orphans then time out on their own.
+    with contextlib.suppress(OSError):
+        await run(["ss", "-K", "-t", "dst", str(slot.guest)], check=False)
     await run(["ip", "-force", "-batch", "-"],
               f"netns del {slot.netns}\nlink del {slot.host_ifname}\n", check=False)
 
