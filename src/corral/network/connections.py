@@ -1,7 +1,9 @@
-"""TCP connections the host holds to a sandbox address, read from the kernel's socket table."""
+"""TCP connections from the host to sandbox addresses: whether a port accepts one, and how many are open
+(read from the kernel's socket table)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 
@@ -29,4 +31,14 @@ def open_connections_to(address: str, table: str = "/proc/net/tcp") -> int:
     return count
 
 
-__all__ = ["open_connections_to"]
+async def port_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether `host:port` accepts a TCP connection within `timeout` (the connection is closed at once)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+__all__ = ["open_connections_to", "port_accepts"]

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.network.connections import port_accepts
 
 
 class EnvdUnavailable(Exception):
@@ -47,15 +48,8 @@ class EnvdLink:
         """Until envd's port accepts a connection. Enough after a restore from memory, where envd is the
         same process that answered before the checkpoint: its first HTTP request after a restore is slow
         (~30 ms while its memory is mapped back in), and the caller's own first request pays that anyway."""
-        async def accepts() -> bool:
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(address, ENVD_PORT), 1.0)
-            except (OSError, TimeoutError):
-                return False
-            writer.close()
-            return True
-
-        await _poll(accepts, timeout, f"envd at {address} did not accept a connection within {timeout:.0f}s")
+        await _poll(lambda: port_accepts(address, ENVD_PORT), timeout,
+                    f"envd at {address} did not accept a connection within {timeout:.0f}s")
 
     async def warm(self, address: str, user: str) -> None:
         """Runs one login-shell command the way the SDK would, so the first command a user sends does not

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.config import Settings
+from corral.network.connections import port_accepts
 from corral.runtime.base import Runtime, SandboxConfig, TemplateNotFound
 from corral.storage.disk import tree_size
 from corral.templates import envd_layer
@@ -191,7 +192,7 @@ class TemplateStore:
                 result = await runtime.exec(sandbox_id, list(check.command), timeout=check.timeout_s)
                 if result.exit_code == 0:
                     return
-            elif await _port_open(address, check.port or 0):
+            elif await port_accepts(address, check.port or 0):
                 return
             await asyncio.sleep(check.interval_s)
         raise TemplateBuildFailed("not ready")
@@ -205,15 +206,6 @@ def _point_current(tdir: Path, key: str) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(key)
     tmp.rename(tdir / "current")
-
-
-async def _port_open(host: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
 
 
 async def _stream(argv: list[str], log, progress: Progress, env: dict[str, str] | None = None) -> None:
