@@ -835,18 +835,18 @@ class GVisorRuntime(Runtime):
             raise SandboxNotFound(f"sandbox {sandbox_id} does not exist") from None
 
 
+def _process_running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (dead, not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _all_alive(pids: list[int]) -> bool:
     """True when there are processes and none is a zombie or gone."""
-    if not pids:
-        return False
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] in ("Z", "X"):
-                    return False
-        except OSError:
-            return False
-    return True
+    return bool(pids) and all(_process_running(pid) for pid in pids)
 
 
 def _become_subreaper() -> None:
@@ -898,17 +898,9 @@ async def _until_gone(pids: list[int], timeout: float = 5.0) -> None:
     """Waits until none of `pids` runs (gone, or a zombie its parent has yet to reap)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rpartition(")")[2].split()[0] != "Z":
-                        running.append(pid)
-            except (OSError, IndexError):
-                continue
-        if not running:
+        pids = [pid for pid in pids if _process_running(pid)]
+        if not pids:
             return
-        pids = running
         await asyncio.sleep(0.01)
 
 
