@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.runtime.base import Resources, Runtime
@@ -20,14 +21,19 @@ from corral.runtime.base import Resources, Runtime
 log = logging.getLogger("corral.orchestrator")
 
 
+@dataclass
+class _Hold:
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set to end the hold early
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the preparation finished (or failed)
+    task: asyncio.Task | None = None
+
+
 class ResumeWarmth:
     def __init__(self, runtime: Runtime, *, keep_s: float, most: int) -> None:
         self._runtime = runtime
         self._keep_s = keep_s
         self._most = most
-        # checkpoint directory -> (event that ends the hold early, task holding it)
-        self._held: OrderedDict[Path, tuple[asyncio.Event, asyncio.Task]] = OrderedDict()
-        self._settled: dict[Path, asyncio.Event] = {}  # set once the preparation finished (or failed)
+        self._held: OrderedDict[Path, _Hold] = OrderedDict()  # by checkpoint directory, oldest first
         self._tasks: set[asyncio.Task] = set()  # evicted holds too, until they have released
 
     def hold(self, directory: Path, resources: Resources) -> None:
@@ -35,14 +41,10 @@ class ResumeWarmth:
         if self._keep_s <= 0 or self._most <= 0 or directory in self._held:
             return
         while len(self._held) >= self._most:
-            oldest, (done, _) = next(iter(self._held.items()))
-            done.set()
-            self._held.pop(oldest)  # its task releases it
-            self._settled.pop(oldest, None)
-        done = asyncio.Event()
-        self._settled[directory] = settled = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._hold(directory, resources, done, settled))
-        self._held[directory] = (done, task)
+            _, oldest = self._held.popitem(last=False)
+            oldest.done.set()  # its task releases it
+        hold = self._held[directory] = _Hold()
+        task = hold.task = asyncio.get_running_loop().create_task(self._hold(directory, resources, hold))
         self._tasks.add(task)
         task.add_done_callback(lambda _: self._forget(directory, task))
 
@@ -52,51 +54,49 @@ class ResumeWarmth:
     async def settled(self, directory: Path, timeout: float = 5.0) -> None:
         """Waits while the resume from `directory` is being prepared: a resume right after its pause then
         takes the container being made instead of making a second one next to it."""
-        settled = self._settled.get(directory)
-        if settled is not None:
+        hold = self._held.get(directory)
+        if hold is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(settled.wait(), timeout)
+                await asyncio.wait_for(hold.settled.wait(), timeout)
 
     def used(self, directory: Path) -> None:
         """A restore from `directory` took (or did without) what was prepared: stop holding it."""
-        if (held := self._held.get(directory)) is not None:
-            held[0].set()
+        if (hold := self._held.get(directory)) is not None:
+            hold.done.set()
 
     async def release(self, directory: Path) -> None:
         """Ends the hold on `directory` and waits until what it held is freed."""
-        held = self._held.get(directory)
-        if held is not None:
-            held[0].set()
+        hold = self._held.get(directory)
+        if hold is not None:
+            hold.done.set()
             with contextlib.suppress(Exception):
-                await held[1]
+                await hold.task
         await self._runtime.release_prepared(directory)
 
     async def close(self) -> None:
-        for done, _ in self._held.values():
-            done.set()
+        for hold in self._held.values():
+            hold.done.set()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
 
-    async def _hold(self, directory: Path, resources: Resources, done: asyncio.Event,
-                    settled: asyncio.Event) -> None:
+    async def _hold(self, directory: Path, resources: Resources, hold: _Hold) -> None:
         # Never cancelled: a container interrupted half-way through its setup would be left behind.
         try:
             prepared = await self._runtime.prepare_restore(directory, resources)
-            settled.set()
+            hold.settled.set()
             if prepared:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), self._keep_s)
+                    await asyncio.wait_for(hold.done.wait(), self._keep_s)
         except Exception as exc:  # an optimisation only: the resume then does the whole restore
             log.info("could not prepare the resume from %s: %s", directory.name, exc)
         finally:
-            settled.set()
+            hold.settled.set()
             with contextlib.suppress(Exception):
                 await self._runtime.release_prepared(directory)
 
     def _forget(self, directory: Path, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        held = self._held.get(directory)
-        if held is not None and held[1] is task:
+        hold = self._held.get(directory)
+        if hold is not None and hold.task is task:
             del self._held[directory]
-            self._settled.pop(directory, None)
