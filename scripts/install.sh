@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything Corral needs on Debian 12 (bookworm) or a derivative: system packages (runsc from
 # bookworm-backports, nftables, debootstrap, xfsprogs, iproute2) and a virtualenv at .venv with Corral in it.
-# Idempotent: safe to run again; it only adds what is missing.
-set -euo pipefail
+# Idempotent: safe to run again; it only adds what is missing. On any failure it names the step that failed.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/apt-mirror.sh
+
+step="start"
+trap 'rc=$?; echo "install.sh: failed while ${step} (exit ${rc}); see the output above" >&2; exit $rc' ERR
+say() { step=$1; echo "==> $1"; }
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install.sh must run as root (runsc, network namespaces and mounts need it): sudo $0" >&2
@@ -11,21 +16,24 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+APT_DIR=${CORRAL_APT_DIR:-/etc/apt}
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-backports=/etc/apt/sources.list.d/corral-backports.sources
-if ! apt-cache policy 2>/dev/null | grep -q "${codename}-backports"; then
-  mirror=$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
-             /etc/apt/sources.list.d/*.list 2>/dev/null | grep -v security | head -n1)
+backports=$APT_DIR/sources.list.d/corral-backports.sources
+if ! { apt-cache policy 2>/dev/null || true; } | grep -q "${codename}-backports" && [ ! -f "$backports" ]; then
+  say "adding ${codename}-backports to apt's sources (for runsc)"
+  mirror=$(debian_mirror "$APT_DIR")
   mirror=${mirror:-http://deb.debian.org/debian}
+  echo "    mirror: $mirror"
   cat > "$backports" <<SRC
 Types: deb
-URIs: ${mirror%/}
+URIs: ${mirror}
 Suites: ${codename}-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
+say "checking system packages"
 packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-certificates util-linux"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -34,17 +42,26 @@ command -v runsc >/dev/null 2>&1 || missing="$missing runsc"
 # kernel) with them.
 command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then
+  say "updating apt's package lists"
   apt-get update -q
-  apt-get install -y -q --no-install-recommends $(echo "$missing" | sed 's/ runsc//')
+  plain=$(echo "$missing" | sed 's/ runsc//')
+  if [ -n "${plain// /}" ]; then
+    say "installing Debian packages:$plain"
+    apt-get install -y -q --no-install-recommends $plain
+  fi
   if echo "$missing" | grep -qw runsc; then
+    say "installing runsc (gVisor) from ${codename}-backports"
     apt-get install -y -q --no-install-recommends -t "${codename}-backports" runsc
   fi
 fi
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  say "creating the virtualenv .venv"
   "$python" -m venv .venv
 fi
+say "installing Corral into .venv"
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]'
+say "checking the installation"
 echo "corral installed: $(.venv/bin/corral --version)"
