@@ -4,11 +4,14 @@
 # Idempotent: safe to run again; it only adds what is missing. On any failure it names the step that failed.
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
-source scripts/lib/apt-mirror.sh
 
-step="start"
-trap 'rc=$?; echo "install.sh: failed while ${step} (exit ${rc}); see the output above" >&2; exit $rc' ERR
+step="starting"
+# Only the script's own shell reports: a failure inside $(...) ends that subshell quietly and is then
+# reported once, by the assignment that used it.
+trap 'rc=$?; [ "$BASHPID" = "$$" ] && echo "install.sh: failed while ${step} (exit ${rc}); see the output above" >&2;
+      exit $rc' ERR
 say() { step=$1; echo "==> $1"; }
+source scripts/lib/apt-mirror.sh
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install.sh must run as root (runsc, network namespaces and mounts need it): sudo $0" >&2
@@ -56,12 +59,14 @@ if [ -n "$missing" ]; then
 fi
 
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  say "creating the virtualenv .venv"
-  "$python" -m venv .venv
+venv=${CORRAL_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating the virtualenv $venv"
+  "$python" -m venv "$venv"
 fi
-say "installing Corral into .venv"
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[dev]'
+say "installing Corral into $venv"
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e '.[dev]'
 say "checking the installation"
-echo "corral installed: $(.venv/bin/corral --version)"
+version=$("$venv/bin/corral" --version)
+echo "corral installed: $version"
