@@ -15,6 +15,7 @@ from rich.table import Table
 
 from corral import __version__
 from corral.cli import remote
+from corral.cli.build_progress import BuildDisplay
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime
 from corral.cli.serve import keys_app, serve_command
@@ -67,10 +68,8 @@ def template_build(name: str = typer.Argument(..., help="Template to build, e.g.
 
     async def run() -> None:
         async with local_runtime() as (runtime, store):
-            with console.status(f"building {name}") as status:
-                def progress(line: str) -> None:
-                    status.update(f"[bold]{name}[/bold]: {line}")
-                info = await store.build(name, runtime, force=force, progress=progress)
+            with BuildDisplay(console, name) as display:
+                info = await store.build(name, runtime, force=force, progress=display)
             console.print(f"[green]built[/green] {info.name} ({info.key}, {info.size_bytes / 2**20:.1f} MiB "
                           f"snapshot) at {info.snapshot}")
 

@@ -65,6 +65,7 @@ def _ensure_templates(settings, names: tuple[str, ...]) -> None:
     changed (an upgrade): the first start on a fresh machine takes about a minute, later ones none."""
     import asyncio
 
+    from corral.cli.build_progress import BuildDisplay
     from corral.cli.local import local_runtime
     from corral.runtime.base import TemplateNotFound
 
@@ -80,8 +81,8 @@ def _ensure_templates(settings, names: tuple[str, ...]) -> None:
                     verb = "building"
                 if not verb:
                     continue
-                with console.status(f"{verb} template {name}") as status:
-                    await store.build(name, runtime, progress=lambda line, n=name: status.update(f"{n}: {line}"))
+                with BuildDisplay(console, name, verb) as display:
+                    await store.build(name, runtime, progress=display)
                 console.print(f"[green]built[/green] template {name}")
 
     asyncio.run(build())

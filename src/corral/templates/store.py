@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,21 @@ from corral.templates import envd_layer
 from corral.templates.builtin import BUILTIN
 from corral.templates.recipe import Recipe
 
-Progress = Callable[[str], None]
+
+class BuildProgress:
+    """What a template build tells whoever watches it: each step as it starts, and the output lines of the
+    running step (all of them also go to the build log). This base class ignores both; the CLI shows them
+    (corral/cli/build_progress.py).
+
+    Steps, in order: `root filesystem` (when cached) or `debootstrap`, `packages`, `pip`, `npm`, `setup`
+    (once per command); then `envd`, `boot`, `ready`, `snapshot`. Steps a recipe does not need are skipped.
+    """
+
+    def step(self, name: str, detail: str = "") -> None:
+        pass
+
+    def output(self, line: str) -> None:
+        pass
 
 
 class TemplateBuildFailed(Exception):
@@ -47,10 +60,6 @@ class TemplateInfo:
     key: str
     size_bytes: int
     built_at: float
-
-
-def _noop(_: str) -> None:
-    pass
 
 
 class TemplateStore:
@@ -96,7 +105,8 @@ class TemplateStore:
     # ---------------------------------------------------------------- build
 
     async def build(self, name: str, runtime: Runtime, *, force: bool = False,
-                    progress: Progress = _noop) -> TemplateInfo:
+                    progress: BuildProgress | None = None) -> TemplateInfo:
+        progress = progress or BuildProgress()
         try:
             recipe = self.recipes[name]
         except KeyError:
@@ -112,11 +122,13 @@ class TemplateStore:
         _point_current(tdir, key)
         return next(t for t in self.list() if t.name == name)
 
-    async def ensure_rootfs(self, recipe: Recipe, *, force: bool = False, progress: Progress = _noop) -> Path:
+    async def ensure_rootfs(self, recipe: Recipe, *, force: bool = False,
+                            progress: BuildProgress | None = None) -> Path:
+        progress = progress or BuildProgress()
         key = recipe.rootfs_key()
         target = self.root / "rootfs" / key
         if target.is_dir() and not force:
-            progress(f"root filesystem {key} is cached")
+            progress.step("root filesystem", f"cached ({key})")
             return target
         partial = target.with_name(f".{key}.partial")
         log_path = target.with_name(f"{key}.log")
@@ -124,16 +136,16 @@ class TemplateStore:
         partial.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             try:
-                progress(f"debootstrap {recipe.suite} (minbase)")
+                progress.step("debootstrap", f"{recipe.suite} (minbase) from {recipe.mirror}")
                 await _stream(["debootstrap", "--variant=minbase", recipe.suite, str(partial), recipe.mirror],
                               log, progress)
                 if recipe.packages:
-                    progress(f"installing {len(recipe.packages)} packages")
+                    progress.step("packages", f"{len(recipe.packages)} Debian packages")
                     await _stream(["chroot", str(partial), "apt-get", "install", "-y", "-q",
                                    "--no-install-recommends", *recipe.packages], log, progress,
                                   env={"DEBIAN_FRONTEND": "noninteractive"})
                 if recipe.pip:
-                    progress(f"pip: installing {len(recipe.pip)} Python packages")
+                    progress.step("pip", f"{len(recipe.pip)} Python packages")
                     site = f"/usr/local/lib/python{envd_layer.TARGET_PYTHON[0]}/dist-packages"
                     await _stream([*envd_layer.host_pip_install_args(), "--target", f"{partial}{site}",
                                    *recipe.pip], log, progress)
@@ -146,11 +158,12 @@ class TemplateStore:
                     if shutil.which("npm") is None:
                         raise TemplateBuildFailed("npm is needed on the host to install "
                                                   f"{', '.join(recipe.npm)} (scripts/install.sh installs it)")
-                    progress(f"npm: installing {', '.join(recipe.npm)}")
+                    progress.step("npm", ", ".join(recipe.npm))
                     await _stream(["npm", "install", "--global", "--prefix", f"{partial}/usr/local", "--no-audit",
                                    "--no-fund", "--no-update-notifier", *recipe.npm], log, progress)
-                for command in recipe.setup:
-                    progress(f"setup: {command[:60]}")
+                for number, command in enumerate(recipe.setup, 1):
+                    first_line = command.split("\n", 1)[0]
+                    progress.step("setup", f"{number}/{len(recipe.setup)}: {first_line[:60]}")
                     await _stream(["chroot", str(partial), "/bin/sh", "-ec", command], log, progress)
             except TemplateBuildFailed as exc:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -161,14 +174,14 @@ class TemplateStore:
         return target
 
     async def _build_snapshot(self, recipe: Recipe, rootfs: Path, tdir: Path, key: str, runtime: Runtime,
-                              progress: Progress) -> None:
+                              progress: BuildProgress) -> None:
         etc_layer = tdir / f"{key}.etc"
         shutil.rmtree(etc_layer, ignore_errors=True)
         (etc_layer / "etc").mkdir(parents=True)
         (etc_layer / "etc" / "resolv.conf").write_text(f"nameserver {self.settings.dns_address}\n")
-        progress("preparing the envd layer")
+        progress.step("envd", "the envd layer")
         envd = await envd_layer.ensure_envd_layer(self.root)
-        progress(f"booting {recipe.name}: {' '.join(recipe.start_command)}")
+        progress.step("boot", " ".join(recipe.start_command)[:80])
         sandbox = await runtime.boot([etc_layer, envd, rootfs], list(recipe.start_command),
                                      SandboxConfig(env=recipe.env), template=recipe.name, cwd=recipe.workdir)
         try:
@@ -179,14 +192,15 @@ class TemplateStore:
             shutil.rmtree(etc_layer, ignore_errors=True)
             raise TemplateBuildFailed(f"template {recipe.name!r} never became ready within "
                                       f"{recipe.ready.timeout_s:.0f}s; sandbox log:\n{log_tail}") from None
-        progress("checkpointing")
+        progress.step("snapshot", "checkpointing memory and filesystem")
         await runtime.checkpoint(sandbox.id, tdir / key, leave_running=False)
 
     async def _wait_ready(self, recipe: Recipe, runtime: Runtime, sandbox_id: str, address: str,
-                          progress: Progress) -> None:
+                          progress: BuildProgress) -> None:
         check = recipe.ready
         deadline = time.monotonic() + check.timeout_s
-        progress("waiting for readiness")
+        waiting_for = " ".join(check.command) if check.command else f"port {check.port}"
+        progress.step("ready", f"waiting for {waiting_for} (up to {check.timeout_s:.0f} s)")
         while time.monotonic() < deadline:
             if check.command:
                 result = await runtime.exec(sandbox_id, list(check.command), timeout=check.timeout_s)
@@ -208,8 +222,8 @@ def _point_current(tdir: Path, key: str) -> None:
     tmp.rename(tdir / "current")
 
 
-async def _stream(argv: list[str], log, progress: Progress, env: dict[str, str] | None = None) -> None:
-    """Runs a build step, copying its output to the log and its latest line to the progress callback."""
+async def _stream(argv: list[str], log, progress: BuildProgress, env: dict[str, str] | None = None) -> None:
+    """Runs a build step, copying its output to the log and to `progress`, line by line."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -220,7 +234,7 @@ async def _stream(argv: list[str], log, progress: Progress, env: dict[str, str] 
         log.write(line + "\n")
         tail = ([*tail, line])[-8:]
         if line:
-            progress(line[:100])
+            progress.output(line)
     rc = await proc.wait()
     log.flush()
     if rc != 0:
