@@ -14,22 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "scripts" / "install.sh"
 
-# /etc/apt/sources.list.d/debian.sources as Debian 12 container images ship it.
-DEBIAN_12_IMAGE_SOURCES = """\
-Types: deb
-# http://snapshot.debian.org/archive/debian/20250505T000000Z
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-# http://snapshot.debian.org/archive/debian-security/20250505T000000Z
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
+# /etc/apt/sources.list.d/debian.sources as Debian 12 container images ship it (the clean install uses it too).
+DEBIAN_12_IMAGE_SOURCES = (REPO / "tests" / "clean_install" / "debian-12-image.sources").read_text()
 
 ONE_LINE_SOURCES_LIST = """\
 deb http://ftp.de.debian.org/debian bookworm main contrib
