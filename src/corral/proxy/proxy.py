@@ -1,13 +1,16 @@
 """Forwards SDK traffic to `port` inside sandbox `id`: streamed both ways (chunked uploads, server
-streams, NDJSON), long-lived, WebSockets included, with the 502 messages the SDKs recognise."""
+streams, NDJSON), long-lived, WebSockets included, with the 502 messages the SDKs recognise. When a sandbox
+goes away, what is in flight to it ends at once, the way the SDKs read as "the sandbox died"."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 
 import aiohttp
 import websockets
@@ -22,6 +25,18 @@ PORT_CLOSED = "The sandbox is running but port is not open"
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
         b"transfer-encoding", b"upgrade", b"host", b"e2b-sandbox-id", b"e2b-sandbox-port"}
 _HOST_ROUTE = re.compile(r"^(?P<port>\d{1,5})-(?P<sandbox>[a-z0-9]+)\.")
+
+log = logging.getLogger("corral.proxy")
+# Set in the task of a response `_end_cut_short` left unfinished on purpose (see `_QuietCutShort`).
+_cut_short_here: ContextVar[bool] = ContextVar("cut_short_here", default=False)
+
+
+class _QuietCutShort(logging.Filter):
+    """uvicorn logs an ERROR for every response an app leaves unfinished; for one the proxy cut short on
+    purpose its own INFO line (in `forget`) already says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_cut_short_here.get() and record.getMessage().startswith("ASGI callable returned without"))
 
 
 def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
@@ -41,6 +56,11 @@ class SandboxProxy:
         # One connection pool per sandbox: addresses are reused by later sandboxes, and a kept-alive
         # connection to a dead sandbox must never carry a request meant for its successor.
         self._clients: dict[str, aiohttp.ClientSession] = {}
+        # The tasks forwarding each sandbox's requests, so `forget` can end them; `_cut` holds the ones it
+        # cancelled (to tell its cancellation from a server shutdown's).
+        self._exchanges: dict[str, set[asyncio.Task]] = {}
+        self._cut: set[asyncio.Task] = set()
+        logging.getLogger("uvicorn.error").addFilter(_QuietCutShort())
 
     def _client(self, sandbox_id: str) -> aiohttp.ClientSession:
         client = self._clients.get(sandbox_id)
@@ -56,7 +76,14 @@ class SandboxProxy:
         return client
 
     async def forget(self, sandbox_id: str) -> None:
-        """The sandbox is gone: drop its connections."""
+        """The sandbox is gone (or is about to be checkpointed): end its in-flight requests and drop its
+        connections."""
+        exchanges = self._exchanges.pop(sandbox_id, set())
+        for exchange in exchanges:
+            self._cut.add(exchange)
+            exchange.cancel()
+        if exchanges:
+            log.info("sandbox %s went away: ended %d request(s) in flight to it", sandbox_id, len(exchanges))
         client = self._clients.pop(sandbox_id, None)
         if client is not None:
             await client.close()
@@ -66,6 +93,23 @@ class SandboxProxy:
             await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
+        exchange = asyncio.current_task()
+        exchanges = self._exchanges.setdefault(sandbox_id, set())
+        exchanges.add(exchange)
+        response = _ResponseProgress(send)
+        try:
+            await self._forward(scope, receive, response.send, sandbox_id, port)
+        except asyncio.CancelledError:
+            if exchange not in self._cut or exchange.uncancel() > 0:
+                raise  # not (only) `forget`: e.g. the server is shutting down
+            await _end_cut_short(scope, response, sandbox_id)
+        finally:
+            self._cut.discard(exchange)
+            exchanges.discard(exchange)
+            if not exchanges and self._exchanges.get(sandbox_id) is exchanges:
+                del self._exchanges[sandbox_id]
+
+    async def _forward(self, scope, receive, send, sandbox_id: str, port: int) -> None:
         address = await self._resolve(sandbox_id)
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, sandbox_id, address, port)
@@ -154,6 +198,36 @@ class SandboxProxy:
             for task in tasks:
                 task.cancel()
             await upstream.close()
+
+
+class _ResponseProgress:
+    """Wraps an ASGI `send` to remember whether the response (or WebSocket) has started."""
+
+    __slots__ = ("_send", "started")
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message) -> None:
+        if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+            self.started = True
+        await self._send(message)
+
+
+async def _end_cut_short(scope, response: _ResponseProgress, sandbox_id: str) -> None:
+    """Ends a request whose sandbox went away while it was forwarded."""
+    if response.started:
+        # Returning without the final body makes the server drop the connection: the SDKs take a broken
+        # stream, not a clean end, as the sandbox dying mid-request; they then probe it (GET /health),
+        # get NOT_FOUND and raise their "sandbox was killed" error. A clean end would read as a complete
+        # (truncated) result. A WebSocket was closed by `_websocket`'s own cleanup.
+        _cut_short_here.set(True)
+        return
+    if scope["type"] == "websocket":
+        await response.send({"type": "websocket.close", "code": 4404, "reason": NOT_FOUND})
+    else:
+        await _error(response.send, sandbox_id, NOT_FOUND)
 
 
 async def _body(receive) -> AsyncIterator[bytes]:
