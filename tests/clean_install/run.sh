@@ -135,4 +135,4 @@ if grep -q "==> updating apt's package lists" "$log.again"; then
   false
 fi
 
-echo "clean install: PASSED in $(( SECONDS - started )) s ($(grep '^corral installed: ' "$log"))"
+echo "clean install: PASSED ($(grep '^corral installed: ' "$log"); both install.sh runs: $(( SECONDS - started )) s)"
