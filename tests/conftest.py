@@ -74,13 +74,28 @@ def store(settings):
     return TemplateStore(settings)
 
 
-@pytest.fixture(scope="session")
-def runtime(harness, settings, store, dns_host):
+def template_runtime(settings, store):
+    """A gVisor runtime that also starts sandboxes by template name and restores from a snapshot's path:
+    what the orchestrator does in production, kept short for tests that drive the runtime directly."""
     from corral.runtime.gvisor import GVisorRuntime
 
+    class TemplateRuntime(GVisorRuntime):
+        async def create(self, template, config):
+            return (await self.restore(self.open_snapshot(store.resolve(template)), 1, config))[0]
+
+        async def restore(self, snapshot, count, config, *, memory=True):
+            if isinstance(snapshot, Path):
+                snapshot = self.open_snapshot(snapshot)
+            return await super().restore(snapshot, count, config, memory=memory)
+
+    return TemplateRuntime(settings)
+
+
+@pytest.fixture(scope="session")
+def runtime(harness, settings, store, dns_host):
     os.environ["CORRAL_DNS_UPSTREAM"] = DNS_HOST_ADDRESS
-    rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
-    harness.run(rt.start())
+    rt = template_runtime(settings, store)
+    harness.run(rt.open())
     harness.run(store.build("base", rt), timeout=1800)
     yield rt
     harness.run(rt.destroy_all())

@@ -120,15 +120,21 @@ def test_sandbox_writes_never_reach_the_template(harness, runtime, store, sandbo
     sb = sandbox_factory()
     harness.run(runtime.exec(sb.id, ["sh", "-c", "echo x > /etc/corral-marker && rm /etc/hostname"]))
     snapshot = store.resolve("base")
-    layers = [snapshot / "layer", *runtime._box(sb.id).lowers]
+    layers = [snapshot / "layer", *runtime.table.get(sb.id).lowers]
     assert not any((layer / "etc" / "corral-marker").exists() for layer in layers)
     assert any((layer / "etc" / "hostname").exists() for layer in layers)
 
 
-def test_pause_and_resume_keep_memory(harness, runtime, counter_sandbox):
-    harness.run(runtime.pause(counter_sandbox.id))
-    assert harness.run(runtime.state(counter_sandbox.id)) == "paused"
-    harness.run(runtime.resume(counter_sandbox.id))
+def runsc_status(harness, runtime, sandbox_id: str) -> str:
+    """What runsc itself says of the container ("running", "paused", ...)."""
+    return harness.run(runtime.runsc.state(sandbox_id)).status
+
+
+def test_freeze_and_thaw_keep_memory(harness, runtime, counter_sandbox):
+    assert runtime.freeze(counter_sandbox.id)
+    assert runtime.is_frozen(counter_sandbox.id)
+    runtime.thaw(counter_sandbox.id)
+    assert not runtime.is_frozen(counter_sandbox.id)
     assert get(runtime, counter_sandbox.id) == 4
 
 
@@ -156,7 +162,7 @@ def test_checkpoint_into_non_empty_directory_is_refused(harness, runtime, sandbo
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(CheckpointInvalid, match="not empty"):
         harness.run(runtime.checkpoint(sb.id, tmp_path / "busy"))
-    assert harness.run(runtime.state(sb.id)) == "running"
+    assert runsc_status(harness, runtime, sb.id) == "running"
 
 
 def test_full_disk_during_checkpoint_leaves_source_running_and_nothing_visible(harness, runtime, counter_sandbox,
@@ -172,7 +178,7 @@ def test_full_disk_during_checkpoint_leaves_source_running_and_nothing_visible(h
         assert list(small.iterdir()) == []  # no partial checkpoint, not even its staging directory
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    assert harness.run(runtime.state(counter_sandbox.id)) == "running"
+    assert runsc_status(harness, runtime, counter_sandbox.id) == "running"
     assert get(runtime, counter_sandbox.id) == 4  # the source keeps running, not frozen
 
 
@@ -217,103 +223,105 @@ def test_filesystem_only_checkpoint_cold_boots_with_the_files(harness, runtime, 
         harness.run(runtime.destroy(cold.id))
 
 
-def test_a_prepared_restore_is_used_once_and_released_without_leftovers(harness, runtime, settings, counter_sandbox,
-                                                                        tmp_path):
+def test_a_prepared_container_is_used_once_and_discarded_without_leftovers(harness, runtime, settings,
+                                                                           counter_sandbox, tmp_path):
     from helpers.leaks import footprint
 
     from corral.runtime.base import Resources
 
-    target = tmp_path / "paused"
-    harness.run(runtime.checkpoint(counter_sandbox.id, target, leave_running=False))
+    target = harness.run(runtime.checkpoint(counter_sandbox.id, tmp_path / "paused", leave_running=False))
     before = footprint(settings)
-    assert harness.run(runtime.prepare_restore(target, Resources())) is True
-    assert runtime.prepared(target) == 1
+    prepared = harness.run(runtime.prepare(target, Resources()))
+    assert runtime.prepared() == [prepared]
     held = footprint(settings)
     assert (held.containers, held.netns) == (before.containers + 1, before.netns + 1)
-    (clone,) = harness.run(runtime.restore(target, 1, SandboxConfig()))
-    assert runtime.prepared(target) == 0  # the restore took it
+    clone = harness.run(runtime.start(prepared, SandboxConfig()))
+    assert runtime.prepared() == []  # the start took it
     assert get(runtime, clone.id) == 4  # and it is the checkpointed process, going on
+    with pytest.raises(SandboxFailed, match="not prepared"):
+        harness.run(runtime.start(prepared, SandboxConfig()))  # a handle starts once
     harness.run(runtime.destroy(clone.id))
-    assert harness.run(runtime.prepare_restore(target, Resources())) is True
-    harness.run(runtime.release_prepared(target))
-    assert runtime.prepared(target) == 0
+    again = harness.run(runtime.prepare(target, Resources()))
+    harness.run(runtime.discard(again))
+    harness.run(runtime.discard(again))  # idempotent
+    assert runtime.prepared() == []
     assert footprint(settings) == before
     with pytest.raises(CheckpointInvalid):
-        harness.run(runtime.prepare_restore(tmp_path / "missing", Resources()))
+        runtime.open_snapshot(tmp_path / "missing")
     assert footprint(settings) == before
 
 
-def test_resume_warmth_holds_for_its_time_then_releases(harness, runtime, settings, counter_sandbox, tmp_path):
+def _capacity(runtime, store, **knobs):
+    from corral.orchestrator.capacity import Capacity
+    from corral.orchestrator.envd_link import EnvdLink
+
+    return Capacity(runtime, EnvdLink(), lambda t: runtime.open_snapshot(store.resolve(t)), **knobs)
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+def test_resume_hold_keeps_a_prepared_container_for_its_time_then_releases(harness, runtime, settings, store,
+                                                                          counter_sandbox, tmp_path):
     from helpers.leaks import footprint
 
-    from corral.orchestrator.resume_warmth import ResumeWarmth
     from corral.runtime.base import Resources
 
-    target, second = tmp_path / "paused", tmp_path / "paused-too"
-    harness.run(runtime.checkpoint(counter_sandbox.id, target, leave_running=False))
-    shutil.copytree(target, second, symlinks=True)
+    target = harness.run(runtime.checkpoint(counter_sandbox.id, tmp_path / "paused", leave_running=False))
+    shutil.copytree(target.path, tmp_path / "paused-too", symlinks=True)
+    second = runtime.open_snapshot(tmp_path / "paused-too")
     before = footprint(settings)
 
-    async def until(condition, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-
     async def scenario() -> None:
-        warmth = ResumeWarmth(runtime, keep_s=2.0, most=1)
-        warmth.hold(target, Resources())
-        await warmth.settled(target)
-        assert (warmth.ready(), runtime.prepared(target)) == (1, 1)
+        capacity = _capacity(runtime, store, resume_keep_s=2.0, resume_most=1)
+        capacity.hold_for_resume(target, Resources())
+        await capacity.settled(target)
+        assert (capacity.resume_ready(), capacity.prepared(target)) == (1, 1)
         # One held at most: holding a second releases the first.
-        warmth.hold(second, Resources())
-        await until(lambda: runtime.prepared(target) == 0 and runtime.prepared(second) == 1)
-        assert warmth.ready() == 1
+        capacity.hold_for_resume(second, Resources())
+        await _until(lambda: capacity.prepared(target) == 0 and capacity.prepared(second) == 1)
+        assert capacity.resume_ready() == 1
         # Released by itself after keep_s.
-        await until(lambda: runtime.prepared(second) == 0)
-        assert warmth.ready() == 0
-        await warmth.close()
+        await _until(lambda: capacity.prepared(second) == 0)
+        assert capacity.resume_ready() == 0
+        await capacity.close()
 
     harness.run(scenario())
     assert footprint(settings) == before
 
 
-@pytest.fixture
-def template_pool(harness, runtime, store):
-    """The session runtime keeps no prepared containers; this test's restores of `base` make it keep one."""
-    runtime._pool_size = 1
-    try:
-        yield store.resolve("base")
-    finally:
-        runtime._pool_size = 0
-        harness.run(runtime.close())  # tears down what the pool holds
-
-
-def _wait_prepared(harness, runtime, checkpoint, count: int) -> None:
-    deadline = time.monotonic() + 30
-    while runtime.prepared(checkpoint) != count:
-        assert time.monotonic() < deadline, f"{runtime.prepared(checkpoint)} prepared, expected {count}"
-        harness.run(asyncio.sleep(0.05))  # the pool fills on the harness's loop
-
-
-def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, runtime, settings, template_pool,
-                                                                    tmp_path):
+def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, runtime, settings, store, tmp_path):
     from helpers.leaks import footprint
 
-    source = harness.run(runtime.create("base", SandboxConfig()))
+    from corral.runtime.base import ContainerState
+
+    capacity = _capacity(runtime, store, prepared_size=1)
+    template = runtime.open_snapshot(store.resolve("base"))
+
+    async def start(snapshot, **kw):
+        return await capacity.start(snapshot, SandboxConfig(), **kw)
+
+    def wait_prepared() -> None:
+        harness.run(_until(lambda: capacity.prepared(template) == 1))
+
+    harness.run(_open(capacity))
+    source = harness.run(start(template, stock=True))
     made = [source.id]
     try:
-        _wait_prepared(harness, runtime, template_pool, 1)
+        wait_prepared()
         before = footprint(settings)
         script = ("echo forked > /home/user/note.txt && rm /etc/debian_version && echo t > /tmp/in-tmp && "
                   "rm -rf /opt/corral-none && mkdir -p /srv/new/dir && ln -s /home/user/note.txt /srv/link")
         assert harness.run(runtime.exec(source.id, ["sh", "-c", script])).exit_code == 0
-        small = tmp_path / "small"
-        harness.run(runtime.checkpoint(source.id, small, leave_running=True))
-        (clone,) = harness.run(runtime.restore(small, 1, SandboxConfig()))
+        small = harness.run(runtime.checkpoint(source.id, tmp_path / "small", leave_running=True))
+        clone = harness.run(start(small))
         made.append(clone.id)
         # Replayed, not stacked: the clone does not stand on the checkpoint's layer.
-        assert small / "layer" not in runtime.layers_in_use()
+        assert small.path not in runtime.in_use()
         check = ("cat /home/user/note.txt /tmp/in-tmp /srv/link; test -e /etc/debian_version || echo deleted; "
                  "test -d /srv/new/dir && echo dir")
         result = harness.run(runtime.exec(clone.id, ["sh", "-c", check]))
@@ -324,20 +332,25 @@ def test_small_layer_is_replayed_into_a_templates_prepared_container(harness, ru
         # A layer above the replay limit is stacked as before.
         assert harness.run(runtime.exec(source.id, ["sh", "-c", "head -c 2000000 /dev/urandom > /home/user/big"]
                                         )).exit_code == 0
-        _wait_prepared(harness, runtime, template_pool, 1)
-        big = tmp_path / "big"
-        harness.run(runtime.checkpoint(source.id, big, leave_running=True))
-        (stacked,) = harness.run(runtime.restore(big, 1, SandboxConfig()))
+        wait_prepared()
+        big = harness.run(runtime.checkpoint(source.id, tmp_path / "big", leave_running=True))
+        stacked = harness.run(start(big))
         made.append(stacked.id)
-        assert big / "layer" in runtime.layers_in_use()
-        assert runtime.prepared(template_pool) == 1  # left for the next one
+        assert big.path in runtime.in_use()
+        assert capacity.prepared(template) == 1  # left for the next one
         size = harness.run(runtime.exec(stacked.id, ["stat", "-c", "%s", "/home/user/big"])).stdout
         assert size.decode().strip() == "2000000"
         for sid in made[1:]:
             harness.run(runtime.destroy(sid))
         del made[1:]
-        _wait_prepared(harness, runtime, template_pool, 1)
-        assert footprint(settings) == before  # the clones are gone and the pool is back to one container
+        wait_prepared()
+        assert footprint(settings) == before  # the clones are gone and one container is prepared again
     finally:
         for sid in made:
-            harness.run(runtime.destroy(sid))
+            if runtime.state(sid) is ContainerState.LIVE:
+                harness.run(runtime.destroy(sid))
+        harness.run(capacity.close())
+
+
+async def _open(capacity) -> None:
+    capacity.open()  # its refill scheduler runs on the harness's loop

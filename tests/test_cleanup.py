@@ -74,22 +74,23 @@ def test_resources_above_host_capacity_are_refused(harness, runtime, settings, r
 CHILD = textwrap.dedent("""
     import asyncio, sys
     sys.path.insert(0, {tests!r})
-    from conftest import make_settings
+    from conftest import make_settings, template_runtime
     from corral.templates.store import TemplateStore
-    from corral.runtime.gvisor import GVisorRuntime
-    from corral.runtime.base import SandboxConfig
+    from corral.runtime.base import Resources, SandboxConfig
 
     async def main():
         settings = make_settings("t2", "10.203.0.0/24")
         store = TemplateStore(settings)
-        rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=3)
-        await rt.start()
+        rt = template_runtime(settings, store)
+        await rt.open()
         a = await rt.create("base", SandboxConfig())
         b = await rt.create("base", SandboxConfig(internet=False))
         await rt.runsc.pause(a.id)  # as during a checkpoint, when the process dies before resuming it
-        await rt.pause(b.id)  # paused on purpose
+        rt.freeze(b.id)  # frozen by the idle policy
+        await rt.prepare(rt.open_snapshot(store.resolve("base")), Resources())  # a prepared container
         print(a.id, b.id, flush=True)
-        await asyncio.sleep(3600)  # the pool keeps filling until the parent kills us
+        while True:  # keeps preparing containers until the parent kills us
+            await rt.prepare(rt.open_snapshot(store.resolve("base")), Resources())
 
     asyncio.run(main())
 """)
@@ -110,17 +111,19 @@ def test_kill_9_then_restart_adopts_running_sandboxes_and_removes_the_rest(harne
     assert left.containers >= 2  # the two sandboxes plus whatever the pool had made
 
     from corral.network.firewall import offline_addresses
+    from corral.runtime.base import ContainerState
     from corral.runtime.gvisor import GVisorRuntime
 
     again = GVisorRuntime(settings)
-    harness.run(again.start())
+    harness.run(again.open())
     try:
         assert sorted(s.id for s in again.list()) == sorted(ids)
         adopted = footprint(settings)
         assert (adopted.containers, adopted.netns, adopted.sandbox_dirs) == (2, 2, 2)
-        # The one a checkpoint had paused runs again; the one paused on purpose stays paused.
-        assert [harness.run(again.state(sid)) for sid in ids] == ["running", "paused"]
-        harness.run(again.resume(ids[1]))
+        assert again.prepared() == []  # prepared containers are not adopted
+        # The one a checkpoint had stopped runs again, and so does the frozen one.
+        assert [again.state(sid) for sid in ids] == [ContainerState.LIVE, ContainerState.LIVE]
+        assert not again.is_frozen(ids[1])
         for sid in ids:
             r = harness.run(again.exec(sid, ["echo", "still here"]))
             assert r.stdout == b"still here\n"
@@ -148,7 +151,7 @@ def test_restart_kills_what_only_a_stale_cgroup_still_knows(harness):
     try:
         (cgroup / "cgroup.procs").write_text(str(orphan.pid))
         runtime = GVisorRuntime(settings)
-        harness.run(runtime.start())
+        harness.run(runtime.open())
         harness.run(runtime.destroy_all())
         # Killed and reaped (by the runtime, which is this process: Popen then reads no status).
         assert orphan.poll() is not None and not Path(f"/proc/{orphan.pid}").exists()

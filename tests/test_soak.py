@@ -65,19 +65,22 @@ def test_checkpoint_restore_cycles_leak_nothing(harness, runtime, settings, stor
     import asyncio
     import shutil
 
+    from corral.orchestrator.capacity import Capacity
+    from corral.orchestrator.envd_link import EnvdLink
     from corral.runtime.base import Resources
 
     cycles = int(os.environ.get("CORRAL_SOAK_BRANCH_CYCLES", "100"))
-    template = store.resolve("base")
+    template = runtime.open_snapshot(store.resolve("base"))
+    capacity = Capacity(runtime, EnvdLink(), lambda t: template, prepared_size=1, resume_keep_s=60)
+    harness.run(_open(capacity))
 
     def wait_prepared(count: int) -> None:
         deadline = time.monotonic() + 60
-        while runtime.prepared(template) != count:
+        while capacity.prepared(template) != count:
             assert time.monotonic() < deadline
             harness.run(asyncio.sleep(0.05))
 
-    runtime._pool_size = 1  # the session runtime keeps no pool; this test's restores use one
-    source = harness.run(runtime.create("base", SandboxConfig()))
+    source = harness.run(capacity.start(template, SandboxConfig(), stock=True))
     try:
         wait_prepared(1)
         before, fp_before, before_ps = host_counts(), footprint(settings), processes()
@@ -85,18 +88,22 @@ def test_checkpoint_restore_cycles_leak_nothing(harness, runtime, settings, stor
             directory = tmp_path / f"c{i}"
             wait_prepared(1)  # refilled after the last cycle took it
             harness.run(runtime.exec(source.id, ["sh", "-c", f"echo {i} > /home/user/step"]))
-            harness.run(runtime.checkpoint(source.id, directory, leave_running=True))
-            (clone,) = harness.run(runtime.restore(directory, 1, SandboxConfig()))
-            assert directory / "layer" not in runtime.layers_in_use()  # replayed, not stacked
+            snapshot = harness.run(runtime.checkpoint(source.id, directory, leave_running=True))
+            clone = harness.run(capacity.start(snapshot, SandboxConfig()))
+            assert directory not in runtime.in_use()  # replayed, not stacked
             assert harness.run(runtime.exec(clone.id, ["cat", "/home/user/step"])).stdout == f"{i}\n".encode()
             if i % 2:
-                assert harness.run(runtime.prepare_restore(directory, Resources()))
-                harness.run(runtime.release_prepared(directory))
+                capacity.hold_for_resume(snapshot, Resources())
+                harness.run(capacity.settled(snapshot))
+                harness.run(capacity.release(directory))
             harness.run(runtime.destroy(clone.id))
             shutil.rmtree(directory)
         wait_prepared(1)
         assert_back_to(before, fp_before, before_ps, settings)
     finally:
         harness.run(runtime.destroy(source.id))
-        runtime._pool_size = 0
-        harness.run(runtime.close())
+        harness.run(capacity.close())
+
+
+async def _open(capacity) -> None:
+    capacity.open()  # its refill scheduler runs on the harness's loop

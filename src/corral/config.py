@@ -73,7 +73,7 @@ class PlatformSettings:
     # misses the warm pool restores in ~0.1 s instead of ~0.3 s.
     prepared_pool_size: int = field(default_factory=lambda: _env_int("CORRAL_PREPARED_POOL", 4))
     # After a pause, the resume's container is prepared and held (frozen, no CPU) for this long, so a
-    # resume within it skips ~130 ms of setup (orchestrator/resume_warmth.py). 0 turns it off.
+    # resume within it skips ~130 ms of setup (orchestrator/capacity.py). 0 turns it off.
     resume_warm_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_RESUME_WARM_S", "600")))
     # How many paused sandboxes are held ready at most; a new pause releases the oldest beyond that.
     resume_warm_max: int = field(default_factory=lambda: _env_int("CORRAL_RESUME_WARM_MAX", 16))

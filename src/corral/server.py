@@ -37,9 +37,10 @@ class CorralServer:
         sessions = open_database(platform.resolved_database_url(settings))
         self.keys = ApiKeys(sessions)
         store = TemplateStore(settings)
-        runtime = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=platform.prepared_pool_size)
-        self.orchestrator = Orchestrator(runtime, pool_size=platform.pool_size,
+        runtime = GVisorRuntime(settings)
+        self.orchestrator = Orchestrator(runtime, store.resolve, pool_size=platform.pool_size,
                                          pool_templates=platform.pool_templates,
+                                         prepared_size=platform.prepared_pool_size,
                                          warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
                                                    if recipe.warm_up},
                                          idle_after_s=platform.idle_freeze_s,

@@ -106,7 +106,7 @@ class ServerProcess:
 
         async def run() -> None:
             runtime = GVisorRuntime(settings)
-            await runtime.start()
+            await runtime.open()
             await runtime.destroy_all()
 
         asyncio.run(run())

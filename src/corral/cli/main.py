@@ -17,7 +17,7 @@ from corral import __version__
 from corral.cli import remote
 from corral.cli.build_progress import BuildDisplay
 from corral.cli.doctor import doctor_command
-from corral.cli.local import local_runtime
+from corral.cli.local import local_runtime, start_template
 from corral.cli.serve import keys_app, serve_command
 from corral.cli.tree import sandbox_fork, sandbox_pause, sandbox_resume, sandbox_snapshot, tree_app
 from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
@@ -141,10 +141,10 @@ def sandbox_run(template: str = typer.Argument(..., help="Template to start from
         command = command[1:]
 
     async def run() -> int:
-        async with local_runtime() as (runtime, _):
+        async with local_runtime() as (runtime, store):
             config = SandboxConfig(resources=Resources(vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb),
                                    internet=internet)
-            sandbox = await runtime.create(template, config)
+            sandbox = await start_template(runtime, store, template, config)
             try:
                 home = "/root" if user == "root" else f"/home/{user}"
                 script = command[0] if len(command) == 1 else shlex.join(command)

@@ -51,16 +51,28 @@ def _parse_metadata(raw: str | None) -> dict[str, str]:
     """The SDK sends `urlencode({quote(k): quote(v)})` as one query value."""
     if not raw:
         return {}
-    return {unquote(k): unquote(v) for k, v in parse_qsl(raw, keep_blank_values=True)}
+    try:
+        pairs = parse_qsl(raw, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        pairs = None
+    if not pairs or any(not key for key, _ in pairs):
+        raise ApiError(400, f"metadata must be key=value pairs joined by '&' (each key and value URL-encoded, "
+                            f"as the SDKs send them), got {raw!r}")
+    return {unquote(k): unquote(v) for k, v in pairs}
 
 
 def _parse_time(raw: str | None, name: str) -> float | None:
+    """RFC 3339, as the SDKs send it: Python `2026-08-21T12:00:00.123456+02:00`, JS `...T10:00:00.123Z`."""
     if raw is None:
         return None
     try:
-        return dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise ApiError(400, f"{name} must be an RFC 3339 timestamp, got {raw!r}") from None
+        raise ApiError(400, f"{name} must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z, "
+                            f"got {raw!r}") from None
+    if parsed.tzinfo is None:  # whose local time would it be? RFC 3339 requires the offset
+        raise ApiError(400, f"{name} must carry a UTC offset ('Z' or e.g. '+02:00'), got {raw!r}")
+    return parsed.timestamp()
 
 
 def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
@@ -92,9 +104,9 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
 
     @app.get("/health", response_model=schemas.Health, tags=["server"])
     async def health() -> schemas.Health:
-        pool = service.orchestrator.pool
+        capacity = service.orchestrator.capacity
         return schemas.Health(sandboxes=len(service.orchestrator.live_ids()),
-                              pooled={t: pool.ready(t) for t in service.orchestrator.pool._templates},
+                              pooled={t: capacity.ready(t) for t in capacity.ready_templates},
                               resumeReady=service.orchestrator.resume_ready())
 
     async def _create(key: ApiKey, body: schemas.NewSandbox) -> schemas.Sandbox:

@@ -166,7 +166,7 @@ class Branching:
             self._in_use[node_id] += 1
             try:
                 _, sandbox = await self._orchestrator.start_from(
-                    self.files.path(node_id), sandbox_id=sandbox_id, token=row.envd_token,
+                    self.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
                     current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
                     resources=_resources(row), memory=memory and row.pause_mode == "full")
             finally:
@@ -180,7 +180,7 @@ class Branching:
             # The sandbox runs on from this point; its memory image would only be a copy of the past. The
             # layer stays: the sandbox stands on it.
             if node is not None:
-                self.files.drop_image(node_id)
+                self.files.drop_memory(node_id)
                 with self._sessions.begin() as session:
                     if (stored_node := session.get(CheckpointRow, node_id)) is not None:
                         stored_node.memory, stored_node.size_bytes = False, self.files.size(node_id)
@@ -278,7 +278,7 @@ class Branching:
                          lifecycle: dict, internet: bool, template: str) -> SandboxRow:
         token = secrets.token_urlsafe(24)
         api_id, sandbox = await self._orchestrator.start_from(
-            self.files.path(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
+            self.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
             env_vars=env_vars, internet=internet, resources=_resources(node))
         row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus, memory_mb=node.memory_mb,

@@ -59,7 +59,6 @@ class SandboxService:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
-        self._tokens: dict[str, str] = {}  # envd tokens of live sandboxes, for routing signed file URLs
         # One state change at a time per sandbox: kill, pause, resume, snapshot and fork take this lock.
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.branching = Branching(self, sessions, CheckpointFiles(checkpoint_dir, orchestrator.runtime))
@@ -74,7 +73,7 @@ class SandboxService:
         """Picks up where a previous server (even one killed with -9) left off."""
         with self._sessions() as session:
             rows = list(session.scalars(select(SandboxRow)))
-        keep = {r.id: r.runtime_id or r.id for r in rows if r.runtime_id or r.state == "running"}
+        keep = {r.id: (r.runtime_id or r.id, r.envd_token) for r in rows if r.runtime_id or r.state == "running"}
         live = await self.orchestrator.start(keep=keep)
         rows = await self.branching.recover(rows, live)
         gone = [r.id for r in rows if r.state == "running" and r.id not in live]
@@ -83,7 +82,6 @@ class SandboxService:
             self._forget(gone)
         for row in rows:
             if row.id in live:
-                self._tokens[row.id] = row.envd_token
                 self._arm(row.id, row.end_at)
         self.branching.reclaim(partials=True)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
@@ -139,7 +137,6 @@ class SandboxService:
         except BaseException:
             await self.orchestrator.kill(row.id)
             raise
-        self._tokens[row.id] = row.envd_token
         self._arm(row.id, row.end_at)
         return row
 
@@ -156,7 +153,7 @@ class SandboxService:
         with self._sessions() as session:
             stmt = select(SandboxRow).where(SandboxRow.key_id == key_id)
             if query.started_after is not None:
-                stmt = stmt.where(SandboxRow.started_at > query.started_after)
+                stmt = stmt.where(SandboxRow.started_at >= query.started_after)  # "at or after"
             if query.template:
                 stmt = stmt.where(SandboxRow.template == query.template)
             order = SandboxRow.started_at.asc() if query.order == "asc" else SandboxRow.started_at.desc()
@@ -175,7 +172,6 @@ class SandboxService:
                     return  # killed while we waited for the lock
             # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
             self.disarm(sandbox_id)
-            self._tokens.pop(sandbox_id, None)
             self._forget([sandbox_id])
             await self.orchestrator.kill(sandbox_id)
             await self.branching.forget_sandbox(sandbox_id)
@@ -187,12 +183,10 @@ class SandboxService:
             handle.cancel()
 
     def went_offline(self, sandbox_id: str) -> None:
-        """Paused: no timer, and signed file URLs no longer lead to it."""
+        """Paused: no timer (the registry no longer lists it, so signed file URLs no longer lead to it)."""
         self.disarm(sandbox_id)
-        self._tokens.pop(sandbox_id, None)
 
     def came_online(self, row: SandboxRow) -> None:
-        self._tokens[row.id] = row.envd_token
         self._arm(row.id, row.end_at)
 
     def _forget(self, ids: list[str]) -> None:
@@ -208,11 +202,11 @@ class SandboxService:
         """Signed file URLs carry no routing headers (they are made for browsers): the sandbox is the one
         whose token produced the signature."""
         raw_suffix = f":{expiration}" if expiration else ""
-        for sandbox_id, token in self._tokens.items():
-            digest = hashlib.sha256(f"{path}:{operation}:{username}:{token}{raw_suffix}".encode()).digest()
+        for entry in self.orchestrator.registry.entries():
+            digest = hashlib.sha256(f"{path}:{operation}:{username}:{entry.token}{raw_suffix}".encode()).digest()
             expected = "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
             if hmac.compare_digest(expected, signature):
-                return sandbox_id
+                return entry.api_id
         return None
 
     # --- timeouts --------------------------------------------------------------------------------
@@ -287,7 +281,7 @@ class SandboxService:
             rows = list(session.scalars(select(SandboxRow).where(SandboxRow.state == "running")))
         for row in rows:
             try:
-                data = await self.orchestrator.metrics(row.id, row.envd_token)
+                data = await self.orchestrator.metrics(row.id)
             except EnvdUnavailable:
                 continue
             if data is None:

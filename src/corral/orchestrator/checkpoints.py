@@ -1,22 +1,18 @@
-"""Checkpoint directories on this node and when their disk space can be given back.
+"""Where this node keeps the snapshots of the checkpoint tree, and when their disk space can be given back.
 
-  <data>/checkpoints/<node id>/image/            memory image (absent when filesystem-only or dropped)
-  <data>/checkpoints/<node id>/layer/            the files the sandbox had changed, read-only from now on
-  <data>/checkpoints/<node id>/checkpoint.json   the layers below it and how to cold-boot it
+  <data>/checkpoints/<node id>/   one snapshot per node, in the runtime's own format
 
-A layer is shared, never copied: sandboxes and later checkpoints stack it read-only under their own
-changes. So a checkpoint that is deleted keeps its layer for as long as anything stands on it; its memory
-image goes at once, since a restored sandbox holds its memory privately.
+A snapshot may stand on others (the runtime shares their files instead of copying them): one that is
+deleted keeps what others stand on for as long as they do; its memory goes at once, since a restored
+sandbox holds its memory privately. Only the runtime opens the files; here they are `Snapshot` values.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
-from corral.runtime.base import Runtime
+from corral.runtime.base import CheckpointInvalid, Runtime, Snapshot
 from corral.storage.disk import tree_size
 
 
@@ -28,56 +24,40 @@ class CheckpointFiles:
     def path(self, node_id: str) -> Path:
         return self.root / node_id
 
+    def snapshot(self, node_id: str) -> Snapshot:
+        """The node's snapshot; CheckpointInvalid when it is missing or incomplete."""
+        return self._runtime.open_snapshot(self.path(node_id))
+
+    def _maybe(self, node_id: str) -> Snapshot | None:
+        try:
+            return self.snapshot(node_id)
+        except CheckpointInvalid:
+            return None
+
     def complete(self, node_id: str) -> bool:
-        return (self.path(node_id) / "checkpoint.json").is_file()
+        return self._maybe(node_id) is not None
 
     def has_memory(self, node_id: str) -> bool:
-        return (self.path(node_id) / "image" / "checkpoint.img").is_file()
+        snapshot = self._maybe(node_id)
+        return snapshot is not None and snapshot.has_memory
 
     def size(self, node_id: str) -> int:
         path = self.path(node_id)
         return tree_size(path) if path.is_dir() else 0
 
-    def drop_image(self, node_id: str) -> int:
+    def drop_memory(self, node_id: str) -> int:
         """Deletes the memory image (the node becomes filesystem-only); returns the bytes freed."""
-        image = self.path(node_id) / "image"
-        if not image.is_dir():
-            return 0
-        freed = tree_size(image)
-        shutil.rmtree(image, ignore_errors=True)
-        meta_path = self.path(node_id) / "checkpoint.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            return freed
-        meta["memory"] = False
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.rename(meta_path)
-        return freed
+        snapshot = self._maybe(node_id)
+        return snapshot.drop_memory() if snapshot is not None else 0
 
     def link_copy(self, source_id: str, node_id: str) -> None:
-        """A second checkpoint with the same content as `source_id`, sharing its files through hard links
-        (both are read-only from now on)."""
-        target = self.path(node_id)
-        staging = target.with_name(f".{node_id}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        subprocess.run(["cp", "-al", str(self.path(source_id)), str(staging)], check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        staging.rename(target)
-
-    def _lowers(self, node_id: str) -> set[Path]:
-        try:
-            meta = json.loads((self.path(node_id) / "checkpoint.json").read_text())
-        except (OSError, ValueError):
-            return set()
-        return {Path(p) for p in meta.get("lowers", [])}
+        """A second snapshot with the same content as `source_id`, sharing its files."""
+        self._runtime.copy_snapshot(self.snapshot(source_id), self.path(node_id))
 
     def reclaim(self, keep: set[str], *, busy: set[str] = frozenset(), partials: bool = False) -> int:
-        """Removes what nothing needs any more: directories of checkpoints not in `keep` (their memory image
-        at once, their layer once no sandbox and no kept checkpoint stands on it). `busy` ids are being
-        written right now and are left alone; `partials` also removes interrupted writes (at start-up).
-        Returns the bytes freed."""
+        """Removes what nothing needs any more: snapshots not in `keep` (their memory at once, the rest once
+        no sandbox and no kept snapshot stands on it). `busy` ids are being written right now and are left
+        alone; `partials` also removes interrupted writes (at start-up). Returns the bytes freed."""
         if not self.root.is_dir():
             return 0
         freed = 0
@@ -89,15 +69,15 @@ class CheckpointFiles:
                     shutil.rmtree(entry, ignore_errors=True)
             elif entry.name not in keep and entry.name not in busy:
                 candidates.append(entry)
-        if not candidates:  # the common case on every kill: nothing to decide, no checkpoint.json to read
+        if not candidates:  # the common case on every kill: nothing to decide, nothing to open
             return freed
-        needed = set(self._runtime.layers_in_use())
+        needed = set(self._runtime.in_use())
         for node_id in keep:
-            needed |= self._lowers(node_id)
+            if (snapshot := self._maybe(node_id)) is not None:
+                needed |= snapshot.stands_on
         for entry in candidates:
-            name = entry.name
-            if entry / "layer" in needed:
-                freed += self.drop_image(name)
+            if entry in needed:
+                freed += self.drop_memory(entry.name)
                 continue
             freed += tree_size(entry)
             shutil.rmtree(entry, ignore_errors=True)

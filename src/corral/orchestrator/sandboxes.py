@@ -1,28 +1,28 @@
-"""Live sandboxes on this node: created from a pool or restored directly, handed their identity through
-envd's /init, killed, and found again after a restart."""
+"""Live sandboxes on this node: created from stock or started directly, handed their identity through
+envd's /init, checkpointed, killed, and found again after a restart. Policy lives here and in capacity.py;
+the runtime only does what it is told."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from corral.orchestrator.capacity import Capacity
 from corral.orchestrator.envd_link import EnvdLink
 from corral.orchestrator.idle import IdleFreezer
-from corral.orchestrator.pool import WarmPool
-from corral.orchestrator.resume_warmth import ResumeWarmth
+from corral.orchestrator.registry import LiveSandbox, Registry
 from corral.runtime.base import (
-    Checkpoint,
     Resources,
     Runtime,
     RuntimeError_,
     Sandbox,
     SandboxConfig,
     SandboxNotFound,
+    Snapshot,
 )
 
 log = logging.getLogger("corral.orchestrator")
@@ -40,60 +40,71 @@ DEFAULT_WORKDIR = "/home/user"
 
 
 class Orchestrator:
-    def __init__(self, runtime: Runtime, *, pool_size: int = 0, pool_templates: tuple[str, ...] = (),
-                 direct_concurrency: int | None = None, warm_ups: dict[str, tuple[int, str]] | None = None,
-                 idle_after_s: float = 0.0, idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0,
-                 resume_warm_s: float = 0.0, resume_warm_max: int = 16) -> None:
+    def __init__(self, runtime: Runtime, resolve_template: Callable[[str], Path], *, pool_size: int = 0,
+                 pool_templates: tuple[str, ...] = (), prepared_size: int = 0,
+                 warm_ups: dict[str, tuple[int, str]] | None = None, idle_after_s: float = 0.0,
+                 idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
+                 resume_warm_max: int = 16, budget: int | None = None) -> None:
         self.runtime = runtime
-        self._resume_warm = ResumeWarmth(runtime, keep_s=resume_warm_s, most=resume_warm_max)
-        # Restores beyond the pool run a few at a time, first come first served: on a small host a
-        # burst of unbounded restores thrashes until every one of them is late.
-        self._direct = asyncio.Semaphore(direct_concurrency or max(2, os.cpu_count() or 2))
-        # Restores from checkpoints (resume, fork, snapshots), bounded the same way: on 2 cores, 4 at a time
-        # measured no faster than 2 (fork x10: 2.2 s vs 2.0 s).
-        self._restores = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+        self._resolve_template = resolve_template
         self.envd = EnvdLink()
-        self.pool = WarmPool(runtime, self.envd, pool_templates, pool_size, warm_ups=warm_ups,
-                             freeze_ready=idle_after_s > 0)
+        self.registry = Registry()
+        self._templates: dict[str, Snapshot] = {}  # the snapshot each template started from last
+        self.capacity = Capacity(runtime, self.envd, self.template_snapshot, ready_templates=pool_templates,
+                                 ready_size=pool_size, prepared_size=prepared_size, warm_ups=warm_ups,
+                                 freeze_ready=idle_after_s > 0, resume_keep_s=resume_warm_s,
+                                 resume_most=resume_warm_max, budget=budget)
         self.idle = IdleFreezer(runtime, self.runtime_id, idle_after_s=idle_after_s, fresh_after_s=idle_fresh_s,
                                 breathe_every_s=breathe_every_s)
-        self._live: dict[str, Sandbox] = {}
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
-        self._quiet: dict[str, asyncio.Event] = {}  # sandboxes being checkpointed: no new connections
 
-    async def start(self, keep: dict[str, str]) -> set[str]:
-        """Adopts the runtime's running sandboxes named in `keep` (API id -> runtime id) and destroys the
-        others (pooled or half-created ones from before a restart). Returns the API ids live again."""
-        await self.runtime.start()
-        api_ids = {runtime_id: api_id for api_id, runtime_id in keep.items()}
+    def template_snapshot(self, template: str) -> Snapshot:
+        """The snapshot sandboxes of `template` start from (TemplateNotFound when it is not built). When a
+        template is rebuilt, what was kept ready for its old snapshot is released."""
+        path = self._resolve_template(template)
+        known = self._templates.get(template)
+        if known is not None and known.path == path:
+            return known
+        snapshot = self._templates[template] = self.runtime.open_snapshot(path)
+        if known is not None:
+            self.capacity.spawn(self.capacity.release(known.path))
+        return snapshot
+
+    async def start(self, keep: dict[str, tuple[str, str]]) -> set[str]:
+        """Adopts the runtime's running sandboxes named in `keep` (API id -> (runtime id, envd token)) and
+        destroys the others (half-created ones from before a restart). Returns the API ids live again."""
+        await self.runtime.open()
+        by_runtime_id = {runtime_id: (api_id, token) for api_id, (runtime_id, token) in keep.items()}
         for sandbox in self.runtime.list():
-            if sandbox.id in api_ids:
-                self._go_live(api_ids[sandbox.id], sandbox)
+            if sandbox.id in by_runtime_id:
+                api_id, token = by_runtime_id[sandbox.id]
+                self._go_live(api_id, sandbox, token)
             else:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
-        self.pool.start()
+        self.capacity.open()
         self.idle.start()
-        return set(self._live)
+        return self.registry.ids()
 
     async def close(self) -> None:
         """Stops pooling; live sandboxes keep running so a restarted server finds them again."""
-        await self._resume_warm.close()
         await self.idle.close()
-        await self.pool.close()
+        await self.capacity.close()
         await self.envd.close()
         await self.runtime.close()
 
+    # --- the registry --------------------------------------------------------------------------------
+
     def address(self, sandbox_id: str) -> str | None:
-        sandbox = self._live.get(sandbox_id)
-        return sandbox.address if sandbox else None
+        entry = self.registry.get(sandbox_id)
+        return entry.sandbox.address if entry else None
 
     async def reachable_address(self, sandbox_id: str) -> str | None:
         """The address, once no checkpoint of the sandbox is in progress (the proxy waits here)."""
-        while (quiet := self._quiet.get(sandbox_id)) is not None:
-            await quiet.wait()
-        return self.address(sandbox_id)
+        while (entry := self.registry.get(sandbox_id)) is not None and not entry.reachable.is_set():
+            await entry.reachable.wait()
+        return entry.sandbox.address if entry else None
 
     def in_use(self, sandbox_id: str):
         """Context manager around a proxied request: the sandbox is not idle while it is open."""
@@ -103,28 +114,31 @@ class Orchestrator:
         """Its owner asked the API about it: see IdleFreezer.noticed."""
         self.idle.noticed(sandbox_id)
 
-    def _go_live(self, sandbox_id: str, sandbox: Sandbox, *, fresh: bool = False) -> None:
-        self._live[sandbox_id] = sandbox
+    def _go_live(self, sandbox_id: str, sandbox: Sandbox, token: str, *, fresh: bool = False) -> LiveSandbox:
+        entry = self.registry.add(sandbox_id, sandbox, token)
         self.idle.track(sandbox_id, fresh=fresh)
+        return entry
 
     def live_ids(self) -> set[str]:
-        return set(self._live)
+        return self.registry.ids()
 
     def runtime_id(self, sandbox_id: str) -> str | None:
-        sandbox = self._live.get(sandbox_id)
-        return sandbox.id if sandbox else None
+        entry = self.registry.get(sandbox_id)
+        return entry.sandbox.id if entry else None
+
+    def token_of(self, sandbox_id: str) -> str | None:
+        entry = self.registry.get(sandbox_id)
+        return entry.token if entry else None
+
+    # --- create and kill -------------------------------------------------------------------------------
 
     async def create(self, template: str, *, token: str, env_vars: dict[str, str], internet: bool) -> Sandbox:
-        sandbox = self.pool.claim(template)
+        sandbox = self.capacity.claim_ready(template)
         try:
             if sandbox is None:
-                async with self._direct:
-                    sandbox = self.pool.claim(template)  # one may have become ready while we waited
-                    if sandbox is None:
-                        sandbox = await self.runtime.create(template, SandboxConfig(internet=internet))
-                        await self.envd.wait_ready(sandbox.address)
-                    elif not internet:
-                        await self.runtime.set_internet(sandbox.id, False)
+                sandbox = await self.capacity.start(self.template_snapshot(template),
+                                                    SandboxConfig(internet=internet), stock=True)
+                await self.envd.wait_ready(sandbox.address)
             elif not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
@@ -134,50 +148,50 @@ class Orchestrator:
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.destroy(sandbox.id)
             raise
-        self._go_live(sandbox.id, sandbox, fresh=True)
+        self._go_live(sandbox.id, sandbox, token, fresh=True)
         return sandbox
 
     async def kill(self, sandbox_id: str) -> bool:
-        sandbox = await self._take_offline(sandbox_id)
-        if sandbox is None:
+        entry = await self._take_offline(sandbox_id)
+        if entry is None:
             return False
         with contextlib.suppress(SandboxNotFound):
-            await self.runtime.destroy(sandbox.id)
+            await self.runtime.destroy(entry.sandbox.id)
         return True
 
-    async def _take_offline(self, sandbox_id: str) -> Sandbox | None:
-        sandbox = self._live.pop(sandbox_id, None)  # unreachable through the proxy from here on
+    async def _take_offline(self, sandbox_id: str) -> LiveSandbox | None:
+        entry = self.registry.remove(sandbox_id)  # unreachable through the proxy from here on
         self.idle.forget(sandbox_id)
-        if sandbox is not None:
-            for callback in self.on_gone:
-                with contextlib.suppress(Exception):
-                    await callback(sandbox_id)
-        return sandbox
+        if entry is not None:
+            await self._drop_connections(sandbox_id)
+        return entry
 
-    # --- checkpoints -----------------------------------------------------------------------------
+    async def _drop_connections(self, sandbox_id: str) -> None:
+        for callback in self.on_gone:
+            with contextlib.suppress(Exception):
+                await callback(sandbox_id)
 
-    def _running(self, sandbox_id: str) -> Sandbox:
-        sandbox = self._live.get(sandbox_id)
-        if sandbox is None:
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def _running(self, sandbox_id: str) -> LiveSandbox:
+        entry = self.registry.get(sandbox_id)
+        if entry is None:
             raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
-        return sandbox
+        return entry
 
     @contextlib.asynccontextmanager
-    async def _quiesced(self, sandbox_id: str):
+    async def _quiesced(self, entry: LiveSandbox):
         """No connection from the host into the sandbox while it is checkpointed; new ones wait."""
-        quiet = self._quiet[sandbox_id] = asyncio.Event()
+        entry.reachable.clear()
         try:
-            for callback in self.on_gone:
-                with contextlib.suppress(Exception):
-                    await callback(sandbox_id)
-            await self._connections_closed(sandbox_id)
+            await self._drop_connections(entry.api_id)
+            await self._connections_closed(entry)
             yield
         finally:
-            del self._quiet[sandbox_id]
-            quiet.set()
+            entry.reachable.set()
 
-    async def _connections_closed(self, sandbox_id: str) -> None:
-        runtime_id = self._running(sandbox_id).id
+    async def _connections_closed(self, entry: LiveSandbox) -> None:
+        runtime_id = entry.sandbox.id
         deadline = time.monotonic() + QUIESCE_S
         while time.monotonic() < deadline:
             try:
@@ -190,68 +204,72 @@ class Orchestrator:
             if open_ == 0:
                 return
             await asyncio.sleep(QUIESCE_POLL_S)
-        log.info("checkpoint of %s: %d connection(s) still open after %.0f ms", sandbox_id,
+        log.info("checkpoint of %s: %d connection(s) still open after %.0f ms", entry.api_id,
                  self.runtime.host_connections(runtime_id) or 0, QUIESCE_S * 1000)
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, memory: bool = True,
-                         clones: int = 0) -> Checkpoint:
-        """Checkpoints a running sandbox, which goes on running (it is frozen for the moment it takes).
+                         clones: int = 0) -> Snapshot:
+        """Checkpoints a running sandbox, which goes on running (it is stopped for the moment it takes).
         Connections through the proxy into it are closed first. `clones` sandboxes about to be started
         from the checkpoint (a fork) have their containers prepared meanwhile."""
-        runtime_id = self._running(sandbox_id).id
+        entry = self._running(sandbox_id)
         self.idle.wake(sandbox_id)
-        preparing = asyncio.ensure_future(self.runtime.prepare_like(runtime_id, clones)) if clones else None
+        preparing = None
+        if clones:
+            preparing = asyncio.ensure_future(
+                self.capacity.prepare_alongside(entry.sandbox.template, entry.sandbox, clones))
         try:
-            async with self._quiesced(sandbox_id):
-                return await self.runtime.checkpoint(runtime_id, directory, memory=memory)
+            with self.capacity.user_work():
+                async with self._quiesced(entry):
+                    return await self.runtime.checkpoint(entry.sandbox.id, directory, memory=memory)
         finally:
             if preparing is not None:
                 with contextlib.suppress(Exception):
                     await preparing
 
-    async def pause(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Checkpoint:
-        """Checkpoints a sandbox and stops it: it uses no CPU and no memory until `resume`. On failure it
-        keeps running and stays reachable."""
-        sandbox = self._running(sandbox_id)
+    async def pause(self, sandbox_id: str, directory: Path, *, memory: bool = True) -> Snapshot:
+        """Checkpoints a sandbox and stops it: it uses no CPU and no memory until started again from the
+        snapshot. On failure it keeps running and stays reachable."""
+        entry = self._running(sandbox_id)
         self.idle.wake(sandbox_id)  # a frozen sandbox could not close its connections
-        async with self._quiesced(sandbox_id):
-            await self._take_offline(sandbox_id)
-            try:
-                checkpoint = await self.runtime.checkpoint(sandbox.id, directory, memory=memory,
-                                                           leave_running=False)
-            except BaseException:
-                if sandbox.id in {s.id for s in self.runtime.list()}:
-                    self._go_live(sandbox_id, sandbox)
-                raise
-        if memory:
-            self._resume_warm.hold(directory, sandbox.config.resources)
-        return checkpoint
+        with self.capacity.user_work():
+            async with self._quiesced(entry):
+                await self._take_offline(sandbox_id)
+                try:
+                    snapshot = await self.runtime.checkpoint(entry.sandbox.id, directory, memory=memory,
+                                                             leave_running=False)
+                except BaseException:
+                    if entry.sandbox.id in {s.id for s in self.runtime.list()}:
+                        self._go_live(sandbox_id, entry.sandbox, entry.token)
+                    raise
+        self.capacity.hold_for_resume(snapshot, entry.sandbox.config.resources)
+        return snapshot
 
     def resume_ready(self) -> int:
         """Paused sandboxes whose resume is prepared right now."""
-        return self._resume_warm.ready()
+        return self.capacity.resume_ready()
 
     async def release_prepared(self, directory: Path) -> None:
-        """Frees what is held ready to resume from `directory` (its paused sandbox was killed)."""
-        await self._resume_warm.release(directory)
+        """Frees what is held ready to start from the snapshot in `directory` (its paused sandbox was
+        killed, its node deleted: the files may be gone already)."""
+        await self.capacity.release(directory)
 
-    async def start_from(self, directory: Path, *, sandbox_id: str | None, token: str, current_token: str,
+    async def start_from(self, snapshot: Snapshot, *, sandbox_id: str | None, token: str, current_token: str,
                          env_vars: dict[str, str], internet: bool, resources: Resources,
                          memory: bool = True) -> tuple[str, Sandbox]:
-        """A running sandbox from a checkpoint: the paused sandbox `sandbox_id` itself (resume), or a new
-        one (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the
-        API id and the runtime's sandbox."""
+        """A running sandbox from a snapshot: the paused sandbox `sandbox_id` itself (resume), or a new one
+        (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the API id
+        and the runtime's sandbox."""
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id)
         started = time.perf_counter()
-        await self._resume_warm.settled(directory)
+        await self.capacity.settled(snapshot)
         settled = time.perf_counter()
-        async with self._restores:
-            (sandbox,) = await self.runtime.restore(directory, 1, config, memory=memory)
+        sandbox = await self.capacity.start(snapshot, config, memory=memory)
         restored = time.perf_counter()
-        self._resume_warm.used(directory)
+        self.capacity.used(snapshot)
         api_id = sandbox_id or sandbox.id
         try:
-            cold = not (memory and (directory / "image").is_dir())
+            cold = not (memory and snapshot.has_memory)
             if cold:
                 await self.envd.wait_ready(sandbox.address)
             elif sandbox_id is not None:
@@ -262,17 +280,17 @@ class Orchestrator:
                                      workdir=DEFAULT_WORKDIR, hostname=api_id,
                                      current_token=None if cold else current_token)
             log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
-                      "%.1f ms later", api_id, directory.name, (settled - started) * 1000,
+                      "%.1f ms later", api_id, snapshot.path.name, (settled - started) * 1000,
                       (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)
         except BaseException:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
             raise
-        self._go_live(api_id, sandbox)
+        self._go_live(api_id, sandbox, token)
         return api_id, sandbox
 
-    async def metrics(self, sandbox_id: str, token: str) -> dict | None:
-        address = self.address(sandbox_id)
-        if address is None or sandbox_id in self._quiet or self.idle.frozen(sandbox_id):
+    async def metrics(self, sandbox_id: str) -> dict | None:
+        entry = self.registry.get(sandbox_id)
+        if entry is None or not entry.reachable.is_set() or self.idle.frozen(sandbox_id):
             return None  # a frozen sandbox is not woken to be sampled: its history has a gap
-        return await self.envd.metrics(address, token)
+        return await self.envd.metrics(entry.sandbox.address, entry.token)

@@ -1,22 +1,26 @@
 """Isolation backends behind one interface (`corral.runtime.base.Runtime`)."""
 
 from corral.runtime.base import (
-    Checkpoint,
     CheckpointInvalid,
+    ContainerState,
     ExecResult,
+    InstanceBusy,
     InsufficientResources,
     InvalidRequest,
+    Prepared,
     Resources,
     Runtime,
     Sandbox,
     SandboxConfig,
     SandboxFailed,
     SandboxNotFound,
+    Snapshot,
     Stats,
     TemplateNotFound,
 )
 
 __all__ = [
-    "Checkpoint", "CheckpointInvalid", "ExecResult", "InsufficientResources", "InvalidRequest", "Resources",
-    "Runtime", "Sandbox", "SandboxConfig", "SandboxFailed", "SandboxNotFound", "Stats", "TemplateNotFound",
+    "CheckpointInvalid", "ContainerState", "ExecResult", "InstanceBusy", "InsufficientResources", "InvalidRequest",
+    "Prepared", "Resources", "Runtime", "Sandbox", "SandboxConfig", "SandboxFailed", "SandboxNotFound", "Snapshot",
+    "Stats", "TemplateNotFound",
 ]

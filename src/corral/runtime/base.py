@@ -1,12 +1,17 @@
-"""The runtime interface: what the orchestrator may ask of an isolation backend.
+"""The runtime interface: the mechanism an isolation backend offers the orchestrator.
 
-The orchestrator talks only to `Runtime`; it never names runsc, QEMU, netns or mounts. A new backend
-(e.g. a KVM microVM) is one new module that implements this class.
+A backend knows how to prepare a container, start it (fresh, or from a `Snapshot`), checkpoint it, run a
+command in it out of band, freeze it and tear it down. It decides nothing: how many containers to keep
+prepared, for which snapshot and who goes first is the orchestrator's (orchestrator/capacity.py). The
+orchestrator never names runsc, QEMU, network namespaces or mounts, and nothing outside a backend opens
+the files of its snapshots. A new backend (e.g. a KVM microVM) is one new package implementing `Runtime`
+and `Snapshot` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +31,7 @@ class SandboxNotFound(RuntimeError_):
 
 
 class CheckpointInvalid(RuntimeError_):
-    """The checkpoint directory is missing, incomplete or cannot be restored."""
+    """The checkpoint is missing, incomplete or cannot be restored."""
 
     status = 400
 
@@ -45,6 +50,12 @@ class SandboxFailed(RuntimeError_):
     """The backend failed to start, restore or checkpoint a sandbox; the message carries its log."""
 
     status = 500
+
+
+class InstanceBusy(RuntimeError_):
+    """Another process owns this instance's host state (containers, networks, mounts)."""
+
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -67,21 +78,21 @@ class Resources:
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """What a caller asks for when creating or restoring a sandbox."""
+    """What a caller asks for when starting a sandbox."""
 
     resources: Resources = field(default_factory=Resources)
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     internet: bool = True
     hostname: str | None = None
-    # Restored ahead of demand (a warm pool): its CPU, the restore included, yields to every other
-    # sandbox until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
+    # Started ahead of demand (a warm pool): its CPU, the start included, yields to every other sandbox
+    # until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
     low_priority: bool = False
 
 
 @dataclass(frozen=True)
 class Sandbox:
-    """A running (or paused) sandbox as the runtime knows it."""
+    """A running sandbox as the runtime knows it."""
 
     id: str
     template: str
@@ -105,39 +116,153 @@ class Stats:
     disk_total_bytes: int
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A frozen sandbox: memory image plus the filesystem layers it stands on."""
+class Snapshot(abc.ABC):
+    """A sandbox's state at one instant, as a value: its memory (unless dropped or never taken) and its
+    filesystem. Only the backend that made it reads or changes its files."""
 
-    path: Path
+    path: Path  # the directory it lives in (owned by the backend's format)
     template: str
-    size_bytes: int
+
+    @property
+    @abc.abstractmethod
+    def has_memory(self) -> bool:
+        """Whether starting from it continues its processes (True) or cold-boots its filesystem."""
+
+    @property
+    @abc.abstractmethod
+    def stands_on(self) -> frozenset[Path]:
+        """Other snapshot directories and template files it needs: they must outlive it."""
+
+    @property
+    @abc.abstractmethod
+    def size_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    def drop_memory(self) -> int:
+        """Deletes the memory image, keeping the filesystem (it then cold-boots); returns bytes freed."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Snapshot) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}>"
+
+
+class ContainerState(enum.Enum):
+    """Where a container is in its life; a backend's table of containers is the only place it changes."""
+
+    PREPARING = "preparing"  # network, disk, root filesystem, the container process being made
+    PREPARED = "prepared"  # made and frozen, waiting to be started (no CPU)
+    STARTING = "starting"  # being started or restored
+    LIVE = "live"  # a running sandbox
+    CHECKPOINTING = "checkpointing"  # stopped for the moment a checkpoint is taken
+    TEARING_DOWN = "tearing down"  # on its way out; teardown can be repeated and always finishes
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared container: the handle `prepare` gives and `start` or `discard` take back."""
+
+    id: str
+    snapshot: Snapshot | None  # what it was prepared to start from (None: a cold boot of `boot` layers)
+    resources: Resources
 
 
 class Runtime(abc.ABC):
-    """One isolation backend. Every method is safe to call concurrently for different sandboxes."""
+    """One isolation backend. Every method is safe to call concurrently, also for the same sandbox."""
 
     name: str
 
+    # --- the backend as a whole ------------------------------------------------------------------
+
     @abc.abstractmethod
-    async def start(self) -> None:
-        """Prepares host state and adopts or cleans up whatever a previous process left behind."""
+    async def open(self) -> None:
+        """Takes the instance (refusing with InstanceBusy when another process has it), prepares host state
+        and adopts or cleans up whatever a previous process left behind."""
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Stops background work (pools); running sandboxes are left running for the next start()."""
+        """Frees prepared containers and lets go of the instance; live sandboxes keep running for the next
+        open()."""
 
     @abc.abstractmethod
-    async def boot(self, layers: list[Path], command: list[str], config: SandboxConfig, *,
-                   template: str = "", cwd: str = "/") -> Sandbox:
-        """Cold-starts `command` on a root filesystem made of read-only `layers` (top first).
+    async def snapshot_compat(self) -> str:
+        """Changes whenever snapshots made before can no longer be restored (version, flags)."""
 
-        Used to build template snapshots; sandboxes for users come from `create`/`restore`.
-        """
+    # --- snapshots -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create(self, template: str, config: SandboxConfig) -> Sandbox:
-        """A new sandbox from a template's snapshot (memory and filesystem as the template left them)."""
+    def open_snapshot(self, path: Path) -> Snapshot:
+        """The snapshot stored at `path`; CheckpointInvalid when there is none or it is incomplete."""
+
+    @abc.abstractmethod
+    def copy_snapshot(self, source: Snapshot, path: Path) -> Snapshot:
+        """A second snapshot at `path` with the same content, sharing files where it can."""
+
+    @abc.abstractmethod
+    def check_capacity(self, resources: Resources, snapshot: Snapshot | None = None, count: int = 1) -> None:
+        """Raises InsufficientResources (or InvalidRequest) when `count` sandboxes with `resources`, started
+        from `snapshot`, do not fit on this host right now; cheap, called before any work is done."""
+
+    @abc.abstractmethod
+    def in_use(self) -> frozenset[Path]:
+        """Snapshot directories and template files that live or prepared containers stand on."""
+
+    # --- containers ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def prepare(self, snapshot: Snapshot, resources: Resources, *, cold: bool = False) -> Prepared:
+        """Everything a start from `snapshot` needs that does not depend on its memory, done ahead; the
+        container then waits frozen. With `cold` (or a snapshot without memory) it will cold-boot the
+        snapshot's filesystem instead. A failed or cancelled prepare leaves nothing behind."""
+
+    @abc.abstractmethod
+    async def prepare_boot(self, layers: list[Path], command: list[str], resources: Resources, *,
+                           template: str = "", cwd: str = "/") -> Prepared:
+        """A container that cold-boots `command` on read-only `layers` (top first): how templates are
+        built. Sandboxes for users start from snapshots."""
+
+    @abc.abstractmethod
+    def can_start(self, prepared: Prepared, snapshot: Snapshot) -> bool:
+        """Whether `start(prepared, config, snapshot)` works: `snapshot` is the one `prepared` was made for,
+        or one the backend can adapt it to cheaply (e.g. a small snapshot of a sandbox of that template)."""
+
+    @abc.abstractmethod
+    async def start(self, prepared: Prepared, config: SandboxConfig, snapshot: Snapshot | None = None) -> Sandbox:
+        """Starts a prepared container: restores `snapshot` (default: the one it was prepared for) or
+        cold-boots. On failure the container is torn down and SandboxFailed raised."""
+
+    @abc.abstractmethod
+    async def discard(self, prepared: Prepared) -> None:
+        """Tears down a prepared container that will not be started (idempotent)."""
+
+    @abc.abstractmethod
+    def prepared(self) -> list[Prepared]:
+        """Containers prepared and not yet started or discarded."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
+                         memory: bool = True) -> Snapshot:
+        """Freezes memory, processes and filesystem (or, with memory=False, the filesystem alone) of one
+        instant into `directory`. A failed checkpoint leaves nothing in `directory` and, with leave_running,
+        the sandbox running; running out of disk raises InsufficientResources."""
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox_id: str) -> None:
+        """Stops the sandbox and frees everything it held. Unknown ids raise SandboxNotFound; a destroy
+        while another is under way waits for it and returns (each resource is freed exactly once)."""
+
+    # --- running sandboxes -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def list(self) -> list[Sandbox]: ...
+
+    @abc.abstractmethod
+    def state(self, sandbox_id: str) -> ContainerState: ...
 
     @abc.abstractmethod
     def address(self, sandbox_id: str, port: int) -> tuple[str, int]:
@@ -149,58 +274,14 @@ class Runtime(abc.ABC):
         """Runs a command inside the sandbox out of band (not through envd)."""
 
     @abc.abstractmethod
-    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
-                         memory: bool = True) -> Checkpoint:
-        """Freezes memory, processes and filesystem (or, with memory=False, the filesystem alone) of one
-        instant into `directory`. A failed checkpoint leaves nothing in `directory` and, with leave_running,
-        the sandbox running; running out of disk raises InsufficientResources."""
-
-    @abc.abstractmethod
-    async def restore(self, checkpoint: Path, count: int, config: SandboxConfig, *, memory: bool = True,
-                      keep_prepared: bool = False) -> list[Sandbox]:
-        """`count` independent sandboxes from one checkpoint, each with its own network and disk.
-
-        With memory=False, or from a filesystem-only checkpoint, they cold-boot the checkpoint's recorded
-        start command on its filesystem. keep_prepared asks the backend to keep setup work ready for more
-        restores of this checkpoint (worth it for templates, not for one-off checkpoints)."""
-
-    async def prepare_restore(self, checkpoint: Path, resources: Resources) -> bool:
-        """Does the setup of one later `restore(checkpoint, 1, ...)` with these resources now (e.g. for a
-        paused sandbox, whose resume is likely soon), held until that restore or `release_prepared`.
-        Returns whether anything was prepared; backends without such setup keep this default."""
-        return False
-
-    async def release_prepared(self, checkpoint: Path) -> None:
-        """Frees whatever is held ready for restores of `checkpoint`."""
-        return None
-
-    async def prepare_like(self, sandbox_id: str, count: int) -> None:
-        """Prepares up to `count` containers that restores of a checkpoint of this sandbox can take (e.g.
-        while the checkpoint for a fork is being made). Backends without prepared containers do nothing."""
-        return None
-
-    def host_connections(self, sandbox_id: str) -> int | None:
-        """TCP connections from the host into the sandbox whose sandbox side may still be open (None: the
-        backend cannot tell). A checkpoint is best taken at 0 (see orchestrator QUIESCE_S)."""
-        return None
-
-    def prepared(self, checkpoint: Path) -> int:
-        """How many restores of `checkpoint` are held ready (by `prepare_restore` or a pool)."""
-        return 0
-
-    @abc.abstractmethod
-    def layers_in_use(self) -> set[Path]:
-        """Read-only filesystem layers that live (or prepared) sandboxes stand on and must not be removed."""
-
-    @abc.abstractmethod
     def raise_priority(self, sandbox_id: str) -> None:
-        """Gives a sandbox created with `low_priority` the same CPU weight as every other."""
+        """Gives a sandbox started with `low_priority` the same CPU weight as every other."""
 
     @abc.abstractmethod
     def freeze(self, sandbox_id: str) -> bool:
-        """Stops every host process of the sandbox, its kernel included: no CPU at all, memory stays
-        resident, and `thaw` continues it in about a millisecond. Refused (False) while a runtime
-        operation on the sandbox is under way; every operation that needs it running thaws it first."""
+        """Stops the sandbox entirely: no CPU at all, memory stays resident, and `thaw` continues it in
+        about a millisecond. Refused (False) while a runtime operation on the sandbox is under way; every
+        operation that needs it running thaws it first."""
 
     @abc.abstractmethod
     def thaw(self, sandbox_id: str) -> None:
@@ -211,33 +292,51 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def host_cpu_seconds(self, sandbox_id: str) -> float | None:
-        """CPU time the sandbox's host processes used so far, read cheaply (no call into the sandbox)."""
+        """CPU time the sandbox used so far, read cheaply (no call into the sandbox)."""
+
+    def host_connections(self, sandbox_id: str) -> int | None:
+        """TCP connections from the host into the sandbox whose sandbox side may still be open (None: the
+        backend cannot tell). A checkpoint is best taken at 0 (see orchestrator QUIESCE_S)."""
+        return None
 
     @abc.abstractmethod
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         """Allows or cuts the sandbox's egress to the internet (its isolation rules stay as they are)."""
 
     @abc.abstractmethod
-    async def pause(self, sandbox_id: str) -> None:
-        """Stops all execution; memory stays resident."""
-
-    @abc.abstractmethod
-    async def resume(self, sandbox_id: str) -> None: ...
-
-    @abc.abstractmethod
     async def stats(self, sandbox_id: str) -> Stats: ...
-
-    @abc.abstractmethod
-    async def destroy(self, sandbox_id: str) -> None:
-        """Stops the sandbox and frees everything it held; unknown ids raise SandboxNotFound."""
-
-    @abc.abstractmethod
-    def list(self) -> list[Sandbox]: ...
-
-    @abc.abstractmethod
-    async def snapshot_compat(self) -> str:
-        """Changes whenever checkpoints made before can no longer be restored (version, flags)."""
 
     @abc.abstractmethod
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         """The last lines the sandbox's start command and the backend printed (for error messages)."""
+
+    # --- conveniences built on the above (no pooling: that is the orchestrator's) -------------------
+
+    async def boot(self, layers: list[Path], command: list[str], config: SandboxConfig, *,
+                   template: str = "", cwd: str = "/") -> Sandbox:
+        """Cold-starts `command` on read-only `layers` (top first)."""
+        prepared = await self.prepare_boot(layers, command, config.resources, template=template, cwd=cwd)
+        return await self.start(prepared, config)
+
+    async def restore(self, snapshot: Snapshot, count: int, config: SandboxConfig, *,
+                      memory: bool = True) -> list[Sandbox]:
+        """`count` independent sandboxes from one snapshot, each with its own network and disk; all or
+        none (on a failure the ones already started are destroyed)."""
+        import asyncio
+
+        if count < 1:
+            raise CheckpointInvalid(f"count must be at least 1, got {count}")
+        self.check_capacity(config.resources, snapshot if memory else None, count)
+
+        async def one() -> Sandbox:
+            prepared = await self.prepare(snapshot, config.resources, cold=not memory)
+            return await self.start(prepared, config)
+
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for r in results:
+                if isinstance(r, Sandbox):
+                    await self.destroy(r.id)
+            raise failures[0]
+        return list(results)  # type: ignore[arg-type]

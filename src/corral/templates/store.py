@@ -17,7 +17,6 @@ interrupted build never leaves anything that looks usable.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import time
@@ -91,9 +90,9 @@ class TemplateStore:
             if not current.exists():
                 continue
             snapshot = current.resolve()
-            meta = json.loads((snapshot / "checkpoint.json").read_text())
+            # Snapshots are renamed into place when complete: the directory's time is the build's.
             out.append(TemplateInfo(name=entry.name, snapshot=snapshot, key=snapshot.name,
-                                    size_bytes=tree_size(snapshot), built_at=meta["created_at"]))
+                                    size_bytes=tree_size(snapshot), built_at=snapshot.stat().st_mtime))
         return out
 
     async def _snapshot_key(self, recipe: Recipe, runtime: Runtime) -> str:

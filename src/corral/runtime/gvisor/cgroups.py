@@ -41,6 +41,15 @@ class SandboxCgroup:
                 continue
         return False
 
+    def pids(self) -> list[int]:
+        """Every host process in the cgroup."""
+        for procs in (self._v1("pids", "cgroup.procs"), self._v2("cgroup.procs")):
+            try:
+                return [int(pid) for pid in procs.read_text().split()]
+            except (OSError, ValueError):
+                continue
+        return []
+
     def cpu_seconds(self) -> float | None:
         """CPU time used by all of the sandbox's host processes so far."""
         for path in (self._v1("cpuacct", "cpuacct.usage"), self._v1("cpu,cpuacct", "cpuacct.usage")):

@@ -1,0 +1,384 @@
+"""The one capacity manager: every kind of pre-made sandbox on this node, one refill scheduler, one
+restore budget and one priority rule.
+
+Kinds of stock, cheapest to use first:
+  ready      sandboxes of a pooled template already started, envd up and warmed, no identity yet
+             (`ready_size` per template): a create is a claim plus /init.
+  prepared   containers prepared for a snapshot (network, disk, root, `runsc create`; ~130 ms of setup
+             done ahead), frozen, no CPU, ~10 MiB each:
+             - for each template used (`prepared_size`), so a create that misses `ready` skips the setup;
+               a small snapshot of a sandbox of that template can take one too (the runtime's can_start);
+             - held for a paused sandbox's resume for `resume_keep_s` (at most `resume_most`);
+             - made alongside a fork's checkpoint for its clones (`prepare_alongside`).
+
+The priority rule: users go first. Restores and checkpoints someone waits for count as user work; the
+refill scheduler starts nothing while any is under way, nor within REFILL_DELAY_S of a claim (the new
+sandbox's first requests follow). The restore budget bounds how many starts run at once, users and
+refills together: on a small host more only queue up inside runsc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.orchestrator.envd_link import EnvdLink
+from corral.runtime.base import (
+    Prepared,
+    Resources,
+    Runtime,
+    RuntimeError_,
+    Sandbox,
+    SandboxConfig,
+    Snapshot,
+    TemplateNotFound,
+)
+
+log = logging.getLogger("corral.capacity")
+
+# After a failed refill (e.g. the host is out of memory) wait this long before trying it again.
+RETRY_DELAY_S = 5.0
+# A claim is followed by the new sandbox's first requests: refills wait this long after one.
+REFILL_DELAY_S = 0.3
+# Containers made while a fork's checkpoint is taken; fork x10 measured 1.80 s p50 with 2, 1.46 s with 4
+# and 1.71 s with 8 (5 forks each on 2 cores).
+PREPARE_ALONGSIDE = 4
+
+
+@dataclass
+class _Hold:
+    """Prepared containers kept for restores of one paused sandbox's snapshot."""
+
+    snapshot: Snapshot
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set to end the hold early
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # its preparation finished (or failed)
+    task: asyncio.Task | None = None
+
+
+class Capacity:
+    def __init__(self, runtime: Runtime, envd: EnvdLink, template_snapshot: Callable[[str], Snapshot], *,
+                 ready_templates: tuple[str, ...] = (), ready_size: int = 0, prepared_size: int = 0,
+                 warm_ups: dict[str, tuple[int, str]] | None = None, freeze_ready: bool = False,
+                 warm_user: str = "user", resume_keep_s: float = 0.0, resume_most: int = 16,
+                 budget: int | None = None) -> None:
+        self._runtime = runtime
+        self._envd = envd
+        self._template_snapshot = template_snapshot
+        self._ready_templates = ready_templates
+        self._ready_size = max(0, ready_size)
+        self._prepared_size = max(0, prepared_size)
+        self._warm_ups = warm_ups or {}
+        self._freeze_ready = freeze_ready  # ready sandboxes wait frozen (no CPU) until claimed
+        self._warm_user = warm_user
+        self._resume_keep_s = resume_keep_s
+        self._resume_most = resume_most
+        self._budget = asyncio.Semaphore(budget or max(2, os.cpu_count() or 2))
+        self._ready: dict[str, deque[Sandbox]] = {}
+        self._prepared: dict[Snapshot, list[Prepared]] = {}  # by the snapshot they restore
+        self._stocked: set[Snapshot] = set()  # template snapshots kept at prepared_size
+        self._holds: OrderedDict[Snapshot, _Hold] = OrderedDict()  # paused sandboxes, oldest first
+        self._tasks: set[asyncio.Task] = set()
+        self._failed_at: dict[object, float] = {}  # refill target -> when it last failed
+        self._user_work = 0
+        self._quiet = asyncio.Event()  # set while no user work is under way
+        self._quiet.set()
+        self._last_claim = 0.0
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._closed = False
+
+    # --- life ------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._scheduler = asyncio.get_running_loop().create_task(self._refill_forever())
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        for hold in self._holds.values():
+            hold.done.set()
+        tasks = [t for t in (self._scheduler, *self._tasks) if t is not None]
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for queue in self._ready.values():
+            while queue:
+                with contextlib.suppress(RuntimeError_):
+                    await self._runtime.destroy(queue.popleft().id)
+        for handles in self._prepared.values():
+            while handles:
+                await self._runtime.discard(handles.pop())
+
+    # --- what is in stock --------------------------------------------------------------------------
+
+    @property
+    def ready_templates(self) -> tuple[str, ...]:
+        return self._ready_templates
+
+    def ready(self, template: str) -> int:
+        return len(self._ready.get(template, ()))
+
+    def ready_ids(self) -> set[str]:
+        return {sb.id for queue in self._ready.values() for sb in queue}
+
+    def prepared(self, snapshot: Snapshot) -> int:
+        return len(self._prepared.get(snapshot, ()))
+
+    def resume_ready(self) -> int:
+        """Paused sandboxes whose resume is prepared right now."""
+        return sum(1 for snapshot in self._holds if self._prepared.get(snapshot))
+
+    # --- the priority rule ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def user_work(self):
+        """Around work someone waits for (a restore, a checkpoint): refills wait until none is left."""
+        self._user_work += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._user_work -= 1
+            if not self._user_work:
+                self._quiet.set()
+                self._wake.set()
+
+    # --- taking stock --------------------------------------------------------------------------------
+
+    def claim_ready(self, template: str) -> Sandbox | None:
+        """A ready sandbox, or None. A claimed sandbox belongs to the caller alone."""
+        queue = self._ready.get(template)
+        sandbox = queue.popleft() if queue else None
+        if sandbox is not None:
+            self._runtime.thaw(sandbox.id)
+            self._runtime.raise_priority(sandbox.id)
+            self._claimed()
+        return sandbox
+
+    def _claimed(self) -> None:
+        self._last_claim = time.monotonic()
+        self._wake.set()
+
+    async def start(self, snapshot: Snapshot, config: SandboxConfig, *, memory: bool = True,
+                    stock: bool = False) -> Sandbox:
+        """A sandbox started from `snapshot` for a user: in a container prepared for it (or one it can be
+        adapted to), else in a new one. `stock` keeps containers prepared for later starts of this
+        snapshot (worth it for templates, not for one-off snapshots)."""
+        with self.user_work():
+            prepared = await self._take_prepared(snapshot, config.resources) if memory else None
+            async with self._budget:
+                if prepared is None:
+                    self._runtime.check_capacity(config.resources, snapshot if memory else None)
+                    prepared = await self._runtime.prepare(snapshot, config.resources, cold=not memory)
+                sandbox = await self._runtime.start(prepared, config, snapshot if memory else None)
+        if stock and memory and snapshot.has_memory and config.resources == Resources():
+            if snapshot not in self._stocked:
+                self._stocked.add(snapshot)
+            self._wake.set()
+        return sandbox
+
+    async def _take_prepared(self, snapshot: Snapshot, resources: Resources, *,
+                             claim: bool = True) -> Prepared | None:
+        handles = self._prepared.get(snapshot)
+        if handles and (found := _pop_fitting(handles, resources)) is not None:
+            if claim:
+                self._claimed()
+            return found
+        for base, handles in list(self._prepared.items()):
+            if base in self._stocked and handles:
+                candidate = next((h for h in handles if h.resources == resources), None)
+                fits = candidate is not None and await self._runtime.can_start(candidate, snapshot)
+                if fits and candidate in handles:  # not taken while can_start looked
+                    handles.remove(candidate)
+                    if claim:
+                        self._claimed()
+                    return candidate
+        return None
+
+    # --- paused sandboxes ------------------------------------------------------------------------------
+
+    def hold_for_resume(self, snapshot: Snapshot, resources: Resources) -> None:
+        """Prepares a resume from `snapshot` in the background and keeps it for resume_keep_s: a resume
+        then skips ~130 ms of setup. The oldest hold beyond resume_most is released."""
+        if self._closed or self._resume_keep_s <= 0 or self._resume_most <= 0 or snapshot in self._holds:
+            return
+        if not snapshot.has_memory:
+            return  # a filesystem-only snapshot cold-boots: nothing to prepare
+        while len(self._holds) >= self._resume_most:
+            _, oldest = self._holds.popitem(last=False)
+            oldest.done.set()
+        hold = self._holds[snapshot] = _Hold(snapshot)
+        hold.task = self.spawn(self._hold(hold, resources))
+
+    async def _hold(self, hold: _Hold, resources: Resources) -> None:
+        try:
+            try:
+                prepared = await self._runtime.prepare(hold.snapshot, resources)
+            except Exception as exc:  # an optimisation only: the resume then does the whole restore
+                log.info("could not prepare the resume from %s: %s", hold.snapshot.path.name, exc)
+                return
+            self._prepared.setdefault(hold.snapshot, []).append(prepared)
+            hold.settled.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.done.wait(), self._resume_keep_s)
+        finally:
+            hold.settled.set()
+            if self._holds.get(hold.snapshot) is hold:
+                del self._holds[hold.snapshot]
+            await self._drop(hold.snapshot)
+
+    async def settled(self, snapshot: Snapshot, timeout: float = 5.0) -> None:
+        """Waits while the resume from `snapshot` is being prepared: a resume right after its pause then
+        takes the container being made instead of making a second one next to it."""
+        hold = self._holds.get(snapshot)
+        if hold is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.settled.wait(), timeout)
+
+    def used(self, snapshot: Snapshot) -> None:
+        """A start from `snapshot` took (or did without) what was held: stop holding it."""
+        if (hold := self._holds.get(snapshot)) is not None:
+            hold.done.set()
+
+    async def release(self, directory: Path) -> None:
+        """Frees everything prepared for the snapshot in `directory` (its paused sandbox was killed, its
+        node deleted)."""
+        snapshot = next((s for s in [*self._holds, *self._prepared, *self._stocked] if s.path == directory), None)
+        if snapshot is None:
+            return
+        hold = self._holds.get(snapshot)
+        if hold is not None:
+            hold.done.set()
+            if hold.task is not None:
+                with contextlib.suppress(Exception):
+                    await hold.task
+        self._stocked.discard(snapshot)
+        await self._drop(snapshot)
+
+    async def _drop(self, snapshot: Snapshot) -> None:
+        for prepared in self._prepared.pop(snapshot, []):
+            await self._runtime.discard(prepared)
+
+    # --- forks -----------------------------------------------------------------------------------------
+
+    async def prepare_alongside(self, template: str, lowers_of: Sandbox, count: int) -> None:
+        """Prepares up to `count` containers that starts from a checkpoint of sandbox `lowers_of` can take,
+        while that checkpoint is being taken (a fork). Only for sandboxes of a stocked template, whose
+        small checkpoints fit its containers; others stack their layer on new containers anyway."""
+        base = next((s for s in self._stocked if s.template == template), None)
+        if base is None or lowers_of.config.resources != Resources():
+            return
+        handles = self._prepared.setdefault(base, [])
+        gate = asyncio.Semaphore(2)
+
+        async def one() -> None:
+            async with gate:
+                handles.append(await self._runtime.prepare(base, Resources()))
+
+        # Only as many as can be made while the checkpoint is taken (~150 ms, two at a time): more would
+        # hold up the restores that wait for this, and be left over if they fail.
+        wanted = min(count, len(handles) + PREPARE_ALONGSIDE) - len(handles)
+        results = await asyncio.gather(*(one() for _ in range(max(0, wanted))), return_exceptions=True)
+        for failure in (r for r in results if isinstance(r, BaseException)):
+            log.info("preparing containers for clones of %s: %s", lowers_of.id, failure)
+
+    # --- the refill scheduler ----------------------------------------------------------------------------
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _next_refill(self) -> tuple[str, object] | None:
+        """The most useful thing to make next: a ready sandbox, then a prepared container."""
+        now = time.monotonic()
+
+        def due(target: object) -> bool:
+            return now - self._failed_at.get(target, -RETRY_DELAY_S) >= RETRY_DELAY_S
+
+        for template in self._ready_templates:
+            if self._ready_size and len(self._ready.setdefault(template, deque())) < self._ready_size \
+                    and due(template):
+                return "ready", template
+        for snapshot in list(self._stocked):
+            if len(self._prepared.get(snapshot, ())) < self._prepared_size and due(snapshot):
+                return "prepared", snapshot
+        return None
+
+    async def _refill_forever(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._closed and (job := self._next_refill()) is not None:
+                await self._quiet.wait()
+                pause = self._last_claim + REFILL_DELAY_S - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue  # someone may have claimed or started meanwhile: look again
+                kind, target = job
+                try:
+                    if kind == "ready":
+                        await self._make_ready(target)  # type: ignore[arg-type]
+                    else:
+                        await self._make_prepared(target)  # type: ignore[arg-type]
+                except asyncio.CancelledError:
+                    raise
+                except TemplateNotFound as exc:
+                    log.warning("not pooling %s: %s", target, exc)
+                    self._failed_at[target] = float("inf")
+                except Exception as exc:
+                    log.warning("refilling %s %s failed: %s", kind, target, exc)
+                    self._failed_at[target] = time.monotonic()
+                    self.spawn(self._wake_after(RETRY_DELAY_S))
+
+    async def _wake_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._wake.set()
+
+    async def _make_prepared(self, snapshot: Snapshot) -> None:
+        async with self._budget:
+            prepared = await self._runtime.prepare(snapshot, Resources())
+        if self._closed or snapshot not in self._stocked:
+            await self._runtime.discard(prepared)
+            return
+        self._prepared.setdefault(snapshot, []).append(prepared)
+
+    async def _make_ready(self, template: str) -> None:
+        snapshot = self._template_snapshot(template)
+        prepared = await self._take_prepared(snapshot, Resources(), claim=False)
+        async with self._budget:
+            if prepared is None:
+                prepared = await self._runtime.prepare(snapshot, Resources())
+            sandbox = await self._runtime.start(prepared, SandboxConfig(low_priority=True))
+        self._stocked.add(snapshot)
+        try:
+            await self._envd.wait_ready(sandbox.address)
+            await self._envd.warm(sandbox.address, self._warm_user)
+            if template in self._warm_ups:
+                await self._envd.warm_service(sandbox.address, *self._warm_ups[template])
+            if self._closed:
+                raise asyncio.CancelledError
+        except BaseException:
+            with contextlib.suppress(RuntimeError_):
+                await self._runtime.destroy(sandbox.id)
+            raise
+        if self._freeze_ready:
+            self._runtime.freeze(sandbox.id)
+        self._ready[template].append(sandbox)
+
+
+def _pop_fitting(handles: list[Prepared], resources: Resources) -> Prepared | None:
+    for i, handle in enumerate(handles):
+        if handle.resources == resources:
+            return handles.pop(i)
+    return None

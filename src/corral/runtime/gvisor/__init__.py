@@ -1,0 +1,5 @@
+"""The gVisor backend (runsc, systrap platform). See runtime.py for the layout on the host."""
+
+from corral.runtime.gvisor.runtime import GVisorRuntime, new_sandbox_id
+
+__all__ = ["GVisorRuntime", "new_sandbox_id"]

@@ -1,0 +1,568 @@
+"""The gVisor backend: every sandbox is a runsc container (systrap platform) with its own network
+namespace, its own disk and a host overlayfs root over read-only layers.
+
+Per container, on the host:
+  <data>/sandboxes/<id>/disk.img     sparse ext4 image = the disk quota, mounted at disk/
+  <data>/sandboxes/<id>/rootfs       overlayfs: lower = snapshot layers + template rootfs, upper = disk/upper
+  <data>/sandboxes/<id>/bundle       OCI bundle; runsc.log collects what runsc and the sandbox print
+  <data>/sandboxes/<id>/record.json  written once the sandbox is live; the only thing start() adopts from
+  netns corral-<instance>-<slot>     veth to the host, /30 addresses (corral.network.slots)
+  runsc container <id> under <run>/runsc
+
+Containers live in one table with explicit states (containers.py); snapshots are in snapshots.py; the
+instance lock, reaping and crash recovery in host.py and recovery.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import string
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from corral.config import Settings
+from corral.network import firewall
+from corral.network.commands import NetworkError
+from corral.network.connections import open_connections_to
+from corral.network.dns import upstream_resolvers
+from corral.network.slots import SlotAllocator, create_slot, destroy_slot
+from corral.runtime.base import (
+    CheckpointInvalid,
+    ContainerState,
+    ExecResult,
+    InsufficientResources,
+    InvalidRequest,
+    Prepared,
+    Resources,
+    Runtime,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxNotFound,
+    Snapshot,
+    Stats,
+    TemplateNotFound,
+)
+from corral.runtime.gvisor import oci, recovery, snapshots
+from corral.runtime.gvisor.cgroups import SandboxCgroup
+from corral.runtime.gvisor.containers import Container, ContainerTable
+from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, kill_and_reap, meminfo_mb
+from corral.runtime.gvisor.runsc import Runsc, RunscError, log_tail
+from corral.runtime.gvisor.snapshots import GVisorSnapshot
+from corral.storage.disk import DiskError, create_disk, mount_overlay, tree_size, unmount, usage
+from corral.storage.layers import LayerNotApplicable, LayerSize, apply_layer, layer_size
+
+log = logging.getLogger(__name__)
+S = ContainerState
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+# runsc needs a process for `create` even when it will be replaced by a restored one.
+_RESTORE_PLACEHOLDER = ["/bin/true"]
+# A snapshot layer up to this size is replayed into a container prepared for its template rather than
+# stacked under a new one (can_start). The copy costs a few ms and at most this much disk per sandbox or
+# snapshot made from it; larger layers are stacked, so snapshot trees share them (docs/branching.md).
+_REPLAY_LIMIT = LayerSize(entries=1024, bytes=2**20)
+_SETUP_ERRORS = (RunscError, NetworkError, DiskError, OSError, LayerNotApplicable)
+
+
+def new_sandbox_id() -> str:
+    return "i" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
+
+
+class GVisorRuntime(Runtime):
+    name = "gvisor"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runsc = Runsc(settings.runsc, settings.runsc_root, settings.platform)
+        self.slots = SlotAllocator(settings.instance, settings.sandbox_network)
+        self.lock = InstanceLock(settings.instance)
+        self.table = ContainerTable()
+        self._handles: dict[str, Prepared] = {}
+        self._small_layers: dict[Path, bool] = {}  # snapshot layer -> small enough to replay
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.settings.data_dir / "sandboxes"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/corral-{self.settings.instance}"
+
+    # ---------------------------------------------------------------- the backend as a whole
+
+    async def open(self) -> None:
+        self.lock.acquire()
+        become_subreaper()
+        for d in (self.sandboxes_dir, self.settings.runsc_root):
+            d.mkdir(parents=True, exist_ok=True)
+        await firewall.install(self.settings.instance, self.settings.sandbox_network,
+                               self.settings.dns_address, upstream_resolvers())
+        await recovery.reconcile(self)
+
+    async def close(self) -> None:
+        for container in self.table:
+            if container.resuming is not None:  # a source left stopped by a checkpoint would stay so
+                with contextlib.suppress(Exception):
+                    await container.resuming
+        for container in self.table.in_state(S.PREPARING, S.PREPARED, S.STARTING):
+            await self._teardown(container)
+        self.lock.release()
+
+    async def destroy_all(self) -> None:
+        """Destroys every sandbox (tests and `corral doctor --cleanup`) and removes the firewall table."""
+        for container in self.table:
+            await self._teardown(container)
+        firewall.remove(self.settings.instance)
+        await self.close()
+
+    async def snapshot_compat(self) -> str:
+        flags = [f for f in self.runsc.global_flags if not f.startswith("--root=")]
+        return f"gvisor {await self.runsc.version()} {' '.join(flags)} spec{oci.SPEC_VERSION}"
+
+    # ---------------------------------------------------------------- snapshots
+
+    def open_snapshot(self, path: Path) -> GVisorSnapshot:
+        return snapshots.open_snapshot(path, self.settings.platform)
+
+    def copy_snapshot(self, source: Snapshot, path: Path) -> GVisorSnapshot:
+        snapshots.link_copy(source.path, path)
+        return self.open_snapshot(path)
+
+    def in_use(self) -> frozenset[Path]:
+        return frozenset(snapshots.owner_of(layer) for c in self.table for layer in c.lowers)
+
+    def check_capacity(self, resources: Resources, snapshot: Snapshot | None = None, count: int = 1) -> None:
+        resources.validate()
+        cpus = os.cpu_count() or 1
+        if resources.vcpus > cpus:
+            raise InsufficientResources(f"{resources.vcpus} vCPUs requested but this host has {cpus}")
+        total_mb = meminfo_mb("MemTotal")
+        if resources.memory_mb > total_mb:
+            raise InsufficientResources(f"{resources.memory_mb} MB of memory requested but this host has "
+                                        f"{total_mb} MB")
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        free_mb = shutil.disk_usage(self.sandboxes_dir).free // (1024 * 1024)
+        if resources.disk_mb > free_mb:
+            raise InsufficientResources(f"a {resources.disk_mb} MB disk requested but only {free_mb} MB are "
+                                        f"free in {self.sandboxes_dir}")
+        if isinstance(snapshot, GVisorSnapshot) and snapshot.has_memory:
+            # Every restored clone loads the whole image into its own memory (gvisor-notes §3): refuse up
+            # front instead of letting the host's OOM killer pick a victim halfway through.
+            needed_mb = count * tree_size(snapshot.image) // (1024 * 1024)
+            available_mb = meminfo_mb("MemAvailable") - self.settings.memory_reserve_mb
+            if needed_mb > available_mb:
+                raise InsufficientResources(
+                    f"restoring {count} sandbox(es) needs about {needed_mb} MB of memory but only "
+                    f"{max(0, available_mb)} MB are available (after keeping {self.settings.memory_reserve_mb} "
+                    f"MB for the host)")
+
+    # ---------------------------------------------------------------- containers
+
+    async def prepare(self, snapshot: Snapshot, resources: Resources, *, cold: bool = False) -> Prepared:
+        assert isinstance(snapshot, GVisorSnapshot)
+        cold = cold or not snapshot.has_memory
+        if cold and not snapshot.command:
+            raise CheckpointInvalid(f"{snapshot.path} records no start command to cold-boot from")
+        command = list(snapshot.command) if cold else _RESTORE_PLACEHOLDER
+        container = await self._prepare(snapshot.template, snapshot.layers, SandboxConfig(resources=resources),
+                                        command, snapshot.cwd, restores=None if cold else snapshot)
+        # What the snapshot was booted with, so a sandbox restored from it can be checkpointed
+        # filesystem-only too.
+        container.command, container.cwd = list(snapshot.command), snapshot.cwd
+        return self._handle(container)
+
+    async def prepare_boot(self, layers: list[Path], command: list[str], resources: Resources, *,
+                           template: str = "", cwd: str = "/") -> Prepared:
+        for layer in layers:
+            if not layer.is_dir():
+                raise TemplateNotFound(f"root filesystem layer {layer} does not exist")
+        container = await self._prepare(template, layers, SandboxConfig(resources=resources), command, cwd,
+                                        restores=None)
+        return self._handle(container)
+
+    def _handle(self, container: Container) -> Prepared:
+        handle = self._handles[container.id] = Prepared(container.id, container.snapshot,
+                                                       container.config.resources)
+        return handle
+
+    async def can_start(self, prepared: Prepared, snapshot: Snapshot) -> bool:
+        """Prepared for `snapshot` itself, or for the template a small snapshot's layer sits on: the layer
+        is then written through the prepared root (storage/layers.py), the same filesystem as stacking it
+        under a new container without the ~130 ms of preparing one."""
+        base = prepared.snapshot
+        if base is None or not isinstance(snapshot, GVisorSnapshot) or not snapshot.has_memory:
+            return False
+        if base == snapshot:
+            return True
+        assert isinstance(base, GVisorSnapshot)
+        if list(snapshot.lowers) != base.layers:
+            return False
+        small = self._small_layers.get(snapshot.layer)
+        if small is None:
+            size = await asyncio.to_thread(layer_size, snapshot.layer, stop_after=_REPLAY_LIMIT)
+            small = self._small_layers[snapshot.layer] = (size.entries <= _REPLAY_LIMIT.entries
+                                                          and size.bytes <= _REPLAY_LIMIT.bytes)
+        return small
+
+    def prepared(self) -> list[Prepared]:
+        return [self._handles[c.id] for c in self.table.in_state(S.PREPARED) if c.id in self._handles]
+
+    async def discard(self, prepared: Prepared) -> None:
+        container = self.table.get(prepared.id)
+        if container is not None:
+            await self._teardown(container)
+
+    async def _prepare(self, template: str, lowers: list[Path], config: SandboxConfig, command: list[str],
+                       cwd: str, *, restores: GVisorSnapshot | None, container: bool = True) -> Container:
+        """Network slot, disk, root filesystem and a `runsc create`d container, frozen until started.
+        Without `container`, everything but the `runsc create` (benchmarks time runsc on its own)."""
+        self.check_capacity(config.resources)
+        sid = new_sandbox_id()
+        c = self.table.add(Container(id=sid, template=template, slot=self.slots.allocate(), config=config,
+                                     lowers=list(lowers), dir=self.sandboxes_dir / sid, command=command, cwd=cwd,
+                                     snapshot=restores))
+        try:
+            c.dir.mkdir(parents=True)
+            await create_slot(c.slot)
+            await create_disk(c.disk_image, c.disk, config.resources.disk_mb)
+            await mount_overlay(c.rootfs, c.lowers, c.disk / "upper", c.disk / "work")
+            spec = oci.build_spec(rootfs=c.rootfs, args=command, env=config.env, cwd=cwd,
+                                  hostname=config.hostname or sid, netns=c.slot.netns_path,
+                                  resources=config.resources, cgroup_path=f"{self.cgroup_parent}/{sid}")
+            oci.write_bundle(c.bundle, spec)
+            if container:
+                await self.runsc.create(sid, c.bundle, c.log)
+                # A created container's gVisor kernel already idles at ~3 % of a core.
+                self._cgroup(sid).freeze()
+            _still(c, S.PREPARING)
+        except BaseException as exc:  # cancellation too: nothing half-made may stay behind
+            await self._teardown(c)
+            if isinstance(exc, _SETUP_ERRORS):
+                raise SandboxFailed(f"preparing sandbox failed: {exc}") from exc
+            raise
+        self.table.move(c, S.PREPARED)
+        return c
+
+    async def start(self, prepared: Prepared, config: SandboxConfig, snapshot: Snapshot | None = None) -> Sandbox:
+        c = self.table.get(prepared.id)
+        if c is None or c.state is not S.PREPARED:
+            raise SandboxFailed(f"container {prepared.id} is not prepared (it was started or discarded)")
+        self._handles.pop(c.id, None)
+        self.table.move(c, S.STARTING)
+        target = snapshot or c.snapshot
+        try:
+            began = time.perf_counter()
+            if target is not None and target != c.snapshot:
+                assert isinstance(target, GVisorSnapshot)
+                await asyncio.to_thread(apply_layer, target.layer, c.rootfs, keep=set(oci.ROOTFS_BIND_DIRS))
+                c.command, c.cwd = list(target.command), target.cwd
+            c.config = config
+            self._cgroup(c.id).thaw()  # prepared containers wait frozen
+            if config.low_priority:
+                self._cgroup(c.id).set_cpu_weight(True)
+            if not config.internet:
+                await firewall.set_offline(self.settings.instance, c.slot.guest, True)
+            set_up = time.perf_counter()
+            if target is None:
+                await self.runsc.start(c.id, c.log)
+            else:
+                await self.runsc.restore(c.id, c.bundle, target.image, c.log)
+            log.debug("%s: set-up %.1f ms, runsc %s %.1f ms", c.id, (set_up - began) * 1000,
+                      "start" if target is None else "restore", (time.perf_counter() - set_up) * 1000)
+            # A restore whose flags do not match the image exits 0 with a dead sandbox (gvisor-notes §8.3).
+            # Its processes are then gone or zombies; checking that costs nothing, `runsc state` ~25 ms.
+            if not all_alive(self._container_pids(c.id)):
+                state = await self.runsc.state(c.id)
+                if state.status != "running":
+                    raise RunscError(f"sandbox is {state.status} right after start; log: {log_tail(c.log)}")
+            self._write_record(c)
+            _still(c, S.STARTING)
+        except BaseException as exc:
+            await self._teardown(c)
+            if isinstance(exc, _SETUP_ERRORS):
+                what = "restoring checkpoint" if target is not None else "starting sandbox"
+                raise SandboxFailed(f"{what} failed: {exc}") from exc
+            raise
+        self.table.move(c, S.LIVE)
+        return c.public()
+
+    @staticmethod
+    def _write_record(c: Container) -> None:
+        tmp = c.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(c.to_record()))
+        tmp.rename(c.record)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        c = self.table.get(sandbox_id)
+        if c is None or c.state in (S.PREPARING, S.PREPARED):
+            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
+        if c.resuming is not None:  # runsc must not be resuming what is being deleted
+            with contextlib.suppress(Exception):
+                await asyncio.shield(c.resuming)
+        await self._teardown(c)
+
+    async def _teardown(self, c: Container) -> None:
+        """Frees everything a container holds, exactly once: the first caller moves it to TEARING_DOWN
+        and runs the teardown as its own task, which a cancelled caller does not interrupt; every other
+        caller waits for it to finish."""
+        if c.state not in (S.TEARING_DOWN, S.GONE):
+            self.table.move(c, S.TEARING_DOWN)
+            self._handles.pop(c.id, None)
+            c.teardown = asyncio.get_running_loop().create_task(self._free(c))
+        if c.teardown is not None:
+            await asyncio.shield(c.teardown)
+
+    async def _free(self, c: Container) -> None:
+        try:
+            self._cgroup(c.id).thaw()  # a frozen process does not die of SIGKILL until it is thawed
+            await kill_and_reap(self._container_pids(c.id))
+            await _ignore_errors(self.runsc.delete(c.id))
+            if not c.config.internet:
+                await _ignore_errors(firewall.set_offline(self.settings.instance, c.slot.guest, False))
+            await _ignore_errors(unmount(c.rootfs))
+            await _ignore_errors(unmount(c.disk))
+            await _ignore_errors(destroy_slot(c.slot))
+            shutil.rmtree(c.dir, ignore_errors=True)
+        finally:
+            self.slots.release(c.slot)
+            self.table.move(c, S.GONE)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
+                         memory: bool = True) -> GVisorSnapshot:
+        c = self.table.live(sandbox_id)
+        await self._settle(c)
+        if directory.exists() and any(directory.iterdir()):
+            raise CheckpointInvalid(f"checkpoint directory {directory} is not empty")
+        if not memory and not c.command:
+            raise CheckpointInvalid(f"sandbox {sandbox_id} has no recorded start command: it cannot be cold-booted "
+                                    "from a filesystem-only checkpoint (rebuild its template)")
+        with self._awake(c):
+            if not memory:
+                # Dirty file data may still sit in the sandbox kernel's page cache; a memory image would keep
+                # it, a filesystem-only checkpoint must have it on disk.
+                await self.exec(sandbox_id, ["/bin/sync"], timeout=60)
+            self.table.move(c, S.CHECKPOINTING)
+            try:
+                await self._write_checkpoint(c, directory, memory)
+            finally:
+                if c.state is S.CHECKPOINTING:
+                    self.table.move(c, S.LIVE)
+        if leave_running:
+            self._resume_in_background(c)
+        else:
+            await self._teardown(c)
+        return self.open_snapshot(directory)
+
+    async def _write_checkpoint(self, c: Container, directory: Path, memory: bool) -> None:
+        # Built next to the target and renamed at the end: a failed checkpoint never looks complete.
+        staging = directory.with_name(f".{directory.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        stopped = False
+        try:
+            # Memory image and filesystem layer must describe the same instant: the sandbox stays stopped
+            # from before the image until the upper directory is copied.
+            began = time.perf_counter()
+            await self.runsc.pause(c.id)
+            stopped = True
+            paused = time.perf_counter()
+            if memory:
+                await self.runsc.checkpoint(c.id, staging / snapshots.IMAGE, c.log, leave_running=True)
+            imaged = time.perf_counter()
+            await _copy_tree(c.disk / "upper", staging / snapshots.LAYER)
+            log.debug("checkpoint of %s: runsc pause %.1f ms, image %.1f ms, layer copy %.1f ms", c.id,
+                      (paused - began) * 1000, (imaged - paused) * 1000, (time.perf_counter() - imaged) * 1000)
+            snapshots.write_meta(staging, template=c.template, lowers=c.lowers, platform=self.settings.platform,
+                                 memory=memory, command=c.command, cwd=c.cwd, resources=c.config.resources)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if directory.exists():
+                directory.rmdir()
+            staging.rename(directory)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if stopped:  # the source keeps running whatever went wrong, also when it was to be stopped
+                with contextlib.suppress(RunscError):
+                    await self.runsc.resume(c.id)
+            if not isinstance(exc, (RunscError, OSError, SandboxFailed)):
+                raise
+            if "no space left on device" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC:
+                raise InsufficientResources(f"no space left on {directory.parent} for a checkpoint of "
+                                            f"{c.id}; the sandbox is unchanged") from exc
+            raise SandboxFailed(f"checkpoint of {c.id} failed: {exc}") from exc
+
+    def _resume_in_background(self, c: Container) -> None:
+        """Resumes a checkpointed source while the caller goes on (a fork restores its clone meanwhile):
+        `runsc resume` is ~25 ms, mostly its command-line start. Operations on the sandbox wait for it
+        (_settle) and it is not frozen meanwhile; traffic that arrives first waits in its network queue."""
+        c.operations += 1  # now, not when the task first runs
+
+        async def resume() -> None:
+            try:
+                for attempt in (1, 2):
+                    try:
+                        await self.runsc.resume(c.id)
+                        return
+                    except RunscError as exc:
+                        if attempt == 2:
+                            c.resume_failure = str(exc)
+                            log.error("sandbox %s did not resume after its checkpoint: %s", c.id, exc)
+            finally:
+                c.operations -= 1
+                c.resuming = None
+
+        c.resuming = asyncio.get_running_loop().create_task(resume())
+
+    async def _settle(self, c: Container) -> None:
+        """Waits for a background resume of the sandbox; raises if it failed."""
+        if c.resuming is not None:
+            await asyncio.shield(c.resuming)
+        if (failure := c.resume_failure) is not None:
+            c.resume_failure = None
+            raise SandboxFailed(f"sandbox {c.id} did not resume after its checkpoint: {failure}")
+
+    # ---------------------------------------------------------------- running sandboxes
+
+    def list(self) -> list[Sandbox]:
+        return [c.public() for c in self.table.in_state(S.LIVE, S.CHECKPOINTING)]
+
+    def state(self, sandbox_id: str) -> ContainerState:
+        c = self.table.get(sandbox_id)
+        return c.state if c is not None else S.GONE
+
+    def address(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        return str(self.table.live(sandbox_id).slot.guest), port
+
+    async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
+        c = self.table.live(sandbox_id)
+        await self._settle(c)
+        uid, gid = _parse_user(user)
+        process = c.dir / f"exec-{secrets.token_hex(6)}.json"
+        process.write_text(json.dumps(oci.exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
+        try:
+            with self._awake(c):
+                code, out, err = await self.runsc.exec(c.id, process, timeout=timeout)
+        except TimeoutError:
+            raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
+        finally:
+            process.unlink(missing_ok=True)
+        return ExecResult(exit_code=code, stdout=out, stderr=err)
+
+    def _cgroup(self, sandbox_id: str) -> SandboxCgroup:
+        return SandboxCgroup(f"{self.cgroup_parent}/{sandbox_id}")
+
+    def _container_pids(self, sandbox_id: str) -> list[int]:
+        """The container's host processes (sentry, gofer, stubs): everything in its cgroup."""
+        return self._cgroup(sandbox_id).pids()
+
+    def raise_priority(self, sandbox_id: str) -> None:
+        self._cgroup(self.table.live(sandbox_id).id).set_cpu_weight(False)
+
+    def freeze(self, sandbox_id: str) -> bool:
+        c = self.table.live(sandbox_id)
+        if c.operations or c.state is not S.LIVE:
+            return False  # a checkpoint, exec or teardown is under way: it needs the sandbox running
+        return self._cgroup(c.id).freeze()
+
+    def thaw(self, sandbox_id: str) -> None:
+        cgroup = self._cgroup(self.table.live(sandbox_id).id)
+        if cgroup.is_frozen():
+            cgroup.thaw()
+
+    def is_frozen(self, sandbox_id: str) -> bool:
+        return self._cgroup(self.table.live(sandbox_id).id).is_frozen()  # the kernel knows; no copy kept
+
+    def host_cpu_seconds(self, sandbox_id: str) -> float | None:
+        return self._cgroup(self.table.live(sandbox_id).id).cpu_seconds()
+
+    def host_connections(self, sandbox_id: str) -> int | None:
+        return open_connections_to(str(self.table.live(sandbox_id).slot.guest))
+
+    @contextlib.contextmanager
+    def _awake(self, c: Container):
+        """Thaws the container and keeps it from being frozen while the block runs (runsc talks to it)."""
+        c.operations += 1
+        try:
+            cgroup = self._cgroup(c.id)
+            if cgroup.is_frozen():
+                cgroup.thaw()
+            yield
+        finally:
+            c.operations -= 1
+
+    async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
+        c = self.table.live(sandbox_id)
+        if c.config.internet == enabled:
+            return
+        await firewall.set_offline(self.settings.instance, c.slot.guest, not enabled)
+        c.config = replace(c.config, internet=enabled)
+        self._write_record(c)
+
+    async def stats(self, sandbox_id: str) -> Stats:
+        c = self.table.live(sandbox_id)
+        await self._settle(c)
+        used, total = usage(c.disk)
+        if self._cgroup(c.id).is_frozen():
+            # runsc would ask the frozen gVisor kernel; nothing in it moved since it was frozen.
+            last = c.last_stats or Stats(0.0, 0, 0, 0)
+            return Stats(cpu_seconds=last.cpu_seconds, memory_bytes=last.memory_bytes, disk_used_bytes=used,
+                         disk_total_bytes=total)
+        data = (await self.runsc.events_stats(c.id)).get("data", {})
+        cpu_ns = data.get("cpu", {}).get("usage", {}).get("total", 0)
+        memory = data.get("memory", {}).get("usage", {}).get("usage", 0)
+        c.last_stats = Stats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
+                             disk_total_bytes=total)
+        return c.last_stats
+
+    def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
+        c = self.table.get(sandbox_id)
+        if c is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
+        return log_tail(c.log, lines, sep="\n")
+
+
+def _still(c: Container, state: ContainerState) -> None:
+    """Raises when the container left `state` while we worked on it (it was torn down meanwhile)."""
+    if c.state is not state:
+        raise SandboxFailed(f"container {c.id} was torn down while {state.value}")
+
+
+async def _ignore_errors(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # teardown must go on; the next reconcile retries what is left
+        log.debug("teardown step failed: %s", exc)
+
+
+async def _copy_tree(src: Path, dst: Path) -> None:
+    """cp -a keeps ownership, modes, xattrs and overlayfs whiteouts, which shutil does not."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "-a", str(src), str(dst), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
+
+
+def _parse_user(user: str | None) -> tuple[int, int]:
+    """"uid[:gid]", or the names of the two users every template has."""
+    if user in (None, "", "root"):
+        return 0, 0
+    if user == "user":
+        return 1000, 1000
+    uid, _, gid = user.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise InvalidRequest(f"user must be 'root', 'user' or 'uid[:gid]', got {user!r}") from None
