@@ -51,11 +51,11 @@ def raw_baseline(cycles: int) -> tuple[list[float], list[float], int]:
     store = TemplateStore(Settings())
 
     async def run() -> tuple[list[float], list[float], int]:
-        runtime = GVisorRuntime(settings, resolve_template=store.resolve)
-        await runtime.start()
+        runtime = GVisorRuntime(settings)
+        await runtime.open()
         checkpoints, restores = [], []
         try:
-            source = await runtime.create("base", SandboxConfig())
+            (source,) = await runtime.restore(runtime.open_snapshot(store.resolve("base")), 1, SandboxConfig())
             size = 0
             for i in range(cycles):
                 start = time.perf_counter()
@@ -63,7 +63,7 @@ def raw_baseline(cycles: int) -> tuple[list[float], list[float], int]:
                 checkpoints.append(ms_since(start))
                 size = ckpt.size_bytes
                 start = time.perf_counter()
-                (clone,) = await runtime.restore(ckpt.path, 1, SandboxConfig())
+                (clone,) = await runtime.restore(ckpt, 1, SandboxConfig())
                 restores.append(ms_since(start))
                 await runtime.destroy(clone.id)
                 shutil.rmtree(ckpt.path)

@@ -118,12 +118,12 @@ def host_part(n: int) -> tuple[list[str], float]:
 
 
 def sandbox_part(n: int) -> list[str]:
-    from corral.cli.local import local_runtime
+    from corral.cli.local import local_runtime, start_template
     from corral.runtime.base import SandboxConfig
 
     async def run() -> list[str]:
-        async with local_runtime() as (runtime, _store):
-            sb = await runtime.create("base", SandboxConfig())
+        async with local_runtime() as (runtime, store):
+            sb = await start_template(runtime, store, "base", SandboxConfig())
             try:
                 url = f"http://{sb.address}:49983"
                 token = secrets.token_hex(16)

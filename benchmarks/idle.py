@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.envd import pct
 from benchmarks.report import targets_table, write_section
-from corral.runtime.cgroups import SandboxCgroup
+from corral.runtime.gvisor.cgroups import SandboxCgroup
 from tests.helpers.server import ServerProcess, host_resolver
 
 BENCH_ROOT = Path("/var/tmp/corral-bench-idle")

@@ -30,6 +30,7 @@ from benchmarks.report import write_section
 from corral.config import Settings
 from corral.runtime.base import Resources, SandboxConfig
 from corral.runtime.gvisor import GVisorRuntime
+from corral.runtime.gvisor.snapshots import GVisorSnapshot
 from corral.templates.store import TemplateStore
 
 ROOT = Path("/var/tmp/corral-bench")
@@ -82,35 +83,37 @@ async def timed(coro) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, result
 
 
-async def bench_restore(rt: GVisorRuntime, snapshot: Path, n: int) -> dict:
-    """Restore-to-running of the base snapshot: Corral (direct and pooled) vs raw `runsc restore`."""
-    meta = rt._read_checkpoint(snapshot)
+async def bench_restore(rt: GVisorRuntime, snapshot: GVisorSnapshot, n: int) -> dict:
+    """Restore-to-running of the base snapshot: Corral (direct, and into a prepared container) vs raw
+    `runsc restore` into the same kind of prepared container."""
     direct, raw, pooled = [], [], []
     for _ in range(n):
         ms, sb = await timed(rt.restore(snapshot, 1, SandboxConfig()))
         direct.append(ms)
         await rt.destroy(sb[0].id)
     for _ in range(n):
-        # Raw runsc: the same pre-created container and netns, only the `runsc restore` call is timed.
-        box = await rt._prepare("base", meta["layers"], SandboxConfig(), ["/bin/true"])
-        from corral.network.slots import configure_guest
-        await configure_guest(box.slot)
-        ms, _ = await timed(rt.runsc.restore(box.id, box.bundle, snapshot / "image", box.log))
+        # Raw runsc: the same prepared container and netns, only the `runsc restore` call is timed.
+        c = await _raw_container(rt, await rt.prepare(snapshot, Resources()))
+        ms, _ = await timed(rt.runsc.restore(c.id, c.bundle, snapshot.image, c.log))
         raw.append(ms)
-        await rt._teardown(box)
-    rt._pool_size = 1
+        await rt._teardown(c)
     for _ in range(n):
-        await rt._fill_pool(rt_pool_key(snapshot), meta)  # pool is full before each claim
-        ms, sb = await timed(rt.restore(snapshot, 1, SandboxConfig()))
+        prepared = await rt.prepare(snapshot, Resources())  # what the capacity manager keeps ready
+        ms, sb = await timed(rt.start(prepared, SandboxConfig()))
         pooled.append(ms)
-        await rt.destroy(sb[0].id)
+        await rt.destroy(sb.id)
     return {"direct": direct, "raw": raw, "pooled": pooled}
 
 
-def rt_pool_key(snapshot: Path):
-    from corral.runtime.base import Resources
-    from corral.runtime.gvisor import _PoolKey
-    return _PoolKey(snapshot, Resources())
+async def _raw_container(rt: GVisorRuntime, prepared):
+    """The prepared container behind a handle, thawed and with its address back in its netns, for runsc to
+    be driven by hand."""
+    from corral.network.slots import configure_guest
+
+    c = rt.table.get(prepared.id)
+    rt._cgroup(c.id).thaw()
+    await configure_guest(c.slot)
+    return c
 
 
 async def bench_cold(rt: GVisorRuntime, layers: list[Path], n: int) -> dict:
@@ -120,17 +123,15 @@ async def bench_cold(rt: GVisorRuntime, layers: list[Path], n: int) -> dict:
         corral.append(ms)
         await rt.destroy(sb.id)
     for _ in range(n):
-        box = await rt._prepare("base", layers, SandboxConfig(), ["/bin/sleep", "infinity"])
-        from corral.network.slots import configure_guest
-        await configure_guest(box.slot)
+        c = await _raw_container(rt, await rt.prepare_boot(layers, ["/bin/sleep", "infinity"], Resources()))
         start = time.perf_counter()
-        await rt.runsc.start(box.id, box.log)
+        await rt.runsc.start(c.id, c.log)
         raw.append((time.perf_counter() - start) * 1000)
-        await rt._teardown(box)
+        await rt._teardown(c)
     return {"corral": corral, "raw_start": raw}
 
 
-async def bench_throughput(rt: GVisorRuntime, snapshot: Path, count: int) -> tuple[float, float]:
+async def bench_throughput(rt: GVisorRuntime, snapshot: GVisorSnapshot, count: int) -> tuple[float, float]:
     """Sandboxes/s for `count` restores at once: Corral's, and raw `runsc create` + `runsc restore` for the
     same number of containers whose network namespace, disk and root filesystem were made beforehand."""
     start = time.perf_counter()
@@ -138,25 +139,30 @@ async def bench_throughput(rt: GVisorRuntime, snapshot: Path, count: int) -> tup
     corral = count / (time.perf_counter() - start)
     for sb in sandboxes:
         await rt.destroy(sb.id)
-    meta = rt._read_checkpoint(snapshot)
-    boxes = [await rt._prepare("base", meta["layers"], SandboxConfig(), ["/bin/true"], container=False)
-             for _ in range(count)]
-
-    async def raw_one(box) -> None:
-        await rt.runsc.create(box.id, box.bundle, box.log)
-        await rt.runsc.restore(box.id, box.bundle, snapshot / "image", box.log)
-
-    try:
-        start = time.perf_counter()
-        await asyncio.gather(*(raw_one(box) for box in boxes))
-        raw = count / (time.perf_counter() - start)
-    finally:
-        for box in boxes:
-            await rt._teardown(box)
+    raw = await raw_create_restore_rate(rt, snapshot, count)
     return corral, raw
 
 
-async def bench_checkpoint(rt: GVisorRuntime, snapshot: Path, n: int) -> dict:
+async def raw_create_restore_rate(rt: GVisorRuntime, snapshot: GVisorSnapshot, count: int) -> float:
+    """Raw `runsc create` + `runsc restore` of `count` containers at once (their netns, disk and root made
+    beforehand): the floor a create rate is compared with."""
+    boxes = [await rt._prepare(snapshot.template, snapshot.layers, SandboxConfig(), ["/bin/true"], "/",
+                               restores=snapshot, container=False) for _ in range(count)]
+
+    async def raw_one(c) -> None:
+        await rt.runsc.create(c.id, c.bundle, c.log)
+        await rt.runsc.restore(c.id, c.bundle, snapshot.image, c.log)
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(raw_one(c) for c in boxes))
+        return count / (time.perf_counter() - start)
+    finally:
+        for c in boxes:
+            await rt._teardown(c)
+
+
+async def bench_checkpoint(rt: GVisorRuntime, snapshot: GVisorSnapshot, n: int) -> dict:
     corral, raw, sizes = [], [], []
     for i in range(n):
         (sb,) = await rt.restore(snapshot, 1, SandboxConfig())
@@ -165,17 +171,18 @@ async def bench_checkpoint(rt: GVisorRuntime, snapshot: Path, n: int) -> dict:
         ms, ck = await timed(rt.checkpoint(sb.id, target, leave_running=True))
         corral.append(ms)
         sizes.append(ck.size_bytes / 2**20)
-        box = rt._box(sb.id)
+        c = rt.table.get(sb.id)
+        await rt._settle(c)
         raw_dir = ROOT / "ckpt" / f"raw{i}"
         shutil.rmtree(raw_dir, ignore_errors=True)
-        ms, _ = await timed(rt.runsc.checkpoint(box.id, raw_dir, box.log, leave_running=True))
+        ms, _ = await timed(rt.runsc.checkpoint(c.id, raw_dir, c.log, leave_running=True))
         raw.append(ms)
         await rt.destroy(sb.id)
     shutil.rmtree(ROOT / "ckpt", ignore_errors=True)
     return {"corral": corral, "raw": raw, "size_mb": sizes}
 
 
-async def bench_density(rt: GVisorRuntime, snapshot: Path | None, layers: list[Path], count: int,
+async def bench_density(rt: GVisorRuntime, snapshot: GVisorSnapshot | None, layers: list[Path], count: int,
                         idle_s: float) -> dict:
     """MemAvailable drop and idle CPU per sandbox with `count` idle sandboxes."""
     await asyncio.sleep(2)
@@ -196,35 +203,33 @@ async def bench_density(rt: GVisorRuntime, snapshot: Path | None, layers: list[P
             "cpu_pct_per_sandbox": (cpu1 - cpu0) / idle_s / count * 100}
 
 
-async def bench_prepared_memory(rt: GVisorRuntime, snapshot: Path, count: int) -> float:
+async def bench_prepared_memory(rt: GVisorRuntime, snapshot: GVisorSnapshot, count: int) -> float:
     """MemAvailable drop per pre-created, frozen container (what a template pool entry or a paused
     sandbox's prepared resume holds), over `count` of them."""
     await asyncio.sleep(2)
     before = mem_available_mb()
-    for _ in range(count):
-        await rt.prepare_restore(snapshot, Resources())
+    held = [await rt.prepare(snapshot, Resources()) for _ in range(count)]
     await asyncio.sleep(3)
     after = mem_available_mb()
-    await rt.release_prepared(snapshot)
+    for prepared in held:
+        await rt.discard(prepared)
     return (before - after) / count
 
 
 async def main(args) -> dict:
     settings = settings_for("b1", "10.210.0.0/22")
     store = TemplateStore(settings)
-    rt = GVisorRuntime(settings, resolve_template=store.resolve, pool_size=0)
-    await rt.start()
+    rt = GVisorRuntime(settings)
+    await rt.open()
     results: dict = {}
     try:
         await store.build("base", rt)
-        snapshot = store.resolve("base")
-        layers = rt._read_checkpoint(snapshot)["layers"][1:]
+        snapshot = rt.open_snapshot(store.resolve("base"))
+        layers = list(snapshot.lowers)
         with console.status("cold create"):
             results["cold"] = await bench_cold(rt, layers, args.cold)
         with console.status(f"restore x{args.restores}"):
             results["restore"] = await bench_restore(rt, snapshot, args.restores)
-        await rt.close()  # drop the pool: throughput and density measure direct restores
-        rt._pool_size = 0
         with console.status("throughput"):
             results["throughput"] = await bench_throughput(rt, snapshot, args.density)
         with console.status("checkpoint"):
@@ -236,7 +241,7 @@ async def main(args) -> dict:
     finally:
         await rt.destroy_all()
     ptrace = GVisorRuntime(settings_for("b2", "10.211.0.0/22", platform="ptrace"))
-    await ptrace.start()
+    await ptrace.open()
     try:
         with console.status(f"density x{args.density} (ptrace)"):
             results["density_ptrace"] = await bench_density(ptrace, None, layers, args.density, args.idle)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from corral.runtime.base import (
     Stats,
     TemplateNotFound,
 )
-from corral.runtime.gvisor import oci, recovery, snapshots
+from corral.runtime.gvisor import checkpointing, oci, recovery, snapshots
 from corral.runtime.gvisor.cgroups import SandboxCgroup
 from corral.runtime.gvisor.containers import Container, ContainerTable
 from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, kill_and_reap, meminfo_mb
@@ -340,88 +339,8 @@ class GVisorRuntime(Runtime):
 
     async def checkpoint(self, sandbox_id: str, directory: Path, *, leave_running: bool = True,
                          memory: bool = True) -> GVisorSnapshot:
-        c = self.table.live(sandbox_id)
-        await self._settle(c)
-        if directory.exists() and any(directory.iterdir()):
-            raise CheckpointInvalid(f"checkpoint directory {directory} is not empty")
-        if not memory and not c.command:
-            raise CheckpointInvalid(f"sandbox {sandbox_id} has no recorded start command: it cannot be cold-booted "
-                                    "from a filesystem-only checkpoint (rebuild its template)")
-        with self._awake(c):
-            if not memory:
-                # Dirty file data may still sit in the sandbox kernel's page cache; a memory image would keep
-                # it, a filesystem-only checkpoint must have it on disk.
-                await self.exec(sandbox_id, ["/bin/sync"], timeout=60)
-            self.table.move(c, S.CHECKPOINTING)
-            try:
-                await self._write_checkpoint(c, directory, memory)
-            finally:
-                if c.state is S.CHECKPOINTING:
-                    self.table.move(c, S.LIVE)
-        if leave_running:
-            self._resume_in_background(c)
-        else:
-            await self._teardown(c)
-        return self.open_snapshot(directory)
-
-    async def _write_checkpoint(self, c: Container, directory: Path, memory: bool) -> None:
-        # Built next to the target and renamed at the end: a failed checkpoint never looks complete.
-        staging = directory.with_name(f".{directory.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        stopped = False
-        try:
-            # Memory image and filesystem layer must describe the same instant: the sandbox stays stopped
-            # from before the image until the upper directory is copied.
-            began = time.perf_counter()
-            await self.runsc.pause(c.id)
-            stopped = True
-            paused = time.perf_counter()
-            if memory:
-                await self.runsc.checkpoint(c.id, staging / snapshots.IMAGE, c.log, leave_running=True)
-            imaged = time.perf_counter()
-            await _copy_tree(c.disk / "upper", staging / snapshots.LAYER)
-            log.debug("checkpoint of %s: runsc pause %.1f ms, image %.1f ms, layer copy %.1f ms", c.id,
-                      (paused - began) * 1000, (imaged - paused) * 1000, (time.perf_counter() - imaged) * 1000)
-            snapshots.write_meta(staging, template=c.template, lowers=c.lowers, platform=self.settings.platform,
-                                 memory=memory, command=c.command, cwd=c.cwd, resources=c.config.resources)
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            if directory.exists():
-                directory.rmdir()
-            staging.rename(directory)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            if stopped:  # the source keeps running whatever went wrong, also when it was to be stopped
-                with contextlib.suppress(RunscError):
-                    await self.runsc.resume(c.id)
-            if not isinstance(exc, (RunscError, OSError, SandboxFailed)):
-                raise
-            if "no space left on device" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC:
-                raise InsufficientResources(f"no space left on {directory.parent} for a checkpoint of "
-                                            f"{c.id}; the sandbox is unchanged") from exc
-            raise SandboxFailed(f"checkpoint of {c.id} failed: {exc}") from exc
-
-    def _resume_in_background(self, c: Container) -> None:
-        """Resumes a checkpointed source while the caller goes on (a fork restores its clone meanwhile):
-        `runsc resume` is ~25 ms, mostly its command-line start. Operations on the sandbox wait for it
-        (_settle) and it is not frozen meanwhile; traffic that arrives first waits in its network queue."""
-        c.operations += 1  # now, not when the task first runs
-
-        async def resume() -> None:
-            try:
-                for attempt in (1, 2):
-                    try:
-                        await self.runsc.resume(c.id)
-                        return
-                    except RunscError as exc:
-                        if attempt == 2:
-                            c.resume_failure = str(exc)
-                            log.error("sandbox %s did not resume after its checkpoint: %s", c.id, exc)
-            finally:
-                c.operations -= 1
-                c.resuming = None
-
-        c.resuming = asyncio.get_running_loop().create_task(resume())
+        return await checkpointing.checkpoint(self, self.table.live(sandbox_id), directory,
+                                              leave_running=leave_running, memory=memory)
 
     async def _settle(self, c: Container) -> None:
         """Waits for a background resume of the sandbox; raises if it failed."""
@@ -543,16 +462,6 @@ async def _ignore_errors(awaitable) -> None:
         await awaitable
     except Exception as exc:  # teardown must go on; the next reconcile retries what is left
         log.debug("teardown step failed: %s", exc)
-
-
-async def _copy_tree(src: Path, dst: Path) -> None:
-    """cp -a keeps ownership, modes, xattrs and overlayfs whiteouts, which shutil does not."""
-    proc = await asyncio.create_subprocess_exec(
-        "cp", "-a", str(src), str(dst), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise OSError(f"copying {src} failed: {err.decode(errors='replace').strip()}")
 
 
 def _parse_user(user: str | None) -> tuple[int, int]:
