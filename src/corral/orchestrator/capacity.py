@@ -37,6 +37,7 @@ from corral.runtime.base import (
     RuntimeError_,
     Sandbox,
     SandboxConfig,
+    SandboxFailed,
     Snapshot,
     TemplateNotFound,
 )
@@ -91,6 +92,7 @@ class Capacity:
         self._quiet.set()
         self._last_claim = 0.0
         self._wake = asyncio.Event()
+        self._retry: asyncio.TimerHandle | None = None  # wakes the scheduler when failed refills are due
         self._scheduler: asyncio.Task | None = None
         self._closed = False
 
@@ -102,6 +104,8 @@ class Capacity:
 
     async def close(self) -> None:
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         for hold in self._holds.values():
             hold.done.set()
         tasks = [t for t in (self._scheduler, *self._tasks) if t is not None]
@@ -157,12 +161,23 @@ class Capacity:
     def claim_ready(self, template: str) -> Sandbox | None:
         """A ready sandbox, or None. A claimed sandbox belongs to the caller alone."""
         queue = self._ready.get(template)
-        sandbox = queue.popleft() if queue else None
-        if sandbox is not None:
-            self._runtime.thaw(sandbox.id)
-            self._runtime.raise_priority(sandbox.id)
+        while queue:
+            sandbox = queue.popleft()
+            try:
+                self._runtime.thaw(sandbox.id)
+                self._runtime.raise_priority(sandbox.id)
+            except (RuntimeError_, OSError) as exc:  # it died while it waited (e.g. destroyed from outside)
+                log.warning("ready sandbox %s of %s is gone (%s); skipping it", sandbox.id, template, exc)
+                self.spawn(self._destroy_quietly(sandbox.id))
+                self._wake.set()
+                continue
             self._claimed()
-        return sandbox
+            return sandbox
+        return None
+
+    async def _destroy_quietly(self, sandbox_id: str) -> None:
+        with contextlib.suppress(RuntimeError_):
+            await self._runtime.destroy(sandbox_id)
 
     def _claimed(self) -> None:
         self._last_claim = time.monotonic()
@@ -173,18 +188,41 @@ class Capacity:
         """A sandbox started from `snapshot` for a user: in a container prepared for it (or one it can be
         adapted to), else in a new one. `stock` keeps containers prepared for later starts of this
         snapshot (worth it for templates, not for one-off snapshots)."""
+        memory = memory and snapshot.has_memory  # a filesystem-only snapshot can only be cold-booted
         with self.user_work():
-            prepared = await self._take_prepared(snapshot, config.resources) if memory else None
-            async with self._budget:
-                if prepared is None:
-                    self._runtime.check_capacity(config.resources, snapshot if memory else None)
-                    prepared = await self._runtime.prepare(snapshot, config.resources, cold=not memory)
-                sandbox = await self._runtime.start(prepared, config, snapshot if memory else None)
+            taken = await self._take_prepared(snapshot, config.resources) if memory else None
+            sandbox = await self._start(snapshot, config, taken, memory=memory)
         if stock and memory and snapshot.has_memory and config.resources == Resources():
             if snapshot not in self._stocked:
                 self._stocked.add(snapshot)
             self._wake.set()
         return sandbox
+
+    async def _start(self, snapshot: Snapshot, config: SandboxConfig, taken: Prepared | None, *,
+                     memory: bool = True) -> Sandbox:
+        """Starts `taken` (a container from stock) or, when there is none or it fails to start, a new one;
+        under the budget. `taken` is discarded if this is cancelled before it starts."""
+        try:
+            async with self._budget:
+                if taken is not None:
+                    prepared, taken = taken, None  # start() owns it now: it tears it down if it fails
+                    try:
+                        return await self._runtime.start(prepared, config, snapshot)
+                    except SandboxFailed as exc:
+                        # Made ahead, it can have died meanwhile (its host state removed from outside): the
+                        # start then takes the ordinary way, once.
+                        log.warning("container %s prepared for %s did not start (%s); starting a new one",
+                                    prepared.id, snapshot.path.name, exc)
+                self._runtime.check_capacity(config.resources, snapshot if memory else None)
+                prepared = await self._runtime.prepare(snapshot, config.resources, cold=not memory)
+                return await self._runtime.start(prepared, config, snapshot if memory else None)
+        finally:
+            if taken is not None:  # cancelled while it waited for the budget
+                await self._runtime.discard(taken)
+
+    def prepared_ids(self) -> set[str]:
+        """Ids of the prepared containers in stock (for every kind of stock)."""
+        return {p.id for handles in self._prepared.values() for p in handles}
 
     async def _take_prepared(self, snapshot: Snapshot, resources: Resources, *,
                              claim: bool = True) -> Prepared | None:
@@ -282,7 +320,11 @@ class Capacity:
 
         async def one() -> None:
             async with gate:
-                handles.append(await self._runtime.prepare(base, Resources()))
+                prepared = await self._runtime.prepare(base, Resources())
+            if self._closed or base not in self._stocked:  # released meanwhile (template rebuilt, closing)
+                await self._runtime.discard(prepared)
+            else:
+                self._prepared.setdefault(base, []).append(prepared)
 
         # Only as many as can be made while the checkpoint is taken (~150 ms, two at a time): more would
         # hold up the restores that wait for this, and be left over if they fail.
@@ -339,11 +381,9 @@ class Capacity:
                 except Exception as exc:
                     log.warning("refilling %s %s failed: %s", kind, target, exc)
                     self._failed_at[target] = time.monotonic()
-                    self.spawn(self._wake_after(RETRY_DELAY_S))
-
-    async def _wake_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._wake.set()
+                    if self._retry is not None:
+                        self._retry.cancel()
+                    self._retry = asyncio.get_running_loop().call_later(RETRY_DELAY_S, self._wake.set)
 
     async def _make_prepared(self, snapshot: Snapshot) -> None:
         async with self._budget:
@@ -355,11 +395,8 @@ class Capacity:
 
     async def _make_ready(self, template: str) -> None:
         snapshot = self._template_snapshot(template)
-        prepared = await self._take_prepared(snapshot, Resources(), claim=False)
-        async with self._budget:
-            if prepared is None:
-                prepared = await self._runtime.prepare(snapshot, Resources())
-            sandbox = await self._runtime.start(prepared, SandboxConfig(low_priority=True))
+        taken = await self._take_prepared(snapshot, Resources(), claim=False)
+        sandbox = await self._start(snapshot, SandboxConfig(low_priority=True), taken, memory=snapshot.has_memory)
         self._stocked.add(snapshot)
         try:
             await self._envd.wait_ready(sandbox.address)

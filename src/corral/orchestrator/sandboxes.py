@@ -44,10 +44,10 @@ class Orchestrator:
                  pool_templates: tuple[str, ...] = (), prepared_size: int = 0,
                  warm_ups: dict[str, tuple[int, str]] | None = None, idle_after_s: float = 0.0,
                  idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
-                 resume_warm_max: int = 16, budget: int | None = None) -> None:
+                 resume_warm_max: int = 16, budget: int | None = None, envd: EnvdLink | None = None) -> None:
         self.runtime = runtime
         self._resolve_template = resolve_template
-        self.envd = EnvdLink()
+        self.envd = envd or EnvdLink()  # tests pass a stand-in (corral.runtime.fake.FakeEnvd)
         self.registry = Registry()
         self._templates: dict[str, Snapshot] = {}  # the snapshot each template started from last
         self.capacity = Capacity(runtime, self.envd, self.template_snapshot, ready_templates=pool_templates,

@@ -227,7 +227,7 @@ class Runtime(abc.ABC):
         built. Sandboxes for users start from snapshots."""
 
     @abc.abstractmethod
-    def can_start(self, prepared: Prepared, snapshot: Snapshot) -> bool:
+    async def can_start(self, prepared: Prepared, snapshot: Snapshot) -> bool:
         """Whether `start(prepared, config, snapshot)` works: `snapshot` is the one `prepared` was made for,
         or one the backend can adapt it to cheaply (e.g. a small snapshot of a sandbox of that template)."""
 

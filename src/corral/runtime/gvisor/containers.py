@@ -1,16 +1,10 @@
-"""The gVisor backend's one table of containers, each with an explicit state.
-
-A container is born PREPARING, and `ContainerTable.move` is the only way its state changes, checked
-against the transitions below, so any code (teardown above all) can tell what it holds. Teardown moves a
-container to TEARING_DOWN exactly once; whoever does that frees its resources, everyone else waits for
-`gone`.
-"""
+"""What the gVisor backend holds for each container; the table and its state transitions are shared by
+every backend (corral.runtime.containers)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,25 +14,12 @@ from corral.runtime.base import (
     Resources,
     Sandbox,
     SandboxConfig,
-    SandboxNotFound,
     Snapshot,
     Stats,
 )
+from corral.runtime.containers import ALLOWED, ContainerTable, IllegalTransition
 
-S = ContainerState
-ALLOWED: dict[ContainerState, frozenset[ContainerState]] = {
-    S.PREPARING: frozenset({S.PREPARED, S.TEARING_DOWN}),
-    S.PREPARED: frozenset({S.STARTING, S.TEARING_DOWN}),
-    S.STARTING: frozenset({S.LIVE, S.TEARING_DOWN}),
-    S.LIVE: frozenset({S.CHECKPOINTING, S.TEARING_DOWN}),
-    S.CHECKPOINTING: frozenset({S.LIVE, S.TEARING_DOWN}),
-    S.TEARING_DOWN: frozenset({S.GONE}),
-    S.GONE: frozenset(),
-}
-
-
-class IllegalTransition(Exception):
-    """A container was asked to change state in a way its life does not allow (a bug, or a race lost)."""
+__all__ = ["ALLOWED", "Container", "ContainerTable", "IllegalTransition", "config_from_record"]
 
 
 @dataclass(eq=False)
@@ -104,41 +85,3 @@ class Container:
 def config_from_record(data: dict) -> SandboxConfig:
     return SandboxConfig(resources=Resources(**data["resources"]), env=data["env"], labels=data["labels"],
                          internet=data["internet"], hostname=data.get("hostname"))
-
-
-class ContainerTable:
-    def __init__(self) -> None:
-        self._containers: dict[str, Container] = {}
-
-    def add(self, container: Container) -> Container:
-        if container.id in self._containers:
-            raise IllegalTransition(f"container {container.id} exists already")
-        self._containers[container.id] = container
-        return container
-
-    def move(self, container: Container, to: ContainerState) -> None:
-        if to not in ALLOWED[container.state]:
-            raise IllegalTransition(f"container {container.id}: {container.state.value} -> {to.value}")
-        container.state = to
-        if to is ContainerState.GONE:
-            self._containers.pop(container.id, None)
-            container.gone.set()
-
-    def get(self, container_id: str) -> Container | None:
-        return self._containers.get(container_id)
-
-    def live(self, sandbox_id: str) -> Container:
-        """The sandbox `sandbox_id` (live, or being checkpointed); SandboxNotFound otherwise."""
-        container = self._containers.get(sandbox_id)
-        if container is None or container.state not in (ContainerState.LIVE, ContainerState.CHECKPOINTING):
-            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
-        return container
-
-    def in_state(self, *states: ContainerState) -> list[Container]:
-        return [c for c in self._containers.values() if c.state in states]
-
-    def __iter__(self) -> Iterator[Container]:
-        return iter(list(self._containers.values()))
-
-    def __len__(self) -> int:
-        return len(self._containers)
