@@ -140,8 +140,8 @@ class TemplateStore:
                               log, progress)
                 if recipe.packages:
                     progress.step("packages", f"{len(recipe.packages)} Debian packages")
-                    await _stream(["chroot", str(partial), "apt-get", "install", "-y", "-q",
-                                   "--no-install-recommends", *recipe.packages], log, progress,
+                    await _stream(_chroot_with_proc(partial, "apt-get", "install", "-y", "-q",
+                                                    "--no-install-recommends", *recipe.packages), log, progress,
                                   env={"DEBIAN_FRONTEND": "noninteractive"})
                 if recipe.pip:
                     progress.step("pip", f"{len(recipe.pip)} Python packages")
@@ -212,6 +212,14 @@ class TemplateStore:
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / "templates" / name, ignore_errors=True)
+
+
+def _chroot_with_proc(root: Path, *argv: str) -> list[str]:
+    """`chroot root argv` with /proc mounted inside, as some packages' install scripts need (OpenJDK's
+    refuses to configure without it). The mount lives in a private mount namespace of this one command, so it
+    is gone when the command ends, however it ends, and never shows on the host."""
+    return ["unshare", "--mount", "--propagation", "private", "--fork", "/bin/sh", "-ec",
+            'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(root), *argv]
 
 
 def _point_current(tdir: Path, key: str) -> None:
