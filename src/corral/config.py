@@ -77,6 +77,8 @@ class PlatformSettings:
     resume_warm_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_RESUME_WARM_S", "600")))
     # How many paused sandboxes are held ready at most; a new pause releases the oldest beyond that.
     resume_warm_max: int = field(default_factory=lambda: _env_int("CORRAL_RESUME_WARM_MAX", 16))
+    # Starts (restores and cold boots) that run at once, users' and refills' together; 0: max(2, cores).
+    restore_budget: int = field(default_factory=lambda: _env_int("CORRAL_RESTORE_BUDGET", 0))
     default_timeout_s: int = 300
     # 0 means no maximum: sandboxes may live as long as their owner keeps extending them.
     max_timeout_s: int = field(default_factory=lambda: _env_int("CORRAL_MAX_TIMEOUT_S", 0))

@@ -14,12 +14,14 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
-from corral.runtime.base import InstanceBusy
+from corral.runtime.base import InstanceBusy, InsufficientResources, Resources
+from corral.storage.disk import tree_size
 
 DEFAULT_LOCK_DIR = Path("/run/lock/corral")
 
@@ -173,6 +175,33 @@ async def kill_and_reap(pids: list[int], timeout: float = 5.0) -> None:
                 pending.discard(pid)
         if pending:
             await asyncio.sleep(0.005)
+
+
+def check_host_capacity(resources: Resources, sandboxes_dir: Path, memory_reserve_mb: int, image: Path | None,
+                        count: int) -> None:
+    """Refuses (InsufficientResources, InvalidRequest) what does not fit on this host: more vCPUs or memory
+    than it has, a disk larger than the free space, or `count` restores of a memory `image` that would
+    leave less than `memory_reserve_mb` available (every clone loads the whole image privately,
+    gvisor-notes §3: refused up front instead of letting the host's OOM killer pick a victim)."""
+    resources.validate()
+    cpus = os.cpu_count() or 1
+    if resources.vcpus > cpus:
+        raise InsufficientResources(f"{resources.vcpus} vCPUs requested but this host has {cpus}")
+    total_mb = meminfo_mb("MemTotal")
+    if resources.memory_mb > total_mb:
+        raise InsufficientResources(f"{resources.memory_mb} MB of memory requested but this host has {total_mb} MB")
+    sandboxes_dir.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(sandboxes_dir).free // (1024 * 1024)
+    if resources.disk_mb > free_mb:
+        raise InsufficientResources(f"a {resources.disk_mb} MB disk requested but only {free_mb} MB are free "
+                                    f"for sandboxes")
+    if image is not None:
+        needed_mb = count * tree_size(image) // (1024 * 1024)
+        available_mb = meminfo_mb("MemAvailable") - memory_reserve_mb
+        if needed_mb > available_mb:
+            raise InsufficientResources(
+                f"restoring {count} sandbox(es) needs about {needed_mb} MB of memory but only "
+                f"{max(0, available_mb)} MB are available (after keeping {memory_reserve_mb} MB for the host)")
 
 
 def meminfo_mb(key: str) -> int:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from corral.envd.memory import host_memory_limit_mb
-from corral.runtime.base import Resources
+from corral.runtime.base import InvalidRequest, Resources
 
 # gVisor implements these inside its own kernel; granting them does not widen the host boundary.
 _CAPABILITIES = [
@@ -101,3 +101,16 @@ def write_bundle(bundle: Path, spec: dict) -> None:
     tmp = bundle / "config.json.tmp"
     tmp.write_text(json.dumps(spec, indent=1))
     tmp.rename(bundle / "config.json")
+
+
+def parse_user(user: str | None) -> tuple[int, int]:
+    """"uid[:gid]", or the names of the two users every template has."""
+    if user in (None, "", "root"):
+        return 0, 0
+    if user == "user":
+        return 1000, 1000
+    uid, _, gid = user.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise InvalidRequest(f"user must be 'root', 'user' or 'uid[:gid]', got {user!r}") from None

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import string
@@ -37,8 +36,6 @@ from corral.runtime.base import (
     CheckpointInvalid,
     ContainerState,
     ExecResult,
-    InsufficientResources,
-    InvalidRequest,
     Prepared,
     Resources,
     Runtime,
@@ -53,10 +50,10 @@ from corral.runtime.base import (
 from corral.runtime.gvisor import checkpointing, oci, recovery, snapshots
 from corral.runtime.gvisor.cgroups import SandboxCgroup
 from corral.runtime.gvisor.containers import Container, ContainerTable
-from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, kill_and_reap, meminfo_mb
+from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, check_host_capacity, kill_and_reap
 from corral.runtime.gvisor.runsc import Runsc, RunscError, log_tail
 from corral.runtime.gvisor.snapshots import GVisorSnapshot
-from corral.storage.disk import DiskError, create_disk, mount_overlay, tree_size, unmount, usage
+from corral.storage.disk import DiskError, create_disk, mount_overlay, unmount, usage
 from corral.storage.layers import LayerNotApplicable, LayerSize, apply_layer, layer_size
 
 log = logging.getLogger(__name__)
@@ -140,29 +137,8 @@ class GVisorRuntime(Runtime):
         return frozenset(snapshots.owner_of(layer) for c in self.table for layer in c.lowers)
 
     def check_capacity(self, resources: Resources, snapshot: Snapshot | None = None, count: int = 1) -> None:
-        resources.validate()
-        cpus = os.cpu_count() or 1
-        if resources.vcpus > cpus:
-            raise InsufficientResources(f"{resources.vcpus} vCPUs requested but this host has {cpus}")
-        total_mb = meminfo_mb("MemTotal")
-        if resources.memory_mb > total_mb:
-            raise InsufficientResources(f"{resources.memory_mb} MB of memory requested but this host has "
-                                        f"{total_mb} MB")
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        free_mb = shutil.disk_usage(self.sandboxes_dir).free // (1024 * 1024)
-        if resources.disk_mb > free_mb:
-            raise InsufficientResources(f"a {resources.disk_mb} MB disk requested but only {free_mb} MB are "
-                                        f"free in {self.sandboxes_dir}")
-        if isinstance(snapshot, GVisorSnapshot) and snapshot.has_memory:
-            # Every restored clone loads the whole image into its own memory (gvisor-notes §3): refuse up
-            # front instead of letting the host's OOM killer pick a victim halfway through.
-            needed_mb = count * tree_size(snapshot.image) // (1024 * 1024)
-            available_mb = meminfo_mb("MemAvailable") - self.settings.memory_reserve_mb
-            if needed_mb > available_mb:
-                raise InsufficientResources(
-                    f"restoring {count} sandbox(es) needs about {needed_mb} MB of memory but only "
-                    f"{max(0, available_mb)} MB are available (after keeping {self.settings.memory_reserve_mb} "
-                    f"MB for the host)")
+        image = snapshot.image if isinstance(snapshot, GVisorSnapshot) and snapshot.has_memory else None
+        check_host_capacity(resources, self.sandboxes_dir, self.settings.memory_reserve_mb, image, count)
 
     # ---------------------------------------------------------------- containers
 
@@ -366,7 +342,7 @@ class GVisorRuntime(Runtime):
                    cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
         c = self.table.live(sandbox_id)
         await self._settle(c)
-        uid, gid = _parse_user(user)
+        uid, gid = oci.parse_user(user)
         process = c.dir / f"exec-{secrets.token_hex(6)}.json"
         process.write_text(json.dumps(oci.exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
         try:
@@ -462,16 +438,3 @@ async def _ignore_errors(awaitable) -> None:
         await awaitable
     except Exception as exc:  # teardown must go on; the next reconcile retries what is left
         log.debug("teardown step failed: %s", exc)
-
-
-def _parse_user(user: str | None) -> tuple[int, int]:
-    """"uid[:gid]", or the names of the two users every template has."""
-    if user in (None, "", "root"):
-        return 0, 0
-    if user == "user":
-        return 1000, 1000
-    uid, _, gid = user.partition(":")
-    try:
-        return int(uid), int(gid or uid)
-    except ValueError:
-        raise InvalidRequest(f"user must be 'root', 'user' or 'uid[:gid]', got {user!r}") from None
