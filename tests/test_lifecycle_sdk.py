@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import httpx
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
-from e2b import Sandbox, SandboxNotRunningException
+from e2b import Sandbox, SandboxNotRunningException, SandboxQuery
 from e2b_code_interpreter import Sandbox as CodeSandbox
 from e2b_code_interpreter import TimeoutException
 
@@ -116,3 +118,44 @@ def test_js_sdk_command_and_run_code_when_their_sandbox_is_killed(server, opts, 
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
         "ok command killed", "ok runCode killed"]
+
+
+@pytest.fixture
+def local_time_zone(monkeypatch):
+    """A local time zone other than UTC: the SDK sends `started_after` in local time with its offset."""
+    monkeypatch.setenv("TZ", "IST-05:30")  # POSIX form of UTC+05:30: needs no zoneinfo files
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_list_started_after_is_inclusive_of_a_start_time_read_back_from_the_api(opts, local_time_zone):
+    tag = str(time.time())
+    made = [Sandbox.create(TEMPLATE, metadata={"batch": tag}, timeout=120, **opts) for _ in range(3)]
+    try:
+        started = [sbx.get_info().started_at for sbx in made]
+        for i, started_at in enumerate(started):
+            query = SandboxQuery(metadata={"batch": tag}, started_after=started_at)
+            listed = Sandbox.list(query=query, order="asc", **opts).next_items()
+            assert [s.sandbox_id for s in listed] == [sbx.sandbox_id for sbx in made[i:]]
+        later = SandboxQuery(metadata={"batch": tag}, started_after=started[-1] + dt.timedelta(seconds=1))
+        assert Sandbox.list(query=later, **opts).next_items() == []
+    finally:
+        for sbx in made:
+            sbx.kill()
+
+
+def test_list_started_after_without_a_utc_offset_is_400(server, opts):
+    answer = httpx.get(f"{server.url}/v2/sandboxes", params={"startedAfter": "2026-01-02T15:04:05"},
+                       headers={"X-API-KEY": opts["api_key"]})
+    assert answer.status_code == 400
+    assert answer.json() == {"code": 400, "message": "startedAfter must carry a UTC offset ('Z' or e.g. "
+                                                     "'+02:00'), got '2026-01-02T15:04:05'"}
+
+
+def test_list_malformed_metadata_is_400(server, opts):
+    answer = httpx.get(f"{server.url}/v2/sandboxes", params={"metadata": "owner"},
+                       headers={"X-API-KEY": opts["api_key"]})
+    assert answer.status_code == 400
+    assert answer.json()["message"].startswith("metadata must be key=value pairs joined by '&'")

@@ -179,10 +179,24 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
         return [_listed(r) for r in rows[offset:end]]
 
     @app.get("/v2/sandboxes", response_model=list[schemas.ListedSandbox], responses=ERRORS, tags=["sandboxes"])
-    async def list_v2(key: Key, response: Response, metadata: str | None = None, state: str | None = None,
-                      order: str | None = None, startedAfter: str | None = None, template: str | None = None,
-                      limit: Annotated[int | None, Query(ge=1, le=100)] = None,
-                      nextToken: str | None = None) -> list[dict]:
+    async def list_v2(
+            key: Key, response: Response,
+            metadata: Annotated[str | None, Query(description=(
+                "Sandboxes whose metadata holds all these pairs, sent as the SDKs do: "
+                "`urlencode({quote(key): quote(value)})` as one value."))] = None,
+            state: Annotated[str | None, Query(description="Comma-separated `running`, `paused`; both when "
+                                                           "omitted.")] = None,
+            order: Annotated[str | None, Query(description="`asc` or `desc` (the default) by start time, over "
+                                                           "the whole result before paging.")] = None,
+            startedAfter: Annotated[str | None, Query(description=(
+                "Sandboxes started at or after this RFC 3339 time, which must carry a UTC offset (`Z`, "
+                "`+02:00`); a `startedAt` read back from the API includes its own sandbox."))] = None,
+            template: Annotated[str | None, Query(description="Template ID or name; an unknown one lists "
+                                                              "nothing.")] = None,
+            limit: Annotated[int | None, Query(ge=1, le=100, description="Page size; the whole result when "
+                                                                         "omitted.")] = None,
+            nextToken: Annotated[str | None, Query(description="The previous page's `X-Next-Token`.")] = None,
+    ) -> list[dict]:
         return await _list(key, metadata, state, order, startedAfter, template, limit, nextToken, response)
 
     @app.get("/sandboxes", response_model=list[schemas.ListedSandbox], responses=ERRORS,
