@@ -13,8 +13,9 @@ from urllib.parse import parse_qsl
 from corral.config import PlatformSettings, Settings
 from corral.control.api import create_api
 from corral.control.db import open_database
+from corral.control.errors import HostPaths
 from corral.control.keys import ApiKeys
-from corral.control.lifecycle import SandboxService
+from corral.control.plane import ControlPlane
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
@@ -47,12 +48,13 @@ class CorralServer:
                                          idle_fresh_s=platform.idle_fresh_s,
                                          breathe_every_s=platform.idle_breathe_every_s,
                                          resume_warm_s=platform.resume_warm_s,
-                                         resume_warm_max=platform.resume_warm_max)
-        self.service = SandboxService(sessions, self.orchestrator, platform,
-                                      checkpoint_dir=settings.data_dir / "checkpoints")
-        self.service.branching.is_template = lambda name: name in store.recipes or any(
-            t.name == name for t in store.list())
-        self.api = create_api(self.service, self.keys)
+                                         resume_warm_max=platform.resume_warm_max,
+                                         budget=platform.restore_budget or None)
+        self.control = ControlPlane(sessions, self.orchestrator, platform,
+                                    checkpoint_dir=settings.data_dir / "checkpoints",
+                                    is_template=lambda name: name in store.recipes or any(
+                                        t.name == name for t in store.list()))
+        self.api = create_api(self.control, self.keys, HostPaths.of(settings))
         self.proxy = SandboxProxy(self._address)
         self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
@@ -60,7 +62,7 @@ class CorralServer:
     async def _address(self, sandbox_id: str) -> str | None:
         """Where the proxy sends a sandbox's traffic; a paused sandbox with autoResume is resumed first."""
         address = await self.orchestrator.reachable_address(sandbox_id)
-        if address is None and await self.service.branching.auto_resume(sandbox_id):
+        if address is None and await self.control.branching.auto_resume(sandbox_id):
             address = await self.orchestrator.reachable_address(sandbox_id)
         return address
 
@@ -90,9 +92,9 @@ class CorralServer:
     def _signed_file_route(self, scope) -> tuple[str, int] | None:
         query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
         operation = "write" if scope["method"] == "POST" else "read"
-        sandbox_id = self.service.sandbox_for_signature(query.get("path", ""), operation, query.get("username", ""),
-                                                        query.get("signature", ""),
-                                                        query.get("signature_expiration"))
+        sandbox_id = self.control.sandboxes.sandbox_for_signature(
+            query.get("path", ""), operation, query.get("username", ""), query.get("signature", ""),
+            query.get("signature_expiration"))
         return (sandbox_id, ENVD_PORT) if sandbox_id else None
 
     async def _lifespan(self, receive, send) -> None:
@@ -100,7 +102,7 @@ class CorralServer:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.service.start()
+                    await self.control.start()
                 except Exception as e:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
@@ -109,6 +111,6 @@ class CorralServer:
             elif message["type"] == "lifespan.shutdown":
                 with contextlib.suppress(Exception):
                     await self.proxy.close()
-                await self.service.close()
+                await self.control.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

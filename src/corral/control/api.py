@@ -4,6 +4,7 @@ parse nothing else."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
 
@@ -25,11 +26,15 @@ from corral.control.api_common import (
     sandbox_answer,
 )
 from corral.control.db import SandboxRow
+from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
-from corral.control.lifecycle import ApiError, ListQuery, SandboxService
+from corral.control.plane import ControlPlane
+from corral.control.sandboxes import ListQuery
 from corral.envd import ENVD_VERSION
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.runtime.base import RuntimeError_
+
+log = logging.getLogger("corral.api")
 
 
 def _listed(row: SandboxRow) -> dict:
@@ -75,22 +80,21 @@ def _parse_time(raw: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
-def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
+def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = None) -> FastAPI:
+    """`paths`: the server's directories, described instead of named in error messages."""
     app = FastAPI(title="Corral API", version=__version__,
                   description="E2B-compatible sandbox API served by Corral. Authenticate with `X-API-KEY`.")
     app.state.keys = keys
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"code": exc.status, "message": exc.message}, status_code=exc.status)
+    async def error_answer(request: Request, exc: Exception) -> JSONResponse:
+        status, message = to_http(exc, paths)
+        if status >= 500 and not isinstance(exc, ApiError):
+            log.warning("%s %s: %s", request.method, request.url.path, exc)  # with the paths the client is not shown
+        return JSONResponse({"code": status, "message": message}, status_code=status)
 
-    @app.exception_handler(RuntimeError_)
-    async def runtime_error(request: Request, exc: RuntimeError_) -> JSONResponse:
-        return JSONResponse({"code": exc.status, "message": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(EnvdUnavailable)
-    async def envd_error(request: Request, exc: EnvdUnavailable) -> JSONResponse:
-        return JSONResponse({"code": 500, "message": f"the sandbox did not start: {exc}"}, status_code=500)
+    # Exception last: what nothing else answers is a 500 in the same shape (Starlette still logs it).
+    for kind in (ApiError, RuntimeError_, EnvdUnavailable, Exception):
+        app.add_exception_handler(kind, error_answer)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,18 +108,18 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
 
     @app.get("/health", response_model=schemas.Health, tags=["server"])
     async def health() -> schemas.Health:
-        capacity = service.orchestrator.capacity
-        return schemas.Health(sandboxes=len(service.orchestrator.live_ids()),
+        capacity = plane.orchestrator.capacity
+        return schemas.Health(sandboxes=len(plane.orchestrator.live_ids()),
                               pooled={t: capacity.ready(t) for t in capacity.ready_templates},
-                              resumeReady=service.orchestrator.resume_ready())
+                              resumeReady=plane.orchestrator.resume_ready())
 
     async def _create(key: ApiKey, body: schemas.NewSandbox) -> schemas.Sandbox:
         lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",
                      "autoResume": bool(body.autoResume and body.autoResume.enabled),
                      "autoPauseMemory": body.autoPauseMemory is not False}
-        row = await service.create(key.id, body.templateID, timeout=body.timeout, metadata=body.metadata or {},
-                                   env_vars=body.envVars or {},
-                                   internet=body.allow_internet_access is not False, lifecycle=lifecycle)
+        row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
+                                           metadata=body.metadata or {}, env_vars=body.envVars or {},
+                                           internet=body.allow_internet_access is not False, lifecycle=lifecycle)
         return sandbox_answer(row)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
@@ -130,8 +134,8 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
 
     async def _connect(key: ApiKey, sandbox_id: str, body: schemas.ConnectSandbox | None,
                        response: Response) -> schemas.Sandbox:
-        row, resumed = await service.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
-                                                      memory=not (body and body.memory is False))
+        row, resumed = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+                                                    memory=not (body and body.memory is False))
         response.status_code = 201 if resumed else 200
         return sandbox_answer(row)
 
@@ -152,10 +156,10 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
     @app.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model=schemas.Sandbox,
               responses={**ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
     async def resume_legacy(sandbox_id: str, key: Key, body: schemas.ConnectSandbox | None = None):
-        if service.get(key.id, sandbox_id).state == "running":
+        if plane.sandboxes.get(key.id, sandbox_id).state == "running":
             raise ApiError(409, f"sandbox {sandbox_id} is already running")
-        row, _ = await service.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
-                                                memory=not (body and body.memory is False))
+        row, _ = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+                                              memory=not (body and body.memory is False))
         return sandbox_answer(row)
 
     async def _list(key: ApiKey, metadata: str | None, state: str | None, order: str | None,
@@ -167,10 +171,10 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
             raise ApiError(400, f"unknown state(s): {', '.join(sorted(unknown))}")
         if order not in (None, "asc", "desc"):
             raise ApiError(400, "order must be asc or desc")
-        rows = service.list(key.id, ListQuery(metadata=_parse_metadata(metadata), states=states,
-                                              order=order or "desc",
-                                              started_after=_parse_time(started_after, "startedAfter"),
-                                              template=template))
+        rows = plane.sandboxes.list(key.id, ListQuery(metadata=_parse_metadata(metadata), states=states,
+                                                      order=order or "desc",
+                                                      started_after=_parse_time(started_after, "startedAfter"),
+                                                      template=template))
         offset = page_offset(next_token)
         end = len(rows) if limit is None else offset + limit
         if end < len(rows):
@@ -208,26 +212,26 @@ def create_api(service: SandboxService, keys: ApiKeys) -> FastAPI:
     @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=ERRORS,
              response_model_exclude_none=True, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
-        return _detail(service.get(key.id, sandbox_id))
+        return _detail(plane.sandboxes.get(key.id, sandbox_id))
 
     @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
-        await service.kill(key.id, sandbox_id)
+        await plane.sandboxes.kill(key.id, sandbox_id)
         return Response(status_code=204)
 
     @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: schemas.SetTimeout, key: Key) -> Response:
-        service.set_timeout(key.id, sandbox_id, body.timeout)
+        plane.sandboxes.set_timeout(key.id, sandbox_id, body.timeout)
         return Response(status_code=204)
 
     @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=ERRORS,
              tags=["sandboxes"])
     async def metrics(sandbox_id: str, key: Key, start: int | None = None, end: int | None = None):
-        rows = service.metrics(key.id, sandbox_id, start, end)
+        rows = plane.sandboxes.metrics(key.id, sandbox_id, start, end)
         return [schemas.SandboxMetric(timestamp=iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
                                       cpuUsedPct=r.cpu_used_pct, memUsed=r.mem_used, memTotal=r.mem_total,
                                       memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)
                 for r in rows]
 
-    app.include_router(branching_routes(service))
+    app.include_router(branching_routes(plane, paths))
     return app

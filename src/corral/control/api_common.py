@@ -10,8 +10,8 @@ from fastapi import Depends, Header, Request
 
 from corral.control import schemas
 from corral.control.db import SandboxRow
+from corral.control.errors import ApiError
 from corral.control.keys import ApiKey
-from corral.control.lifecycle import ApiError
 from corral.envd import ENVD_VERSION
 
 CLIENT_ID = "corral"

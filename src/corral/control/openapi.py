@@ -10,7 +10,7 @@ from corral.control.api import create_api
 
 def document() -> dict:
     # The routes only describe themselves here; nothing is called.
-    return create_api(service=None, keys=None).openapi()  # type: ignore[arg-type]
+    return create_api(plane=None, keys=None).openapi()  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -1,5 +1,8 @@
-"""Sandboxes as the API sees them: ownership, metadata, timeouts that kill on time, metric history,
-and state that survives a restart of the server."""
+"""Sandboxes as the API sees them: ownership, metadata, timeouts that end them on time, metric history.
+
+Sandboxes started from a checkpoint, pausing on timeout and a killed sandbox's pause checkpoints belong to
+branching, which builds on this module; what this module needs of it is `CheckpointHooks`, handed in by
+control/plane.py, so nothing here imports branching."""
 
 from __future__ import annotations
 
@@ -13,30 +16,19 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from corral.config import PlatformSettings
 from corral.control.db import MetricRow, SandboxRow
-from corral.orchestrator.checkpoints import CheckpointFiles
+from corral.control.errors import ApiError, not_found
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources
 
-log = logging.getLogger("corral.lifecycle")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def not_found(sandbox_id: str) -> ApiError:
-    return ApiError(404, f"sandbox {sandbox_id} not found")
+log = logging.getLogger("corral.sandboxes")
 
 
 @dataclass(frozen=True)
@@ -48,42 +40,46 @@ class ListQuery:
     template: str | None = None
 
 
-class SandboxService:
-    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings,
-                 checkpoint_dir: Path) -> None:
-        from corral.control.branching import Branching  # it builds on this class
+class CheckpointHooks(Protocol):
+    """What sandboxes need from checkpoints (control/branching.py provides it)."""
 
+    async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
+                                  env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow | None:
+        """A new sandbox from the snapshot `ref` names; None when it names none (it is a template)."""
+
+    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
+        """Pauses a running sandbox (ApiError 409 if it is paused already)."""
+
+    async def forget_sandbox(self, sandbox_id: str) -> None:
+        """The sandbox was killed: what it alone held in the checkpoint tree goes."""
+
+
+class NoCheckpoints:
+    """Sandboxes without branching: templates only, and a timeout always kills."""
+
+    async def start_from_snapshot(self, key_id: str, ref: str, **_) -> SandboxRow | None:
+        return None
+
+    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
+        raise ApiError(501, "this server cannot pause sandboxes")
+
+    async def forget_sandbox(self, sandbox_id: str) -> None:
+        return None
+
+
+class Sandboxes:
+    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings) -> None:
         self._sessions = sessions
         self.orchestrator = orchestrator
         self._settings = settings
+        self.checkpoints: CheckpointHooks = NoCheckpoints()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._sampler: asyncio.Task | None = None
         # One state change at a time per sandbox: kill, pause, resume, snapshot and fork take this lock.
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.branching = Branching(self, sessions, CheckpointFiles(checkpoint_dir, orchestrator.runtime))
 
-    @property
-    def sessions(self) -> sessionmaker:
-        return self._sessions
-
-    # --- startup and shutdown --------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Picks up where a previous server (even one killed with -9) left off."""
-        with self._sessions() as session:
-            rows = list(session.scalars(select(SandboxRow)))
-        keep = {r.id: (r.runtime_id or r.id, r.envd_token) for r in rows if r.runtime_id or r.state == "running"}
-        live = await self.orchestrator.start(keep=keep)
-        rows = await self.branching.recover(rows, live)
-        gone = [r.id for r in rows if r.state == "running" and r.id not in live]
-        if gone:
-            log.warning("%d sandboxes from the database no longer exist: %s", len(gone), ", ".join(gone))
-            self._forget(gone)
-        for row in rows:
-            if row.id in live:
-                self._arm(row.id, row.end_at)
-        self.branching.reclaim(partials=True)
+    def start_sampling(self) -> None:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def close(self) -> None:
@@ -95,7 +91,6 @@ class SandboxService:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await self.orchestrator.close()
 
     # --- create, read, kill ----------------------------------------------------------------------
 
@@ -110,13 +105,10 @@ class SandboxService:
     async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
                      env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow:
         seconds = self.timeout_for(timeout)
-        node = self.branching.find_node(key_id, template)
-        if node is not None:
-            (result,) = await self.branching.start_from(node, 1, timeout=seconds, metadata=metadata,
-                                                        env_vars=env_vars, lifecycle=lifecycle, internet=internet)
-            if isinstance(result, BaseException):
-                raise result
-            return result
+        row = await self.checkpoints.start_from_snapshot(key_id, template, timeout=seconds, metadata=metadata,
+                                                         env_vars=env_vars, internet=internet, lifecycle=lifecycle)
+        if row is not None:
+            return row
         token = secrets.token_urlsafe(24)
         sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet)
         resources: Resources = sandbox.config.resources
@@ -171,31 +163,24 @@ class SandboxService:
                 if session.get(SandboxRow, sandbox_id) is None:
                     return  # killed while we waited for the lock
             # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
-            self.disarm(sandbox_id)
-            self._forget([sandbox_id])
+            self._disarm(sandbox_id)
+            self.forget([sandbox_id])
             await self.orchestrator.kill(sandbox_id)
-            await self.branching.forget_sandbox(sandbox_id)
+            await self.checkpoints.forget_sandbox(sandbox_id)
         self.locks.pop(sandbox_id, None)
-
-    def disarm(self, sandbox_id: str) -> None:
-        handle = self._timers.pop(sandbox_id, None)
-        if handle is not None:
-            handle.cancel()
 
     def went_offline(self, sandbox_id: str) -> None:
         """Paused: no timer (the registry no longer lists it, so signed file URLs no longer lead to it)."""
-        self.disarm(sandbox_id)
+        self._disarm(sandbox_id)
 
     def came_online(self, row: SandboxRow) -> None:
+        """Running (again, after a resume or a restart of the server): its timer counts to `row.end_at`."""
         self._arm(row.id, row.end_at)
 
-    def _forget(self, ids: list[str]) -> None:
+    def forget(self, ids: list[str]) -> None:
         with self._sessions.begin() as session:
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
-
-    def forget(self, ids: list[str]) -> None:
-        self._forget(ids)
 
     def sandbox_for_signature(self, path: str, operation: str, username: str, signature: str,
                               expiration: str | None) -> str | None:
@@ -233,10 +218,13 @@ class SandboxService:
             self._arm(sandbox_id, end_at)
         return row
 
+    def _disarm(self, sandbox_id: str) -> None:
+        handle = self._timers.pop(sandbox_id, None)
+        if handle is not None:
+            handle.cancel()
+
     def _arm(self, sandbox_id: str, end_at: float) -> None:
-        old = self._timers.pop(sandbox_id, None)
-        if old is not None:
-            old.cancel()
+        self._disarm(sandbox_id)
         loop = asyncio.get_running_loop()
         delay = max(0.0, end_at - time.time())
         self._timers[sandbox_id] = loop.call_at(loop.time() + delay, self._expire, sandbox_id)
@@ -253,8 +241,8 @@ class SandboxService:
         lifecycle = (row.lifecycle or {}) if row else {}
         if row is not None and lifecycle.get("onTimeout") == "pause":
             try:
-                await self.branching.pause(row.key_id, sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
-                                           reason="timeout")
+                await self.checkpoints.pause(row.key_id, sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
+                                             reason="timeout")
                 return
             except ApiError as e:
                 if e.status == 409:

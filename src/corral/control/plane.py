@@ -1,0 +1,42 @@
+"""The control plane put together: the one place that knows every control/ module and wires them.
+
+    api.py, api_branching.py ──▶ sandboxes.py, branching.py, tree.py
+    branching.py ──▶ sandboxes.py, tree.py          (and hands itself to sandboxes as its CheckpointHooks)
+    recovery.py  ──▶ sandboxes.py, tree.py          (at start-up)
+    all of them  ──▶ db.py, errors.py, orchestrator/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.orm import sessionmaker
+
+from corral.config import PlatformSettings
+from corral.control.branching import Branching
+from corral.control.recovery import recover
+from corral.control.sandboxes import Sandboxes
+from corral.control.tree import CheckpointTree
+from corral.orchestrator.checkpoints import CheckpointFiles
+from corral.orchestrator.sandboxes import Orchestrator
+
+
+class ControlPlane:
+    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings, *,
+                 checkpoint_dir: Path, is_template: Callable[[str], bool]) -> None:
+        self._sessions = sessions
+        self.orchestrator = orchestrator
+        self.sandboxes = Sandboxes(sessions, orchestrator, settings)
+        self.tree = CheckpointTree(sessions, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
+        self.branching = Branching(sessions, self.sandboxes, self.tree, orchestrator, is_template=is_template)
+        self.sandboxes.checkpoints = self.branching
+
+    async def start(self) -> None:
+        await recover(self._sessions, self.orchestrator, self.sandboxes, self.tree)
+        self.sandboxes.start_sampling()
+
+    async def close(self) -> None:
+        """Stops timers and sampling; live sandboxes keep running so a restarted server finds them again."""
+        await self.sandboxes.close()
+        await self.orchestrator.close()

@@ -1,0 +1,236 @@
+"""The checkpoint tree: its nodes (CheckpointRow), how a node is found, the lineage views, deleting nodes
+and giving back the disk space nothing needs any more.
+
+Every snapshot, pause and fork point is a node whose parent is the node the sandbox's state descended
+from (`SandboxRow.head`): a sandbox started from a template has no head, a sandbox started from a node
+has that node, and each checkpoint taken of a sandbox becomes its new head. A lineage is the tree of
+nodes reachable from one root. A node is recorded (not ready) before its files are written and marked
+ready after (control/branching.py takes the checkpoints; control/recovery.py finishes what a killed
+server left between the two)."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import string
+import time
+from collections import Counter
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from corral.control.db import CheckpointRow, SandboxRow
+from corral.control.errors import ApiError
+from corral.orchestrator.checkpoints import CheckpointFiles
+from corral.orchestrator.sandboxes import Orchestrator
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_node_id() -> str:
+    return "n" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
+
+
+def node_view(n: CheckpointRow) -> dict:
+    return {"id": n.id, "kind": n.kind, "parentID": n.parent_id, "sandboxID": n.sandbox_id, "template": n.template,
+            "name": n.name, "metadata": n.node_metadata or {}, "memory": n.memory, "sizeBytes": n.size_bytes,
+            "createdAt": n.created_at}
+
+
+class CheckpointTree:
+    def __init__(self, sessions: sessionmaker, files: CheckpointFiles, orchestrator: Orchestrator) -> None:
+        self._sessions = sessions
+        self.files = files
+        self._orchestrator = orchestrator
+        self._in_use: Counter[str] = Counter()  # nodes being read by a restore right now
+
+    @contextlib.contextmanager
+    def reading(self, node_id: str):
+        """Around a restore from the node: its files stay, even if the node is deleted meanwhile."""
+        self._in_use[node_id] += 1
+        try:
+            yield
+        finally:
+            self._in_use[node_id] -= 1
+
+    # --- lookups ---------------------------------------------------------------------------------
+
+    def _nodes(self, key_id: str) -> list[CheckpointRow]:
+        with self._sessions() as session:
+            stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.ready.is_(True))
+            return list(session.scalars(stmt.order_by(CheckpointRow.created_at, CheckpointRow.id)))
+
+    def find_node(self, key_id: str, ref: str) -> CheckpointRow | None:
+        """The node `ref` names: its id or (the latest node with) its name."""
+        with self._sessions() as session:
+            node = session.get(CheckpointRow, ref)
+            if node is not None and node.key_id == key_id and node.ready:
+                return node
+            stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.name == ref,
+                                               CheckpointRow.ready.is_(True))
+            return session.scalars(stmt.order_by(CheckpointRow.created_at.desc())).first()
+
+    def node(self, key_id: str, ref: str) -> CheckpointRow:
+        node = self.find_node(key_id, ref)
+        if node is None:
+            raise ApiError(404, f"checkpoint {ref} not found")
+        return node
+
+    def list_nodes(self, key_id: str, *, sandbox_id: str | None = None, name: str | None = None,
+                   kinds: set[str] | None = None) -> list[CheckpointRow]:
+        nodes = self._nodes(key_id)
+        return [n for n in reversed(nodes)
+                if (sandbox_id is None or n.sandbox_id == sandbox_id)
+                and (name is None or name in (n.name, n.id))
+                and (kinds is None or n.kind in kinds)]
+
+    def tree(self, key_id: str, ref: str) -> dict:
+        """The whole lineage `ref` (a node or a sandbox) belongs to, from its root down."""
+        nodes = {n.id: n for n in self._nodes(key_id)}
+        start = self.find_node(key_id, ref)
+        if start is None:
+            with self._sessions() as session:
+                sandbox = session.get(SandboxRow, ref)
+            if sandbox is None or sandbox.key_id != key_id:
+                raise ApiError(404, f"no checkpoint or sandbox {ref}")
+            if sandbox.head is None or sandbox.head not in nodes:
+                return {"roots": [], "totalBytes": 0}
+            start = nodes[sandbox.head]
+        root = start
+        while root.parent_id in nodes:
+            root = nodes[root.parent_id]
+        children: dict[str | None, list[CheckpointRow]] = {}
+        for n in nodes.values():
+            children.setdefault(n.parent_id, []).append(n)
+        with self._sessions() as session:
+            sandboxes = list(session.scalars(select(SandboxRow).where(SandboxRow.key_id == key_id)))
+        on_node: dict[str, list[dict]] = {}
+        for s in sandboxes:
+            at = s.paused_node if s.state == "paused" else s.head
+            if at:
+                on_node.setdefault(at, []).append({"sandboxID": s.id, "state": s.state})
+        total = 0
+
+        def build(n: CheckpointRow) -> dict:
+            nonlocal total
+            total += n.size_bytes
+            return {**node_view(n), "sandboxes": on_node.get(n.id, []),
+                    "children": [build(c) for c in children.get(n.id, [])]}
+
+        return {"roots": [build(root)], "totalBytes": total}
+
+    # --- recording nodes -------------------------------------------------------------------------
+
+    def record(self, row: SandboxRow, kind: str, *, memory: bool, name: str | None = None,
+               metadata: dict | None = None, parent: str | None = None) -> CheckpointRow:
+        """A node of `row`'s state, not ready yet: its files are about to be written."""
+        node = CheckpointRow(id=new_node_id(), key_id=row.key_id, kind=kind, parent_id=parent or row.head,
+                             sandbox_id=row.id, template=row.template, name=name, node_metadata=metadata or {},
+                             env_vars=row.env_vars or {}, envd_token=row.envd_token, memory=memory,
+                             vcpus=row.vcpus, memory_mb=row.memory_mb, disk_mb=row.disk_mb, internet=row.internet,
+                             created_at=time.time(), ready=False)
+        with self._sessions.begin() as session:
+            session.add(node)
+        return node
+
+    def mark_ready(self, node: CheckpointRow, *, head_of: str | None = None) -> CheckpointRow:
+        """Its files are written: the node is listed and restorable, and the head of sandbox `head_of`."""
+        with self._sessions.begin() as session:
+            stored = session.get(CheckpointRow, node.id)
+            stored.ready = True
+            stored.memory = self.files.has_memory(node.id)
+            stored.size_bytes = self.files.size(node.id)
+            if stored.name:  # a name moves to its newest snapshot
+                for other in session.scalars(select(CheckpointRow).where(
+                        CheckpointRow.key_id == node.key_id, CheckpointRow.name == stored.name,
+                        CheckpointRow.id != node.id)):
+                    other.name = None
+            if head_of is not None and (sandbox := session.get(SandboxRow, head_of)) is not None:
+                sandbox.head = node.id
+        return stored
+
+    def drop(self, node_id: str) -> None:
+        """A node whose files could not be written."""
+        with self._sessions.begin() as session:
+            stored = session.get(CheckpointRow, node_id)
+            if stored is not None:
+                session.delete(stored)
+
+    def memory_dropped(self, node_id: str) -> None:
+        """The node's memory image is gone (its sandbox resumed and ran on): it is filesystem-only now."""
+        self.files.drop_memory(node_id)
+        with self._sessions.begin() as session:
+            if (stored := session.get(CheckpointRow, node_id)) is not None:
+                stored.memory, stored.size_bytes = False, self.files.size(node_id)
+
+    def set_metadata(self, key_id: str, ref: str, patch: dict) -> CheckpointRow:
+        node = self.node(key_id, ref)
+        with self._sessions.begin() as session:
+            stored = session.get(CheckpointRow, node.id)
+            merged = dict(stored.node_metadata or {})
+            for k, v in patch.items():
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+            stored.node_metadata = merged
+        return stored
+
+    # --- deleting and reclaiming -----------------------------------------------------------------
+
+    async def delete(self, key_id: str, ref: str, *, subtree: bool = False) -> dict:
+        """Deletes a node (its children move up to its parent) or its whole subtree. Storage that running
+        sandboxes or remaining nodes stand on is kept until they are gone; the rest is freed now."""
+        node = self.node(key_id, ref)
+        nodes = {n.id: n for n in self._nodes(key_id)}
+        doomed = [node.id]
+        if subtree:
+            frontier = [node.id]
+            while frontier:
+                kids = [n.id for n in nodes.values() if n.parent_id in frontier]
+                doomed += kids
+                frontier = kids
+        busy = [n for n in doomed if self._in_use[n]]
+        if busy:
+            raise ApiError(409, f"checkpoint {busy[0]} is in use: sandboxes are being started from it right now")
+        with self._sessions() as session:
+            holders = list(session.scalars(select(SandboxRow).where(SandboxRow.paused_node.in_(doomed))))
+        if holders:
+            raise ApiError(409, f"checkpoint {holders[0].paused_node} holds paused sandbox {holders[0].id}: "
+                                "resume or kill it first")
+        survivor = node.parent_id if node.parent_id not in doomed else None
+        with self._sessions.begin() as session:
+            for child in session.scalars(select(CheckpointRow).where(CheckpointRow.parent_id.in_(doomed))):
+                if child.id not in doomed:
+                    child.parent_id = survivor
+            for sandbox in session.scalars(select(SandboxRow).where(SandboxRow.head.in_(doomed))):
+                sandbox.head = survivor
+            for node_id in doomed:
+                if (stored := session.get(CheckpointRow, node_id)) is not None:
+                    session.delete(stored)
+        freed = self.reclaim()
+        retained = sum(self.files.size(n) for n in doomed)
+        return {"deleted": doomed, "reclaimedBytes": freed, "retainedBytes": retained}
+
+    async def forget_sandbox(self, sandbox_id: str) -> None:
+        """After a kill: its pause checkpoints go too, unless the tree hangs on them."""
+        with self._sessions() as session:
+            pause_ids = list(session.scalars(select(CheckpointRow.id).where(
+                CheckpointRow.sandbox_id == sandbox_id, CheckpointRow.kind == "pause")))
+        for node_id in pause_ids:  # a killed paused sandbox holds nothing ready to resume any more
+            await self._orchestrator.release_prepared(self.files.path(node_id))
+        with self._sessions.begin() as session:
+            for node in session.scalars(select(CheckpointRow).where(CheckpointRow.id.in_(pause_ids))):
+                has_children = session.scalars(select(CheckpointRow.id).where(
+                    CheckpointRow.parent_id == node.id)).first() is not None
+                has_sandboxes = session.scalars(select(SandboxRow.id).where(
+                    SandboxRow.head == node.id)).first() is not None
+                if not has_children and not has_sandboxes and not self._in_use[node.id]:
+                    session.delete(node)
+        self.reclaim()
+
+    def reclaim(self, *, partials: bool = False) -> int:
+        with self._sessions() as session:
+            keep = set(session.scalars(select(CheckpointRow.id)))
+        busy = {n for n, c in self._in_use.items() if c}
+        return self.files.reclaim(keep, busy=busy, partials=partials)
