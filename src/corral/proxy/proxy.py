@@ -21,6 +21,8 @@ from corral.envd import DEFAULT_PORT as ENVD_PORT
 
 NOT_FOUND = "The sandbox was not found"
 PORT_CLOSED = "The sandbox is running but port is not open"
+# Neither of the above: the SDKs then probe the sandbox to learn whether it is gone or was only checkpointed.
+CUT_SHORT = "The sandbox went away (killed, paused or checkpointed) while the request was in flight"
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the routing headers.
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
         b"transfer-encoding", b"upgrade", b"host", b"e2b-sandbox-id", b"e2b-sandbox-port"}
@@ -93,12 +95,18 @@ class SandboxProxy:
             await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
+        address = await self._resolve(sandbox_id)
+        if address is None:  # nothing can be in flight to it: answered at once
+            await self._forward(scope, receive, send, sandbox_id, address, port)
+            return
+        # Only what reached the sandbox is ended by `forget`; a request waiting in `_resolve` (for a
+        # checkpoint to finish, or an automatic resume) goes on when it is done.
         exchange = asyncio.current_task()
         exchanges = self._exchanges.setdefault(sandbox_id, set())
         exchanges.add(exchange)
         response = _ResponseProgress(send)
         try:
-            await self._forward(scope, receive, response.send, sandbox_id, port)
+            await self._forward(scope, receive, response.send, sandbox_id, address, port)
         except asyncio.CancelledError:
             if exchange not in self._cut or exchange.uncancel() > 0:
                 raise  # not (only) `forget`: e.g. the server is shutting down
@@ -109,8 +117,7 @@ class SandboxProxy:
             if not exchanges and self._exchanges.get(sandbox_id) is exchanges:
                 del self._exchanges[sandbox_id]
 
-    async def _forward(self, scope, receive, send, sandbox_id: str, port: int) -> None:
-        address = await self._resolve(sandbox_id)
+    async def _forward(self, scope, receive, send, sandbox_id: str, address: str | None, port: int) -> None:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, sandbox_id, address, port)
             return
@@ -129,15 +136,20 @@ class SandboxProxy:
                               if k not in _HOP)
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         client = self._client(sandbox_id)
+        body_read = asyncio.Event()
+        if not has_body:
+            body_read.set()
         try:
             upstream = await client.request(scope["method"], URL(target, encoded=True), headers=headers,
-                                            data=_body(receive) if has_body else None, allow_redirects=False)
+                                            data=_body(receive, body_read) if has_body else None,
+                                            allow_redirects=False)
         except aiohttp.ClientConnectorError:
             await _error(send, sandbox_id, PORT_CLOSED)
             return
         except (aiohttp.ClientError, OSError) as e:
             await _error(send, sandbox_id, f"The sandbox did not answer: {e!r}")
             return
+        client_left = asyncio.create_task(_close_when_client_leaves(receive, body_read, upstream))
         try:
             out_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _HOP]
             await send({"type": "http.response.start", "status": upstream.status, "headers": out_headers})
@@ -151,6 +163,7 @@ class SandboxProxy:
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            client_left.cancel()
             upstream.release()
 
     async def _websocket(self, scope, receive, send, sandbox_id: str, address: str | None, port: int) -> None:
@@ -224,13 +237,14 @@ async def _end_cut_short(scope, response: _ResponseProgress, sandbox_id: str) ->
         # (truncated) result. A WebSocket was closed by `_websocket`'s own cleanup.
         _cut_short_here.set(True)
         return
+    # Not answered yet: the sandbox may only be checkpointed, so not NOT_FOUND (see CUT_SHORT).
     if scope["type"] == "websocket":
-        await response.send({"type": "websocket.close", "code": 4404, "reason": NOT_FOUND})
+        await response.send({"type": "websocket.close", "code": 1011, "reason": CUT_SHORT})
     else:
-        await _error(response.send, sandbox_id, NOT_FOUND)
+        await _error(response.send, sandbox_id, CUT_SHORT)
 
 
-async def _body(receive) -> AsyncIterator[bytes]:
+async def _body(receive, read: asyncio.Event) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -238,7 +252,20 @@ async def _body(receive) -> AsyncIterator[bytes]:
         if chunk := message.get("body", b""):
             yield chunk
         if not message.get("more_body", False):
+            read.set()
             return
+
+
+async def _close_when_client_leaves(receive, body_read: asyncio.Event, upstream: aiohttp.ClientResponse) -> None:
+    """A client that leaves mid-response (a timeout, a closed connection) is seen on `receive` once the
+    request body is read (before, the body's reader owns it). The server does not tell the response's
+    writer: its writes just go nowhere. Closing the sandbox's connection passes the news on, so that the
+    service in the sandbox stops work nobody waits for (the code interpreter interrupts the execution)."""
+    await body_read.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not upstream.content.at_eof():  # a complete response's connection goes back to the pool
+        upstream.close()
 
 
 async def _error(send, sandbox_id: str, message: str, status: int = 502) -> None:
