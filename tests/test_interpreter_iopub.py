@@ -1,19 +1,23 @@
-"""The execution server's IOPub reader against a real ipykernel on the host (no sandbox needed; ipykernel
-comes with the dev extra)."""
+"""The execution server's IOPub reader, contexts and kernel startup file against a real ipykernel on the host
+(no sandbox needed; ipykernel comes with the dev extra)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
 
 from corral.interpreter import iopub as iopub_module
+from corral.interpreter.contexts import ContextTable
 from corral.interpreter.iopub import IOPub
 
 
-async def _kernel():
+async def _kernel(env: dict[str, str] | None = None):
     manager = AsyncKernelManager(kernel_name="python3")
-    await manager.start_kernel()
+    await manager.start_kernel(env={**os.environ, **(env or {})})
     client = manager.client()
     client.start_channels()
     await client.wait_for_ready(timeout=60)
@@ -90,3 +94,35 @@ def test_host_extra_pins_the_versions_the_sandbox_server_runs():
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     extra = set(pyproject["project"]["optional-dependencies"]["interpreter"])
     assert extra == {pin for pin in INTERPRETER_REQUIREMENTS if pin.split("==")[0] in ("jupyter_client", "pyzmq")}
+
+
+def test_default_contexts_of_python_and_javascript_exist_before_their_kernels_start():
+    table = ContextTable("/home/user")
+    listed = [c.public() for c in table.all()]
+    assert [(c["language"], c["cwd"]) for c in listed] == [("python", "/home/user"), ("javascript", "/home/user")]
+    assert not any(c.started for c in table.all())  # a kernel starts on first use
+
+
+def test_startup_file_shows_a_str_value_as_itself(tmp_path):
+    startup = tmp_path / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    shutil.copy(Path(iopub_module.__file__).with_name("kernel_startup.py"), startup / "00-corral.py")
+
+    async def run():
+        manager, client = await _kernel({"IPYTHONDIR": str(tmp_path)})
+        reader = IOPub(client)
+        try:
+            shown = {}
+            for code in ("'value'", "\"it's\"", "['a']", "{'k': 'v'}", "7"):
+                msg_id = client.execute(code)
+                seen = await _until_idle(reader, msg_id)
+                (result,) = [m for m in seen if m["msg_type"] == "execute_result"]
+                shown[code] = result["content"]["data"]["text/plain"]
+            assert shown == {"'value'": "value", "\"it's\"": "it's", "['a']": "['a']", "{'k': 'v'}": "{'k': 'v'}",
+                             "7": "7"}
+        finally:
+            reader.close()
+            client.stop_channels()
+            await manager.shutdown_kernel(now=True)
+
+    asyncio.run(run())

@@ -41,7 +41,7 @@ def sbx(opts):
 def test_state_stdout_results_and_errors(sbx):
     # The sandbox came from the warm pool, whose warm-up ran a cell: it left no trace a user could see.
     first = sbx.run_code("_")
-    assert first.execution_count == 1 and first.text == "''"
+    assert first.execution_count == 1 and first.text == ""
     assert sbx.run_code("x = 40").error is None
     execution = sbx.run_code("x + 2")
     assert execution.text == "42" and execution.results[0].is_main_result
@@ -55,6 +55,15 @@ def test_state_stdout_results_and_errors(sbx):
     assert failed.error.name == "ZeroDivisionError" and "division by zero" in failed.error.value
     assert "ZeroDivisionError" in failed.error.traceback
     assert sbx.run_code("x").text == "40"  # the context survived the error
+
+
+def test_str_result_is_the_plain_string(sbx):
+    # As E2B's interpreter shows it: the string itself, not its repr.
+    assert sbx.run_code("import os; os.getenv('X')", envs={"X": "value"}).text == "value"
+    assert sbx.run_code("\"it's\"").text == "it's"
+    assert sbx.run_code("['a', 'b']").text == "['a', 'b']"  # inside other values, strings keep their quotes
+    assert sbx.run_code("process.cwd()", language="js").text == "/home/user"
+    assert sbx.run_code("['a']", language="js").text == '[ "a" ]'
 
 
 def test_display_dataframe_and_chart(sbx):
@@ -77,9 +86,8 @@ CHARTS = {
     "scatter": "plt.scatter([1, 2, 3], [3, 1, 2], label='pts')",
     "bar": "plt.bar(['a', 'b', 'c'], [3, 5, 4], label='n')",
     "pie": "plt.pie([1, 2, 3], labels=['x', 'y', 'z'])",
-    # e2b-charts reads boxes drawn as patches (as E2B's examples draw them); see docs/interpreter.md.
-    "box_and_whisker": "plt.boxplot([[1, 2, 3, 4, 5], [0, 2, 4, 6, 7, 9, 30]], tick_labels=['p', 'q'], "
-                       "patch_artist=True)",
+    # Boxes drawn as lines, matplotlib's default (read from their statistics; see docs/interpreter.md).
+    "box_and_whisker": "plt.boxplot([[1, 2, 3, 4, 5], [0, 2, 4, 6, 7, 9, 30]], tick_labels=['p', 'q'])",
     "superchart": "fig, axes = plt.subplots(1, 2); axes[0].plot([1, 2], [1, 2]); axes[1].bar(['a'], [1])",
 }
 
@@ -87,10 +95,12 @@ CHARTS = {
 @pytest.mark.parametrize("kind", list(CHARTS))
 def test_each_chart_type(sbx, kind):
     execution = sbx.run_code(f"import matplotlib.pyplot as plt\nplt.figure()\n{CHARTS[kind]}\nplt.title('t')\n"
-                             "plt.show()")
+                             "plt.xlabel('when (s)')\nplt.ylabel('how much')\nplt.show()")
     assert execution.error is None, execution.error
     chart = execution.results[-1].chart
     assert chart is not None and chart.type.value == kind
+    if kind not in ("pie", "superchart"):  # charts with axes
+        assert (chart.title, chart.x_label, chart.x_unit, chart.y_label) == ("t", "when (s)", "s", "how much")
     if kind == "scatter":
         assert [p for p in chart.elements[0].points] == [(1, 3), (2, 1), (3, 2)]
     elif kind == "bar":
@@ -106,6 +116,38 @@ def test_each_chart_type(sbx, kind):
         assert [c.type.value for c in chart.elements] == ["line", "bar"]
 
 
+def test_box_plot_with_several_labelled_boxes_is_chart_data(sbx):
+    # Boxes drawn as lines (matplotlib's default) and of equal height, which e2b-charts alone misreads.
+    execution = sbx.run_code(
+        "import matplotlib\nimport matplotlib.pyplot as plt\nplt.figure()\n"
+        "plt.boxplot([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 30]], tick_labels=['a', 'b', 'c'])\n"
+        "plt.title('boxes'); plt.xlabel('group'); plt.ylabel('value (cm)'); plt.show()\nmatplotlib.__version__")
+    assert execution.error is None, execution.error
+    figure, version = execution.results
+    assert version.text == "3.10.9"  # the release the template pins
+    chart = figure.chart
+    assert chart.type.value == "box_and_whisker" and figure.png
+    assert (chart.title, chart.x_label, chart.y_label, chart.y_unit) == ("boxes", "group", "value (cm)", "cm")
+    assert [(b.label, b.min, b.first_quartile, b.median, b.third_quartile, b.max, b.outliers)
+            for b in chart.elements] == [("a", 1, 2, 3, 4, 5, []), ("b", 2, 3, 4, 5, 6, []),
+                                         ("c", 3, 4.25, 5.5, 6.75, 7, [30])]
+
+
+def test_pil_image_shown_returned_or_saved_is_a_png_result(sbx):
+    import base64
+
+    sbx.run_code("from PIL import Image\nimg = Image.new('RGB', (4, 3), 'red')")
+    shown = sbx.run_code("img.show()")
+    last = sbx.run_code("img")
+    saved = sbx.run_code("img.save('/tmp/red.png')")
+    for execution in (shown, last, saved):
+        assert execution.error is None, execution.error
+        (image,) = execution.results
+        assert base64.b64decode(image.png).startswith(b"\x89PNG")
+    assert last.results[0].is_main_result and not shown.results[0].is_main_result
+    assert sbx.files.read("/tmp/red.png", format="bytes").startswith(b"\x89PNG")  # and it was saved
+
+
 def test_javascript_and_typescript(sbx):
     execution = sbx.run_code("const answer = 40 + 2; console.log('from js'); answer", language="js")
     assert execution.error is None and execution.text == "42"
@@ -116,28 +158,45 @@ def test_javascript_and_typescript(sbx):
     failed = sbx.run_code("throw new TypeError('bad value')", language="js")
     assert failed.error.name == "TypeError" and failed.error.value == "bad value"
     assert sbx.run_code("answer", language="js").text == "42"  # the context survived the error
-    assert sbx.run_code("process.env.FROM_CREATE", language="js").text == '"yes"'
-    assert sbx.run_code("Deno.env.get('ONLY_NOW')", language="js", envs={"ONLY_NOW": "x"}).text == '"x"'
-    assert sbx.run_code("Deno.env.get('ONLY_NOW') ?? 'gone'", language="js").text == '"gone"'
+    assert sbx.run_code("process.env.FROM_CREATE", language="js").text == "yes"
+    assert sbx.run_code("Deno.env.get('ONLY_NOW')", language="js", envs={"ONLY_NOW": "x"}).text == "x"
+    assert sbx.run_code("Deno.env.get('ONLY_NOW') ?? 'gone'", language="js").text == "gone"
     ctx = sbx.create_code_context(language="js", cwd="/tmp")
     try:
         assert ctx.language == "javascript"
-        assert sbx.run_code("Deno.cwd()", context=ctx).text == '"/tmp"'
-        assert sbx.run_code("typeof answer", context=ctx).text == '"undefined"'  # a context of its own
+        assert sbx.run_code("Deno.cwd()", context=ctx).text == "/tmp"
+        assert sbx.run_code("typeof answer", context=ctx).text == "undefined"  # a context of its own
     finally:
         sbx.remove_code_context(ctx)
 
 
 def test_env_vars_per_run_and_from_create(sbx):
-    assert sbx.run_code("import os; os.environ.get('FROM_CREATE')").text == "'yes'"
-    assert sbx.run_code("os.environ['ONLY_NOW']", envs={"ONLY_NOW": "1"}).text == "'1'"
-    assert sbx.run_code("os.environ.get('ONLY_NOW', 'gone')").text == "'gone'"
+    assert sbx.run_code("import os; os.environ.get('FROM_CREATE')").text == "yes"
+    assert sbx.run_code("os.environ['ONLY_NOW']", envs={"ONLY_NOW": "1"}).text == "1"
+    assert sbx.run_code("os.environ.get('ONLY_NOW', 'gone')").text == "gone"
+
+
+def test_r_kernel_with_env_vars_and_cwd(sbx):
+    # IRkernel shows each value as display data (E2B's R does too), so the value is results[0], not `.text`.
+    def r(code: str, **kwargs) -> str:
+        execution = sbx.run_code(code, language="r", **kwargs)
+        assert execution.error is None, execution.error
+        return execution.results[0].text
+
+    assert r("x <- 40; x + 2") == "[1] 42"
+    assert r("Sys.getenv('FROM_CREATE')") == '[1] "yes"'
+    assert r("Sys.getenv('ONLY_NOW')", envs={"ONLY_NOW": 'r "1"'}) == '[1] "r \\"1\\""'
+    assert r("Sys.getenv('ONLY_NOW', unset = 'gone')") == '[1] "gone"'
+    assert r("getwd()") == '[1] "/home/user"'
+    assert r("x") == "[1] 40"  # one default R context: state persists
+    failed = sbx.run_code("stop('bad value')", language="r")
+    assert failed.error is not None and "bad value" in failed.error.value
 
 
 def test_contexts_and_bash(sbx):
     ctx = sbx.create_code_context(cwd="/tmp")
     try:
-        assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "'/tmp'"
+        assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
         assert ctx.id in [c.id for c in sbx.list_code_contexts()]
         sbx.run_code("y = 1", context=ctx)
         sbx.restart_code_context(ctx)
@@ -153,7 +212,31 @@ def test_contexts_and_bash(sbx):
 def test_timeout_interrupts_and_the_context_goes_on(sbx):
     with pytest.raises(TimeoutException):
         sbx.run_code("import time; time.sleep(10)", timeout=2)
-    assert sbx.run_code("'after'").text == "'after'"
+    assert sbx.run_code("'after'").text == "after"
+
+
+def test_abandoned_long_execution_is_interrupted_so_the_next_returns_promptly(sbx):
+    ctx = sbx.create_code_context()
+    try:
+        with pytest.raises(TimeoutException):
+            sbx.run_code("import time; time.sleep(300)", context=ctx, timeout=3)
+        # The client gave up; the server must have noticed and interrupted the sleep: 10 s is the bound.
+        assert sbx.run_code("1 + 1", context=ctx, timeout=10).text == "2"
+    finally:
+        sbx.remove_code_context(ctx)
+
+
+def test_default_contexts_of_python_and_javascript_are_listed_after_create(opts):
+    sandbox = Sandbox.create(TEMPLATE, timeout=120, **opts)
+    try:
+        contexts = {c.language: c for c in sandbox.list_code_contexts()}
+        assert set(contexts) == {"python", "javascript"}
+        assert {c.cwd for c in contexts.values()} == {"/home/user"}
+        # The listed JavaScript context is the one `language="js"` runs in.
+        assert sandbox.run_code("const shared = 7; shared", context=contexts["javascript"]).text == "7"
+        assert sandbox.run_code("shared * 6", language="js").text == "42"
+    finally:
+        sandbox.kill()
 
 
 def test_pip_install_then_import(sbx):
@@ -211,4 +294,5 @@ def test_js_sdk_run_code(server, opts, monkeypatch):
     result = run_script("interpreter.mjs")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
-        "ok state and results", "ok errors", "ok contexts", "ok dataframe", "ok javascript"]
+        "ok state and results", "ok errors", "ok contexts", "ok dataframe", "ok javascript", "ok str results",
+        "ok abandoned execution", "ok default contexts"]

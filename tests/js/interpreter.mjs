@@ -22,7 +22,7 @@ try {
   })
   await check('contexts', async () => {
     const ctx = await sbx.createCodeContext({ cwd: '/tmp' })
-    assert.equal((await sbx.runCode('import os; os.getcwd()', { context: ctx })).text, "'/tmp'")
+    assert.equal((await sbx.runCode('import os; os.getcwd()', { context: ctx })).text, '/tmp')
     await sbx.removeCodeContext(ctx)
   })
   await check('dataframe', async () => {
@@ -36,7 +36,28 @@ try {
     const failed = await sbx.runCode('null.x', { language: 'js' })
     assert.equal(failed.error.name, 'TypeError')
   })
+  await check('str results', async () => {
+    assert.equal((await sbx.runCode('process.cwd()', { language: 'js' })).text, '/home/user')
+    assert.equal((await sbx.runCode("import os; os.getenv('X')", { envs: { X: 'value' } })).text, 'value')
+  })
+  await check('abandoned execution', async () => {
+    const ctx = await sbx.createCodeContext()
+    await assert.rejects(sbx.runCode('import time; time.sleep(300)', { context: ctx, timeoutMs: 3_000 }))
+    // The server noticed the client leave and interrupted the sleep: 10 s is the bound.
+    assert.equal((await sbx.runCode('1 + 1', { context: ctx, timeoutMs: 10_000 })).text, '2')
+    await sbx.removeCodeContext(ctx)
+  })
 } finally {
   await sbx.kill()
+}
+
+const fresh = await Sandbox.create('code-interpreter-v1', { timeoutMs: 120_000 })
+try {
+  await check('default contexts', async () => {
+    const languages = (await fresh.listCodeContexts()).map((c) => c.language).sort()
+    assert.deepEqual(languages, ['javascript', 'python'])
+  })
+} finally {
+  await fresh.kill()
 }
 console.log('passed')

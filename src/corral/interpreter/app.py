@@ -14,7 +14,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from corral.interpreter.contexts import Context, ContextTable, UnknownLanguage, normalise
-from corral.interpreter.execute import env_prelude, execute, interrupt_and_drain, line, run_silently
+from corral.interpreter.execute import (
+    KERNEL_SETUP,
+    env_prelude,
+    execute,
+    interrupt_and_drain,
+    line,
+    run_silently,
+)
 
 log = logging.getLogger("corral.interpreter")
 ENVD_ENVS = "http://127.0.0.1:49983/envs"
@@ -59,7 +66,7 @@ class Interpreter:
         history (the execution count does not move), then resets `_` to its initial value."""
         await self._sandbox_env(request)  # the envd connection, too
         for ctx in self.contexts.all():
-            if ctx.language != "python":
+            if ctx.language != "python" or not ctx.started:
                 continue
             async with ctx.lock:
                 if await ctx.manager.is_alive():
@@ -90,15 +97,22 @@ class Interpreter:
                 return PlainTextResponse(str(e), status_code=400)
         await ctx.lock.acquire()
         try:
+            try:
+                await ctx.start()  # a default context's kernel starts on first use
+            except UnknownLanguage as e:
+                ctx.lock.release()
+                return PlainTextResponse(str(e), status_code=400)
             if not await ctx.manager.is_alive():
                 ctx.lock.release()
                 return PlainTextResponse(f"the kernel of context {ctx.id} died; restart it with "
                                          f"POST /contexts/{ctx.id}/restart", status_code=500)
-            if not ctx.sandbox_env_applied:
+            if not ctx.prepared:
+                if setup := KERNEL_SETUP.get(ctx.kernel):
+                    await run_silently(ctx, setup)
                 sandbox_env = await self._sandbox_env(request)
                 if sandbox_env and (prelude := env_prelude(ctx.language, sandbox_env, save=False)):
                     await run_silently(ctx, prelude)
-                ctx.sandbox_env_applied = True
+                ctx.prepared = True
             if env_vars:
                 await run_silently(ctx, env_prelude(ctx.language, env_vars))
         except BaseException:

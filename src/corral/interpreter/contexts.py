@@ -13,10 +13,15 @@ from jupyter_client.manager import AsyncKernelManager
 from corral.interpreter.iopub import IOPub
 
 # Language names the SDKs send -> Jupyter kernel names installed in the template. JavaScript and
-# TypeScript share Deno's kernel (TypeScript runs as is, type annotations and all).
-KERNELS = {"python": "python3", "bash": "bash", "javascript": "deno", "typescript": "deno"}
+# TypeScript share Deno's kernel (TypeScript runs as is, type annotations and all). R is IRkernel (`ir`, as
+# Debian installs it), Java is JJava (`java`).
+KERNELS = {"python": "python3", "bash": "bash", "javascript": "deno", "typescript": "deno", "r": "ir",
+           "java": "java"}
 ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash", "js": "javascript",
            "node": "javascript", "ts": "typescript"}
+# Languages whose default context exists from the start, as on E2B (listed at once; a kernel that is not
+# running yet starts on first use, so only Python's is part of the template's snapshot).
+DEFAULT_LANGUAGES = ("python", "javascript")
 # Kernels whose IOPub output may arrive after their `idle` status (Deno's does, by up to ~50 ms): an
 # execution on them ends with a fence instead (see execute.py).
 LATE_OUTPUT_KERNELS = {"deno"}
@@ -41,10 +46,15 @@ class Context:
     language: str
     cwd: str
     manager: AsyncKernelManager
-    client: object  # AsyncKernelClient
+    client: object | None  # AsyncKernelClient, while the kernel runs
     iopub: IOPub | None = None  # the client's IOPub messages (nothing else reads that socket)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    sandbox_env_applied: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one execution (or restart, removal) at a time
+    start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    prepared: bool = False  # the kernel's setup code and the sandbox's env vars have run in it
+
+    @property
+    def started(self) -> bool:
+        return self.client is not None
 
     @property
     def kernel(self) -> str:
@@ -54,31 +64,50 @@ class Context:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
     async def start(self) -> None:
+        """Starts the kernel unless it runs; UnknownLanguage if the template has no kernel for it."""
+        async with self.start_lock:
+            if not self.started:
+                await self._start()
+
+    async def _start(self) -> None:
         env = {**os.environ, "PWD": self.cwd}
-        await self.manager.start_kernel(cwd=self.cwd, env=env)
+        try:
+            await self.manager.start_kernel(cwd=self.cwd, env=env)
+        except NoSuchKernel as e:
+            raise UnknownLanguage(f"no {self.language} kernel is installed in this sandbox ({e})") from None
         await self._connect()
 
     async def _connect(self) -> None:
-        self.client = self.manager.client()
-        self.client.start_channels()
-        await self.client.wait_for_ready(timeout=60)  # reads IOPub itself: the reader comes after
-        self.iopub = IOPub(self.client)
-        self.sandbox_env_applied = False
+        client = self.manager.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)  # reads IOPub itself: the reader comes after
+        self.iopub = IOPub(client)
+        self.client = client
+        self.prepared = False
 
     def _disconnect(self) -> None:
         if self.iopub is not None:
             self.iopub.close()
             self.iopub = None
-        self.client.stop_channels()
+        if self.client is not None:
+            self.client.stop_channels()
+            self.client = None
 
     async def stop(self) -> None:
-        self._disconnect()
-        await self.manager.shutdown_kernel(now=True)
+        async with self.start_lock:
+            if self.started:
+                self._disconnect()
+                await self.manager.shutdown_kernel(now=True)
 
     async def restart(self) -> None:
-        self._disconnect()
-        await self.manager.restart_kernel(now=True)
-        await self._connect()
+        """A fresh kernel (started, if it never was)."""
+        async with self.start_lock:
+            if not self.started:
+                await self._start()
+                return
+            self._disconnect()
+            await self.manager.restart_kernel(now=True)
+            await self._connect()
 
 
 class ContextTable:
@@ -86,27 +115,40 @@ class ContextTable:
         self.default_cwd = default_cwd
         self._contexts: dict[str, Context] = {}
         self._defaults: dict[str, str] = {}  # kernel name -> id of its default context
+        for language in DEFAULT_LANGUAGES:
+            self._default_context(language)
+
+    def _new(self, language: str, cwd: str | None) -> Context:
+        return Context(id=str(uuid.uuid4()), language=language, cwd=cwd or self.default_cwd,
+                       manager=AsyncKernelManager(kernel_name=KERNELS[language]), client=None)
 
     async def create(self, language: str | None, cwd: str | None) -> Context:
-        name = normalise(language)
-        ctx = Context(id=str(uuid.uuid4()), language=name, cwd=cwd or self.default_cwd,
-                      manager=AsyncKernelManager(kernel_name=KERNELS[name]), client=None)
-        try:
-            await ctx.start()
-        except NoSuchKernel as e:
-            raise UnknownLanguage(f"no {name} kernel is installed in this sandbox ({e})") from None
+        ctx = self._new(normalise(language), cwd)
+        await ctx.start()
         self._contexts[ctx.id] = ctx
         return ctx
 
-    async def default(self, language: str | None) -> Context:
-        """The language's default context, created on first use (one per kernel: `js` and `ts` share)."""
-        name = normalise(language)
-        ctx_id = self._defaults.get(KERNELS[name])
+    def _default_context(self, language: str) -> Context:
+        ctx_id = self._defaults.get(KERNELS[language])
         if ctx_id is None or ctx_id not in self._contexts:
-            ctx = await self.create(name, None)
-            self._defaults[KERNELS[name]] = ctx.id
+            ctx = self._new(language, None)
+            self._contexts[ctx.id] = ctx
+            self._defaults[KERNELS[language]] = ctx.id
             return ctx
         return self._contexts[ctx_id]
+
+    async def default(self, language: str | None) -> Context:
+        """The language's default context, its kernel started (one per kernel: `js` and `ts` share)."""
+        name = normalise(language)
+        ctx = self._default_context(name)
+        try:
+            await ctx.start()
+        except UnknownLanguage:
+            if name not in DEFAULT_LANGUAGES:  # not listed then: it never existed
+                self._contexts.pop(ctx.id, None)
+                self._defaults.pop(KERNELS[name], None)
+            raise
+        return ctx
 
     def get(self, ctx_id: str) -> Context | None:
         if ctx_id == "default":

@@ -75,7 +75,73 @@ def env_prelude(language: str, env: dict[str, str], *, restore: bool = False, sa
         remember = "globalThis.__corral_saved_env[k] = Deno.env.get(k) ?? null; " if save else ""
         return (("globalThis.__corral_saved_env = {};\n" if save else "")
                 + f"for (const [k, v] of Object.entries({json.dumps(env)})) {{ {remember}Deno.env.set(k, v); }}\n")
+    if language == "r":
+        return _r_env_prelude(env, restore=restore, save=save)
+    if language == "java":
+        return _java_env_prelude(env, restore=restore, save=save)
     return ""
+
+
+def _r_env_prelude(env: dict[str, str], *, restore: bool, save: bool) -> str:
+    # JSON strings are R string literals too (R reads the same escapes); names starting with a dot are
+    # left out of `ls()`.
+    if restore:
+        return ("for (.corral_k in names(.corral_saved_env)) { .corral_v <- .corral_saved_env[[.corral_k]]; "
+                "if (is.na(.corral_v)) Sys.unsetenv(.corral_k) "
+                "else do.call(Sys.setenv, setNames(list(.corral_v), .corral_k)) }\n"
+                "rm(.corral_saved_env, .corral_k, .corral_v)\n")
+    names = ", ".join(_json(k) for k in env)
+    values = ", ".join(f"{_json(k)} = {_json(v)}" for k, v in env.items())
+    return ((f".corral_saved_env <- Sys.getenv(c({names}), unset = NA, names = TRUE)\n" if save else "")
+            + f"Sys.setenv({values})\n")
+
+
+def _java_env_prelude(env: dict[str, str], *, restore: bool, save: bool) -> str:
+    # System.getenv reads a map the JVM fills once; corralEnvironment() (KERNEL_SETUP) opens it.
+    if restore:
+        return ("{ var e = corralEnvironment(); corralSavedEnv.forEach((k, v) -> { if (v == null) e.remove(k); "
+                "else e.put(k, v); }); corralSavedEnv.clear(); }")
+    parts = ["var e = corralEnvironment();"]
+    for k, v in env.items():
+        if save:
+            parts.append(f"corralSavedEnv.put({_json(k)}, e.get({_json(k)}));")
+        parts.append(f"e.put({_json(k)}, {_json(v)});")
+    return "{ " + " ".join(parts) + " }"
+
+
+def _json(value: str) -> str:
+    """A JSON string literal, which R and Java read as the same string. Non-ASCII stays as is: Java would
+    turn a \\u escape into source text before it reads the literal."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+# Code run once in each new kernel of these kinds, before anything else.
+KERNEL_SETUP = {
+    # A string result shows as itself (text/plain `/home/user`, not `"/home/user"`), as E2B's does. Deno
+    # formats an execution's value in `broadcastResult` of its Jupyter internals, looked up for each result:
+    # strings now go straight out, everything else as before.
+    "deno": """{
+  const jupyter = Deno[Deno.internal]?.jupyter;
+  const broadcastResult = jupyter?.broadcastResult;
+  if (typeof broadcastResult === "function") {
+    jupyter.broadcastResult = (count, value) => typeof value === "string"
+      ? Deno.jupyter.broadcast("execute_result",
+                               {execution_count: count, data: {"text/plain": value}, metadata: {}, transient: {}})
+      : broadcastResult(count, value);
+  }
+}""",
+    # The JVM's environment map behind System.getenv, made writable (the kernel runs with java.util and
+    # java.lang opened to it) for the sandbox's and each execution's env vars.
+    "java": """@SuppressWarnings("unchecked") java.util.Map<String, String> corralEnvironment() throws Exception {
+  var outer = Class.forName("java.lang.ProcessEnvironment").getDeclaredField("theUnmodifiableEnvironment");
+  outer.setAccessible(true);
+  var inner = Class.forName("java.util.Collections$UnmodifiableMap").getDeclaredField("m");
+  inner.setAccessible(true);
+  return (java.util.Map<String, String>) inner.get(outer.get(null));
+}
+java.util.Map<String, String> corralSavedEnv = new java.util.HashMap<>();
+""",
+}
 
 
 FENCE_MIME = "application/x-corral-fence"

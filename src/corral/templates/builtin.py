@@ -50,10 +50,15 @@ BASE = Recipe(
 
 # The data stack and the kernels live in the user's own Python (the system python3, where `pip install`
 # in a command or `!pip install` in a cell installs), so what the user installs, the next cell imports.
+# matplotlib is pinned to a release e2b-charts 1.0.0 reads (it asks for 3.10.3 or later; the charts it
+# makes are tested with this one); Pillow comes with it. jjava is a Jupyter kernel for Java (JShell) whose
+# wheel carries the kernel's jar.
 DATA_STACK = (
-    "ipykernel==7.4.0", "bash_kernel==0.10.0", "numpy", "pandas", "matplotlib", "seaborn", "scipy",
-    "scikit-learn", "openpyxl", "requests", "e2b-charts==1.0.0",
+    "ipykernel==7.4.0", "bash_kernel==0.10.0", "numpy", "pandas", "matplotlib==3.10.9", "seaborn", "scipy",
+    "scikit-learn", "openpyxl", "requests", "e2b-charts==1.0.0", "jjava==1.0a8",
 )
+# R's kernel is Debian's IRkernel (it registers itself as the Jupyter kernel `ir`); Java's needs a JDK (JShell).
+KERNEL_PACKAGES = ("r-base-core", "r-cran-irkernel", "openjdk-17-jdk-headless")
 # JavaScript and TypeScript: Deno's Jupyter kernel (a single binary from npm; Node.js has no Jupyter kernel
 # that installs without a native build here).
 JS_KERNEL = ("deno@2.9.6",)
@@ -62,12 +67,22 @@ _DENO_KERNELSPEC = json.dumps({
     "display_name": "Deno", "language": "typescript",
     "env": {"NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1"},
 })
+# Java: the kernel's own JVM runs JShell's snippets (no launcher JVM in front of it), with java.util and
+# java.lang open to them so that env vars can be set for System.getenv (interpreter/execute.py).
+_JAVA_KERNEL_DIR = "/usr/local/share/jupyter/kernels/java"
+_JJAVA_WHEEL_DIR = "/usr/local/lib/python3.11/dist-packages/share/jupyter/kernels/java"
+_JAVA_KERNELSPEC = json.dumps({
+    "argv": ["/usr/bin/java", "--add-opens", "jdk.jshell/jdk.jshell=ALL-UNNAMED",
+             "--add-opens", "java.base/java.util=ALL-UNNAMED", "--add-opens", "java.base/java.lang=ALL-UNNAMED",
+             "-jar", f"{_JAVA_KERNEL_DIR}/jjava.jar", "{connection_file}"],
+    "display_name": "Java", "language": "java", "interrupt_mode": "message",
+})
 _STARTUP = (Path(corral.interpreter.__file__).parent / "kernel_startup.py").read_text()
 _STARTUP_DIR = "/home/user/.ipython/profile_default/startup"
 
 CODE_INTERPRETER = Recipe(
     name="code-interpreter-v1",
-    packages=BASE.packages,
+    packages=(*BASE.packages, *KERNEL_PACKAGES),
     pip=DATA_STACK,
     npm=(*BASE.npm, *JS_KERNEL),
     setup=(
@@ -75,6 +90,11 @@ CODE_INTERPRETER = Recipe(
         "python3 -m ipykernel install --prefix /usr/local && python3 -m bash_kernel.install --sys-prefix",
         "mkdir -p /usr/local/share/jupyter/kernels/deno && "
         f"echo '{_DENO_KERNELSPEC}' > /usr/local/share/jupyter/kernels/deno/kernel.json && deno --version",
+        "test -f /usr/share/jupyter/kernels/ir/kernel.json && R --version",
+        # pip put the wheel's kernel directory under site-packages (`--target`): only its jar is kept.
+        f"mkdir -p {_JAVA_KERNEL_DIR} && mv {_JJAVA_WHEEL_DIR}/jjava.jar {_JAVA_KERNEL_DIR}/ && "
+        f"rm -r {_JJAVA_WHEEL_DIR} && echo '{_JAVA_KERNELSPEC}' > {_JAVA_KERNEL_DIR}/kernel.json && "
+        "test -x /usr/bin/java",  # not `java -version`: without /proc (setup's chroot) java cannot find its libraries
         f"mkdir -p {_STARTUP_DIR} && cat > {_STARTUP_DIR}/00-corral.py <<'CORRAL_EOF'\n{_STARTUP}CORRAL_EOF",
         # Input history in memory: IPython otherwise commits every cell to SQLite on disk, ~4 ms of each
         # run_code under gVisor. History within a kernel's life (In, Out, %history) is unchanged.
