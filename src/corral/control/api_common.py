@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -18,8 +19,14 @@ CLIENT_ID = "corral"
 ERRORS = {401: {"model": schemas.Error}, 404: {"model": schemas.Error}, 400: {"model": schemas.Error}}
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 in UTC, cut (never rounded up) to microseconds: a time read back from an answer and
+    passed as a lower bound (`startedAfter`) must still include what it was read from."""
+    micros = int(Decimal(ts) * 1_000_000)  # Decimal holds the float's exact value; int() cuts
+    return (_EPOCH + dt.timedelta(microseconds=micros)).isoformat().replace("+00:00", "Z")
 
 
 def sandbox_answer(row: SandboxRow) -> schemas.Sandbox:
