@@ -98,6 +98,19 @@ async def test_create_succeeds_when_its_ready_sandbox_was_destroyed_from_outside
     fake.assert_clean()
 
 
+async def test_create_succeeds_when_its_ready_sandbox_died_while_it_waited(tmp_path):
+    orchestrator, fake = fake_orchestrator(tmp_path, pool_size=1, pool_templates=(TEMPLATE,))
+    async with running(orchestrator):
+        await stocked(orchestrator, ready=1)
+        (ready_id,) = orchestrator.capacity.ready_ids()
+        fake.die(ready_id)  # still live to the runtime; its envd no longer answers
+        sandbox = await create(orchestrator)
+        assert sandbox.id != ready_id
+        assert fake.state(ready_id) is ContainerState.GONE
+        await orchestrator.kill(sandbox.id)
+    fake.assert_clean()
+
+
 async def test_create_cancelled_while_waiting_for_the_budget_returns_its_prepared_container(tmp_path):
     orchestrator, fake = fake_orchestrator(tmp_path, prepared_size=2, budget=1)
     async with running(orchestrator):

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from corral.orchestrator.capacity import Capacity
-from corral.orchestrator.envd_link import EnvdLink
+from corral.orchestrator.envd_link import EnvdLink, EnvdUnavailable
 from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.registry import LiveSandbox, Registry
 from corral.runtime.base import (
@@ -133,20 +133,33 @@ class Orchestrator:
     # --- create and kill -------------------------------------------------------------------------------
 
     async def create(self, template: str, *, token: str, env_vars: dict[str, str], internet: bool) -> Sandbox:
-        sandbox = self.capacity.claim_ready(template)
+        ready = self.capacity.claim_ready(template)
+        if ready is not None:
+            try:
+                return await self._hand_over(ready, token, env_vars, started=False, internet=internet)
+            except EnvdUnavailable as exc:
+                # It can have died while it waited in stock (still live to the runtime, its envd gone): the
+                # create then takes the ordinary way.
+                log.warning("ready sandbox %s of %s does not answer (%s); starting a new one", ready.id,
+                            template, exc)
+        sandbox = await self.capacity.start(self.template_snapshot(template), SandboxConfig(internet=internet),
+                                            stock=True)
+        return await self._hand_over(sandbox, token, env_vars, started=True, internet=internet)
+
+    async def _hand_over(self, sandbox: Sandbox, token: str, env_vars: dict[str, str], *, started: bool,
+                         internet: bool) -> Sandbox:
+        """Hands `sandbox` its identity through envd's /init and makes it live; it is destroyed if that fails.
+        `started`: just started for this create (envd may not be up yet), not claimed ready."""
         try:
-            if sandbox is None:
-                sandbox = await self.capacity.start(self.template_snapshot(template),
-                                                    SandboxConfig(internet=internet), stock=True)
+            if started:
                 await self.envd.wait_ready(sandbox.address)
             elif not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                  workdir=DEFAULT_WORKDIR, hostname=sandbox.id)
         except BaseException:
-            if sandbox is not None:
-                with contextlib.suppress(RuntimeError_):
-                    await self.runtime.destroy(sandbox.id)
+            with contextlib.suppress(RuntimeError_):
+                await self.runtime.destroy(sandbox.id)
             raise
         self._go_live(sandbox.id, sandbox, token, fresh=True)
         return sandbox
