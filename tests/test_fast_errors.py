@@ -52,7 +52,7 @@ def test_each_kind_of_error_gets_its_status():
 
 
 class _Keys:
-    def verify(self, presented: str | None) -> ApiKey | None:
+    async def verify(self, presented: str | None) -> ApiKey | None:
         return ApiKey(id="k1", name="test", prefix="e2b_", created_at=0.0, revoked_at=None) if presented else None
 
 

@@ -35,8 +35,8 @@ def _header(scope, name: bytes) -> str | None:
 class CorralServer:
     def __init__(self, settings: Settings, platform: PlatformSettings, *, domain: str | None = None) -> None:
         self.settings = settings
-        sessions = open_database(platform.resolved_database_url(settings))
-        self.keys = ApiKeys(sessions)
+        self.database = open_database(platform.resolved_database_url(settings))
+        self.keys = ApiKeys(self.database)
         store = TemplateStore(settings)
         runtime = GVisorRuntime(settings)
         self.orchestrator = Orchestrator(runtime, store.resolve, pool_size=platform.pool_size,
@@ -50,7 +50,7 @@ class CorralServer:
                                          resume_warm_s=platform.resume_warm_s,
                                          resume_warm_max=platform.resume_warm_max,
                                          budget=platform.restore_budget or None)
-        self.control = ControlPlane(sessions, self.orchestrator, platform,
+        self.control = ControlPlane(self.database, self.orchestrator, platform,
                                     checkpoint_dir=settings.data_dir / "checkpoints",
                                     is_template=lambda name: name in store.recipes or any(
                                         t.name == name for t in store.list()))
@@ -112,5 +112,6 @@ class CorralServer:
                 with contextlib.suppress(Exception):
                     await self.proxy.close()
                 await self.control.close()
+                self.database.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from corral.orchestrator.sandboxes import Orchestrator
@@ -14,10 +15,16 @@ from corral.runtime.fake import FakeEnvd, FakeRuntime
 TEMPLATE = "base"
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "the condition") -> None:
-    """Returns as soon as `condition()` holds; fails the test after `timeout` (a hang, not a slow host)."""
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0,
+                what: str = "the condition") -> None:
+    """Returns as soon as `condition()` (or what it returns, when that is awaitable) holds; fails the test
+    after `timeout` (a hang, not a slow host)."""
+    async def holds() -> bool:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
     async def poll() -> None:
-        while not condition():  # noqa: ASYNC110 (an arbitrary condition: no event to wait on)
+        while not await holds():  # noqa: ASYNC110 (an arbitrary condition: no event to wait on)
             await asyncio.sleep(0.002)
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import datetime
@@ -47,8 +48,8 @@ def serve_command(
     _ensure_templates(settings, platform.pool_templates or ("base",))
     server = CorralServer(settings, platform, domain=domain)
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
-    if not server.keys.list():
-        _, secret = server.keys.create("default")
+    if not asyncio.run(server.keys.list()):
+        _, secret = asyncio.run(server.keys.create("default"))
         key_line = f"export E2B_API_KEY={secret}   # created now as 'default'; shown only once"
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     console.print("[bold]Point the E2B SDKs at this server:[/bold]")
@@ -63,8 +64,6 @@ def serve_command(
 def _ensure_templates(settings, names: tuple[str, ...]) -> None:
     """Builds the templates the server pools (`base` by default) when they are missing or their recipe
     changed (an upgrade): the first start on a fresh machine takes about a minute, later ones none."""
-    import asyncio
-
     from corral.cli.build_progress import BuildDisplay
     from corral.cli.local import local_runtime
     from corral.runtime.base import TemplateNotFound
@@ -92,7 +91,7 @@ def _ensure_templates(settings, names: tuple[str, ...]) -> None:
 def keys_create(name: str = typer.Option("default", help="A name to tell keys apart."),
                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
-    key, secret = _keys().create(name)
+    key, secret = asyncio.run(_keys().create(name))
     if as_json:
         print(json.dumps({"id": key.id, "name": key.name, "key": secret}))
     else:
@@ -102,7 +101,7 @@ def keys_create(name: str = typer.Option("default", help="A name to tell keys ap
 @keys_app.command("ls")
 def keys_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List API keys (never the keys themselves)."""
-    keys = _keys().list()
+    keys = asyncio.run(_keys().list())
     if as_json:
         print(json.dumps([{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at,
                            "revoked": k.revoked_at is not None} for k in keys]))
@@ -120,7 +119,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (see `corra
     from corral.control.keys import KeyNotFound
 
     try:
-        key = _keys().revoke(key_id)
+        key = asyncio.run(_keys().revoke(key_id))
     except KeyNotFound:
         Console(stderr=True).print(f"[red]error:[/red] no API key with id {key_id}")
         raise typer.Exit(1) from None

@@ -156,7 +156,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model=schemas.Sandbox,
               responses={**ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
     async def resume_legacy(sandbox_id: str, key: Key, body: schemas.ConnectSandbox | None = None):
-        if plane.sandboxes.get(key.id, sandbox_id).state == "running":
+        if (await plane.sandboxes.get(key.id, sandbox_id)).state == "running":
             raise ApiError(409, f"sandbox {sandbox_id} is already running")
         row, _ = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
                                               memory=not (body and body.memory is False))
@@ -171,10 +171,9 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
             raise ApiError(400, f"unknown state(s): {', '.join(sorted(unknown))}")
         if order not in (None, "asc", "desc"):
             raise ApiError(400, "order must be asc or desc")
-        rows = plane.sandboxes.list(key.id, ListQuery(metadata=_parse_metadata(metadata), states=states,
-                                                      order=order or "desc",
-                                                      started_after=_parse_time(started_after, "startedAfter"),
-                                                      template=template))
+        query = ListQuery(metadata=_parse_metadata(metadata), states=states, order=order or "desc",
+                          started_after=_parse_time(started_after, "startedAfter"), template=template)
+        rows = await plane.sandboxes.list(key.id, query)
         offset = page_offset(next_token)
         end = len(rows) if limit is None else offset + limit
         if end < len(rows):
@@ -212,7 +211,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=ERRORS,
              response_model_exclude_none=True, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
-        return _detail(plane.sandboxes.get(key.id, sandbox_id))
+        return _detail(await plane.sandboxes.get(key.id, sandbox_id))
 
     @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
@@ -221,13 +220,13 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
 
     @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: schemas.SetTimeout, key: Key) -> Response:
-        plane.sandboxes.set_timeout(key.id, sandbox_id, body.timeout)
+        await plane.sandboxes.set_timeout(key.id, sandbox_id, body.timeout)
         return Response(status_code=204)
 
     @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=ERRORS,
              tags=["sandboxes"])
     async def metrics(sandbox_id: str, key: Key, start: int | None = None, end: int | None = None):
-        rows = plane.sandboxes.metrics(key.id, sandbox_id, start, end)
+        rows = await plane.sandboxes.metrics(key.id, sandbox_id, start, end)
         return [schemas.SandboxMetric(timestamp=iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
                                       cpuUsedPct=r.cpu_used_pct, memUsed=r.mem_used, memTotal=r.mem_total,
                                       memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)

@@ -54,7 +54,7 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     async def list_snapshots(key: Key, response: Response, sandboxID: str | None = None, name: str | None = None,
                              limit: Annotated[int | None, Query(ge=1, le=100)] = None,
                              nextToken: str | None = None) -> list[schemas.SnapshotInfo]:
-        nodes = plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds={"snapshot"})
+        nodes = await plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds={"snapshot"})
         offset = page_offset(nextToken)
         end = len(nodes) if limit is None else offset + limit
         if end < len(nodes):
@@ -80,30 +80,30 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     async def list_nodes(key: Key, sandboxID: str | None = None, name: str | None = None,
                          kind: str | None = None) -> list[dict]:
         kinds = set(kind.split(",")) if kind else None
-        nodes = plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds=kinds)
+        nodes = await plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds=kinds)
         return [node_view(n) for n in nodes]
 
     @router.get("/checkpoints/{ref}", response_model=schemas.CheckpointNode, responses=ERRORS,
                 tags=["checkpoint tree"])
     async def get_node(ref: str, key: Key) -> dict:
-        return node_view(plane.tree.node(key.id, ref))
+        return node_view(await plane.tree.node(key.id, ref))
 
     @router.get("/checkpoints/{ref}/tree", response_model=schemas.Tree, responses=ERRORS,
                 tags=["checkpoint tree"])
     async def tree(ref: str, key: Key) -> dict:
         """The lineage of a checkpoint or a sandbox id, from its root."""
-        return plane.tree.tree(key.id, ref)
+        return await plane.tree.tree(key.id, ref)
 
     @router.patch("/checkpoints/{ref}", response_model=schemas.CheckpointNode, responses=ERRORS,
                   tags=["checkpoint tree"])
     async def set_metadata(ref: str, body: schemas.NodeMetadataPatch, key: Key) -> dict:
-        return node_view(plane.tree.set_metadata(key.id, ref, body.metadata))
+        return node_view(await plane.tree.set_metadata(key.id, ref, body.metadata))
 
     @router.post("/checkpoints/{ref}/sandboxes", status_code=201, response_model=list[schemas.ForkResult],
                  response_model_exclude_none=True, responses=_CONFLICT, tags=["checkpoint tree"])
     async def start_from(ref: str, key: Key, body: schemas.StartFromCheckpoint | None = None):
         body = body or schemas.StartFromCheckpoint()
-        node = plane.tree.node(key.id, ref)
+        node = await plane.tree.node(key.id, ref)
         results = await plane.branching.start_from(node, body.count,
                                                    timeout=plane.sandboxes.timeout_for(body.timeout),
                                                    metadata=body.metadata or {}, env_vars=body.envVars or node.env_vars,

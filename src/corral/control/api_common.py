@@ -50,8 +50,8 @@ def page_offset(token: str | None) -> int:
         raise ApiError(400, "nextToken is not a token this server issued") from None
 
 
-def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
-    key = request.app.state.keys.verify(x_api_key)
+async def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+    key = await request.app.state.keys.verify(x_api_key)
     if key is None:
         raise ApiError(401, "Invalid API key" if x_api_key else "Missing X-API-KEY header")
     return key

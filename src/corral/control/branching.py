@@ -17,9 +17,9 @@ import secrets
 import time
 from collections.abc import Callable
 
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
-from corral.control.db import CheckpointRow, SandboxRow
+from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
@@ -33,9 +33,9 @@ MAX_FORKS = 100
 
 
 class Branching:
-    def __init__(self, sessions: sessionmaker, sandboxes: Sandboxes, tree: CheckpointTree,
+    def __init__(self, database: Database, sandboxes: Sandboxes, tree: CheckpointTree,
                  orchestrator: Orchestrator, *, is_template: Callable[[str], bool]) -> None:
-        self._sessions = sessions
+        self._db = database
         self._sandboxes = sandboxes
         self._tree = tree
         self._orchestrator = orchestrator
@@ -46,63 +46,71 @@ class Branching:
 
     async def pause(self, key_id: str, sandbox_id: str, *, memory: bool = True, reason: str = "request") -> None:
         async with self._sandboxes.locks[sandbox_id]:
-            row = self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(key_id, sandbox_id)
             if row.state == "paused":
                 raise ApiError(409, f"sandbox {sandbox_id} is already paused")
-            node = self._tree.record(row, "pause", memory=memory, metadata={"reason": reason})
-            with self._sessions.begin() as session:
+            node = await self._tree.record(row, "pause", memory=memory, metadata={"reason": reason})
+
+            def paused(session: Session) -> None:
                 stored = session.get(SandboxRow, sandbox_id)
                 stored.state, stored.paused_node = "paused", node.id
                 stored.pause_mode = "full" if memory else "filesystem"
+
+            def running(session: Session) -> SandboxRow:
+                stored = session.get(SandboxRow, sandbox_id)
+                stored.state, stored.paused_node, stored.pause_mode = "running", None, None
+                return stored
+
+            def stopped(session: Session) -> None:
+                session.get(SandboxRow, sandbox_id).runtime_id = None
+
+            await self._db.write(paused)
             self._sandboxes.went_offline(sandbox_id)
             try:
                 await self._orchestrator.pause(sandbox_id, self._tree.files.path(node.id), memory=memory)
             except BaseException:
-                with self._sessions.begin() as session:
-                    stored = session.get(SandboxRow, sandbox_id)
-                    stored.state, stored.paused_node, stored.pause_mode = "running", None, None
-                self._tree.drop(node.id)
+                stored = await self._db.write(running)
+                await self._tree.drop(node.id)
                 if sandbox_id in self._orchestrator.live_ids():
                     self._sandboxes.came_online(stored)
                 raise
-            self._tree.mark_ready(node, head_of=sandbox_id)
-            with self._sessions.begin() as session:
-                session.get(SandboxRow, sandbox_id).runtime_id = None
+            await self._tree.mark_ready(node, head_of=sandbox_id)
+            await self._db.write(stopped)
         log.info("paused %s into %s (%s)", sandbox_id, node.id, reason)
 
     async def resume(self, key_id: str, sandbox_id: str, *, timeout: int | None,
                      memory: bool = True) -> tuple[SandboxRow, bool]:
         """Resumes a paused sandbox (True) or, if it runs, extends its timeout (False)."""
         async with self._sandboxes.locks[sandbox_id]:
-            row = self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(key_id, sandbox_id)
             if row.state == "running":
-                return self._sandboxes.extend(key_id, sandbox_id, timeout), False
+                return await self._sandboxes.extend(key_id, sandbox_id, timeout), False
             seconds = self._sandboxes.timeout_for(timeout if timeout is not None else row.timeout_s)
             node_id = row.paused_node
-            with self._sessions() as session:
-                node = session.get(CheckpointRow, node_id)
+            node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
             with self._tree.reading(node_id):
                 _, sandbox = await self._orchestrator.start_from(
                     self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
                     current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
                     resources=_resources(row), memory=memory and row.pause_mode == "full")
-            now = time.time()
-            with self._sessions.begin() as session:
+            def resumed(session: Session) -> SandboxRow:
                 stored = session.get(SandboxRow, sandbox_id)
                 stored.state, stored.runtime_id = "running", sandbox.id
                 stored.paused_node, stored.pause_mode = None, None
-                stored.end_at, stored.timeout_s = now + seconds, seconds
+                stored.end_at, stored.timeout_s = time.time() + seconds, seconds
+                return stored
+
+            stored = await self._db.write(resumed)
             # The sandbox runs on from this point; its memory image would only be a copy of the past. The
             # layer stays: the sandbox stands on it.
             if node is not None:
-                self._tree.memory_dropped(node_id)
+                await self._tree.drop_memory(node_id)
             self._sandboxes.came_online(stored)
             return stored, True
 
     async def auto_resume(self, sandbox_id: str) -> bool:
         """For the proxy: resumes a paused sandbox created with autoResume; False if it may not."""
-        with self._sessions() as session:
-            row = session.get(SandboxRow, sandbox_id)
+        row = await self._sandboxes.row(sandbox_id)
         if row is None or not (row.lifecycle or {}).get("autoResume"):
             return False
         try:
@@ -127,38 +135,38 @@ class Branching:
                        metadata: dict | None = None, kind: str = "snapshot", clones: int = 0) -> CheckpointRow:
         self._check_name(name)
         async with self._sandboxes.locks[sandbox_id]:
-            row = self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(key_id, sandbox_id)
             if row.state == "paused":
                 # The pause checkpoint already is this state: share its files.
-                node = self._tree.record(row, kind, memory=row.pause_mode == "full", name=name, metadata=metadata,
-                                         parent=row.paused_node)
+                node = await self._tree.record(row, kind, memory=row.pause_mode == "full", name=name,
+                                               metadata=metadata, parent=row.paused_node)
                 try:
                     await asyncio.to_thread(self._tree.files.link_copy, row.paused_node, node.id)
                 except BaseException:
-                    self._tree.drop(node.id)
+                    await self._tree.drop(node.id)
                     raise
-                return self._tree.mark_ready(node)
-            node = self._tree.record(row, kind, memory=memory, name=name, metadata=metadata)
+                return await self._tree.mark_ready(node)
+            node = await self._tree.record(row, kind, memory=memory, name=name, metadata=metadata)
             try:
                 await self._orchestrator.checkpoint(sandbox_id, self._tree.files.path(node.id), memory=memory,
                                                     clones=clones)
             except BaseException:
-                self._tree.drop(node.id)
+                await self._tree.drop(node.id)
                 raise
-            return self._tree.mark_ready(node, head_of=sandbox_id)
+            return await self._tree.mark_ready(node, head_of=sandbox_id)
 
     async def fork(self, key_id: str, sandbox_id: str, *, count: int,
                    timeout: int | None) -> list[SandboxRow | BaseException]:
         if not 1 <= count <= MAX_FORKS:
             raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
-        row = self._sandboxes.get(key_id, sandbox_id)
+        row = await self._sandboxes.get(key_id, sandbox_id)
         seconds = self._sandboxes.timeout_for(timeout)
         if row.state == "paused":
             # From the pause checkpoint itself; the lock keeps a resume from dropping its image meanwhile.
             async with self._sandboxes.locks[sandbox_id]:
-                row = self._sandboxes.get(key_id, sandbox_id)
+                row = await self._sandboxes.get(key_id, sandbox_id)
                 if row.state == "paused":
-                    node = self._tree.node(key_id, row.paused_node)
+                    node = await self._tree.node(key_id, row.paused_node)
                     return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template)
@@ -197,7 +205,7 @@ class Branching:
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow | None:
-        node = self._tree.find_node(key_id, ref)
+        node = await self._tree.find_node(key_id, ref)
         if node is None:
             return None
         (result,) = await self.start_from(node, 1, timeout=timeout, metadata=metadata, env_vars=env_vars,

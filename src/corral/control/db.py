@@ -1,11 +1,22 @@
 """Durable state: API keys, sandboxes and their metric samples, through SQLAlchemy (SQLite by default;
-nothing here is SQLite-specific, so PostgreSQL is a URL away)."""
+nothing here is SQLite-specific, so PostgreSQL is a URL away).
+
+Code on the event loop reaches the database only through `Database`: each unit of work (a function given
+a Session) runs in one worker thread and is awaited, so a slow query, a wait for SQLite's write lock or a
+disk flush never stalls the proxy, which shares the loop."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -94,13 +105,48 @@ class MetricRow(Base):
     disk_total: Mapped[int] = mapped_column(Integer)
 
 
-def open_database(url: str) -> sessionmaker:
+class Database:
+    """Runs units of work off the event loop, one at a time and in the order they were submitted, in one
+    worker thread: SQLite lets one writer in at a time anyway, and a unit that reads then writes needs no
+    lock against another. Rows come back detached with their columns loaded (`expire_on_commit=False`),
+    so the loop reads them without touching the database. (PostgreSQL could use a few threads.)
+
+    A unit that has begun runs to its end even if the coroutine awaiting it is cancelled; one that has
+    not begun is dropped."""
+
+    def __init__(self, sessions: sessionmaker) -> None:
+        self._sessions = sessions
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-db")
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        """`work(session)`'s result; nothing it changes is committed."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._read, work)
+
+    async def write(self, work: Callable[[Session], T]) -> T:
+        """`work(session)`'s result, in one transaction: committed when it returns, rolled back when it
+        raises (the exception reaches the caller)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._write, work)
+
+    def _read(self, work: Callable[[Session], T]) -> T:
+        with self._sessions() as session:
+            return work(session)
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        with self._sessions.begin() as session:
+            return work(session)
+
+    def close(self) -> None:
+        """Waits for the units already submitted."""
+        self._worker.shutdown(wait=True)
+
+
+def open_database(url: str) -> Database:
     engine = create_engine(url, connect_args={"check_same_thread": False} if url.startswith("sqlite") else {})
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    return Database(sessionmaker(engine, expire_on_commit=False))
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -137,4 +183,4 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["ApiKeyRow", "CheckpointRow", "Engine", "MetricRow", "SandboxRow", "open_database"]
+__all__ = ["ApiKeyRow", "CheckpointRow", "Database", "Engine", "MetricRow", "SandboxRow", "open_database"]

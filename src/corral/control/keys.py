@@ -9,9 +9,8 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
-from corral.control.db import ApiKeyRow
+from corral.control.db import ApiKeyRow, Database
 
 KEY_SHAPE = re.compile(r"^e2b_[0-9a-f]{40}$")
 
@@ -38,36 +37,40 @@ def _public(row: ApiKeyRow) -> ApiKey:
 
 
 class ApiKeys:
-    def __init__(self, sessions: sessionmaker) -> None:
-        self._sessions = sessions
+    def __init__(self, database: Database) -> None:
+        self._db = database
 
-    def create(self, name: str) -> tuple[ApiKey, str]:
+    async def create(self, name: str) -> tuple[ApiKey, str]:
         """Returns the key record and the key itself, which is shown once and never again."""
         secret = "e2b_" + secrets.token_hex(20)
         row = ApiKeyRow(id=secrets.token_hex(8), name=name, prefix=secret[:10], digest=_digest(secret),
                         created_at=time.time(), revoked_at=None)
-        with self._sessions.begin() as session:
-            session.add(row)
+        await self._db.write(lambda session: session.add(row))
         return _public(row), secret
 
-    def verify(self, presented: str | None) -> ApiKey | None:
+    async def verify(self, presented: str | None) -> ApiKey | None:
+        """The key's record, if it is one of ours and not revoked (looked up on every API request)."""
         if not presented or not KEY_SHAPE.match(presented):
             return None
-        with self._sessions() as session:
-            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == _digest(presented)))
-            if row is None or row.revoked_at is not None:
-                return None
-            return _public(row)
+        digest = _digest(presented)
+        row = await self._db.read(
+            lambda session: session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest)))
+        if row is None or row.revoked_at is not None:
+            return None
+        return _public(row)
 
-    def list(self) -> list[ApiKey]:
-        with self._sessions() as session:
-            return [_public(r) for r in session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+    async def list(self) -> list[ApiKey]:
+        rows = await self._db.read(
+            lambda session: list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))))
+        return [_public(r) for r in rows]
 
-    def revoke(self, key_id: str) -> ApiKey:
-        with self._sessions.begin() as session:
+    async def revoke(self, key_id: str) -> ApiKey:
+        def revoke(session) -> ApiKeyRow:
             row = session.get(ApiKeyRow, key_id)
             if row is None:
                 raise KeyNotFound(key_id)
             if row.revoked_at is None:
                 row.revoked_at = time.time()
-            return _public(row)
+            return row
+
+        return _public(await self._db.write(revoke))

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy.orm import sessionmaker
-
 from corral.config import PlatformSettings
 from corral.control.branching import Branching
+from corral.control.db import Database
 from corral.control.recovery import recover
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
@@ -23,17 +22,17 @@ from corral.orchestrator.sandboxes import Orchestrator
 
 
 class ControlPlane:
-    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings, *,
+    def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
                  checkpoint_dir: Path, is_template: Callable[[str], bool]) -> None:
-        self._sessions = sessions
+        self._db = database
         self.orchestrator = orchestrator
-        self.sandboxes = Sandboxes(sessions, orchestrator, settings)
-        self.tree = CheckpointTree(sessions, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
-        self.branching = Branching(sessions, self.sandboxes, self.tree, orchestrator, is_template=is_template)
+        self.sandboxes = Sandboxes(database, orchestrator, settings)
+        self.tree = CheckpointTree(database, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
+        self.branching = Branching(database, self.sandboxes, self.tree, orchestrator, is_template=is_template)
         self.sandboxes.checkpoints = self.branching
 
     async def start(self) -> None:
-        await recover(self._sessions, self.orchestrator, self.sandboxes, self.tree)
+        await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
         self.sandboxes.start_sampling()
 
     async def close(self) -> None:

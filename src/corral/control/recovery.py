@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
-from corral.control.db import CheckpointRow, SandboxRow
+from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
 from corral.orchestrator.sandboxes import Orchestrator
@@ -18,29 +18,33 @@ from corral.orchestrator.sandboxes import Orchestrator
 log = logging.getLogger("corral.recovery")
 
 
-async def recover(sessions: sessionmaker, orchestrator: Orchestrator, sandboxes: Sandboxes,
+async def recover(database: Database, orchestrator: Orchestrator, sandboxes: Sandboxes,
                   tree: CheckpointTree) -> None:
-    with sessions() as session:
-        rows = list(session.scalars(select(SandboxRow)))
+    rows = await database.read(_all_sandboxes)
     keep = {r.id: (r.runtime_id or r.id, r.envd_token) for r in rows if r.runtime_id or r.state == "running"}
     live = await orchestrator.start(keep=keep)
-    rows = await _finish_checkpoints(sessions, orchestrator, sandboxes, tree, rows, live)
+    rows = await _finish_checkpoints(database, orchestrator, sandboxes, tree, rows, live)
     gone = [r.id for r in rows if r.state == "running" and r.id not in live]
     if gone:
         log.warning("%d sandboxes from the database no longer exist: %s", len(gone), ", ".join(gone))
-        sandboxes.forget(gone)
+        await sandboxes.forget(gone)
     for row in rows:
         if row.id in live:
             sandboxes.came_online(row)
-    tree.reclaim(partials=True)
+    await tree.reclaim(partials=True)
 
 
-async def _finish_checkpoints(sessions: sessionmaker, orchestrator: Orchestrator, sandboxes: Sandboxes,
+def _all_sandboxes(session: Session) -> list[SandboxRow]:
+    return list(session.scalars(select(SandboxRow)))
+
+
+async def _finish_checkpoints(database: Database, orchestrator: Orchestrator, sandboxes: Sandboxes,
                               tree: CheckpointTree, rows: list[SandboxRow], live: set[str]) -> list[SandboxRow]:
     """Finishes or undoes pauses and checkpoints a killed server left half done; returns the rows as
     they are now."""
     files = tree.files
-    with sessions.begin() as session:
+
+    def finish(session: Session) -> None:  # reads checkpoint files too: fine in the database's thread
         for node in session.scalars(select(CheckpointRow).where(CheckpointRow.ready.is_(False))):
             if files.complete(node.id):
                 node.ready, node.size_bytes = True, files.size(node.id)
@@ -58,11 +62,12 @@ async def _finish_checkpoints(sessions: sessionmaker, orchestrator: Orchestrator
             else:
                 log.warning("sandbox %s was being paused when the server died and is lost", row.id)
                 stored.state = "lost"
-    with sessions() as session:
-        now = list(session.scalars(select(SandboxRow)))
+
+    await database.write(finish)
+    now = await database.read(_all_sandboxes)
     lost = [r.id for r in now if r.state == "lost"]
     if lost:
-        sandboxes.forget(lost)
+        await sandboxes.forget(lost)
     for r in now:
         if r.state == "paused" and r.id in live:
             # Paused for good but its old container was adopted: it must not run twice.

@@ -9,20 +9,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
 from corral.config import PlatformSettings
-from corral.control.db import MetricRow, SandboxRow
+from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
@@ -68,8 +70,8 @@ class NoCheckpoints:
 
 
 class Sandboxes:
-    def __init__(self, sessions: sessionmaker, orchestrator: Orchestrator, settings: PlatformSettings) -> None:
-        self._sessions = sessions
+    def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings) -> None:
+        self._db = database
         self.orchestrator = orchestrator
         self._settings = settings
         self.checkpoints: CheckpointHooks = NoCheckpoints()
@@ -124,47 +126,50 @@ class Sandboxes:
         now = time.time()
         row.started_at, row.end_at, row.timeout_s, row.state = now, now + seconds, seconds, "running"
         try:
-            with self._sessions.begin() as session:
-                session.add(row)
-        except BaseException:
+            await self._db.write(lambda session: session.add(row))
+        except BaseException as e:
             await self.orchestrator.kill(row.id)
+            if isinstance(e, asyncio.CancelledError):  # the write may have run all the same: undo it after
+                with contextlib.suppress(Exception):
+                    await self.forget([row.id])
             raise
         self._arm(row.id, row.end_at)
         return row
 
-    def get(self, key_id: str, sandbox_id: str) -> SandboxRow:
+    async def row(self, sandbox_id: str) -> SandboxRow | None:
+        """The sandbox's record, whoever owns it; None when there is none."""
+        return await self._db.read(lambda session: session.get(SandboxRow, sandbox_id))
+
+    async def get(self, key_id: str, sandbox_id: str) -> SandboxRow:
         """The owner's sandbox, for any of the per-sandbox API calls (which count as interest in it)."""
-        with self._sessions() as session:
-            row = session.get(SandboxRow, sandbox_id)
+        row = await self.row(sandbox_id)
         if row is None or row.key_id != key_id:
             raise not_found(sandbox_id)
         self.orchestrator.noticed(sandbox_id)
         return row
 
-    def list(self, key_id: str, query: ListQuery) -> list[SandboxRow]:
-        with self._sessions() as session:
-            stmt = select(SandboxRow).where(SandboxRow.key_id == key_id)
-            if query.started_after is not None:
-                stmt = stmt.where(SandboxRow.started_at >= query.started_after)  # "at or after"
-            if query.template:
-                stmt = stmt.where(SandboxRow.template == query.template)
-            order = SandboxRow.started_at.asc() if query.order == "asc" else SandboxRow.started_at.desc()
-            rows = list(session.scalars(stmt.order_by(order, SandboxRow.id)))
+    async def list(self, key_id: str, query: ListQuery) -> list[SandboxRow]:
+        stmt = select(SandboxRow).where(SandboxRow.key_id == key_id)
+        if query.started_after is not None:
+            stmt = stmt.where(SandboxRow.started_at >= query.started_after)  # "at or after"
+        if query.template:
+            stmt = stmt.where(SandboxRow.template == query.template)
+        order = SandboxRow.started_at.asc() if query.order == "asc" else SandboxRow.started_at.desc()
+        rows = await self._db.read(lambda session: list(session.scalars(stmt.order_by(order, SandboxRow.id))))
         return [r for r in rows if r.state in query.states
                 and all((r.sandbox_metadata or {}).get(k) == v for k, v in query.metadata.items())]
 
     async def kill(self, key_id: str, sandbox_id: str) -> None:
-        self.get(key_id, sandbox_id)
+        await self.get(key_id, sandbox_id)
         await self._kill(sandbox_id)
 
     async def _kill(self, sandbox_id: str) -> None:
         async with self.locks[sandbox_id]:
-            with self._sessions() as session:
-                if session.get(SandboxRow, sandbox_id) is None:
-                    return  # killed while we waited for the lock
+            if await self.row(sandbox_id) is None:
+                return  # killed while we waited for the lock
             # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
             self._disarm(sandbox_id)
-            self.forget([sandbox_id])
+            await self.forget([sandbox_id])
             await self.orchestrator.kill(sandbox_id)
             await self.checkpoints.forget_sandbox(sandbox_id)
         self.locks.pop(sandbox_id, None)
@@ -177,10 +182,12 @@ class Sandboxes:
         """Running (again, after a resume or a restart of the server): its timer counts to `row.end_at`."""
         self._arm(row.id, row.end_at)
 
-    def forget(self, ids: list[str]) -> None:
-        with self._sessions.begin() as session:
+    async def forget(self, ids: list[str]) -> None:
+        def forget(session: Session) -> None:
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
+
+        await self._db.write(forget)
 
     def sandbox_for_signature(self, path: str, operation: str, username: str, signature: str,
                               expiration: str | None) -> str | None:
@@ -196,26 +203,31 @@ class Sandboxes:
 
     # --- timeouts --------------------------------------------------------------------------------
 
-    def set_timeout(self, key_id: str, sandbox_id: str, timeout: int) -> SandboxRow:
+    async def set_timeout(self, key_id: str, sandbox_id: str, timeout: int) -> SandboxRow:
         """The sandbox now ends `timeout` seconds from now (sooner or later than before)."""
-        self.get(key_id, sandbox_id)
-        return self._set_end(sandbox_id, time.time() + self.timeout_for(timeout))
+        await self.get(key_id, sandbox_id)
+        seconds = self.timeout_for(timeout)
+        return await self._set_end(sandbox_id, lambda row: time.time() + seconds)
 
-    def extend(self, key_id: str, sandbox_id: str, timeout: int | None) -> SandboxRow:
+    async def extend(self, key_id: str, sandbox_id: str, timeout: int | None) -> SandboxRow:
         """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
-        row = self.get(key_id, sandbox_id)
-        wanted = time.time() + self.timeout_for(timeout)
-        return self._set_end(sandbox_id, max(row.end_at, wanted))
+        await self.get(key_id, sandbox_id)
+        seconds = self.timeout_for(timeout)
+        return await self._set_end(sandbox_id, lambda row: max(row.end_at, time.time() + seconds))
 
-    def _set_end(self, sandbox_id: str, end_at: float) -> SandboxRow:
-        with self._sessions.begin() as session:
+    async def _set_end(self, sandbox_id: str, end_at: Callable[[SandboxRow], float]) -> SandboxRow:
+        """Sets the sandbox's end to `end_at(row)`, reading and writing the row in one unit of work."""
+        def set_end(session: Session) -> SandboxRow:
             row = session.get(SandboxRow, sandbox_id)
             if row is None:
                 raise not_found(sandbox_id)
-            row.end_at = end_at
-            row.timeout_s = max(0, round(end_at - time.time()))
+            row.end_at = end_at(row)
+            row.timeout_s = max(0, round(row.end_at - time.time()))
+            return row
+
+        row = await self._db.write(set_end)
         if row.state == "running":  # a paused sandbox does not run out; its new end counts from resume
-            self._arm(sandbox_id, end_at)
+            self._arm(sandbox_id, row.end_at)
         return row
 
     def _disarm(self, sandbox_id: str) -> None:
@@ -236,8 +248,7 @@ class Sandboxes:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_timeout(self, sandbox_id: str) -> None:
-        with self._sessions() as session:
-            row = session.get(SandboxRow, sandbox_id)
+        row = await self.row(sandbox_id)
         lifecycle = (row.lifecycle or {}) if row else {}
         if row is not None and lifecycle.get("onTimeout") == "pause":
             try:
@@ -254,38 +265,38 @@ class Sandboxes:
 
     # --- metrics ---------------------------------------------------------------------------------
 
-    def metrics(self, key_id: str, sandbox_id: str, start: float | None, end: float | None) -> list[MetricRow]:
-        self.get(key_id, sandbox_id)
-        with self._sessions() as session:
-            stmt = select(MetricRow).where(MetricRow.sandbox_id == sandbox_id)
-            if start is not None:
-                stmt = stmt.where(MetricRow.ts >= start)
-            if end is not None:
-                stmt = stmt.where(MetricRow.ts <= end)
-            return list(session.scalars(stmt.order_by(MetricRow.ts)))
+    async def metrics(self, key_id: str, sandbox_id: str, start: float | None,
+                      end: float | None) -> list[MetricRow]:
+        await self.get(key_id, sandbox_id)
+        stmt = select(MetricRow).where(MetricRow.sandbox_id == sandbox_id)
+        if start is not None:
+            stmt = stmt.where(MetricRow.ts >= start)
+        if end is not None:
+            stmt = stmt.where(MetricRow.ts <= end)
+        return await self._db.read(lambda session: list(session.scalars(stmt.order_by(MetricRow.ts))))
 
     async def sample_once(self) -> None:
-        with self._sessions() as session:
-            rows = list(session.scalars(select(SandboxRow).where(SandboxRow.state == "running")))
+        rows = await self._db.read(
+            lambda session: list(session.scalars(select(SandboxRow).where(SandboxRow.state == "running"))))
         for row in rows:
             try:
                 data = await self.orchestrator.metrics(row.id)
             except EnvdUnavailable:
                 continue
-            if data is None:
-                continue
-            with self._sessions.begin() as session:
-                if session.get(SandboxRow, row.id) is None:
-                    continue  # killed while we were asking
-                session.add(MetricRow(sandbox_id=row.id, ts=float(data.get("ts", time.time())),
-                                      cpu_count=int(data["cpu_count"]), cpu_used_pct=float(data["cpu_used_pct"]),
-                                      mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]),
-                                      mem_cache=int(data["mem_cache"]), disk_used=int(data["disk_used"]),
-                                      disk_total=int(data["disk_total"])))
-                kept = select(MetricRow.id).where(MetricRow.sandbox_id == row.id).order_by(
-                    MetricRow.ts.desc()).limit(self._settings.metrics_kept)
-                session.execute(delete(MetricRow).where(MetricRow.sandbox_id == row.id,
-                                                        MetricRow.id.not_in(kept)))
+            if data is not None:
+                await self._db.write(functools.partial(self._add_sample, sandbox_id=row.id, data=data))
+
+    def _add_sample(self, session: Session, sandbox_id: str, data: dict) -> None:
+        if session.get(SandboxRow, sandbox_id) is None:
+            return  # killed while we were asking
+        session.add(MetricRow(sandbox_id=sandbox_id, ts=float(data.get("ts", time.time())),
+                              cpu_count=int(data["cpu_count"]), cpu_used_pct=float(data["cpu_used_pct"]),
+                              mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]),
+                              mem_cache=int(data["mem_cache"]), disk_used=int(data["disk_used"]),
+                              disk_total=int(data["disk_total"])))
+        kept = select(MetricRow.id).where(MetricRow.sandbox_id == sandbox_id).order_by(
+            MetricRow.ts.desc()).limit(self._settings.metrics_kept)
+        session.execute(delete(MetricRow).where(MetricRow.sandbox_id == sandbox_id, MetricRow.id.not_in(kept)))
 
     async def _sample_forever(self) -> None:
         while True:

@@ -10,6 +10,7 @@ server left between the two)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import string
@@ -17,9 +18,9 @@ import time
 from collections import Counter
 
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
-from corral.control.db import CheckpointRow, SandboxRow
+from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
@@ -38,8 +39,8 @@ def node_view(n: CheckpointRow) -> dict:
 
 
 class CheckpointTree:
-    def __init__(self, sessions: sessionmaker, files: CheckpointFiles, orchestrator: Orchestrator) -> None:
-        self._sessions = sessions
+    def __init__(self, database: Database, files: CheckpointFiles, orchestrator: Orchestrator) -> None:
+        self._db = database
         self.files = files
         self._orchestrator = orchestrator
         self._in_use: Counter[str] = Counter()  # nodes being read by a restore right now
@@ -55,14 +56,14 @@ class CheckpointTree:
 
     # --- lookups ---------------------------------------------------------------------------------
 
-    def _nodes(self, key_id: str) -> list[CheckpointRow]:
-        with self._sessions() as session:
-            stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.ready.is_(True))
-            return list(session.scalars(stmt.order_by(CheckpointRow.created_at, CheckpointRow.id)))
+    async def _nodes(self, key_id: str) -> list[CheckpointRow]:
+        stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.ready.is_(True))
+        return await self._db.read(
+            lambda session: list(session.scalars(stmt.order_by(CheckpointRow.created_at, CheckpointRow.id))))
 
-    def find_node(self, key_id: str, ref: str) -> CheckpointRow | None:
+    async def find_node(self, key_id: str, ref: str) -> CheckpointRow | None:
         """The node `ref` names: its id or (the latest node with) its name."""
-        with self._sessions() as session:
+        def find(session: Session) -> CheckpointRow | None:
             node = session.get(CheckpointRow, ref)
             if node is not None and node.key_id == key_id and node.ready:
                 return node
@@ -70,27 +71,28 @@ class CheckpointTree:
                                                CheckpointRow.ready.is_(True))
             return session.scalars(stmt.order_by(CheckpointRow.created_at.desc())).first()
 
-    def node(self, key_id: str, ref: str) -> CheckpointRow:
-        node = self.find_node(key_id, ref)
+        return await self._db.read(find)
+
+    async def node(self, key_id: str, ref: str) -> CheckpointRow:
+        node = await self.find_node(key_id, ref)
         if node is None:
             raise ApiError(404, f"checkpoint {ref} not found")
         return node
 
-    def list_nodes(self, key_id: str, *, sandbox_id: str | None = None, name: str | None = None,
-                   kinds: set[str] | None = None) -> list[CheckpointRow]:
-        nodes = self._nodes(key_id)
+    async def list_nodes(self, key_id: str, *, sandbox_id: str | None = None, name: str | None = None,
+                         kinds: set[str] | None = None) -> list[CheckpointRow]:
+        nodes = await self._nodes(key_id)
         return [n for n in reversed(nodes)
                 if (sandbox_id is None or n.sandbox_id == sandbox_id)
                 and (name is None or name in (n.name, n.id))
                 and (kinds is None or n.kind in kinds)]
 
-    def tree(self, key_id: str, ref: str) -> dict:
+    async def tree(self, key_id: str, ref: str) -> dict:
         """The whole lineage `ref` (a node or a sandbox) belongs to, from its root down."""
-        nodes = {n.id: n for n in self._nodes(key_id)}
-        start = self.find_node(key_id, ref)
+        nodes = {n.id: n for n in await self._nodes(key_id)}
+        start = await self.find_node(key_id, ref)
         if start is None:
-            with self._sessions() as session:
-                sandbox = session.get(SandboxRow, ref)
+            sandbox = await self._db.read(lambda session: session.get(SandboxRow, ref))
             if sandbox is None or sandbox.key_id != key_id:
                 raise ApiError(404, f"no checkpoint or sandbox {ref}")
             if sandbox.head is None or sandbox.head not in nodes:
@@ -102,8 +104,8 @@ class CheckpointTree:
         children: dict[str | None, list[CheckpointRow]] = {}
         for n in nodes.values():
             children.setdefault(n.parent_id, []).append(n)
-        with self._sessions() as session:
-            sandboxes = list(session.scalars(select(SandboxRow).where(SandboxRow.key_id == key_id)))
+        sandboxes = await self._db.read(
+            lambda session: list(session.scalars(select(SandboxRow).where(SandboxRow.key_id == key_id))))
         on_node: dict[str, list[dict]] = {}
         for s in sandboxes:
             at = s.paused_node if s.state == "paused" else s.head
@@ -121,25 +123,28 @@ class CheckpointTree:
 
     # --- recording nodes -------------------------------------------------------------------------
 
-    def record(self, row: SandboxRow, kind: str, *, memory: bool, name: str | None = None,
-               metadata: dict | None = None, parent: str | None = None) -> CheckpointRow:
+    async def record(self, row: SandboxRow, kind: str, *, memory: bool, name: str | None = None,
+                     metadata: dict | None = None, parent: str | None = None) -> CheckpointRow:
         """A node of `row`'s state, not ready yet: its files are about to be written."""
         node = CheckpointRow(id=new_node_id(), key_id=row.key_id, kind=kind, parent_id=parent or row.head,
                              sandbox_id=row.id, template=row.template, name=name, node_metadata=metadata or {},
                              env_vars=row.env_vars or {}, envd_token=row.envd_token, memory=memory,
                              vcpus=row.vcpus, memory_mb=row.memory_mb, disk_mb=row.disk_mb, internet=row.internet,
                              created_at=time.time(), ready=False)
-        with self._sessions.begin() as session:
-            session.add(node)
+        await self._db.write(lambda session: session.add(node))
         return node
 
-    def mark_ready(self, node: CheckpointRow, *, head_of: str | None = None) -> CheckpointRow:
+    def _measure(self, node_id: str) -> tuple[bool, int]:
+        """Whether the node's snapshot holds memory, and its size (a walk of its files: run in a thread)."""
+        return self.files.has_memory(node_id), self.files.size(node_id)
+
+    async def mark_ready(self, node: CheckpointRow, *, head_of: str | None = None) -> CheckpointRow:
         """Its files are written: the node is listed and restorable, and the head of sandbox `head_of`."""
-        with self._sessions.begin() as session:
+        memory, size = await asyncio.to_thread(self._measure, node.id)
+
+        def mark(session: Session) -> CheckpointRow:
             stored = session.get(CheckpointRow, node.id)
-            stored.ready = True
-            stored.memory = self.files.has_memory(node.id)
-            stored.size_bytes = self.files.size(node.id)
+            stored.ready, stored.memory, stored.size_bytes = True, memory, size
             if stored.name:  # a name moves to its newest snapshot
                 for other in session.scalars(select(CheckpointRow).where(
                         CheckpointRow.key_id == node.key_id, CheckpointRow.name == stored.name,
@@ -147,25 +152,36 @@ class CheckpointTree:
                     other.name = None
             if head_of is not None and (sandbox := session.get(SandboxRow, head_of)) is not None:
                 sandbox.head = node.id
-        return stored
+            return stored
 
-    def drop(self, node_id: str) -> None:
+        return await self._db.write(mark)
+
+    async def drop(self, node_id: str) -> None:
         """A node whose files could not be written."""
-        with self._sessions.begin() as session:
-            stored = session.get(CheckpointRow, node_id)
-            if stored is not None:
+        def drop(session: Session) -> None:
+            if (stored := session.get(CheckpointRow, node_id)) is not None:
                 session.delete(stored)
 
-    def memory_dropped(self, node_id: str) -> None:
-        """The node's memory image is gone (its sandbox resumed and ran on): it is filesystem-only now."""
-        self.files.drop_memory(node_id)
-        with self._sessions.begin() as session:
-            if (stored := session.get(CheckpointRow, node_id)) is not None:
-                stored.memory, stored.size_bytes = False, self.files.size(node_id)
+        await self._db.write(drop)
 
-    def set_metadata(self, key_id: str, ref: str, patch: dict) -> CheckpointRow:
-        node = self.node(key_id, ref)
-        with self._sessions.begin() as session:
+    async def drop_memory(self, node_id: str) -> None:
+        """Deletes the node's memory image (its sandbox resumed and ran on): it is filesystem-only now."""
+        def drop_and_measure() -> int:
+            self.files.drop_memory(node_id)
+            return self.files.size(node_id)
+
+        size = await asyncio.to_thread(drop_and_measure)
+
+        def mark(session: Session) -> None:
+            if (stored := session.get(CheckpointRow, node_id)) is not None:
+                stored.memory, stored.size_bytes = False, size
+
+        await self._db.write(mark)
+
+    async def set_metadata(self, key_id: str, ref: str, patch: dict) -> CheckpointRow:
+        node = await self.node(key_id, ref)
+
+        def merge(session: Session) -> CheckpointRow:
             stored = session.get(CheckpointRow, node.id)
             merged = dict(stored.node_metadata or {})
             for k, v in patch.items():
@@ -174,15 +190,17 @@ class CheckpointTree:
                 else:
                     merged[k] = v
             stored.node_metadata = merged
-        return stored
+            return stored
+
+        return await self._db.write(merge)
 
     # --- deleting and reclaiming -----------------------------------------------------------------
 
     async def delete(self, key_id: str, ref: str, *, subtree: bool = False) -> dict:
         """Deletes a node (its children move up to its parent) or its whole subtree. Storage that running
         sandboxes or remaining nodes stand on is kept until they are gone; the rest is freed now."""
-        node = self.node(key_id, ref)
-        nodes = {n.id: n for n in self._nodes(key_id)}
+        node = await self.node(key_id, ref)
+        nodes = {n.id: n for n in await self._nodes(key_id)}
         doomed = [node.id]
         if subtree:
             frontier = [node.id]
@@ -190,16 +208,14 @@ class CheckpointTree:
                 kids = [n.id for n in nodes.values() if n.parent_id in frontier]
                 doomed += kids
                 frontier = kids
-        busy = [n for n in doomed if self._in_use[n]]
-        if busy:
-            raise ApiError(409, f"checkpoint {busy[0]} is in use: sandboxes are being started from it right now")
-        with self._sessions() as session:
-            holders = list(session.scalars(select(SandboxRow).where(SandboxRow.paused_node.in_(doomed))))
-        if holders:
-            raise ApiError(409, f"checkpoint {holders[0].paused_node} holds paused sandbox {holders[0].id}: "
-                                "resume or kill it first")
         survivor = node.parent_id if node.parent_id not in doomed else None
-        with self._sessions.begin() as session:
+
+        def delete(session: Session) -> None:
+            # Checked in the unit that deletes, so no pause can take one of these nodes in between.
+            holder = session.scalars(select(SandboxRow).where(SandboxRow.paused_node.in_(doomed))).first()
+            if holder is not None:
+                raise ApiError(409, f"checkpoint {holder.paused_node} holds paused sandbox {holder.id}: "
+                                    "resume or kill it first")
             for child in session.scalars(select(CheckpointRow).where(CheckpointRow.parent_id.in_(doomed))):
                 if child.id not in doomed:
                     child.parent_id = survivor
@@ -208,29 +224,39 @@ class CheckpointTree:
             for node_id in doomed:
                 if (stored := session.get(CheckpointRow, node_id)) is not None:
                     session.delete(stored)
-        freed = self.reclaim()
-        retained = sum(self.files.size(n) for n in doomed)
+
+        busy = [n for n in doomed if self._in_use[n]]
+        if busy:
+            raise ApiError(409, f"checkpoint {busy[0]} is in use: sandboxes are being started from it right now")
+        await self._db.write(delete)
+        freed = await self.reclaim()
+        retained = sum(await asyncio.to_thread(lambda: [self.files.size(n) for n in doomed]))
         return {"deleted": doomed, "reclaimedBytes": freed, "retainedBytes": retained}
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
         """After a kill: its pause checkpoints go too, unless the tree hangs on them."""
-        with self._sessions() as session:
-            pause_ids = list(session.scalars(select(CheckpointRow.id).where(
-                CheckpointRow.sandbox_id == sandbox_id, CheckpointRow.kind == "pause")))
+        pause_ids = await self._db.read(lambda session: list(session.scalars(select(CheckpointRow.id).where(
+            CheckpointRow.sandbox_id == sandbox_id, CheckpointRow.kind == "pause"))))
         for node_id in pause_ids:  # a killed paused sandbox holds nothing ready to resume any more
             await self._orchestrator.release_prepared(self.files.path(node_id))
-        with self._sessions.begin() as session:
+        in_use = {n for n in pause_ids if self._in_use[n]}
+
+        def forget(session: Session) -> None:
             for node in session.scalars(select(CheckpointRow).where(CheckpointRow.id.in_(pause_ids))):
                 has_children = session.scalars(select(CheckpointRow.id).where(
                     CheckpointRow.parent_id == node.id)).first() is not None
                 has_sandboxes = session.scalars(select(SandboxRow.id).where(
                     SandboxRow.head == node.id)).first() is not None
-                if not has_children and not has_sandboxes and not self._in_use[node.id]:
+                if not has_children and not has_sandboxes and node.id not in in_use:
                     session.delete(node)
-        self.reclaim()
 
-    def reclaim(self, *, partials: bool = False) -> int:
-        with self._sessions() as session:
-            keep = set(session.scalars(select(CheckpointRow.id)))
+        await self._db.write(forget)
+        await self.reclaim()
+
+    async def reclaim(self, *, partials: bool = False) -> int:
+        """Removes the files of nodes no longer recorded. A node being recorded meanwhile is safe: either
+        its record ran before this read (it is kept), or its files are written only after the record
+        returns, which is after this coroutine has gone on (units of work finish in order)."""
+        keep = set(await self._db.read(lambda session: list(session.scalars(select(CheckpointRow.id)))))
         busy = {n for n, c in self._in_use.items() if c}
         return self.files.reclaim(keep, busy=busy, partials=partials)
