@@ -14,7 +14,7 @@ def test_writing_past_disk_quota_gives_enospc_and_host_file_stays_bounded(harnes
                                  timeout=120))
     assert r.exit_code != 0
     assert b"No space left on device" in r.stderr
-    image = runtime._box(sb.id).disk_image
+    image = runtime.table.get(sb.id).disk_image
     assert os.stat(image).st_blocks * 512 <= 128 * 1024 * 1024
     stats = harness.run(runtime.stats(sb.id))
     assert stats.disk_total_bytes <= 128 * 1024 * 1024

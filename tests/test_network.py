@@ -83,7 +83,7 @@ def test_private_range_blocked_for_sandbox_but_reachable_from_host(harness, runt
 def test_host_services_unreachable_on_any_host_address(harness, runtime, sandbox_factory, host_service,
                                                        internet_host):
     sb = sandbox_factory()
-    gateway = str(runtime._box(sb.id).slot.gateway)
+    gateway = str(runtime.table.get(sb.id).slot.gateway)
     for address in (gateway, "203.0.113.254", "10.98.0.254"):  # host ends of the veths
         code, out = curl(harness, runtime, sb.id, f"http://{address}:{host_service}/")
         assert code != 0, f"sandbox reached the host service at {address}: {out}"
