@@ -69,24 +69,25 @@ def long_execution(sbx: CodeSandbox) -> Future:
                                                   timeout=0, on_stdout=started))
 
 
+def assert_ended_soon_with(running: Future, since: float, kind: type[Exception], words: str) -> None:
+    error, ended_at = running.result(timeout=120)
+    assert isinstance(error, kind) and words in str(error), repr(error)
+    assert ended_at - since < ENDS_WITHIN_S
+
+
 def test_command_streaming_when_its_sandbox_is_killed_raises_sandbox_not_running(opts):
     sbx = Sandbox.create(TEMPLATE, timeout=120, **opts)
     running = long_command(sbx)
     killed_at = time.monotonic()
     assert Sandbox.kill(sbx.sandbox_id, **opts) is True  # another client, as an operator's script would
-    error, ended_at = running.result(timeout=120)
-    assert isinstance(error, SandboxNotRunningException) and COMMAND_KILLED in str(error)
-    assert ended_at - killed_at < ENDS_WITHIN_S
+    assert_ended_soon_with(running, killed_at, SandboxNotRunningException, COMMAND_KILLED)
 
 
 def test_command_streaming_when_its_sandbox_times_out_raises_sandbox_not_running(opts):
     sbx = Sandbox.create(TEMPLATE, timeout=120, **opts)
     running = long_command(sbx)
     sbx.set_timeout(1)
-    expires_at = time.monotonic() + 1
-    error, ended_at = running.result(timeout=120)
-    assert isinstance(error, SandboxNotRunningException) and COMMAND_KILLED in str(error)
-    assert ended_at - expires_at < ENDS_WITHIN_S
+    assert_ended_soon_with(running, time.monotonic() + 1, SandboxNotRunningException, COMMAND_KILLED)
 
 
 def test_run_code_when_its_sandbox_is_killed_raises_sandbox_killed(opts):
@@ -94,19 +95,14 @@ def test_run_code_when_its_sandbox_is_killed_raises_sandbox_killed(opts):
     running = long_execution(sbx)
     killed_at = time.monotonic()
     assert sbx.kill() is True  # the same sandbox object, from another thread
-    error, ended_at = running.result(timeout=120)
-    assert isinstance(error, TimeoutException) and RUN_CODE_KILLED in str(error)
-    assert ended_at - killed_at < ENDS_WITHIN_S
+    assert_ended_soon_with(running, killed_at, TimeoutException, RUN_CODE_KILLED)
 
 
 def test_run_code_when_its_sandbox_times_out_raises_sandbox_killed(opts):
     sbx = CodeSandbox.create(TEMPLATE, timeout=120, **opts)
     running = long_execution(sbx)
     sbx.set_timeout(1)
-    expires_at = time.monotonic() + 1
-    error, ended_at = running.result(timeout=120)
-    assert isinstance(error, TimeoutException) and RUN_CODE_KILLED in str(error)
-    assert ended_at - expires_at < ENDS_WITHIN_S
+    assert_ended_soon_with(running, time.monotonic() + 1, TimeoutException, RUN_CODE_KILLED)
 
 
 def test_js_sdk_command_and_run_code_when_their_sandbox_is_killed(server, opts, monkeypatch):
