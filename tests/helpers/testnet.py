@@ -53,6 +53,11 @@ class TestHost:
         self._spawn([sys.executable, str(helper), self.address, str(port), f"hello from {self.name}"])
         self._wait_port(port)
 
+    def serve_files(self, port: int, directory: Path) -> None:
+        helper = Path(__file__).with_name("file_responder.py")
+        self._spawn([sys.executable, str(helper), self.address, str(port), str(directory)])
+        self._wait_port(port)
+
     def serve_dns(self, answer: str) -> None:
         helper = Path(__file__).with_name("dns_responder.py")
         self._spawn([sys.executable, str(helper), self.address, answer])

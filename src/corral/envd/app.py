@@ -7,6 +7,7 @@ import ctypes
 import gc
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from corral.envd.process_service import ProcessService
 from corral.envd.processes import ProcessTable
 from corral.envd.rpc import FILESYSTEM_METHODS, PROCESS_METHODS, ServiceApplication
 from corral.envd.state import SandboxState
+from corral.envd.sudo import SudoService
 from corral.envd.users import UnknownUser, lookup
 
 log = logging.getLogger("corral.envd")
@@ -138,8 +140,18 @@ class EnvdApp:
         with contextlib.suppress(UnknownUser, OSError):
             # Started before the template's snapshot is taken, so restored sandboxes have it running.
             self.processes.prepare_user(lookup(self.state.default_user))
+        sudo = None
+        if os.geteuid() == 0:
+            sudo = SudoService(self.processes.spawners)
+            try:
+                sudo.start()
+            except OSError as e:  # another envd in this sandbox serves it already
+                log.warning("sudo service not started: %s", e)
+                sudo = None
         _release_startup_memory()
         yield
+        if sudo is not None:
+            sudo.close()
         self.filesystem.close()
         self.processes.kill_all()
 

@@ -113,6 +113,11 @@ class ProcessTable:
         self._supervisors: set[asyncio.Task] = set()  # held so the loop does not drop them
         self._spawners = Spawners()
 
+    @property
+    def spawners(self) -> Spawners:
+        """The per-user spawners, shared with the sudo service (it starts sudo from root's)."""
+        return self._spawners
+
     # --- lookups ---------------------------------------------------------------------------------
 
     def running(self) -> list[ManagedProcess]:

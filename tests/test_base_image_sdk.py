@@ -1,0 +1,164 @@
+"""The `base` template as E2B's base image, through the unmodified `e2b` Python SDK: sudo (and apt through
+it), `python`/`pip`."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2b import CommandExitException
+from helpers.testnet import TestHost
+
+from corral.runtime.base import SandboxConfig
+from tests.helpers.envd_client import init, sync_client
+
+# TEST-NET-2: not a private range, so the sandbox reaches it through its internet egress, as a mirror.
+APT_HOST_ADDRESS = "198.51.100.7"
+APT_PORT = 8080
+APT_PACKAGE = "corral-hello"
+
+
+@dataclass
+class Envd:
+    sandbox_id: str
+    url: str
+    token: str
+
+
+@pytest.fixture(scope="module")
+def envd(harness, runtime):
+    sb = harness.run(runtime.create("base", SandboxConfig()))
+    url = f"http://{sb.address}:49983"
+    token = secrets.token_hex(16)
+    response = init(url, accessToken=token, defaultUser="user", defaultWorkdir="/home/user")
+    assert response.status_code == 204, response.text
+    yield Envd(sb.id, url, token)
+    harness.run(runtime.destroy(sb.id))
+
+
+@pytest.fixture
+def sbx(envd):
+    return sync_client(envd.url, envd.token, envd.sandbox_id)
+
+
+# --- sudo ------------------------------------------------------------------------------------------
+
+
+def test_sudo_runs_a_command_as_root_without_a_password(sbx):
+    result = sbx.commands.run("sudo id -u")
+    assert result.stdout == "0\n"
+
+
+def test_sudo_passes_standard_streams_and_the_working_directory(sbx):
+    result = sbx.commands.run("cd /tmp && echo secret | sudo tee sudo-wrote >/dev/null && "
+                              "stat -c %U:%a /tmp/sudo-wrote && sudo pwd && sudo cat /tmp/sudo-wrote")
+    assert result.stdout == "root:644\n/tmp\nsecret\n"
+
+
+def test_sudo_reports_the_commands_exit_status(sbx):
+    with pytest.raises(CommandExitException) as info:
+        sbx.commands.run("sudo sh -c 'echo out; echo err >&2; exit 7'")
+    assert (info.value.exit_code, info.value.stdout, info.value.stderr) == (7, "out\n", "err\n")
+
+
+def test_sudo_is_refused_to_a_user_without_sudo_rights(sbx):
+    name = "nosudo" + secrets.token_hex(2)
+    sbx.commands.run(f"useradd --create-home {name}", user="root")
+    try:
+        with pytest.raises(CommandExitException) as info:
+            sbx.commands.run("sudo id -u", user=name)
+        assert info.value.exit_code == 1
+        assert info.value.stdout == ""
+        assert f"{name} may not run commands as root without a password" in info.value.stderr
+    finally:
+        sbx.commands.run(f"userdel --remove {name}", user="root")
+
+
+def test_killing_a_sudo_command_stops_what_sudo_runs(sbx):
+    marker = secrets.randbelow(10_000) + 300
+    handle = sbx.commands.run(f"sudo sleep {marker}", background=True)
+    running = f"pgrep -u root -x sleep -a | grep -c ' {marker}$' || true"
+    _wait_for(lambda: sbx.commands.run(running).stdout == "1\n")
+    assert sbx.commands.kill(handle.pid) is True
+    _wait_for(lambda: sbx.commands.run(running).stdout == "0\n", timeout=15)
+
+
+@pytest.fixture(scope="module")
+def apt_repository(tmp_path_factory):
+    """A flat apt repository with one package, served by a test host (the sandbox's internet egress
+    reaches it as it would reach a Debian mirror)."""
+    root = tmp_path_factory.mktemp("apt")
+    _build_repository(root / "repo")
+    host = TestHost("apt", APT_HOST_ADDRESS).up()
+    host.serve_files(APT_PORT, root / "repo")
+    yield f"http://{APT_HOST_ADDRESS}:{APT_PORT}/"
+    host.down()
+
+
+def test_sudo_apt_get_installs_a_package_through_the_sandboxs_egress(sbx, apt_repository):
+    # Only the test's repository: the template's Debian source would send traffic to the internet.
+    sbx.commands.run(f"mv /etc/apt/sources.list /root/sources.list.orig && "
+                     f"echo 'deb [trusted=yes] {apt_repository} ./' > /etc/apt/sources.list.d/local.list",
+                     user="root")
+    try:
+        sbx.commands.run(f"sudo apt-get update -q && sudo apt-get install -y -q {APT_PACKAGE}", timeout=300)
+        assert sbx.commands.run(APT_PACKAGE).stdout == "hello from a local apt repository\n"
+        assert sbx.commands.run(f"dpkg-query -W -f '${{Status}}' {APT_PACKAGE}").stdout == \
+            "install ok installed"
+    finally:
+        sbx.commands.run("rm -f /etc/apt/sources.list.d/local.list && "
+                         "mv /root/sources.list.orig /etc/apt/sources.list", user="root")
+
+
+def _build_repository(repo: Path) -> None:
+    """One `Architecture: all` package built with dpkg-deb, indexed by hand (Packages and Release are a
+    few lines each; no dpkg-dev or apt-utils needed)."""
+    package = repo.parent / "package"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "usr/bin").mkdir(parents=True)
+    (package / "DEBIAN/control").write_text(
+        f"Package: {APT_PACKAGE}\nVersion: 1.0\nArchitecture: all\nMaintainer: Corral tests <tests@example.invalid>\n"
+        "Description: prints a greeting\n A package served by Corral's tests from a local repository.\n")
+    program = package / "usr/bin" / APT_PACKAGE
+    program.write_text("#!/bin/sh\necho 'hello from a local apt repository'\n")
+    program.chmod(0o755)
+    repo.mkdir()
+    deb = repo / f"{APT_PACKAGE}_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(package), str(deb)], check=True,
+                   capture_output=True)
+    data = deb.read_bytes()
+    control = subprocess.run(["dpkg-deb", "--field", str(deb)], check=True, capture_output=True,
+                             text=True).stdout
+    stanza = (control.rstrip("\n") + f"\nFilename: ./{deb.name}\nSize: {len(data)}\n"
+              f"MD5sum: {hashlib.md5(data).hexdigest()}\nSHA256: {hashlib.sha256(data).hexdigest()}\n\n")
+    (repo / "Packages").write_text(stanza)
+    index = stanza.encode()
+    (repo / "Release").write_text(
+        f"Date: {email.utils.formatdate(usegmt=True)}\n"
+        f"MD5Sum:\n {hashlib.md5(index).hexdigest()} {len(index)} Packages\n"
+        f"SHA256:\n {hashlib.sha256(index).hexdigest()} {len(index)} Packages\n")
+
+
+# --- python ----------------------------------------------------------------------------------------
+
+
+def test_python_and_pip_are_python_3(sbx):
+    result = sbx.commands.run("python --version && pip --version")
+    python, pip = result.stdout.splitlines()
+    assert python.startswith("Python 3.")
+    assert pip.startswith("pip ") and pip.endswith(f"(python {python.split()[1].rsplit('.', 1)[0]})")
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
