@@ -1,5 +1,5 @@
 """The `base` template as E2B's base image, through the unmodified `e2b` Python SDK: sudo (and apt through
-it), `python`/`pip`."""
+it), `python`/`pip`, and files as E2B's envd writes them (missing parents, browser uploads)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from e2b import CommandExitException
 from helpers.testnet import TestHost
@@ -153,6 +154,50 @@ def test_python_and_pip_are_python_3(sbx):
     python, pip = result.stdout.splitlines()
     assert python.startswith("Python 3.")
     assert pip.startswith("pip ") and pip.endswith(f"(python {python.split()[1].rsplit('.', 1)[0]})")
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def test_write_creates_missing_parents_even_under_root_owned_directories(sbx):
+    directory = f"/{secrets.randbelow(1000)}"
+    info = sbx.files.write(f"{directory}/x.txt", "made for user")
+    assert info.path == f"{directory}/x.txt"
+    assert sbx.files.read(f"{directory}/x.txt") == "made for user"
+    created = sbx.files.get_info(directory)
+    assert (created.owner, created.group, created.mode) == ("user", "user", 0o755)
+    assert sbx.files.get_info(f"{directory}/x.txt").owner == "user"
+
+
+def test_make_dir_creates_missing_directories_even_under_root_owned_ones(sbx):
+    directory = f"/made-{secrets.token_hex(3)}"
+    assert sbx.files.make_dir(f"{directory}/a/b") is True
+    for path in (directory, f"{directory}/a", f"{directory}/a/b"):
+        entry = sbx.files.get_info(path)
+        assert (entry.owner, entry.mode) == ("user", 0o755)
+
+
+def test_write_into_an_existing_root_owned_directory_stays_denied(sbx):
+    with pytest.raises(Exception) as info:
+        sbx.files.write("/usr/share/written-by-user.txt", "x")
+    assert "permission denied" in str(info.value).lower()
+
+
+def test_signed_upload_url_accepts_a_browser_form_with_a_string_file_field(sbx):
+    url = sbx.upload_url("/tmp/from-browser.txt", user="user", use_signature_expiration=60)
+    # What `const f = new FormData(); f.append("file", "typed text"); fetch(url, {method: "POST", body: f})`
+    # sends: a multipart part named `file` with no filename.
+    response = httpx.post(url, files={"file": (None, b"typed text")})
+    assert response.status_code == 200, response.text
+    assert response.json() == [{"name": "from-browser.txt", "type": "file", "path": "/tmp/from-browser.txt"}]
+    assert sbx.files.read("/tmp/from-browser.txt") == "typed text"
+
+
+def test_upload_of_a_string_file_field_without_a_path_is_refused(envd):
+    response = httpx.post(f"{envd.url}/files", files={"file": (None, b"x")},
+                          headers={"X-Access-Token": envd.token})
+    assert response.status_code == 400
+    assert response.json() == {"code": 400, "message": "a file part has no filename and no path was given"}
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:

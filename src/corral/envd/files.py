@@ -27,6 +27,9 @@ from corral.envd.users import UnknownUser, User
 
 READ_CHUNK = 256 * 1024
 MAX_UPLOAD_FILES = 10_000
+# A multipart part without a filename (a browser's FormData given a string) is held in memory, not spooled
+# to disk like a file part; this bounds it.
+MAX_FIELD_BYTES = 64 * 1024 * 1024
 _METADATA_HEADER = "x-metadata-"
 _METADATA_KEY = re.compile(r"^[a-z0-9_.\-]{1,128}$")
 UNAUTHORIZED = "unauthorized access, please provide a valid access token or method signing if supported"
@@ -255,24 +258,30 @@ async def _upload_raw(request: Request, state: SandboxState, metadata) -> dict:
 
 async def _upload_multipart(request: Request, state: SandboxState, metadata) -> list[dict]:
     try:
-        form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
+        form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES,
+                                  max_part_size=MAX_FIELD_BYTES)
     except Exception as e:
         raise FileError(400, f"invalid multipart body: {e}") from None
     try:
-        parts = [part for _, part in form.multi_items() if isinstance(part, UploadFile)]
+        # File parts under any field name, and a plain `file` field: what a browser's FormData sends for
+        # `form.append("file", "some text")` (no filename; the path comes from the query).
+        parts = [part for key, part in form.multi_items() if isinstance(part, UploadFile) or key == "file"]
         if not parts:
             raise FileError(400, "no file in the multipart body (expected field 'file')")
         only_path = request.query_params.get("path") if len(parts) == 1 else None
         written = []
         for part in parts:
-            name = only_path or part.filename
+            name = only_path or (part.filename if isinstance(part, UploadFile) else None)
             if not name:
                 raise FileError(400, "a file part has no filename and no path was given")
             user, path = _user_and_path(request, state, path=name)
             target = _Target(path, user)
             try:
-                while chunk := await part.read(READ_CHUNK):
-                    target.write(chunk)
+                if isinstance(part, UploadFile):
+                    while chunk := await part.read(READ_CHUNK):
+                        target.write(chunk)
+                else:
+                    target.write(part.encode())
             except OSError as e:
                 target.abandon()
                 raise _os_error(e, path) from None

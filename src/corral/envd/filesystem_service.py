@@ -71,7 +71,8 @@ class FilesystemService:
                 if os.path.isdir(path):
                     raise ConnectError(Code.ALREADY_EXISTS, f"directory '{path}' already exists")
                 raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' exists and is not a directory")
-            paths.check_write(path, user)
+            # Every missing directory is created for the user, as E2B's envd does (see paths.check_write).
+            paths.check_lookup(path, user)
             paths.make_parents(path, user)
             return fs.MakeDirResponse(entry=entry_info(path))
 

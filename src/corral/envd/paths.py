@@ -60,33 +60,31 @@ def check_lookup(path: str, user: User) -> None:
 
 
 def check_write(path: str, user: User) -> None:
-    """The user may create or replace `path`: the nearest existing ancestor is writable and
-    an existing non-directory target is writable too."""
+    """The user may create or replace `path`: an existing non-directory target is writable by them, and
+    so is its directory if that exists. A missing directory is no obstacle: `make_parents` creates it for
+    the user, wherever it is (as E2B's envd does; the user has passwordless sudo in our templates)."""
     if user.is_root:
         return
     _check_ancestors(path, user)
     if os.path.lexists(path) and not os.path.isdir(path) and not user.may(os.stat(path), WRITE):
         raise AccessDenied(f"permission denied: {user.name} cannot write '{path}'")
-    _check_parent_writable(path, user)
+    parent = os.path.dirname(path)
+    if os.path.isdir(parent) and not user.may(os.stat(parent), WRITE | SEARCH):
+        raise AccessDenied(f"permission denied: {user.name} cannot write in '{parent}'")
 
 
 def check_remove(path: str, user: User) -> None:
     if user.is_root:
         return
     _check_ancestors(path, user)
-    _check_parent_writable(path, user)
-
-
-def _check_parent_writable(path: str, user: User) -> None:
     parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
     if not user.may(os.stat(parent), WRITE | SEARCH):
         raise AccessDenied(f"permission denied: {user.name} cannot write in '{parent}'")
 
 
 def make_parents(directory: str, user: User) -> None:
-    """mkdir -p, with every directory it creates owned by the user."""
+    """mkdir -p on the user's behalf (also where they could not create it themselves), with every
+    directory it creates owned by the user and mode 0755."""
     missing = []
     while not os.path.exists(directory):
         missing.append(directory)
