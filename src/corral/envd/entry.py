@@ -68,8 +68,8 @@ class _SidecarMetadata:
         entries = self._load()
         if metadata:
             entries[self._key(st)] = dict(metadata)
-        else:
-            entries.pop(self._key(st), None)
+        elif entries.pop(self._key(st), None) is None:
+            return  # nothing was kept for it: no rewrite
         os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
         tmp = self._path + ".tmp"
         with open(tmp, "w") as f:
@@ -77,8 +77,7 @@ class _SidecarMetadata:
         os.replace(tmp, self._path)
 
     def forget(self, st: os.stat_result) -> None:
-        if self._key(st) in self._load():
-            self.put(st, {})
+        self.put(st, {})
 
 
 SIDECAR = _SidecarMetadata(os.environ.get("ENVD_METADATA_FILE", "/var/lib/envd/metadata.json"))
@@ -107,8 +106,9 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def write_metadata(path: str, metadata: dict[str, str]) -> None:
-    """Replace the path's metadata with `metadata`."""
+    """Replace the path's metadata with `metadata`; an empty one clears it."""
     try:
+        # gVisor's gofer lists no xattrs (an empty list, not ENOTSUP); only setting one fails.
         for name in os.listxattr(path):
             if name.startswith(METADATA_PREFIX):
                 os.removexattr(path, name)
@@ -118,6 +118,8 @@ def write_metadata(path: str, metadata: dict[str, str]) -> None:
         if not _unsupported(e):
             raise
         SIDECAR.put(os.stat(path), metadata)
+        return
+    SIDECAR.forget(os.stat(path))  # whatever the sidecar held for this inode is replaced too
 
 
 def file_type(mode: int) -> fs.FileType:

@@ -205,9 +205,11 @@ def _os_error(e: OSError, path: str) -> FileError:
 
 
 def _written(path: str, metadata: dict[str, str] | None) -> dict:
+    """The upload's answer for one file. The file's metadata becomes what this upload sent: writing a
+    file again without metadata clears what an earlier upload (or anyone) set."""
     info = {"name": os.path.basename(path), "type": "file", "path": path}
+    write_metadata(path, metadata or {})
     if metadata:
-        write_metadata(path, metadata)
         info["metadata"] = metadata
     return info
 
