@@ -8,7 +8,6 @@ import hashlib
 import secrets
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,8 +15,7 @@ import pytest
 from e2b import CommandExitException
 from helpers.testnet import TestHost
 
-from corral.runtime.base import SandboxConfig
-from tests.helpers.envd_client import init, sync_client
+from tests.helpers.envd_client import envd_sandbox, sync_client
 
 # TEST-NET-2: not a private range, so the sandbox reaches it through its internet egress, as a mirror.
 APT_HOST_ADDRESS = "198.51.100.7"
@@ -25,22 +23,10 @@ APT_PORT = 8080
 APT_PACKAGE = "corral-hello"
 
 
-@dataclass
-class Envd:
-    sandbox_id: str
-    url: str
-    token: str
-
-
 @pytest.fixture(scope="module")
 def envd(harness, runtime):
-    sb = harness.run(runtime.create("base", SandboxConfig()))
-    url = f"http://{sb.address}:49983"
-    token = secrets.token_hex(16)
-    response = init(url, accessToken=token, defaultUser="user", defaultWorkdir="/home/user")
-    assert response.status_code == 204, response.text
-    yield Envd(sb.id, url, token)
-    harness.run(runtime.destroy(sb.id))
+    with envd_sandbox(harness, runtime, defaultUser="user", defaultWorkdir="/home/user") as sandbox:
+        yield sandbox
 
 
 @pytest.fixture

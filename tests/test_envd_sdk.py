@@ -8,7 +8,6 @@ import hashlib
 import os
 import secrets
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -25,28 +24,16 @@ from e2b import (
 )
 
 from corral.runtime.base import SandboxConfig
-from tests.helpers.envd_client import async_client, init, sync_client
+from tests.helpers.envd_client import async_client, envd_sandbox, init, sync_client
 
 SANDBOX_ENV = {"SANDBOX_VAR": "from-sandbox", "OVERRIDE": "sandbox"}
 
 
-@dataclass
-class Envd:
-    sandbox_id: str
-    url: str
-    token: str
-
-
 @pytest.fixture(scope="module")
 def envd(harness, runtime):
-    sb = harness.run(runtime.create("base", SandboxConfig()))
-    url = f"http://{sb.address}:49983"
-    token = secrets.token_hex(16)
-    response = init(url, accessToken=token, envVars=SANDBOX_ENV, defaultUser="user",
-                    defaultWorkdir="/home/user")
-    assert response.status_code == 204, response.text
-    yield Envd(sb.id, url, token)
-    harness.run(runtime.destroy(sb.id))
+    with envd_sandbox(harness, runtime, envVars=SANDBOX_ENV, defaultUser="user",
+                      defaultWorkdir="/home/user") as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
