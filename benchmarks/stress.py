@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import write_section
-from tests.helpers.leaks import footprint
+from corral.cli.local import side_settings
+from tests.helpers.leaks import Footprint, footprint
 from tests.helpers.server import CLI, ServerProcess, host_resolver
 
 BENCH_ROOT = Path("/var/tmp/corral-bench-stress")
@@ -65,9 +66,11 @@ def main() -> None:
     outcomes: collections.Counter[str] = collections.Counter()
     errors: list[str] = []
     try:
-        before = footprint(settings), cgroups(settings.instance)
         key = server.cli("keys", "create", "--name", "stress").strip()
         opts = {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+        # Creates beyond the ready pool make the server keep prepared containers for the template too:
+        # take the footprint to compare against once that stock has been made and has settled.
+        before = _settled_stock(opts, settings, args.pool)
         # The CLI commands get the server's own instance, as a user's would (both on the defaults): they
         # must find it taken and run as a side instance, never reconcile the server's containers away.
         side = threading.Thread(target=side_commands, args=(server.env, stop, side_log), daemon=True)
@@ -102,6 +105,8 @@ def main() -> None:
         server.stop()
         server.destroy_everything()
     final = footprint(settings), cgroups(settings.instance)
+    side_left = [footprint(side_settings(settings, i)) for i in range(10)]
+    side_left = [fp for fp in side_left if fp != Footprint(0, 0, 0, 0, 0, 0)]
     server_5xx = sum(1 for e in errors if any(f"{code}" in e for code in (500, 502, 503, 504)))
     side_failures = [entry for entry in side_log if entry[1] != 0]
     lines = [
@@ -114,9 +119,10 @@ def main() -> None:
         f"| outcomes | {dict(outcomes)} |",
         f"| errors mentioning a 5xx | {server_5xx} |",
         f"| CLI runs that failed | {len(side_failures)} of {len(side_log)} |",
-        f"| server instance before (footprint, cgroups) | {before} |",
+        f"| server instance before, stock made and settled (footprint, cgroups) | {before} |",
         f"| after the run, pool refilled | {after} |",
         f"| after the server stopped and cleaned up | {final} |",
+        f"| side instances (s0..s9) holding anything afterwards | {len(side_left)} {side_left or ''} |",
     ]
     report = "\n".join(lines)
     print(report)
@@ -128,6 +134,26 @@ def main() -> None:
         write_section(args.write, "stress", report, heading="Stress: creates and kills beside CLI commands",
                       command=f"sudo .venv/bin/python benchmarks/stress.py --creates {args.creates} "
                               f"--concurrency {args.concurrency} --write {args.write}")
+
+
+def _settled_stock(opts: dict, settings, pool: int) -> tuple:
+    """The instance's footprint once a few creates beyond the ready pool have made it stock the template
+    and it has stopped changing for 3 s."""
+    from e2b import Sandbox
+
+    sandboxes = [Sandbox.create(**opts) for _ in range(pool + 2)]
+    for sbx in sandboxes:
+        sbx.kill()
+    seen, since = None, time.monotonic()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = footprint(settings), cgroups(settings.instance)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= 3:
+            break
+        time.sleep(0.25)
+    return seen
 
 
 def _settings(server: ServerProcess):

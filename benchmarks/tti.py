@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=4)
     parser.add_argument("--write", type=Path)
     parser.add_argument("--burst-only", action="store_true", help="only the burst and its raw floor")
+    parser.add_argument("--budget", type=int, help="the server's restore budget (CORRAL_RESTORE_BUDGET)")
     args = parser.parse_args()
     if args.burst_only:
         burst_only(args)
@@ -216,7 +217,7 @@ def main() -> None:
 
     baseline, raw_rate = raw_baseline(max(10, args.n // 5), args.burst)
     server = ServerProcess("bS", "10.205.0.0/20", BENCH_ROOT / "server", dns_upstream=host_resolver(),
-                           pool_size=args.pool, extra_env={"CORRAL_METRICS_INTERVAL_S": "30"})
+                           pool_size=args.pool, extra_env=_server_env(args))
     server.start(wait_pool=args.pool)
     try:
         key = server.cli("keys", "create", "--name", "bench").strip()
@@ -288,7 +289,7 @@ def burst_only(args) -> None:
     """The burst against its raw floor alone (a few minutes less than the whole benchmark)."""
     _, raw_rate = raw_baseline(0, args.burst)
     server = ServerProcess("bS", "10.205.0.0/20", BENCH_ROOT / "server", dns_upstream=host_resolver(),
-                           pool_size=args.pool, extra_env={"CORRAL_METRICS_INTERVAL_S": "30"})
+                           pool_size=args.pool, extra_env=_server_env(args))
     server.start(wait_pool=args.pool)
     try:
         key = server.cli("keys", "create", "--name", "bench").strip()
@@ -299,6 +300,13 @@ def burst_only(args) -> None:
         server.destroy_everything()
     print(f"burst of {args.burst}: {failures} failures, {total:.1f} s, {rate:.1f} creates/s drained; raw runsc "
           f"create + restore {raw_rate:.1f}/s; ratio {rate / raw_rate:.2f}x (target >= 0.6x)")
+
+
+def _server_env(args) -> dict[str, str]:
+    env = {"CORRAL_METRICS_INTERVAL_S": "30"}
+    if args.budget:
+        env["CORRAL_RESTORE_BUDGET"] = str(args.budget)
+    return env
 
 
 def _wait_pool(server: ServerProcess, size: int, timeout: float = 60) -> None:
