@@ -4,10 +4,11 @@ against the `code-interpreter-v1` template."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
-from e2b_code_interpreter import AsyncSandbox, NotFoundException, Sandbox, TimeoutException
+from e2b_code_interpreter import AsyncSandbox, NotFoundException, Sandbox, SandboxException, TimeoutException
 
 from tests.helpers.server import ServerProcess
 
@@ -191,6 +192,40 @@ def test_r_kernel_with_env_vars_and_cwd(sbx):
     assert r("x") == "[1] 40"  # one default R context: state persists
     failed = sbx.run_code("stop('bad value')", language="r")
     assert failed.error is not None and "bad value" in failed.error.value
+
+
+def test_java_kernel_with_env_vars_and_cwd(opts):
+    # A sandbox of its own: a JVM (~250 MB) does not fit in 512 MB next to the Python, Deno and R kernels the
+    # other tests leave running in `sbx` (envd's OOM guard would kill it as it starts: see the next test).
+    sandbox = Sandbox.create(TEMPLATE, envs={"FROM_CREATE": "yes"}, timeout=600, **opts)
+    try:
+        assert sandbox.run_code("int x = 40; x + 2", language="java").text == "42"
+        assert sandbox.run_code('System.getenv("FROM_CREATE")', language="java").text == "yes"
+        assert sandbox.run_code('System.getenv("ONLY_NOW")', language="java", envs={"ONLY_NOW": "j"}).text == "j"
+        assert sandbox.run_code('System.getenv().getOrDefault("ONLY_NOW", "gone")', language="java").text == "gone"
+        assert sandbox.run_code('System.getProperty("user.dir")', language="java").text == "/home/user"
+        failed = sandbox.run_code('throw new IllegalStateException("bad value")', language="java")
+        assert failed.error is not None and "bad value" in failed.error.value
+    finally:
+        sandbox.kill()
+
+
+def test_kernel_killed_while_starting_is_a_clear_error(opts):
+    sandbox = Sandbox.create(TEMPLATE, timeout=600, **opts)
+    try:
+        # What envd's OOM guard does to a kernel starting in a sandbox out of memory: SIGKILL.
+        spec = json.dumps({"argv": ["/bin/sh", "-c", "kill -KILL $$", "{connection_file}"],
+                           "display_name": "Java", "language": "java"})
+        sandbox.commands.run(f"echo '{spec}' > /usr/local/share/jupyter/kernels/java/kernel.json", user="root")
+        with pytest.raises(SandboxException) as failed:
+            sandbox.run_code("1 + 1", language="java")
+        message = str(failed.value)
+        assert message.startswith("500 ") and "the java kernel (java) was killed (SIGKILL) while starting" in message
+        assert "ran out of memory" in message
+        assert "java" not in [c.language for c in sandbox.list_code_contexts()]
+        assert sandbox.run_code("1 + 1").text == "2"
+    finally:
+        sandbox.kill()
 
 
 def test_contexts_and_bash(sbx):

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from corral.interpreter.contexts import Context, ContextTable, UnknownLanguage, normalise
+from corral.interpreter.contexts import Context, ContextTable, KernelStartFailed, UnknownLanguage, normalise
 from corral.interpreter.execute import (
     KERNEL_SETUP,
     env_prelude,
@@ -187,6 +187,10 @@ def create_app(interpreter: Interpreter, lifespan=None) -> Starlette:
     async def http_error(request: Request, exc: _Http) -> Response:
         return PlainTextResponse(str(exc), status_code=exc.status)
 
+    async def kernel_start_failed(request: Request, exc: KernelStartFailed) -> Response:
+        # A 500 whose body the SDKs put in their exception's message (SandboxException in Python).
+        return PlainTextResponse(str(exc), status_code=500)
+
     return Starlette(routes=[
         Route("/health", interpreter.health, methods=["GET"]),
         Route("/warm", interpreter.warm, methods=["POST"]),
@@ -195,7 +199,7 @@ def create_app(interpreter: Interpreter, lifespan=None) -> Starlette:
         Route("/contexts", interpreter.list_contexts, methods=["GET"]),
         Route("/contexts/{context_id}/restart", interpreter.restart_context, methods=["POST"]),
         Route("/contexts/{context_id}", interpreter.remove_context, methods=["DELETE"]),
-    ], exception_handlers={_Http: http_error}, lifespan=lifespan)
+    ], exception_handlers={_Http: http_error, KernelStartFailed: kernel_start_failed}, lifespan=lifespan)
 
 
 __all__ = ["Interpreter", "create_app", "normalise"]

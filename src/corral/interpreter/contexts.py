@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import uuid
 from dataclasses import dataclass, field
 
@@ -29,6 +31,18 @@ LATE_OUTPUT_KERNELS = {"deno"}
 
 class UnknownLanguage(Exception):
     pass
+
+
+class KernelStartFailed(Exception):
+    """A kernel that could not be run, exited, or did not answer while starting (the message says which)."""
+
+
+KERNEL_READY_S = 60
+# envd's OOM guard SIGKILLs the largest process when the sandbox runs out of memory; a kernel being started
+# (a JVM especially, ~250 MB) is often that process when other kernels already hold the rest.
+_OUT_OF_MEMORY_HINT = ("the likeliest cause is that the sandbox ran out of memory (envd's OOM guard kills "
+                       "the largest process); kernels of other contexts hold memory while they run: remove "
+                       "contexts no longer needed, then try again")
 
 
 def normalise(language: str | None) -> str:
@@ -75,15 +89,36 @@ class Context:
             await self.manager.start_kernel(cwd=self.cwd, env=env)
         except NoSuchKernel as e:
             raise UnknownLanguage(f"no {self.language} kernel is installed in this sandbox ({e})") from None
+        except OSError as e:  # its program cannot be run
+            raise KernelStartFailed(f"the {self.language} kernel could not be started: {e}") from None
         await self._connect()
 
     async def _connect(self) -> None:
         client = self.manager.client()
         client.start_channels()
-        await client.wait_for_ready(timeout=60)  # reads IOPub itself: the reader comes after
+        try:
+            await client.wait_for_ready(timeout=KERNEL_READY_S)  # reads IOPub itself: the reader comes after
+        except RuntimeError:  # jupyter_client's for a kernel that died first or never answered
+            client.stop_channels()
+            raise KernelStartFailed(await self._start_failure()) from None
         self.iopub = IOPub(client)
         self.client = client
         self.prepared = False
+
+    async def _start_failure(self) -> str:
+        """Why the kernel being started is not ready, once it is stopped (what is left of it is cleaned up)."""
+        provisioner = self.manager.provisioner
+        status = await provisioner.poll() if provisioner is not None else None
+        with contextlib.suppress(Exception):
+            await self.manager.shutdown_kernel(now=True)
+        what = f"the {self.language} kernel ({self.kernel})"
+        if status is None:
+            return f"{what} did not answer within {KERNEL_READY_S} s of starting and was stopped"
+        if status == -signal.SIGKILL:
+            return f"{what} was killed (SIGKILL) while starting: {_OUT_OF_MEMORY_HINT}"
+        if status < 0:
+            return f"{what} was killed by signal {-status} while starting"
+        return f"{what} exited with status {status} while starting"
 
     def _disconnect(self) -> None:
         if self.iopub is not None:
@@ -143,7 +178,7 @@ class ContextTable:
         ctx = self._default_context(name)
         try:
             await ctx.start()
-        except UnknownLanguage:
+        except (UnknownLanguage, KernelStartFailed):
             if name not in DEFAULT_LANGUAGES:  # not listed then: it never existed
                 self._contexts.pop(ctx.id, None)
                 self._defaults.pop(KERNELS[name], None)
