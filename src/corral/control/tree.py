@@ -259,4 +259,4 @@ class CheckpointTree:
         returns, which is after this coroutine has gone on (units of work finish in order)."""
         keep = set(await self._db.read(lambda session: list(session.scalars(select(CheckpointRow.id)))))
         busy = {n for n, c in self._in_use.items() if c}
-        return self.files.reclaim(keep, busy=busy, partials=partials)
+        return await self.files.reclaim(keep, busy=busy, partials=partials)

@@ -53,6 +53,13 @@ REFILL_DELAY_S = 0.3
 PREPARE_ALONGSIDE = 4
 
 
+def default_budget() -> int:
+    """Starts at once, users' and refills' together: twice the cores, at least 4. A start waits on runsc's
+    subprocesses and the kernel (mounts, netns) as much as it computes: a burst of 100 creates on 2 cores
+    drained at 4.7-5.1/s with 2 at once, 5.1-5.8/s with 4, 4.8-6.3/s with 6 to 12 (docs/benchmarks.md)."""
+    return max(4, 2 * (os.cpu_count() or 2))
+
+
 @dataclass
 class _Hold:
     """Prepared containers kept for restores of one paused sandbox's snapshot."""
@@ -80,7 +87,7 @@ class Capacity:
         self._warm_user = warm_user
         self._resume_keep_s = resume_keep_s
         self._resume_most = resume_most
-        self._budget = asyncio.Semaphore(budget or max(2, os.cpu_count() or 2))
+        self._budget = asyncio.Semaphore(budget or default_budget())
         self._ready: dict[str, deque[Sandbox]] = {}
         self._prepared: dict[Snapshot, list[Prepared]] = {}  # by the snapshot they restore
         self._stocked: set[Snapshot] = set()  # template snapshots kept at prepared_size

@@ -9,6 +9,7 @@ sandbox holds its memory privately. Only the runtime opens the files; here they 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -54,31 +55,45 @@ class CheckpointFiles:
         """A second snapshot with the same content as `source_id`, sharing its files."""
         self._runtime.copy_snapshot(self.snapshot(source_id), self.path(node_id))
 
-    def reclaim(self, keep: set[str], *, busy: set[str] = frozenset(), partials: bool = False) -> int:
+    async def reclaim(self, keep: set[str], *, busy: set[str] = frozenset(), partials: bool = False) -> int:
         """Removes what nothing needs any more: snapshots not in `keep` (their memory at once, the rest once
         no sandbox and no kept snapshot stands on it). `busy` ids are being written right now and are left
-        alone; `partials` also removes interrupted writes (at start-up). Returns the bytes freed."""
+        alone; `partials` also removes interrupted writes (at start-up). Returns the bytes freed.
+
+        What goes is decided and renamed out of the way without yielding to the event loop (the caller's
+        view of `keep` stays true meanwhile); the slow part, deleting the files, runs in a thread. A crash
+        in between leaves hidden directories, which the next start-up's `partials` removes."""
         if not self.root.is_dir():
             return 0
-        freed = 0
+        doomed: list[Path] = []
         candidates = []
         for entry in self.root.iterdir():
             if entry.name.startswith("."):
                 if partials:
-                    freed += tree_size(entry)
-                    shutil.rmtree(entry, ignore_errors=True)
+                    doomed.append(entry)
             elif entry.name not in keep and entry.name not in busy:
                 candidates.append(entry)
-        if not candidates:  # the common case on every kill: nothing to decide, nothing to open
-            return freed
-        needed = set(self._runtime.in_use())
-        for node_id in keep:
-            if (snapshot := self._maybe(node_id)) is not None:
-                needed |= snapshot.stands_on
-        for entry in candidates:
-            if entry in needed:
-                freed += self.drop_memory(entry.name)
-                continue
-            freed += tree_size(entry)
-            shutil.rmtree(entry, ignore_errors=True)
+        freed = 0
+        if candidates:  # the common case on every kill is none: nothing to decide, nothing to open
+            needed = set(self._runtime.in_use())
+            for node_id in keep:
+                if (snapshot := self._maybe(node_id)) is not None:
+                    needed |= snapshot.stands_on
+            for entry in candidates:
+                if entry in needed:
+                    freed += self.drop_memory(entry.name)
+                    continue
+                gone = entry.with_name(f".gone-{entry.name}")
+                entry.rename(gone)
+                doomed.append(gone)
+        if doomed:
+            freed += await asyncio.to_thread(_remove, doomed)
         return freed
+
+
+def _remove(paths: list[Path]) -> int:
+    freed = 0
+    for path in paths:
+        freed += tree_size(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return freed

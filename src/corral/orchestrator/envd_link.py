@@ -91,7 +91,7 @@ class EnvdLink:
                 # A saturated host (many sandboxes on few cores) makes connects time out; /init is idempotent.
                 if asyncio.get_running_loop().time() > deadline:
                     raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.02)
         if response.status_code != 204:
             raise EnvdUnavailable(f"envd at {address} refused /init: {response.status_code} {response.text}")
 

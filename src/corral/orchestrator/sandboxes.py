@@ -142,18 +142,21 @@ class Orchestrator:
                 # create then takes the ordinary way.
                 log.warning("ready sandbox %s of %s does not answer (%s); starting a new one", ready.id,
                             template, exc)
-        sandbox = await self.capacity.start(self.template_snapshot(template), SandboxConfig(internet=internet),
-                                            stock=True)
-        return await self._hand_over(sandbox, token, env_vars, started=True, internet=internet)
+        snapshot = self.template_snapshot(template)
+        sandbox = await self.capacity.start(snapshot, SandboxConfig(internet=internet), stock=True)
+        return await self._hand_over(sandbox, token, env_vars, started=True, booted=not snapshot.has_memory,
+                                     internet=internet)
 
     async def _hand_over(self, sandbox: Sandbox, token: str, env_vars: dict[str, str], *, started: bool,
-                         internet: bool) -> Sandbox:
+                         internet: bool, booted: bool = False) -> Sandbox:
         """Hands `sandbox` its identity through envd's /init and makes it live; it is destroyed if that fails.
-        `started`: just started for this create (envd may not be up yet), not claimed ready."""
+        `started`: just started for this create, not claimed ready; `booted`: cold-booted, so envd may not be
+        up yet. Restored from memory, envd is the process that answered before the checkpoint: /init goes
+        straight to it (and retries while its restored socket is not reachable yet)."""
         try:
-            if started:
+            if booted:
                 await self.envd.wait_ready(sandbox.address)
-            elif not internet:
+            elif not started and not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                  workdir=DEFAULT_WORKDIR, hostname=sandbox.id)

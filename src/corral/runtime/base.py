@@ -199,6 +199,12 @@ class Runtime(abc.ABC):
     def open_snapshot(self, path: Path) -> Snapshot:
         """The snapshot stored at `path`; CheckpointInvalid when there is none or it is incomplete."""
 
+    @staticmethod
+    def recorded_lowers(directory: Path) -> set[Path]:
+        """The template and snapshot files that a snapshot directory or a sandbox's directory of this
+        backend stands on, read without opening the backend (`corral template prune` runs beside servers)."""
+        return set()
+
     @abc.abstractmethod
     def copy_snapshot(self, source: Snapshot, path: Path) -> Snapshot:
         """A second snapshot at `path` with the same content, sharing files where it can."""

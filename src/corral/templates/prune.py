@@ -11,9 +11,9 @@ has just made only once it has finished).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +24,6 @@ from corral.storage.disk import tree_size
 class CacheEntry:
     path: Path
     size_bytes: int
-
-
-def _lowers_in(json_file: Path) -> set[Path]:
-    try:
-        data = json.loads(json_file.read_text())
-    except (OSError, ValueError):
-        return set()
-    return {Path(p) for p in data.get("lowers", []) if isinstance(p, str)}
 
 
 def mounted_lower_dirs(mountinfo: str = "/proc/self/mountinfo") -> set[Path]:
@@ -49,24 +41,28 @@ def mounted_lower_dirs(mountinfo: str = "/proc/self/mountinfo") -> set[Path]:
     return found
 
 
-def in_use(cache: Path, data_dirs: list[Path], *, mounted: set[Path] | None = None) -> set[Path]:
-    """Every path under `cache` something still stands on."""
+def in_use(cache: Path, data_dirs: list[Path], *, mounted: set[Path] | None = None,
+           recorded: Callable[[Path], set[Path]] | None = None) -> set[Path]:
+    """Every path under `cache` something still stands on. `recorded` reads what a snapshot or sandbox
+    directory stands on (the runtime's format; the gVisor backend's by default)."""
+    if recorded is None:
+        from corral.runtime.gvisor import GVisorRuntime
+
+        recorded = GVisorRuntime.recorded_lowers
     used: set[Path] = set()
     for current in cache.glob("templates/*/current"):
         snapshot = current.resolve()
         used.add(snapshot)
-        used |= _lowers_in(snapshot / "checkpoint.json")
+        used |= recorded(snapshot)
     for data in data_dirs:
-        for meta in data.glob("checkpoints/*/checkpoint.json"):
-            used |= _lowers_in(meta)
-        for record in data.glob("sandboxes/*/record.json"):
-            used |= _lowers_in(record)
+        for directory in (*data.glob("checkpoints/*"), *data.glob("sandboxes/*")):
+            used |= recorded(directory)
     used |= mounted_lower_dirs() if mounted is None else mounted
     # A snapshot a checkpoint stands on also stands on the snapshot's own lowers.
     for path in list(used):
         for parent in (path, *path.parents):
-            if (parent / "checkpoint.json").is_file() and parent.is_relative_to(cache):
-                used |= _lowers_in(parent / "checkpoint.json")
+            if parent.is_relative_to(cache) and (lowers := recorded(parent)):
+                used |= lowers
                 break
     return {p.resolve() for p in used}
 
@@ -81,8 +77,8 @@ def _builds(cache: Path) -> list[Path]:
 
 
 def unused_builds(cache: Path, data_dirs: list[Path], *, mounted: set[Path] | None = None,
-                  min_age_s: float = 3600) -> list[CacheEntry]:
-    used = in_use(cache, data_dirs, mounted=mounted)
+                  min_age_s: float = 3600, recorded: Callable[[Path], set[Path]] | None = None) -> list[CacheEntry]:
+    used = in_use(cache, data_dirs, mounted=mounted, recorded=recorded)
     unused = []
     for build in _builds(cache):
         if time.time() - build.stat().st_mtime < min_age_s:

@@ -4,6 +4,7 @@ every backend (corral.runtime.containers)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +81,12 @@ class Container:
             "command": self.command, "cwd": self.cwd,
             "config": {**asdict(self.config), "resources": asdict(self.config.resources)},
         }
+
+    def write_record(self) -> None:
+        """Written aside and renamed: a crash leaves the old record or the new one, never half of one."""
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_record()))
+        tmp.rename(self.record)
 
 
 def config_from_record(data: dict) -> SandboxConfig:

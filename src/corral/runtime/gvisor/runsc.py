@@ -79,18 +79,13 @@ class Runsc:
             if rc != 0:
                 raise RunscError(f"runsc {args[0]} failed (exit {rc}): {log_tail(log)}")
             return ""
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            rc, out, err = await _communicate(argv, timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise RunscError(f"runsc {args[0]} timed out after {timeout:.0f}s") from None
-        if proc.returncode != 0:
+        if rc != 0:
             msg = (err or out).decode(errors="replace").strip().splitlines()
-            raise RunscError(f"runsc {args[0]} failed (exit {proc.returncode}): {' '.join(msg[-3:])}")
+            raise RunscError(f"runsc {args[0]} failed (exit {rc}): {' '.join(msg[-3:])}")
         return out.decode(errors="replace")
 
     async def create(self, cid: str, bundle: Path, log: Path) -> None:
@@ -158,17 +153,7 @@ class Runsc:
 
     async def exec(self, cid: str, process: Path, *, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
         """Runs the process described by an OCI process.json inside the sandbox, out of band."""
-        full = self._argv("exec", f"--process={process}", cid)
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        return proc.returncode or 0, out, err
+        return await _communicate(self._argv("exec", f"--process={process}", cid), timeout)
 
     async def version(self) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -176,6 +161,19 @@ class Runsc:
             stderr=asyncio.subprocess.STDOUT)
         out, _ = await proc.communicate()
         return out.decode().splitlines()[0] if out else ""
+
+
+async def _communicate(argv: list[str], timeout: float) -> tuple[int, bytes, bytes]:
+    """Runs argv to its end: (exit code, stdout, stderr). TimeoutError after `timeout`, the process killed."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out, err
 
 
 def log_tail(log: Path, lines: int = 4, sep: str = " | ") -> str:

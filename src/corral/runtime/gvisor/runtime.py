@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import shutil
@@ -47,13 +46,13 @@ from corral.runtime.base import (
     Stats,
     TemplateNotFound,
 )
-from corral.runtime.gvisor import checkpointing, oci, recovery, snapshots
+from corral.runtime.gvisor import checkpointing, oci, recovery, running, snapshots
 from corral.runtime.gvisor.cgroups import SandboxCgroup
 from corral.runtime.gvisor.containers import Container, ContainerTable
 from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, check_host_capacity, kill_and_reap
 from corral.runtime.gvisor.runsc import Runsc, RunscError, log_tail
 from corral.runtime.gvisor.snapshots import GVisorSnapshot
-from corral.storage.disk import DiskError, create_disk, mount_overlay, unmount, usage
+from corral.storage.disk import DiskError, create_disk, mount_overlay, unmount
 from corral.storage.layers import LayerNotApplicable, LayerSize, apply_layer, layer_size
 
 log = logging.getLogger(__name__)
@@ -128,6 +127,8 @@ class GVisorRuntime(Runtime):
 
     def open_snapshot(self, path: Path) -> GVisorSnapshot:
         return snapshots.open_snapshot(path, self.settings.platform)
+
+    recorded_lowers = staticmethod(snapshots.recorded_lowers)
 
     def copy_snapshot(self, source: Snapshot, path: Path) -> GVisorSnapshot:
         snapshots.link_copy(source.path, path)
@@ -259,7 +260,7 @@ class GVisorRuntime(Runtime):
                 state = await self.runsc.state(c.id)
                 if state.status != "running":
                     raise RunscError(f"sandbox is {state.status} right after start; log: {log_tail(c.log)}")
-            self._write_record(c)
+            c.write_record()
             _still(c, S.STARTING)
         except BaseException as exc:
             await self._teardown(c)
@@ -269,12 +270,6 @@ class GVisorRuntime(Runtime):
             raise
         self.table.move(c, S.LIVE)
         return c.public()
-
-    @staticmethod
-    def _write_record(c: Container) -> None:
-        tmp = c.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(c.to_record()))
-        tmp.rename(c.record)
 
     async def destroy(self, sandbox_id: str) -> None:
         c = self.table.get(sandbox_id)
@@ -340,19 +335,8 @@ class GVisorRuntime(Runtime):
 
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
                    cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
-        c = self.table.live(sandbox_id)
-        await self._settle(c)
-        uid, gid = oci.parse_user(user)
-        process = c.dir / f"exec-{secrets.token_hex(6)}.json"
-        process.write_text(json.dumps(oci.exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
-        try:
-            with self._awake(c):
-                code, out, err = await self.runsc.exec(c.id, process, timeout=timeout)
-        except TimeoutError:
-            raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
-        finally:
-            process.unlink(missing_ok=True)
-        return ExecResult(exit_code=code, stdout=out, stderr=err)
+        return await running.exec_in(self, self.table.live(sandbox_id), argv, env=env, cwd=cwd, user=user,
+                                     timeout=timeout)
 
     def _cgroup(self, sandbox_id: str) -> SandboxCgroup:
         return SandboxCgroup(f"{self.cgroup_parent}/{sandbox_id}")
@@ -402,23 +386,10 @@ class GVisorRuntime(Runtime):
             return
         await firewall.set_offline(self.settings.instance, c.slot.guest, not enabled)
         c.config = replace(c.config, internet=enabled)
-        self._write_record(c)
+        c.write_record()
 
     async def stats(self, sandbox_id: str) -> Stats:
-        c = self.table.live(sandbox_id)
-        await self._settle(c)
-        used, total = usage(c.disk)
-        if self._cgroup(c.id).is_frozen():
-            # runsc would ask the frozen gVisor kernel; nothing in it moved since it was frozen.
-            last = c.last_stats or Stats(0.0, 0, 0, 0)
-            return Stats(cpu_seconds=last.cpu_seconds, memory_bytes=last.memory_bytes, disk_used_bytes=used,
-                         disk_total_bytes=total)
-        data = (await self.runsc.events_stats(c.id)).get("data", {})
-        cpu_ns = data.get("cpu", {}).get("usage", {}).get("total", 0)
-        memory = data.get("memory", {}).get("usage", {}).get("usage", 0)
-        c.last_stats = Stats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
-                             disk_total_bytes=total)
-        return c.last_stats
+        return await running.stats_of(self, self.table.live(sandbox_id))
 
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         c = self.table.get(sandbox_id)

@@ -124,10 +124,14 @@ def link_copy(source: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def lowers_of(path: Path) -> list[Path]:
-    """The lower layers recorded in a snapshot directory, without checking them ([] when unreadable):
-    for reclaiming disk, where a broken snapshot must not stop the rest."""
-    try:
-        return [Path(p) for p in json.loads((path / META).read_text()).get("lowers", [])]
-    except (OSError, ValueError, AttributeError):
-        return []
+def recorded_lowers(directory: Path) -> set[Path]:
+    """The layers a snapshot directory or a container's directory (its record) says it stands on, without
+    checking them (empty when there is nothing readable): for reclaiming disk, where one broken snapshot
+    must not stop the rest."""
+    for name in (META, "record.json"):
+        try:
+            lowers = json.loads((directory / name).read_text()).get("lowers", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        return {Path(p) for p in lowers if isinstance(p, str)}
+    return set()

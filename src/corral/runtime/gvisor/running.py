@@ -1,0 +1,47 @@
+"""Work on a running gVisor container through runsc: commands run with `runsc exec`, and its resource use."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import TYPE_CHECKING
+
+from corral.runtime.base import ExecResult, SandboxFailed, Stats
+from corral.runtime.gvisor import oci
+from corral.runtime.gvisor.containers import Container
+from corral.storage.disk import usage
+
+if TYPE_CHECKING:
+    from corral.runtime.gvisor.runtime import GVisorRuntime
+
+
+async def exec_in(rt: GVisorRuntime, c: Container, argv: list[str], *, env: dict[str, str] | None,
+                  cwd: str | None, user: str | None, timeout: float) -> ExecResult:
+    await rt._settle(c)
+    uid, gid = oci.parse_user(user)
+    process = c.dir / f"exec-{secrets.token_hex(6)}.json"
+    process.write_text(json.dumps(oci.exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
+    try:
+        with rt._awake(c):
+            code, out, err = await rt.runsc.exec(c.id, process, timeout=timeout)
+    except TimeoutError:
+        raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
+    finally:
+        process.unlink(missing_ok=True)
+    return ExecResult(exit_code=code, stdout=out, stderr=err)
+
+
+async def stats_of(rt: GVisorRuntime, c: Container) -> Stats:
+    await rt._settle(c)
+    used, total = usage(c.disk)
+    if rt._cgroup(c.id).is_frozen():
+        # runsc would ask the frozen gVisor kernel; nothing in it moved since it was frozen.
+        last = c.last_stats or Stats(0.0, 0, 0, 0)
+        return Stats(cpu_seconds=last.cpu_seconds, memory_bytes=last.memory_bytes, disk_used_bytes=used,
+                     disk_total_bytes=total)
+    data = (await rt.runsc.events_stats(c.id)).get("data", {})
+    cpu_ns = data.get("cpu", {}).get("usage", {}).get("total", 0)
+    memory = data.get("memory", {}).get("usage", {}).get("usage", 0)
+    c.last_stats = Stats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
+                         disk_total_bytes=total)
+    return c.last_stats
