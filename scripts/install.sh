@@ -12,6 +12,7 @@ trap 'rc=$?; [ "$BASHPID" = "$$" ] && echo "install.sh: failed while ${step} (ex
       exit $rc' ERR
 say() { step=$1; echo "==> $1"; }
 source scripts/lib/apt-mirror.sh
+source scripts/lib/nss-localhost.sh
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install.sh must run as root (runsc, network namespaces and mounts need it): sudo $0" >&2
@@ -37,7 +38,8 @@ SRC
 fi
 
 say "checking system packages"
-packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-certificates util-linux"
+packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-certificates util-linux
+          libnss-myhostname"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 command -v runsc >/dev/null 2>&1 || missing="$missing runsc"
@@ -56,6 +58,12 @@ if [ -n "$missing" ]; then
     say "installing runsc (gVisor) from ${codename}-backports"
     apt-get install -y -q --no-install-recommends -t "${codename}-backports" runsc
   fi
+fi
+
+nsswitch=${CORRAL_NSSWITCH:-/etc/nsswitch.conf}
+if ! grep -Eq '^[[:space:]]*hosts:.*[[:space:]]myhostname([[:space:]]|$)' "$nsswitch" 2>/dev/null; then
+  say "resolving *.localhost to this machine (myhostname in $nsswitch, for https://*.corral.localhost)"
+  ensure_myhostname "$nsswitch"
 fi
 
 python=${PYTHON:-python3}

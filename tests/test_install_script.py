@@ -154,7 +154,8 @@ def run_install(tmp_path: Path, apt: Path) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     stub_tools(bin_dir, apt_get_exit=100)
     env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "CORRAL_APT_DIR": str(apt), "CORRAL_VENV": str(tmp_path / "venv")}
+           "CORRAL_APT_DIR": str(apt), "CORRAL_VENV": str(tmp_path / "venv"),
+           "CORRAL_NSSWITCH": str(tmp_path / "nsswitch.conf")}
     return subprocess.run([str(INSTALL)], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -181,3 +182,73 @@ def test_install_without_any_apt_sources_falls_back_to_deb_debian_org(tmp_path):
     result = run_install(tmp_path, apt)
     assert "mirror: http://deb.debian.org/debian" in result.stdout
     assert "URIs: http://deb.debian.org/debian\n" in (apt / "sources.list.d" / "corral-backports.sources").read_text()
+
+
+# --- *.localhost resolving to this machine (scripts/lib/nss-localhost.sh) ---------------------------------
+
+DEBIAN_12_NSSWITCH = """\
+passwd:         files
+group:          files
+shadow:         files
+gshadow:        files
+
+hosts:          files dns
+networks:       files
+"""
+
+
+def ensure_myhostname(conf: Path) -> str:
+    result = subprocess.run(["bash", "-c", 'set -Eeuo pipefail; source scripts/lib/nss-localhost.sh; '
+                                           'ensure_myhostname "$1"', "bash", str(conf)],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return conf.read_text()
+
+
+def hosts_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("hosts:"))
+
+
+def test_myhostname_goes_right_after_files_in_debian_12s_nsswitch(tmp_path):
+    conf = tmp_path / "nsswitch.conf"
+    conf.write_text(DEBIAN_12_NSSWITCH)
+    text = ensure_myhostname(conf)
+    assert hosts_line(text).split() == ["hosts:", "files", "myhostname", "dns"]
+    assert "passwd:         files\n" in text and "networks:       files\n" in text  # the rest untouched
+
+
+def test_myhostname_already_there_leaves_the_file_unchanged(tmp_path):
+    conf = tmp_path / "nsswitch.conf"
+    original = DEBIAN_12_NSSWITCH.replace("files dns", "files mymachines resolve [!UNAVAIL=return] myhostname dns")
+    conf.write_text(original)
+    assert ensure_myhostname(conf) == original
+
+
+def test_a_commented_hosts_line_naming_myhostname_does_not_count(tmp_path):
+    conf = tmp_path / "nsswitch.conf"
+    conf.write_text("# hosts: files myhostname dns\n" + DEBIAN_12_NSSWITCH)
+    text = ensure_myhostname(conf)
+    assert hosts_line(text).split() == ["hosts:", "files", "myhostname", "dns"]
+    assert text.startswith("# hosts: files myhostname dns\n")
+
+
+def test_hosts_line_without_files_gets_myhostname_first(tmp_path):
+    conf = tmp_path / "nsswitch.conf"
+    conf.write_text("hosts: dns\n")
+    assert hosts_line(ensure_myhostname(conf)).split() == ["hosts:", "myhostname", "dns"]
+
+
+def test_missing_nsswitch_or_hosts_line_gets_one(tmp_path):
+    missing = tmp_path / "missing.conf"
+    assert hosts_line(ensure_myhostname(missing)).split() == ["hosts:", "files", "myhostname", "dns"]
+    no_hosts = tmp_path / "nohosts.conf"
+    no_hosts.write_text("passwd: files\n")
+    text = ensure_myhostname(no_hosts)
+    assert text.startswith("passwd: files\n") and hosts_line(text).split() == ["hosts:", "files", "myhostname", "dns"]
+
+
+def test_running_it_twice_adds_myhostname_once(tmp_path):
+    conf = tmp_path / "nsswitch.conf"
+    conf.write_text(DEBIAN_12_NSSWITCH)
+    ensure_myhostname(conf)
+    assert hosts_line(ensure_myhostname(conf)).count("myhostname") == 1

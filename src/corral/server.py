@@ -33,7 +33,10 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class CorralServer:
-    def __init__(self, settings: Settings, platform: PlatformSettings, *, domain: str | None = None) -> None:
+    def __init__(self, settings: Settings, platform: PlatformSettings, *, domain: str | None = None,
+                 public: bool = False) -> None:
+        """`domain`: Host `<port>-<id>.<domain>` goes to sandboxes; `public`: the domain is served over
+        HTTPS (`corral serve`), so sandbox answers name it and the SDKs build their envd URLs from it."""
         self.settings = settings
         self.database = open_database(platform.resolved_database_url(settings))
         self.keys = ApiKeys(self.database)
@@ -54,6 +57,7 @@ class CorralServer:
                                     checkpoint_dir=settings.data_dir / "checkpoints",
                                     is_template=lambda name: name in store.recipes or any(
                                         t.name == name for t in store.list()))
+        self.control.public_domain = domain if public else None
         self.api = create_api(self.control, self.keys, HostPaths.of(settings))
         self.proxy = SandboxProxy(self._address)
         self.orchestrator.on_gone.append(self.proxy.forget)

@@ -127,6 +127,10 @@ say "running scripts/install.sh in the chroot"
 in_chroot 'cd /root/corral && scripts/install.sh' 2>&1 | tee -a "$log"
 grep -q '^corral installed: ' "$log"
 
+say "checking that *.localhost names resolve (the default public domain, docs/network.md)"
+in_chroot 'getent ahostsv4 api.corral.localhost | grep -q "^127.0.0.1 " && grep -Eq "^hosts:.* myhostname" /etc/nsswitch.conf' \
+  || { echo "api.corral.localhost does not resolve to 127.0.0.1 in the chroot" >&2; false; }
+
 say "running scripts/install.sh again: it must need no apt work"
 in_chroot 'cd /root/corral && scripts/install.sh' 2>&1 | tee "$log.again"
 grep -q '^corral installed: ' "$log.again"

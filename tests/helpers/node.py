@@ -34,7 +34,8 @@ def ensure_node_modules() -> None:
     stamp.touch()
 
 
-def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     ensure_node_modules()
     return subprocess.run(["node", str(JS_DIR / name), *args], cwd=JS_DIR, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)

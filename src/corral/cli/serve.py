@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 from datetime import datetime
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -26,17 +29,28 @@ def _keys():
     return ApiKeys(open_database(PlatformSettings().resolved_database_url(settings)))
 
 
+DEFAULT_DOMAIN = "corral.localhost"  # *.localhost resolves to this machine (libnss-myhostname, docs/network.md)
+
+
 def serve_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for remote clients)."),
-    port: int = typer.Option(3000, help="Port for the API and the sandbox proxy."),
-    domain: str = typer.Option(None, help="Also route Host `<port>-<sandboxID>.<domain>` to sandboxes."),
+    port: int = typer.Option(3000, help="Port for the API and the sandbox proxy (plain HTTP, header routing)."),
+    domain: str = typer.Option(None, envvar="CORRAL_DOMAIN",
+                               help=f"Public domain: https://api.<domain> and https://<port>-<sandboxID>.<domain> "
+                                    f"(default {DEFAULT_DOMAIN})."),
+    https_port: int = typer.Option(443, envvar="CORRAL_HTTPS_PORT",
+                                   help="Port of the HTTPS listener for the domain (0: none). The SDKs' "
+                                        "E2B_DOMAIN needs 443."),
+    tls_cert: Path = typer.Option(None, envvar="CORRAL_TLS_CERT",
+                                  help="Certificate chain for <domain> and *.<domain> (default: signed by this "
+                                       "installation's own CA, made at the first start)."),
+    tls_key: Path = typer.Option(None, envvar="CORRAL_TLS_KEY", help="The key of --tls-cert."),
     pool_size: int = typer.Option(None, help="Warm sandboxes kept per pooled template (CORRAL_POOL_SIZE)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Serve the E2B-compatible API and the sandbox proxy on one listener."""
+    """Serve the E2B-compatible API and the sandbox proxy: plain HTTP on --port, and HTTPS for the public
+    domain on --https-port."""
     import dataclasses
-
-    import uvicorn
 
     from corral.server import CorralServer
 
@@ -44,21 +58,110 @@ def serve_command(
     platform = PlatformSettings()
     if pool_size is not None:
         platform = dataclasses.replace(platform, pool_size=pool_size)
+    domain = (domain or DEFAULT_DOMAIN).strip().lower().rstrip(".")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    tls, https_sockets = None, []
+    if https_port:
+        tls = _tls_files(settings, domain, tls_cert, tls_key)
+        https_sockets = _bind(host, https_port, "HTTPS")  # before anything is built: a taken port fails at once
+    http_sockets = _bind(host, port, "HTTP")
     _ensure_templates(settings, platform.pool_templates or ("base",))
-    server = CorralServer(settings, platform, domain=domain)
+    server = CorralServer(settings, platform, domain=domain, public=tls is not None)
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
     if not asyncio.run(server.keys.list()):
         _, secret = asyncio.run(server.keys.create("default"))
         key_line = f"export E2B_API_KEY={secret}   # created now as 'default'; shown only once"
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     console.print("[bold]Point the E2B SDKs at this server:[/bold]")
-    print(f"export E2B_API_URL=http://{shown}:{port}\nexport E2B_SANDBOX_URL=http://{shown}:{port}\n{key_line}",
-          flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if tls is not None:
+        lines = [f"export E2B_DOMAIN={domain}" + ("" if https_port == 443 else
+                                                   f"   # the SDKs reach it only on 443; this one is on {https_port}")]
+        if tls.bundle is not None:
+            lines += [f"export SSL_CERT_FILE={tls.bundle}   # Python: system CAs + this installation's CA",
+                      f"export NODE_EXTRA_CA_CERTS={tls.ca}"]
+        lines += [key_line, f"# or, over plain HTTP: export E2B_API_URL=http://{shown}:{port} "
+                            f"E2B_SANDBOX_URL=http://{shown}:{port}"]
+    else:
+        lines = [f"export E2B_API_URL=http://{shown}:{port}", f"export E2B_SANDBOX_URL=http://{shown}:{port}",
+                 key_line]
+    print("\n".join(lines), flush=True)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(server, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                timeout_keep_alive=300, timeout_graceful_shutdown=5, ws="websockets-sansio")
+    asyncio.run(_serve(server, http_sockets, https_sockets, tls, log_level))
+
+
+def _tls_files(settings, domain: str, cert: Path | None, key: Path | None):
+    from corral.proxy.tls import TLSError, installation_tls, operator_tls
+
+    try:
+        if cert or key:
+            if not (cert and key):
+                raise TLSError("--tls-cert and --tls-key go together")
+            return operator_tls(cert, key)
+        return installation_tls(settings.data_dir / "tls", domain)
+    except TLSError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _bind(host: str, port: int, what: str) -> list[socket.socket]:
+    """Listening sockets for `host` (loopback: 127.0.0.1 and ::1, as `*.localhost` names resolve to both;
+    0.0.0.0: IPv4 and IPv6)."""
+    hosts = {"127.0.0.1": ["127.0.0.1", "::1"], "localhost": ["127.0.0.1", "::1"],
+             "0.0.0.0": ["0.0.0.0", "::"], "::": ["0.0.0.0", "::"]}.get(host, [host])
+    sockets = []
+    for address in hosts:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this host
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if family == socket.AF_INET6 and address != host and exc.errno == errno.EADDRNOTAVAIL:
+                continue  # ::1 missing (IPv6 disabled): IPv4 alone
+            for s in sockets:
+                s.close()
+            hint = " (--https-port 0 turns HTTPS off)" if what == "HTTPS" else ""
+            Console(stderr=True).print(f"[red]error:[/red] cannot listen for {what} on {address} port {port}: "
+                                       f"{exc.strerror}{hint}")
+            raise typer.Exit(2) from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
+async def _serve(server, http_sockets: list[socket.socket], https_sockets: list[socket.socket], tls,
+                 log_level: str) -> None:
+    """Both listeners in one process over one app. The HTTP one runs the app's start-up and shutdown, and
+    the HTTPS one starts once it is up. A signal stops HTTPS first (it holds the handlers last), and
+    uvicorn passes it on to HTTP, which shuts the app down."""
+    import uvicorn
+
+    common = dict(log_level=log_level, access_log=False, timeout_keep_alive=300, timeout_graceful_shutdown=5,
+                  ws="websockets-sansio")
+    http = uvicorn.Server(uvicorn.Config(server, lifespan="on", **common))
+    http_task = asyncio.create_task(http.serve(sockets=http_sockets))
+    if not https_sockets:
+        await http_task
+        return
+    while not http.started:
+        if http_task.done():
+            await http_task
+            return
+        await asyncio.sleep(0.05)
+    https = uvicorn.Server(uvicorn.Config(server, lifespan="off", ssl_certfile=str(tls.cert),
+                                          ssl_keyfile=str(tls.key), **common))
+    https_task = asyncio.create_task(https.serve(sockets=https_sockets))
+    await asyncio.wait({http_task, https_task}, return_when=asyncio.FIRST_COMPLETED)
+    http.should_exit = https.should_exit = True
+    await asyncio.gather(http_task, https_task, return_exceptions=True)
 
 
 def _ensure_templates(settings, names: tuple[str, ...]) -> None:

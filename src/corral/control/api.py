@@ -44,9 +44,10 @@ def _listed(row: SandboxRow) -> dict:
                 state=row.state, envdVersion=ENVD_VERSION)
 
 
-def _detail(row: SandboxRow) -> schemas.SandboxDetail:
+def _detail(row: SandboxRow, domain: str | None) -> schemas.SandboxDetail:
     lifecycle = row.lifecycle or {}
     return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
+                                 domain=domain,
                                  lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
                                                              onTimeout=lifecycle.get("onTimeout", "kill")),
                                  pauseMode=row.pause_mode if row.state == "paused" else None)
@@ -120,7 +121,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle)
-        return sandbox_answer(row)
+        return sandbox_answer(row, plane.public_domain)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
               tags=["sandboxes"])
@@ -137,7 +138,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         row, resumed = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
                                                     memory=not (body and body.memory is False))
         response.status_code = 201 if resumed else 200
-        return sandbox_answer(row)
+        return sandbox_answer(row, plane.public_domain)
 
     @app.post("/v2/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox,
               responses={**ERRORS, 201: {"model": schemas.Sandbox, "description": "resumed a paused sandbox"}},
@@ -160,7 +161,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
             raise ApiError(409, f"sandbox {sandbox_id} is already running")
         row, _ = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
                                               memory=not (body and body.memory is False))
-        return sandbox_answer(row)
+        return sandbox_answer(row, plane.public_domain)
 
     async def _list(key: ApiKey, metadata: str | None, state: str | None, order: str | None,
                     started_after: str | None, template: str | None, limit: int | None,
@@ -211,7 +212,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=ERRORS,
              response_model_exclude_none=True, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
-        return _detail(await plane.sandboxes.get(key.id, sandbox_id))
+        return _detail(await plane.sandboxes.get(key.id, sandbox_id), plane.public_domain)
 
     @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:

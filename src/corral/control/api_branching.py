@@ -31,7 +31,7 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
                 code, message = to_http(r, paths)
                 answers.append(schemas.ForkResult(error=schemas.Error(code=code, message=message)))
             else:
-                answers.append(schemas.ForkResult(sandbox=sandbox_answer(r)))
+                answers.append(schemas.ForkResult(sandbox=sandbox_answer(r, plane.public_domain)))
         return answers
 
     # --- E2B ---------------------------------------------------------------------------------------

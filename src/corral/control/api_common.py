@@ -29,9 +29,10 @@ def iso(ts: float) -> str:
     return (_EPOCH + dt.timedelta(microseconds=micros)).isoformat().replace("+00:00", "Z")
 
 
-def sandbox_answer(row: SandboxRow) -> schemas.Sandbox:
+def sandbox_answer(row: SandboxRow, domain: str | None = None) -> schemas.Sandbox:
+    """`domain`: where the SDK reaches the sandbox (`https://<port>-<id>.<domain>`) when it was not told."""
     return schemas.Sandbox(templateID=row.template, sandboxID=row.id, alias=row.template, clientID=CLIENT_ID,
-                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token)
+                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token, domain=domain)
 
 
 def page_token(offset: int) -> str:

@@ -30,6 +30,8 @@ class ControlPlane:
         self.tree = CheckpointTree(database, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
         self.branching = Branching(database, self.sandboxes, self.tree, orchestrator, is_template=is_template)
         self.sandboxes.checkpoints = self.branching
+        # The domain sandboxes are served under over HTTPS (`<port>-<id>.<domain>`), named in answers.
+        self.public_domain: str | None = None
 
     async def start(self) -> None:
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)

@@ -1,0 +1,241 @@
+"""Public URLs over TLS as a user gets them from `corral serve`: `https://api.<domain>` and
+`https://<port>-<sandboxID>.<domain>` with the installation's own CA, where `E2B_DOMAIN` + `E2B_API_KEY`
+(and the printed `SSL_CERT_FILE` / `NODE_EXTRA_CA_CERTS`) are all the unmodified SDKs need.
+
+The domain is under `.localhost`, which glibc resolves to 127.0.0.1 and ::1 through libnss-myhostname
+(scripts/install.sh); the server listens for HTTPS on 443 of both, as the SDKs reach it only there. One
+module at a time uses 443 (tests run one after another)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from e2b import Sandbox
+from websockets.sync.client import connect as ws_connect
+
+from tests.helpers.node import run_script
+from tests.helpers.server import CLI, ServerProcess
+
+INSTANCE, NETWORK = "t7", "10.219.0.0/22"
+DOMAIN = "corral-t7.localhost"
+
+# A WebSocket echo server in the sandbox with nothing but Python's standard library (RFC 6455: the
+# handshake, then unmasked copies of each masked text frame the client sends).
+WS_ECHO = r'''
+import base64, hashlib, socket, struct
+
+def exactly(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+srv = socket.create_server(("0.0.0.0", 8765))
+while True:
+    conn, _ = srv.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    try:
+        while True:
+            b1, b2 = exactly(conn, 2)
+            n = b2 & 127
+            if n == 126:
+                n = struct.unpack(">H", exactly(conn, 2))[0]
+            mask = exactly(conn, 4)
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(exactly(conn, n)))
+            if b1 & 15 == 8:
+                conn.sendall(b"\x88\x00")
+                break
+            size = bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)
+            conn.sendall(b"\x81" + size + data)
+    except Exception:
+        pass
+    conn.close()
+'''
+
+SDK_ONLY_DOMAIN = r'''
+import json
+from e2b import Sandbox
+sbx = Sandbox.create()
+try:
+    sbx.files.write("/home/user/note.txt", "over https")
+    print(json.dumps({"id": sbx.sandbox_id, "echo": sbx.commands.run("echo hi from $(hostname)").stdout.strip(),
+                      "read": sbx.files.read("/home/user/note.txt"), "host": sbx.get_host(8000),
+                      "listed": [s.sandbox_id for s in Sandbox.list().next_items()]}))
+finally:
+    sbx.kill()
+'''
+
+
+def resolves_here(name: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(name, 443))
+    except socket.gaierror:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(harness, runtime, store):
+    assert resolves_here(f"api.{DOMAIN}"), (
+        f"api.{DOMAIN} does not resolve: *.localhost needs libnss-myhostname in /etc/nsswitch.conf "
+        "(scripts/install.sh sets it up)")
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
+                         domain=DOMAIN, https_port=443)
+    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def tls_dir(server) -> Path:
+    return Path(server.env["CORRAL_DATA_DIR"]) / "tls"
+
+
+@pytest.fixture(scope="module")
+def key(server) -> str:
+    return server.cli("keys", "create", "--name", "public-urls").strip()
+
+
+@pytest.fixture()
+def sandbox(server, key):
+    """A sandbox made over plain HTTP (header routing), to test its public URLs from outside the SDK."""
+    sbx = Sandbox.create(api_url=server.url, sandbox_url=server.url, api_key=key)
+    yield sbx
+    sbx.kill()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """What a user's shell would have: no E2B_API_URL / E2B_SANDBOX_URL, no test settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "CORRAL_", "SSL_CERT", "NODE_EXTRA"))}
+    return {**env, **extra}
+
+
+def trusting(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def get_until(url: str, verify, timeout: float = 15) -> httpx.Response:
+    """GET until the sandbox's server has started listening (502 until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(url, verify=verify, timeout=10)
+        if response.status_code != 502 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def test_python_sdk_works_with_only_e2b_domain_and_the_printed_cert_file(server, key, tls_dir):
+    env = clean_env(E2B_DOMAIN=DOMAIN, E2B_API_KEY=key, SSL_CERT_FILE=str(tls_dir / "ca-bundle.pem"))
+    done = subprocess.run([sys.executable, "-c", SDK_ONLY_DOMAIN], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["echo"] == f"hi from {out['id']}"
+    assert out["read"] == "over https"
+    assert out["host"] == f"8000-{out['id']}.{DOMAIN}"
+    assert out["id"] in out["listed"]
+
+
+def test_without_the_ca_the_sdk_refuses_the_connection(server, key):
+    env = clean_env(E2B_DOMAIN=DOMAIN, E2B_API_KEY=key)
+    done = subprocess.run([sys.executable, "-c", "from e2b import Sandbox; Sandbox.list().next_items()"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "certificate" in done.stderr.lower() or "tls" in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_js_sdk_works_with_only_e2b_domain_and_node_extra_ca_certs(server, key, tls_dir):
+    result = run_script("public.mjs", env=clean_env(E2B_DOMAIN=DOMAIN, E2B_API_KEY=key,
+                                                    NODE_EXTRA_CA_CERTS=str(tls_dir / "ca.pem")))
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert [line for line in result.stdout.splitlines() if line.startswith("ok ")] == [
+        "ok create and run", "ok files", "ok host"]
+
+
+def test_a_sandbox_port_answers_at_its_https_url(sandbox, tls_dir):
+    sandbox.files.write("/home/user/site/index.html", "<h1>served from the sandbox</h1>")
+    sandbox.commands.run("cd /home/user/site && python3 -m http.server 8000", background=True)
+    url = f"https://{sandbox.get_host(8000)}/index.html"
+    response = get_until(url, verify=trusting(tls_dir / "ca.pem"))
+    assert response.status_code == 200
+    assert response.text == "<h1>served from the sandbox</h1>"
+    assert response.http_version == "HTTP/1.1"
+    # A client that does not trust the installation's CA does not get through.
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(url, verify=True)
+
+
+def test_api_answers_at_the_api_name(server, key, tls_dir):
+    response = httpx.get(f"https://api.{DOMAIN}/sandboxes", headers={"X-API-Key": key},
+                         verify=trusting(tls_dir / "ca.pem"))
+    assert response.status_code == 200
+    assert isinstance(response.json(), list)
+    assert httpx.get(f"https://api.{DOMAIN}/sandboxes", verify=trusting(tls_dir / "ca.pem")).status_code == 401
+
+
+def test_create_answers_name_the_public_domain(server, key):
+    response = httpx.post(f"{server.url}/sandboxes", headers={"X-API-Key": key}, json={"templateID": "base"})
+    assert response.status_code == 201, response.text
+    sandbox_id = response.json()["sandboxID"]
+    try:
+        assert response.json()["domain"] == DOMAIN
+        detail = httpx.get(f"{server.url}/sandboxes/{sandbox_id}", headers={"X-API-Key": key}).json()
+        assert detail["domain"] == DOMAIN
+    finally:
+        httpx.delete(f"{server.url}/sandboxes/{sandbox_id}", headers={"X-API-Key": key})
+
+
+def test_websocket_echo_through_the_public_url(sandbox, tls_dir):
+    sandbox.files.write("/home/user/ws_echo.py", WS_ECHO)
+    sandbox.commands.run("python3 /home/user/ws_echo.py", background=True)
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    url = f"wss://{sandbox.get_host(8765)}/echo"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with ws_connect(url, ssl=context, open_timeout=10) as ws:
+                for message in ("ping", "x" * 300):
+                    ws.send(message)
+                    assert ws.recv(timeout=10) == message
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_unknown_sandbox_and_closed_port_are_json_errors(sandbox, tls_dir):
+    ca = trusting(tls_dir / "ca.pem")
+    missing = httpx.get(f"https://8000-inosuchsandbox00000000.{DOMAIN}/", verify=ca)
+    assert missing.status_code == 502
+    assert missing.json() == {"sandboxId": "inosuchsandbox00000000", "message": "The sandbox was not found",
+                              "code": 502}
+    closed = httpx.get(f"https://{sandbox.get_host(8999)}/", verify=ca)
+    assert closed.status_code == 502
+    assert closed.json()["sandboxId"] == sandbox.sandbox_id
+
+
+def test_a_second_server_on_the_same_https_port_says_so(server):
+    env = {**server.env, "CORRAL_INSTANCE": "t7x", "CORRAL_DATA_DIR": str(TEST_ROOT / "t7x")}
+    done = subprocess.run([*CLI, "serve", "--port", "0", "--domain", DOMAIN, "--https-port", "443"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot listen for HTTPS on 127.0.0.1 port 443" in done.stderr
+    assert "--https-port 0" in done.stderr
