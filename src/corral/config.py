@@ -42,6 +42,12 @@ class Settings:
         default_factory=lambda: ipaddress.IPv4Address(os.environ.get("CORRAL_DNS_ADDRESS", "169.254.53.53"))
     )
 
+    # Where sandboxes reach the server itself (its DNS server, its HTTPS listener for public URLs); set by
+    # `corral serve` when it serves public URLs (network/service.py), None otherwise.
+    service_address: ipaddress.IPv4Address | None = field(
+        default_factory=lambda: ipaddress.IPv4Address(os.environ["CORRAL_SERVICE_ADDRESS"])
+        if os.environ.get("CORRAL_SERVICE_ADDRESS") else None)
+
     # Memory a restore must leave available to the host; a restore that would eat into it is refused (507).
     memory_reserve_mb: int = field(default_factory=lambda: int(os.environ.get("CORRAL_MEMORY_RESERVE_MB", "512")))
 

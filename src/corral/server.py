@@ -17,6 +17,8 @@ from corral.control.errors import HostPaths
 from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
 from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.network.dns import upstream_resolvers
+from corral.network.sandbox_dns import SandboxResolver
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
 from corral.runtime.gvisor import GVisorRuntime
@@ -58,8 +60,13 @@ class CorralServer:
                                     is_template=lambda name: name in store.recipes or any(
                                         t.name == name for t in store.list()))
         self.control.public_domain = domain if public else None
+        # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).
+        self.resolver = None
+        if public and domain and settings.service_address is not None:
+            self.resolver = SandboxResolver(domain, settings.service_address, upstream_resolvers(),
+                                            listen=settings.service_address)
         self.api = create_api(self.control, self.keys, HostPaths.of(settings))
-        self.proxy = SandboxProxy(self._address)
+        self.proxy = SandboxProxy(self._address, self.control.sandboxes.ingress)
         self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
 
@@ -106,6 +113,8 @@ class CorralServer:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    if self.resolver is not None:
+                        await self.resolver.start()
                     await self.control.start()
                 except Exception as e:
                     log.exception("startup failed")
@@ -116,6 +125,8 @@ class CorralServer:
                 with contextlib.suppress(Exception):
                     await self.proxy.close()
                 await self.control.close()
+                if self.resolver is not None:
+                    await self.resolver.close()
                 self.database.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

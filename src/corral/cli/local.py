@@ -30,7 +30,8 @@ def side_settings(settings: Settings, index: int) -> Settings:
     network = ipaddress.IPv4Network((int(SIDE_NETWORK.network_address) + index * 1024, 22))
     return dataclasses.replace(settings, instance=instance, sandbox_network=network,
                                data_dir=settings.data_dir / "side" / instance,
-                               run_dir=Path(f"{settings.run_dir}-{instance}"))
+                               run_dir=Path(f"{settings.run_dir}-{instance}"),
+                               service_address=None)  # no server of its own: DNS straight to the host's
 
 
 @asynccontextmanager

@@ -62,11 +62,20 @@ def serve_command(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     tls, https_sockets = None, []
     if https_port:
+        from corral.network import service
+
         tls = _tls_files(settings, domain, tls_cert, tls_key)
         https_sockets = _bind(host, https_port, "HTTPS")  # before anything is built: a taken port fails at once
+        # Sandboxes reach public URLs (DNS and HTTPS) at the instance's service address.
+        settings = dataclasses.replace(settings, service_address=settings.service_address
+                                       or service.default_address(settings.instance))
+        service.add(settings.instance, settings.service_address)
+        https_sockets += _bind(str(settings.service_address), 443, "HTTPS for sandboxes")
     http_sockets = _bind(host, port, "HTTP")
     _ensure_templates(settings, platform.pool_templates or ("base",))
     server = CorralServer(settings, platform, domain=domain, public=tls is not None)
+    if tls is not None and tls.ca is not None:
+        server.orchestrator.trusted_certificates = tls.ca.read_text()  # sandboxes open public URLs too
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
     if not asyncio.run(server.keys.list()):
         _, secret = asyncio.run(server.keys.create("default"))
@@ -127,7 +136,7 @@ def _bind(host: str, port: int, what: str) -> list[socket.socket]:
                 continue  # ::1 missing (IPv6 disabled): IPv4 alone
             for s in sockets:
                 s.close()
-            hint = " (--https-port 0 turns HTTPS off)" if what == "HTTPS" else ""
+            hint = " (--https-port 0 turns HTTPS off)" if what.startswith("HTTPS") else ""
             Console(stderr=True).print(f"[red]error:[/red] cannot listen for {what} on {address} port {port}: "
                                        f"{exc.strerror}{hint}")
             raise typer.Exit(2) from None

@@ -8,7 +8,7 @@ import logging
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +28,7 @@ from corral.control.api_common import (
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
+from corral.control.network import Ingress, ingress_from_create
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
 from corral.envd import ENVD_VERSION
@@ -47,7 +48,7 @@ def _listed(row: SandboxRow) -> dict:
 def _detail(row: SandboxRow, domain: str | None) -> schemas.SandboxDetail:
     lifecycle = row.lifecycle or {}
     return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
-                                 domain=domain,
+                                 domain=domain, network=Ingress.from_record(row.ingress).as_read_back(),
                                  lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
                                                              onTimeout=lifecycle.get("onTimeout", "kill")),
                                  pauseMode=row.pause_mode if row.state == "paused" else None)
@@ -118,9 +119,11 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",
                      "autoResume": bool(body.autoResume and body.autoResume.enabled),
                      "autoPauseMemory": body.autoPauseMemory is not False}
+        ingress = ingress_from_create(body.network)
         row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
-                                           internet=body.allow_internet_access is not False, lifecycle=lifecycle)
+                                           internet=body.allow_internet_access is not False, lifecycle=lifecycle,
+                                           ingress=ingress)
         return sandbox_answer(row, plane.public_domain)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
@@ -217,6 +220,13 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
         await plane.sandboxes.kill(key.id, sandbox_id)
+        return Response(status_code=204)
+
+    @app.put("/sandboxes/{sandbox_id}/network", status_code=204, responses=ERRORS, tags=["sandboxes"])
+    async def update_network(sandbox_id: str, key: Key, body: dict = Body(default_factory=dict)) -> Response:
+        """Replaces the sandbox's egress configuration (every omitted option is cleared). Of E2B's egress
+        options only `allow_internet_access` is enforced so far; the others are refused (400)."""
+        await plane.sandboxes.update_network(key.id, sandbox_id, body)
         return Response(status_code=204)
 
     @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=ERRORS, tags=["sandboxes"])

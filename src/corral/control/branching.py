@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
+from corral.control.network import Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
 from corral.orchestrator.sandboxes import Orchestrator
@@ -169,47 +170,54 @@ class Branching:
                     node = await self._tree.node(key_id, row.paused_node)
                     return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
-                                                 internet=row.internet, template=row.template)
+                                                 internet=row.internet, template=row.template,
+                                                 ingress=Ingress.from_record(row.ingress))
         began = time.perf_counter()
         node = await self.snapshot(key_id, sandbox_id, kind="fork", clones=count)
         snapshotted = time.perf_counter()
         results = await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                         env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
-                                        internet=row.internet, template=row.template)
+                                        internet=row.internet, template=row.template,
+                                        ingress=Ingress.from_record(row.ingress))
         log.debug("fork of %s x%d: snapshot %.1f ms, starts %.1f ms", sandbox_id, count,
                   (snapshotted - began) * 1000, (time.perf_counter() - snapshotted) * 1000)
         return results
 
     async def start_from(self, node: CheckpointRow, count: int, *, timeout: int, metadata: dict,
-                         env_vars: dict, lifecycle: dict, internet: bool,
-                         template: str | None = None) -> list[SandboxRow | BaseException]:
-        """`count` new sandboxes from a node, each succeeding or failing (the exception) on its own."""
+                         env_vars: dict, lifecycle: dict, internet: bool, template: str | None = None,
+                         ingress: Ingress | None = None) -> list[SandboxRow | BaseException]:
+        """`count` new sandboxes from a node, each succeeding or failing (the exception) on its own, each
+        with `ingress`'s options and a traffic token of its own."""
+        ingress = ingress or Ingress()
         with self._tree.reading(node.id):
             return await asyncio.gather(*(
                 self._start_one(node, timeout=timeout, metadata=metadata, env_vars=env_vars, lifecycle=lifecycle,
-                                internet=internet, template=template or node.id) for _ in range(count)),
+                                internet=internet, template=template or node.id,
+                                ingress=ingress.for_another_sandbox()) for _ in range(count)),
                 return_exceptions=True)
 
     async def _start_one(self, node: CheckpointRow, *, timeout: int, metadata: dict, env_vars: dict,
-                         lifecycle: dict, internet: bool, template: str) -> SandboxRow:
+                         lifecycle: dict, internet: bool, template: str, ingress: Ingress) -> SandboxRow:
         token = secrets.token_urlsafe(24)
         api_id, sandbox = await self._orchestrator.start_from(
             self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
             env_vars=env_vars, internet=internet, resources=_resources(node))
         row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus, memory_mb=node.memory_mb,
-                         disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle, head=node.id)
+                         disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle, head=node.id,
+                         ingress=ingress.to_record())
         return await self._sandboxes.register(row, timeout)
 
     # --- CheckpointHooks (for control/sandboxes.py) ----------------------------------------------
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
-                                  env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow | None:
+                                  env_vars: dict[str, str], internet: bool, lifecycle: dict,
+                                  ingress: Ingress | None = None) -> SandboxRow | None:
         node = await self._tree.find_node(key_id, ref)
         if node is None:
             return None
         (result,) = await self.start_from(node, 1, timeout=timeout, metadata=metadata, env_vars=env_vars,
-                                          lifecycle=lifecycle, internet=internet)
+                                          lifecycle=lifecycle, internet=internet, ingress=ingress)
         if isinstance(result, BaseException):
             raise result
         return result

@@ -62,6 +62,8 @@ class SandboxRow(Base):
     pause_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # The last timeout asked for; an automatic resume grants it again.
     timeout_s: Mapped[int] = mapped_column(Integer, default=300)
+    # How the proxy treats requests to its ports (control/network.py `Ingress.to_record`).
+    ingress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class CheckpointRow(Base):

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from corral.config import PlatformSettings
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
+from corral.control.network import Ingress, refuse_egress_options
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources
@@ -46,7 +47,8 @@ class CheckpointHooks(Protocol):
     """What sandboxes need from checkpoints (control/branching.py provides it)."""
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
-                                  env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow | None:
+                                  env_vars: dict[str, str], internet: bool, lifecycle: dict,
+                                  ingress: Ingress | None = None) -> SandboxRow | None:
         """A new sandbox from the snapshot `ref` names; None when it names none (it is a template)."""
 
     async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
@@ -80,6 +82,9 @@ class Sandboxes:
         self._sampler: asyncio.Task | None = None
         # One state change at a time per sandbox: kill, pause, resume, snapshot and fork take this lock.
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Each recorded sandbox's ingress options, read by the proxy on every request: kept from its
+        # record (loaded on first use, e.g. after a restart), dropped with it.
+        self._ingress: dict[str, Ingress] = {}
 
     def start_sampling(self) -> None:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
@@ -105,10 +110,13 @@ class Sandboxes:
         return timeout
 
     async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
-                     env_vars: dict[str, str], internet: bool, lifecycle: dict) -> SandboxRow:
+                     env_vars: dict[str, str], internet: bool, lifecycle: dict,
+                     ingress: Ingress | None = None) -> SandboxRow:
         seconds = self.timeout_for(timeout)
+        ingress = ingress or Ingress()
         row = await self.checkpoints.start_from_snapshot(key_id, template, timeout=seconds, metadata=metadata,
-                                                         env_vars=env_vars, internet=internet, lifecycle=lifecycle)
+                                                         env_vars=env_vars, internet=internet, lifecycle=lifecycle,
+                                                         ingress=ingress)
         if row is not None:
             return row
         token = secrets.token_urlsafe(24)
@@ -117,7 +125,7 @@ class Sandboxes:
         row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
                          memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
-                         lifecycle=lifecycle)
+                         lifecycle=lifecycle, ingress=ingress.to_record())
         return await self.register(row, seconds)
 
     async def register(self, row: SandboxRow, seconds: int) -> SandboxRow:
@@ -134,7 +142,40 @@ class Sandboxes:
                     await self.forget([row.id])
             raise
         self._arm(row.id, row.end_at)
+        self._ingress[row.id] = Ingress.from_record(row.ingress)
         return row
+
+    async def ingress(self, sandbox_id: str) -> Ingress | None:
+        """How the proxy treats requests to the sandbox's ports; None when there is no such sandbox."""
+        known = self._ingress.get(sandbox_id)
+        if known is None:
+            row = await self.row(sandbox_id)
+            if row is None:
+                return None
+            known = self._ingress[sandbox_id] = Ingress.from_record(row.ingress)
+        return known
+
+    async def update_network(self, key_id: str, sandbox_id: str, network: dict) -> None:
+        """`PUT /sandboxes/{id}/network`: a full replacement of the egress options; so far only the
+        internet switch (`allow_internet_access`, on when omitted) exists, the rest is refused."""
+        if not isinstance(network, dict):
+            raise ApiError(400, "the network update must be an object")
+        refuse_egress_options(network)
+        internet = network.get("allow_internet_access")
+        if internet is not None and not isinstance(internet, bool):
+            raise ApiError(400, "allow_internet_access must be a boolean")
+        internet = internet is not False
+        async with self.locks[sandbox_id]:
+            row = await self.get(key_id, sandbox_id)
+            if row.state == "running":
+                await self.orchestrator.set_internet(sandbox_id, internet)
+
+            def store(session: Session) -> None:
+                stored = session.get(SandboxRow, sandbox_id)
+                if stored is not None:
+                    stored.internet = internet
+
+            await self._db.write(store)
 
     async def row(self, sandbox_id: str) -> SandboxRow | None:
         """The sandbox's record, whoever owns it; None when there is none."""
@@ -183,6 +224,9 @@ class Sandboxes:
         self._arm(row.id, row.end_at)
 
     async def forget(self, ids: list[str]) -> None:
+        for sandbox_id in ids:
+            self._ingress.pop(sandbox_id, None)
+
         def forget(session: Session) -> None:
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))

@@ -166,6 +166,8 @@ class SandboxDetail(ListedSandbox):
     envdAccessToken: str | None = None
     allowInternetAccess: bool | None = None
     domain: str | None = None
+    # The network options as given at create, in the same keys (never the traffic token).
+    network: dict | None = None
     lifecycle: Lifecycle | None = None
     pauseMode: Literal["full", "filesystem"] | None = None
 

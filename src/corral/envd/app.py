@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
@@ -112,6 +113,9 @@ class EnvdApp:
             user = body.get("defaultUser")
             if user is not None:
                 lookup(user)
+            trusted = body.get("caBundle")
+            if trusted is not None and not (isinstance(trusted, str) and "BEGIN CERTIFICATE" in trusted):
+                raise ValueError("caBundle must be PEM certificates")
         except (ValueError, UnknownUser) as e:
             message = f"unknown user {e}" if isinstance(e, UnknownUser) else str(e)
             return JSONResponse({"code": 400, "message": message}, status_code=400)
@@ -131,6 +135,8 @@ class EnvdApp:
                 socket.sethostname(body["hostname"])
             except OSError as e:
                 log.warning("cannot set the hostname: %s", e)
+        if trusted:
+            _trust(trusted)
         if isinstance(body.get("timestamp"), str):
             _note_clock(body["timestamp"])
         return Response(status_code=204)
@@ -188,3 +194,23 @@ def _note_clock(timestamp: str) -> None:
         return
     if abs(sent - time.time()) > 5:
         log.warning("clock differs from the host's by %.1f s", sent - time.time())
+
+
+# The system's CA bundle (Debian's ca-certificates), which curl, wget, apt, OpenSSL and Python's ssl defaults
+# read, and where `update-ca-certificates` puts local CAs so that they survive it running again.
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+LOCAL_CA = Path("/usr/local/share/ca-certificates/corral-ingress.crt")
+
+
+def _trust(pem: str) -> None:
+    """/init's `caBundle`: certificates the sandbox's clients trust from now on (Corral sends the CA of the
+    host's public URLs, so a sandbox can open other sandboxes' https URLs). Idempotent."""
+    try:
+        LOCAL_CA.parent.mkdir(parents=True, exist_ok=True)
+        LOCAL_CA.write_text(pem)
+        bundle = SYSTEM_BUNDLE.read_text() if SYSTEM_BUNDLE.exists() else ""
+        if pem.strip() not in bundle:
+            with SYSTEM_BUNDLE.open("a") as f:
+                f.write(("" if not bundle or bundle.endswith("\n") else "\n") + pem.strip() + "\n")
+    except OSError as e:
+        log.warning("cannot add the host's CA to the trust store: %s", e)

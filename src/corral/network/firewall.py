@@ -3,7 +3,9 @@ is only an element in the `offline` set (sandboxes whose internet access is off)
 
 What a sandbox may reach:
 * the internet (unless offline), source-NATed to the host's address;
-* DNS at the fixed `dns_address`, DNAT-ed to the host's resolver (even if that sits in a private range);
+* DNS at the fixed `dns_address`, DNAT-ed to the host's resolver (even if that sits in a private range),
+  or, while the server serves public URLs, to its DNS server at the instance's service address;
+* the server's public URLs (HTTPS on the service address), unless offline;
 * nothing else: not the host (any of its addresses), not other sandboxes, not private, CGNAT,
   link-local (incl. 169.254.169.254 metadata), loopback or multicast ranges.
 Nobody but the host itself may open connections into a sandbox.
@@ -28,16 +30,25 @@ def table_name(instance: str) -> str:
 
 
 def ruleset(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
-            resolvers: list[ipaddress.IPv4Address]) -> str:
+            resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None) -> str:
+    """`service`: the server's own address for sandboxes (network/service.py): DNS goes to its DNS server
+    instead of the host's resolver, and its port 443 (public URLs) is open to sandboxes whose internet
+    access is on."""
     table = table_name(instance)
     ifaces = f'"cr{instance}h*"'
     blocked = ", ".join([*BLOCKED_RANGES, str(network)])
     resolver_set = ", ".join(str(r) for r in resolvers)
-    dnat = ""
-    if resolvers:
+    dnat, service_rules = "", ""
+    dns_target = service or (resolvers[0] if resolvers else None)
+    if dns_target is not None:
         # One upstream is enough for DNAT; the others stay allowed in case the first is replaced.
         dnat = (f"    iifname {ifaces} ip daddr {dns_address} meta l4proto {{ tcp, udp }} th dport 53 "
-                f"dnat ip to {resolvers[0]}\n")
+                f"dnat ip to {dns_target}\n")
+    if service is not None:
+        service_rules = (
+            f"    iifname {ifaces} ip saddr @offline counter drop comment \"internet access off\"\n"
+            f"    iifname {ifaces} ip daddr {service} meta l4proto {{ tcp, udp }} th dport 53 accept\n"
+            f"    iifname {ifaces} ip daddr {service} tcp dport 443 accept comment \"public URLs\"\n")
     resolver_elements = f"elements = {{ {resolver_set} }}" if resolvers else ""
     return f"""table inet {table}
 delete table inet {table}
@@ -55,7 +66,7 @@ table inet {table} {{
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname {ifaces} ct state established,related accept
-    iifname {ifaces} counter drop comment "sandboxes may not reach host services"
+{service_rules}    iifname {ifaces} counter drop comment "sandboxes may not reach host services"
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -72,9 +83,9 @@ table inet {table} {{
 
 
 async def install(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
-                  resolvers: list[ipaddress.IPv4Address]) -> None:
+                  resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None) -> None:
     """Replaces the table atomically (one nft transaction) and turns on IPv4 forwarding."""
-    await run(["nft", "-f", "-"], ruleset(instance, network, dns_address, resolvers))
+    await run(["nft", "-f", "-"], ruleset(instance, network, dns_address, resolvers, service))
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1")
 

@@ -76,11 +76,14 @@ class EnvdLink:
                                   f"{response.status_code}")
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
-                   hostname: str | None = None, current_token: str | None = None) -> None:
+                   hostname: str | None = None, current_token: str | None = None,
+                   trusted_certificates: str | None = None) -> None:
         body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,
                 "timestamp": dt.datetime.now(dt.UTC).isoformat()}
         if hostname:
             body["hostname"] = hostname
+        if trusted_certificates:
+            body["caBundle"] = trusted_certificates
         headers = {"X-Access-Token": current_token} if current_token else {}
         deadline = asyncio.get_running_loop().time() + 30.0
         while True:

@@ -58,6 +58,8 @@ class Orchestrator:
                                 breathe_every_s=breathe_every_s)
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
+        # PEM certificates every new sandbox trusts (the CA of the public URLs), handed over with /init.
+        self.trusted_certificates: str | None = None
 
     def template_snapshot(self, template: str) -> Snapshot:
         """The snapshot sandboxes of `template` start from (TemplateNotFound when it is not built). When a
@@ -159,13 +161,18 @@ class Orchestrator:
             elif not started and not internet:
                 await self.runtime.set_internet(sandbox.id, False)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
-                                 workdir=DEFAULT_WORKDIR, hostname=sandbox.id)
+                                 workdir=DEFAULT_WORKDIR, hostname=sandbox.id,
+                                 trusted_certificates=self.trusted_certificates)
         except BaseException:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
             raise
         self._go_live(sandbox.id, sandbox, token, fresh=True)
         return sandbox
+
+    async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
+        """Lets the running sandbox reach the internet, or not, from its next connection on."""
+        await self.runtime.set_internet(self._running(sandbox_id).sandbox.id, enabled)
 
     async def kill(self, sandbox_id: str) -> bool:
         entry = await self._take_offline(sandbox_id)
@@ -294,7 +301,8 @@ class Orchestrator:
                 # A cold-booted envd starts without identity; a clone carries its source's and gets its own.
                 await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                      workdir=DEFAULT_WORKDIR, hostname=api_id,
-                                     current_token=None if cold else current_token)
+                                     current_token=None if cold else current_token,
+                                     trusted_certificates=self.trusted_certificates)
             log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
                       "%.1f ms later", api_id, snapshot.path.name, (settled - started) * 1000,
                       (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)

@@ -9,14 +9,17 @@ import contextlib
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
+from html import escape
 
 import aiohttp
 import websockets
 from multidict import CIMultiDict
 from yarl import URL
 
+from corral.control.network import TRAFFIC_TOKEN_HEADER, Ingress
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 
 NOT_FOUND = "The sandbox was not found"
@@ -53,8 +56,12 @@ def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
 
 
 class SandboxProxy:
-    def __init__(self, resolve: Callable[[str], Awaitable[str | None]]) -> None:
+    def __init__(self, resolve: Callable[[str], Awaitable[str | None]],
+                 ingress: Callable[[str], Awaitable[Ingress | None]] | None = None) -> None:
+        """`resolve`: a sandbox's address (None: there is none running, even after an automatic resume);
+        `ingress`: its ingress options (traffic token, Host masking, HTTPS ports), checked first."""
         self._resolve = resolve
+        self._ingress = ingress
         # One connection pool per sandbox: addresses are reused by later sandboxes, and a kept-alive
         # connection to a dead sandbox must never carry a request meant for its successor.
         self._clients: dict[str, aiohttp.ClientSession] = {}
@@ -95,6 +102,14 @@ class SandboxProxy:
             await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
+        rules = await self._ingress(sandbox_id) if self._ingress is not None else None
+        if rules is not None:
+            # Before the address: a request without the token must not wake (auto-resume) the sandbox.
+            refusal = rules.token_refusal(port, _header(scope, TRAFFIC_TOKEN_HEADER.encode()))
+            if refusal is not None:
+                await _refuse(scope, receive, send, sandbox_id, refusal, 403)
+                return
+        scope = {**scope, "corral.ingress": rules or Ingress()}
         address = await self._resolve(sandbox_id)
         if address is None:  # nothing can be in flight to it: answered at once
             await self._forward(scope, receive, send, sandbox_id, address, port)
@@ -123,31 +138,38 @@ class SandboxProxy:
             return
         if address is None:
             await self.forget(sandbox_id)
-            await _error(send, sandbox_id, NOT_FOUND)
+            await _error(send, sandbox_id, NOT_FOUND, html=_wants_html(scope))
             return
         if port == ENVD_PORT and scope["path"].rstrip("/") == "/init":
             # The host hands out identities through /init; nobody outside may.
             await _error(send, sandbox_id, "envd's /init is not reachable through the proxy", status=403)
             return
-        target = f"http://{address}:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
+        rules: Ingress = scope["corral.ingress"]
+        scheme = "https" if port in rules.https_ports else "http"
+        target = f"{scheme}://{address}:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1')}"
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                               if k not in _HOP)
+        if (masked := rules.host_for(port)) is not None:
+            headers["Host"] = masked
+            if (original := _header(scope, b"host")) is not None:
+                headers["X-Forwarded-Host"] = original
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         client = self._client(sandbox_id)
         body_read = asyncio.Event()
         if not has_body:
             body_read.set()
         try:
+            # A service inside that speaks HTTPS (`httpsPorts`) has whatever certificate it made itself.
             upstream = await client.request(scope["method"], URL(target, encoded=True), headers=headers,
                                             data=_body(receive, body_read) if has_body else None,
-                                            allow_redirects=False)
+                                            allow_redirects=False, ssl=scheme != "https")
         except aiohttp.ClientConnectorError:
-            await _error(send, sandbox_id, PORT_CLOSED)
+            await _error(send, sandbox_id, PORT_CLOSED, html=_wants_html(scope))
             return
         except (aiohttp.ClientError, OSError) as e:
-            await _error(send, sandbox_id, f"The sandbox did not answer: {e!r}")
+            await _error(send, sandbox_id, f"The sandbox did not answer: {e!r}", html=_wants_html(scope))
             return
         client_left = asyncio.create_task(_close_when_client_leaves(receive, body_read, upstream))
         try:
@@ -173,7 +195,8 @@ class SandboxProxy:
         if address is None:
             await send({"type": "websocket.close", "code": 4404, "reason": NOT_FOUND})
             return
-        target = f"ws://{address}:{port}{scope['path']}"
+        tls = port in scope["corral.ingress"].https_ports
+        target = f"{'wss' if tls else 'ws'}://{address}:{port}{scope['path']}"
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
@@ -181,7 +204,7 @@ class SandboxProxy:
         try:
             upstream = await websockets.connect(target, additional_headers=headers,
                                                 subprotocols=scope.get("subprotocols") or None,
-                                                open_timeout=5, max_size=None)
+                                                open_timeout=5, max_size=None, ssl=_UNVERIFIED if tls else None)
         except (OSError, websockets.exceptions.WebSocketException, TimeoutError):
             await send({"type": "websocket.close", "code": 1011, "reason": PORT_CLOSED})
             return
@@ -268,8 +291,52 @@ async def _close_when_client_leaves(receive, body_read: asyncio.Event, upstream:
         upstream.close()
 
 
-async def _error(send, sandbox_id: str, message: str, status: int = 502) -> None:
-    body = json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()
+async def _error(send, sandbox_id: str, message: str, status: int = 502, *, html: bool = False) -> None:
+    """E2B's JSON error, or for a browser (which would show JSON as text) a small page saying the same."""
+    if html:
+        body = _ERROR_PAGE.format(status=status, message=escape(message), sandbox=escape(sandbox_id)).encode()
+        kind = b"text/html; charset=utf-8"
+    else:
+        body = json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()
+        kind = b"application/json"
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(scope, receive, send, sandbox_id: str, message: str, status: int) -> None:
+    """Answers a request the proxy does not forward (a WebSocket handshake is refused with `status`)."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "websocket.http.response.body",
+                    "body": json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()})
+        return
+    await _error(send, sandbox_id, message, status, html=_wants_html(scope))
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _wants_html(scope) -> bool:
+    """A browser navigating (it asks for HTML); API clients and the SDKs never do."""
+    accept = _header(scope, b"accept") or ""
+    return "text/html" in accept
+
+
+_UNVERIFIED = ssl.create_default_context()
+_UNVERIFIED.check_hostname = False
+_UNVERIFIED.verify_mode = ssl.CERT_NONE
+
+_ERROR_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{status} · Corral</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:15vh auto;padding:0 1rem;color:#222}}
+h1{{font-size:1.3rem}} code{{background:#f2f2f2;padding:.1rem .3rem;border-radius:3px}}</style></head>
+<body><h1>{message}</h1><p>Sandbox <code>{sandbox}</code> · HTTP {status}</p></body></html>
+"""

@@ -517,7 +517,8 @@ class FakeEnvd(Injectable):
         await self._answer("warm_service", address)
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
-                   hostname: str | None = None, current_token: str | None = None) -> None:
+                   hostname: str | None = None, current_token: str | None = None,
+                   trusted_certificates: str | None = None) -> None:
         await self._answer("init", address)
         self.tokens[address] = token
 

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from corral.config import Settings
-from corral.network import firewall
+from corral.network import firewall, service
 from corral.network.commands import NetworkError
 from corral.network.connections import open_connections_to
 from corral.network.dns import upstream_resolvers
@@ -100,7 +100,7 @@ class GVisorRuntime(Runtime):
         for d in (self.sandboxes_dir, self.settings.runsc_root):
             d.mkdir(parents=True, exist_ok=True)
         await firewall.install(self.settings.instance, self.settings.sandbox_network,
-                               self.settings.dns_address, upstream_resolvers())
+                               self.settings.dns_address, upstream_resolvers(), self.settings.service_address)
         await recovery.reconcile(self)
 
     async def close(self) -> None:
@@ -117,6 +117,7 @@ class GVisorRuntime(Runtime):
         for container in self.table:
             await self._teardown(container)
         firewall.remove(self.settings.instance)
+        service.remove(self.settings.instance)
         await self.close()
 
     async def snapshot_compat(self) -> str:

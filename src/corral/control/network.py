@@ -1,0 +1,109 @@
+"""A sandbox's network options as E2B's API takes them (`network` on create, `PUT /sandboxes/{id}/network`),
+validated with E2B's messages. Ingress options are enforced by the proxy (`Ingress`); of the egress
+options, only the internet switch exists so far: the others are refused with a 400 rather than accepted
+and not enforced (docs/network.md)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+
+from corral.control.errors import ApiError
+from corral.envd import DEFAULT_PORT as ENVD_PORT
+
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
+EGRESS_KEYS = ("allowOut", "denyOut", "rules", "egressProxy")
+# What E2B accepts as a masked Host: a host name or address, an optional port, `${PORT}` anywhere.
+_MASK = re.compile(r"^[A-Za-z0-9.\-\[\]:]+(:(\d{1,5}|\$\{PORT\}))?$")
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """How the proxy treats requests to a sandbox's ports."""
+
+    traffic_token: str | None = None  # set: non-envd ports need it in `e2b-traffic-access-token`
+    mask_request_host: str | None = None  # Host sent to the sandbox instead of the public one
+    https_ports: frozenset[int] = field(default_factory=frozenset)  # spoken to over HTTPS (unverified)
+
+    def host_for(self, port: int) -> str | None:
+        if self.mask_request_host is None or port == ENVD_PORT:
+            return None
+        return self.mask_request_host.replace("${PORT}", str(port))
+
+    def token_refusal(self, port: int, given: str | None) -> str | None:
+        """E2B's message when a request to `port` lacks the right traffic token, else None."""
+        if self.traffic_token is None or port == ENVD_PORT:
+            return None
+        if given is None:
+            return (f"Sandbox is secured with traffic access token. Token header '{TRAFFIC_TOKEN_HEADER}' "
+                    "is missing")
+        if not secrets.compare_digest(given.encode(), self.traffic_token.encode()):
+            return (f"Sandbox is secured with traffic access token. Provided token in header "
+                    f"'{TRAFFIC_TOKEN_HEADER}' is invalid")
+        return None
+
+    def for_another_sandbox(self) -> Ingress:
+        """The same options for a new sandbox (a fork, a start from a snapshot): its own token."""
+        if self.traffic_token is None:
+            return self
+        return Ingress(secrets.token_urlsafe(24), self.mask_request_host, self.https_ports)
+
+    def to_record(self) -> dict:
+        return {"trafficToken": self.traffic_token, "maskRequestHost": self.mask_request_host,
+                "httpsPorts": sorted(self.https_ports)}
+
+    @classmethod
+    def from_record(cls, data: dict | None) -> Ingress:
+        data = data or {}
+        return cls(traffic_token=data.get("trafficToken"), mask_request_host=data.get("maskRequestHost"),
+                   https_ports=frozenset(data.get("httpsPorts") or ()))
+
+    def as_read_back(self) -> dict:
+        """`get_info().network`'s ingress part, in the create body's keys (no token: it is secret)."""
+        shown: dict = {"allowPublicTraffic": self.traffic_token is None}
+        if self.mask_request_host is not None:
+            shown["maskRequestHost"] = self.mask_request_host
+        if self.https_ports:
+            shown["httpsPorts"] = sorted(self.https_ports)
+        return shown
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def refuse_egress_options(network: dict) -> None:
+    """Egress rules are not enforced yet: a sandbox must never run believing it is fenced in."""
+    for key in EGRESS_KEYS:
+        if network.get(key) not in (None, [], {}):
+            raise _bad(f"network.{key} is not supported by this server yet (egress rules by address and "
+                       f"domain are not implemented; allow_internet_access=False is)")
+    dns = network.get("dnsServers")
+    if dns not in (None, []):
+        raise _bad("network.dnsServers is not supported by this server yet")
+
+
+def ingress_from_create(network: dict | None) -> Ingress:
+    """The ingress options of a create body's `network`; 400 with E2B's message when malformed."""
+    if network is None:
+        return Ingress()
+    if not isinstance(network, dict):
+        raise _bad("network must be an object")
+    refuse_egress_options(network)
+    public = network.get("allowPublicTraffic")
+    if public is not None and not isinstance(public, bool):
+        raise _bad("network.allowPublicTraffic must be a boolean")
+    mask = network.get("maskRequestHost")
+    if mask is not None and (not isinstance(mask, str) or not mask or len(mask) > 255 or not _MASK.match(mask)):
+        raise _bad(f"mask request host is not valid: {mask}")
+    ports = network.get("httpsPorts") or []
+    if not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
+        raise _bad("network.httpsPorts must be a list of port numbers")
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise _bad(f"https port {port} is not a valid port")
+        if port == ENVD_PORT:
+            raise _bad(f"https port {port} is not allowed: it is envd's port")
+    return Ingress(traffic_token=None if public is not False else secrets.token_urlsafe(24),
+                   mask_request_host=mask, https_ports=frozenset(ports))
