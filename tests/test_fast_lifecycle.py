@@ -144,6 +144,22 @@ async def test_resume_after_pause_starts_in_the_held_container(tmp_path):
     fake.assert_clean()
 
 
+async def test_a_pause_holds_a_container_stocked_for_its_template_instead_of_preparing_one(tmp_path):
+    async with plane_on_fake(tmp_path, prepared_size=1) as (plane, fake, key):
+        row = await create(plane, key)  # `base` is stocked from now on
+        await until(lambda: len(fake.prepared()) == 1, what="the template's stock")
+        (stocked,) = fake.prepared()
+        await plane.branching.pause(key, row.id)
+        # Held at once: the resume right after the pause waits for no new container.
+        assert plane.orchestrator.resume_ready() == 1
+        resumed, was_paused = await plane.branching.resume(key, row.id, timeout=None)
+        assert was_paused
+        assert resumed.runtime_id == stocked.id
+        await until(lambda: len(fake.prepared()) == 1, what="the template's stock refilled")
+        await plane.sandboxes.kill(key, row.id)
+    fake.assert_clean()
+
+
 async def test_fork_starts_clones_in_containers_prepared_alongside_its_checkpoint(tmp_path):
     async with plane_on_fake(tmp_path) as (plane, fake, key):
         row = await create(plane, key)  # `base` is stocked from now on: its containers fit small snapshots

@@ -267,7 +267,14 @@ class Capacity:
     async def _hold(self, hold: _Hold, resources: Resources) -> None:
         try:
             try:
-                prepared = await self._runtime.prepare(hold.snapshot, resources)
+                # A container stocked for the paused sandbox's template takes a small snapshot's layer in a
+                # few ms (can_start): the resume is ready at once, even right after the pause. Its stock
+                # is refilled later, when no user waits.
+                prepared = await self._take_prepared(hold.snapshot, resources, claim=False)
+                if prepared is None:
+                    prepared = await self._runtime.prepare(hold.snapshot, resources)
+                else:
+                    self._wake.set()
             except Exception as exc:  # an optimisation only: the resume then does the whole restore
                 log.info("could not prepare the resume from %s: %s", hold.snapshot.path.name, exc)
                 return
