@@ -160,6 +160,20 @@ async def test_a_pause_holds_a_container_stocked_for_its_template_instead_of_pre
     fake.assert_clean()
 
 
+async def test_a_pause_resume_loop_keeps_the_template_stock_when_users_never_pause(tmp_path):
+    async with plane_on_fake(tmp_path, prepared_size=1) as (plane, fake, key):
+        row = await create(plane, key)
+        await until(lambda: len(fake.prepared()) == 1, what="the template's stock")
+        with plane.orchestrator.capacity.user_work():  # someone's restore never ends: no quiet moment
+            for _ in range(3):
+                await plane.branching.pause(key, row.id)
+                assert plane.orchestrator.resume_ready() == 1
+                await plane.branching.resume(key, row.id, timeout=None)
+                await until(lambda: len(fake.prepared()) == 1, what="the stock put back")
+        await plane.sandboxes.kill(key, row.id)
+    fake.assert_clean()
+
+
 async def test_fork_starts_clones_in_containers_prepared_alongside_its_checkpoint(tmp_path):
     async with plane_on_fake(tmp_path) as (plane, fake, key):
         row = await create(plane, key)  # `base` is stocked from now on: its containers fit small snapshots

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,7 @@ class Capacity:
         self._ready: dict[str, deque[Sandbox]] = {}
         self._prepared: dict[Snapshot, list[Prepared]] = {}  # by the snapshot they restore
         self._stocked: set[Snapshot] = set()  # template snapshots kept at prepared_size
+        self._replacing: Counter[Snapshot] = Counter()  # stock being put back outside the scheduler
         self._holds: OrderedDict[Snapshot, _Hold] = OrderedDict()  # paused sandboxes, oldest first
         self._tasks: set[asyncio.Task] = set()
         self._failed_at: dict[object, float] = {}  # refill target -> when it last failed
@@ -273,8 +274,8 @@ class Capacity:
                 prepared = await self._take_prepared(hold.snapshot, resources, claim=False)
                 if prepared is None:
                     prepared = await self._runtime.prepare(hold.snapshot, resources)
-                else:
-                    self._wake.set()
+                elif prepared.snapshot in self._stocked and prepared.snapshot != hold.snapshot:
+                    self.spawn(self._replace_stock(prepared.snapshot))
             except Exception as exc:  # an optimisation only: the resume then does the whole restore
                 log.info("could not prepare the resume from %s: %s", hold.snapshot.path.name, exc)
                 return
@@ -287,6 +288,18 @@ class Capacity:
             if self._holds.get(hold.snapshot) is hold:
                 del self._holds[hold.snapshot]
             await self._drop(hold.snapshot)
+
+    async def _replace_stock(self, snapshot: Snapshot) -> None:
+        """Puts back the container a hold took from a template's stock, now rather than in a quiet moment:
+        pause, resume and pause again leave none, and a loop of them would otherwise empty the stock."""
+        self._replacing[snapshot] += 1
+        try:
+            await self._make_prepared(snapshot)
+        except Exception as exc:  # the refill scheduler makes it up later
+            log.info("could not replace a container of %s's stock: %s", snapshot.path.name, exc)
+        finally:
+            self._replacing[snapshot] -= 1
+            self._wake.set()
 
     async def settled(self, snapshot: Snapshot, timeout: float = 5.0) -> None:
         """Waits while the resume from `snapshot` is being prepared: a resume right after its pause then
@@ -367,7 +380,8 @@ class Capacity:
                     and due(template):
                 return "ready", template
         for snapshot in list(self._stocked):
-            if len(self._prepared.get(snapshot, ())) < self._prepared_size and due(snapshot):
+            stock = len(self._prepared.get(snapshot, ())) + self._replacing[snapshot]
+            if stock < self._prepared_size and due(snapshot):
                 return "prepared", snapshot
         return None
 
