@@ -13,8 +13,9 @@ Kinds of stock, cheapest to use first:
 
 The priority rule: users go first. Restores and checkpoints someone waits for count as user work; the
 refill scheduler starts nothing while any is under way, nor within REFILL_DELAY_S of a claim (the new
-sandbox's first requests follow). The restore budget bounds how many starts run at once, users and
-refills together: on a small host more only queue up inside runsc.
+sandbox's first requests follow). One exception: a container a resume hold took from a template's stock
+is put back at once (a loop of pauses and resumes would otherwise never leave a quiet moment for it).
+The restore budget bounds how many starts run at once, users' and refills' together (default_budget).
 """
 
 from __future__ import annotations
