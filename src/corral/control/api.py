@@ -28,7 +28,7 @@ from corral.control.api_common import (
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
-from corral.control.network import Ingress, ingress_from_create
+from corral.control.network import Egress, Ingress, egress_from, ingress_from_create
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
 from corral.envd import ENVD_VERSION
@@ -48,7 +48,8 @@ def _listed(row: SandboxRow) -> dict:
 def _detail(row: SandboxRow, domain: str | None) -> schemas.SandboxDetail:
     lifecycle = row.lifecycle or {}
     return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
-                                 domain=domain, network=Ingress.from_record(row.ingress).as_read_back(),
+                                 domain=domain, network={**Ingress.from_record(row.ingress).as_read_back(),
+                                                         **Egress.from_record(row.egress).as_read_back()},
                                  lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
                                                              onTimeout=lifecycle.get("onTimeout", "kill")),
                                  pauseMode=row.pause_mode if row.state == "paused" else None)
@@ -119,11 +120,11 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",
                      "autoResume": bool(body.autoResume and body.autoResume.enabled),
                      "autoPauseMemory": body.autoPauseMemory is not False}
-        ingress = ingress_from_create(body.network)
+        ingress, egress = ingress_from_create(body.network), egress_from(body.network)
         row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle,
-                                           ingress=ingress)
+                                           ingress=ingress, egress=egress)
         return sandbox_answer(row, plane.public_domain)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
@@ -224,8 +225,8 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
 
     @app.put("/sandboxes/{sandbox_id}/network", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def update_network(sandbox_id: str, key: Key, body: dict = Body(default_factory=dict)) -> Response:
-        """Replaces the sandbox's egress configuration (every omitted option is cleared). Of E2B's egress
-        options only `allow_internet_access` is enforced so far; the others are refused (400)."""
+        """Replaces the sandbox's egress configuration (every omitted option is cleared): the internet
+        switch and rules by address; rules by domain, header rules, DNS servers and proxies are refused."""
         await plane.sandboxes.update_network(key.id, sandbox_id, body)
         return Response(status_code=204)
 

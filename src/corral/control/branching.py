@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
-from corral.control.network import Ingress
+from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
 from corral.orchestrator.sandboxes import Orchestrator
@@ -93,7 +93,8 @@ class Branching:
                 _, sandbox = await self._orchestrator.start_from(
                     self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
                     current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
-                    resources=_resources(row), memory=memory and row.pause_mode == "full")
+                    resources=_resources(row), memory=memory and row.pause_mode == "full",
+                    allow_out=Egress.from_record(row.egress).allow, deny_out=Egress.from_record(row.egress).deny)
             def resumed(session: Session) -> SandboxRow:
                 stored = session.get(SandboxRow, sandbox_id)
                 stored.state, stored.runtime_id = "running", sandbox.id
@@ -171,53 +172,58 @@ class Branching:
                     return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template,
-                                                 ingress=Ingress.from_record(row.ingress))
+                                                 ingress=Ingress.from_record(row.ingress),
+                                                 egress=Egress.from_record(row.egress))
         began = time.perf_counter()
         node = await self.snapshot(key_id, sandbox_id, kind="fork", clones=count)
         snapshotted = time.perf_counter()
         results = await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                         env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                         internet=row.internet, template=row.template,
-                                        ingress=Ingress.from_record(row.ingress))
+                                        ingress=Ingress.from_record(row.ingress), egress=Egress.from_record(row.egress))
         log.debug("fork of %s x%d: snapshot %.1f ms, starts %.1f ms", sandbox_id, count,
                   (snapshotted - began) * 1000, (time.perf_counter() - snapshotted) * 1000)
         return results
 
     async def start_from(self, node: CheckpointRow, count: int, *, timeout: int, metadata: dict,
                          env_vars: dict, lifecycle: dict, internet: bool, template: str | None = None,
-                         ingress: Ingress | None = None) -> list[SandboxRow | BaseException]:
+                         ingress: Ingress | None = None, egress: Egress | None = None
+                         ) -> list[SandboxRow | BaseException]:
         """`count` new sandboxes from a node, each succeeding or failing (the exception) on its own, each
         with `ingress`'s options and a traffic token of its own."""
-        ingress = ingress or Ingress()
+        ingress, egress = ingress or Ingress(), egress or Egress()
         with self._tree.reading(node.id):
             return await asyncio.gather(*(
                 self._start_one(node, timeout=timeout, metadata=metadata, env_vars=env_vars, lifecycle=lifecycle,
                                 internet=internet, template=template or node.id,
-                                ingress=ingress.for_another_sandbox()) for _ in range(count)),
+                                ingress=ingress.for_another_sandbox(), egress=egress) for _ in range(count)),
                 return_exceptions=True)
 
     async def _start_one(self, node: CheckpointRow, *, timeout: int, metadata: dict, env_vars: dict,
-                         lifecycle: dict, internet: bool, template: str, ingress: Ingress) -> SandboxRow:
+                         lifecycle: dict, internet: bool, template: str, ingress: Ingress,
+                         egress: Egress) -> SandboxRow:
         token = secrets.token_urlsafe(24)
         api_id, sandbox = await self._orchestrator.start_from(
             self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
-            env_vars=env_vars, internet=internet, resources=_resources(node))
+            env_vars=env_vars, internet=internet, resources=_resources(node), allow_out=egress.allow,
+            deny_out=egress.deny)
         row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus, memory_mb=node.memory_mb,
                          disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle, head=node.id,
-                         ingress=ingress.to_record())
+                         ingress=ingress.to_record(), egress=egress.to_record())
         return await self._sandboxes.register(row, timeout)
 
     # --- CheckpointHooks (for control/sandboxes.py) ----------------------------------------------
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                                  ingress: Ingress | None = None) -> SandboxRow | None:
+                                  ingress: Ingress | None = None, egress: Egress | None = None
+                                  ) -> SandboxRow | None:
         node = await self._tree.find_node(key_id, ref)
         if node is None:
             return None
         (result,) = await self.start_from(node, 1, timeout=timeout, metadata=metadata, env_vars=env_vars,
-                                          lifecycle=lifecycle, internet=internet, ingress=ingress)
+                                          lifecycle=lifecycle, internet=internet, ingress=ingress, egress=egress)
         if isinstance(result, BaseException):
             raise result
         return result

@@ -64,6 +64,8 @@ class SandboxRow(Base):
     timeout_s: Mapped[int] = mapped_column(Integer, default=300)
     # How the proxy treats requests to its ports (control/network.py `Ingress.to_record`).
     ingress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Its egress rules by address (control/network.py `Egress.to_record`).
+    egress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class CheckpointRow(Base):

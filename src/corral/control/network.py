@@ -1,10 +1,12 @@
 """A sandbox's network options as E2B's API takes them (`network` on create, `PUT /sandboxes/{id}/network`),
-validated with E2B's messages. Ingress options are enforced by the proxy (`Ingress`); of the egress
-options, only the internet switch exists so far: the others are refused with a 400 rather than accepted
-and not enforced (docs/network.md)."""
+validated with E2B's messages. Ingress options are enforced by the proxy (`Ingress`); egress rules by
+address (`Egress`: allowOut/denyOut addresses and CIDRs) and the internet switch by the runtime's
+firewall. Egress by domain name, header rules, DNS servers and an upstream proxy are refused with a 400
+rather than accepted and not enforced (docs/network.md)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -13,9 +15,12 @@ from corral.control.errors import ApiError
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
-EGRESS_KEYS = ("allowOut", "denyOut", "rules", "egressProxy")
+UNSUPPORTED_KEYS = ("rules", "egressProxy")
+MAX_EGRESS_ENTRIES = 1000
+ALL_TRAFFIC = "0.0.0.0/0"
 # What E2B accepts as a masked Host: a host name or address, an optional port, `${PORT}` anywhere.
 _MASK = re.compile(r"^[A-Za-z0-9.\-\[\]:]+(:(\d{1,5}|\$\{PORT\}))?$")
+_DOMAIN = re.compile(r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z][A-Za-z0-9-]*$")
 
 
 @dataclass(frozen=True)
@@ -74,14 +79,83 @@ def _bad(message: str) -> ApiError:
 
 
 def refuse_egress_options(network: dict) -> None:
-    """Egress rules are not enforced yet: a sandbox must never run believing it is fenced in."""
-    for key in EGRESS_KEYS:
+    """What is not enforced yet is refused: a sandbox must never run believing it is fenced in."""
+    for key in UNSUPPORTED_KEYS:
         if network.get(key) not in (None, [], {}):
-            raise _bad(f"network.{key} is not supported by this server yet (egress rules by address and "
-                       f"domain are not implemented; allow_internet_access=False is)")
+            raise _bad(f"network.{key} is not supported by this server yet (egress rules by address are; "
+                       f"by domain, header rules and upstream proxies are not)")
     dns = network.get("dnsServers")
     if dns not in (None, []):
         raise _bad("network.dnsServers is not supported by this server yet")
+
+
+@dataclass(frozen=True)
+class Egress:
+    """Egress rules by address, as normalised CIDRs: `allow` wins over `deny` and over the internet switch;
+    private ranges, the host and other sandboxes stay closed whatever they say."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def to_record(self) -> dict:
+        return {"allowOut": list(self.allow), "denyOut": list(self.deny)}
+
+    @classmethod
+    def from_record(cls, data: dict | None) -> Egress:
+        data = data or {}
+        return cls(tuple(data.get("allowOut") or ()), tuple(data.get("denyOut") or ()))
+
+    def as_read_back(self) -> dict:
+        shown: dict = {}
+        if self.allow:
+            shown["allowOut"] = list(self.allow)
+        if self.deny:
+            shown["denyOut"] = list(self.deny)
+        return shown
+
+
+def _entries(network: dict, key: str) -> list[str]:
+    value = network.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _bad(f"network.{key} must be a list of strings")
+    if len(value) > MAX_EGRESS_ENTRIES:
+        raise _bad(f"network.{key} has {len(value)} entries; at most {MAX_EGRESS_ENTRIES} are allowed")
+    return value
+
+
+def _cidr(text: str) -> ipaddress.IPv4Network | None:
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None
+    return network if isinstance(network, ipaddress.IPv4Network) else None
+
+
+def _looks_like_a_domain(text: str) -> bool:
+    return text == "*" or bool(_DOMAIN.match(text))
+
+
+def egress_from(network: dict | None) -> Egress:
+    """The allowOut/denyOut of a create or update body, with E2B's 400 messages."""
+    if not network:
+        return Egress()
+    allow, deny = [], []
+    for entry in _entries(network, "allowOut"):
+        cidr = _cidr(entry)
+        if cidr is None:
+            if _looks_like_a_domain(entry):
+                raise _bad(f"network.allowOut: domain names ({entry}) are not supported by this server yet; "
+                           f"IPv4 addresses and CIDRs are")
+            raise _bad(f"invalid allowed address {entry}")
+        allow.append(str(cidr))
+    for entry in _entries(network, "denyOut"):
+        cidr = _cidr(entry)
+        if cidr is None or (cidr.network_address == ipaddress.IPv4Address(0) and cidr.prefixlen != 0):
+            raise _bad(f"invalid denied CIDR {entry}")
+        deny.append(str(cidr))
+    return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)))
 
 
 def ingress_from_create(network: dict | None) -> Ingress:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from corral.config import PlatformSettings
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
-from corral.control.network import Ingress, refuse_egress_options
+from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources
@@ -48,7 +48,8 @@ class CheckpointHooks(Protocol):
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                                  ingress: Ingress | None = None) -> SandboxRow | None:
+                                  ingress: Ingress | None = None, egress: Egress | None = None
+                                  ) -> SandboxRow | None:
         """A new sandbox from the snapshot `ref` names; None when it names none (it is a template)."""
 
     async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
@@ -111,21 +112,22 @@ class Sandboxes:
 
     async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
                      env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                     ingress: Ingress | None = None) -> SandboxRow:
+                     ingress: Ingress | None = None, egress: Egress | None = None) -> SandboxRow:
         seconds = self.timeout_for(timeout)
-        ingress = ingress or Ingress()
+        ingress, egress = ingress or Ingress(), egress or Egress()
         row = await self.checkpoints.start_from_snapshot(key_id, template, timeout=seconds, metadata=metadata,
                                                          env_vars=env_vars, internet=internet, lifecycle=lifecycle,
-                                                         ingress=ingress)
+                                                         ingress=ingress, egress=egress)
         if row is not None:
             return row
         token = secrets.token_urlsafe(24)
-        sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet)
+        sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet,
+                                                 allow_out=egress.allow, deny_out=egress.deny)
         resources: Resources = sandbox.config.resources
         row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
                          memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
-                         lifecycle=lifecycle, ingress=ingress.to_record())
+                         lifecycle=lifecycle, ingress=ingress.to_record(), egress=egress.to_record())
         return await self.register(row, seconds)
 
     async def register(self, row: SandboxRow, seconds: int) -> SandboxRow:
@@ -156,11 +158,13 @@ class Sandboxes:
         return known
 
     async def update_network(self, key_id: str, sandbox_id: str, network: dict) -> None:
-        """`PUT /sandboxes/{id}/network`: a full replacement of the egress options; so far only the
-        internet switch (`allow_internet_access`, on when omitted) exists, the rest is refused."""
+        """`PUT /sandboxes/{id}/network`: a full replacement of the egress options (what is left out is
+        cleared: `{}` allows everything again), applied to the running sandbox's next connections and
+        kept for its resumes. Validated whole before anything changes."""
         if not isinstance(network, dict):
             raise ApiError(400, "the network update must be an object")
         refuse_egress_options(network)
+        egress = egress_from(network)
         internet = network.get("allow_internet_access")
         if internet is not None and not isinstance(internet, bool):
             raise ApiError(400, "allow_internet_access must be a boolean")
@@ -168,12 +172,13 @@ class Sandboxes:
         async with self.locks[sandbox_id]:
             row = await self.get(key_id, sandbox_id)
             if row.state == "running":
-                await self.orchestrator.set_internet(sandbox_id, internet)
+                await self.orchestrator.set_egress(sandbox_id, internet=internet, allow_out=egress.allow,
+                                                   deny_out=egress.deny)
 
             def store(session: Session) -> None:
                 stored = session.get(SandboxRow, sandbox_id)
                 if stored is not None:
-                    stored.internet = internet
+                    stored.internet, stored.egress = internet, egress.to_record()
 
             await self._db.write(store)
 

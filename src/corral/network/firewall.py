@@ -2,7 +2,8 @@
 is only an element in the `offline` set (sandboxes whose internet access is off).
 
 What a sandbox may reach:
-* the internet (unless offline), source-NATed to the host's address;
+* the internet (unless offline), source-NATed to the host's address, within its egress rules by address
+  (`egress_allow` elements `<sandbox> . <cidr>` win over `offline` and `egress_deny`);
 * DNS at the fixed `dns_address`, DNAT-ed to the host's resolver (even if that sits in a private range),
   or, while the server serves public URLs, to its DNS server at the instance's service address;
 * the server's public URLs (HTTPS on the service address), unless offline;
@@ -56,6 +57,8 @@ table inet {table} {{
   set offline {{ type ipv4_addr; }}
   set resolvers {{ type ipv4_addr; {resolver_elements} }}
   set blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}
+  set egress_allow {{ type ipv4_addr . ipv4_addr; flags interval; }}
+  set egress_deny {{ type ipv4_addr . ipv4_addr; flags interval; }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
 {dnat}  }}
@@ -70,10 +73,12 @@ table inet {table} {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
-    iifname {ifaces} ip saddr @offline counter drop comment "internet access off"
-    iifname {ifaces} ct status dnat ip daddr @resolvers th dport 53 accept
+    iifname {ifaces} ip saddr != @offline ct status dnat ip daddr @resolvers th dport 53 accept
     iifname {ifaces} ip daddr {METADATA_ADDRESS} counter drop comment "cloud metadata"
     iifname {ifaces} ip daddr @blocked counter drop comment "private, local and sandbox ranges"
+    iifname {ifaces} ip saddr . ip daddr @egress_allow accept comment "allowOut: wins over the rest"
+    iifname {ifaces} ip saddr @offline counter drop comment "internet access off"
+    iifname {ifaces} ip saddr . ip daddr @egress_deny counter drop comment "denyOut"
     iifname {ifaces} accept
     oifname {ifaces} ct state established,related accept
     oifname {ifaces} counter drop comment "no inbound connections to sandboxes"
@@ -94,6 +99,22 @@ async def set_offline(instance: str, guest: ipaddress.IPv4Address, offline: bool
     verb = "add" if offline else "delete"
     await run(["nft", verb, "element", "inet", table_name(instance), "offline", f"{{ {guest} }}"],
               check=offline)
+
+
+async def set_egress_rules(instance: str, guest: ipaddress.IPv4Address, allow: tuple[str, ...],
+                           deny: tuple[str, ...], *, previous: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+                           ) -> None:
+    """Replaces the sandbox's allow and deny elements (`previous`: what it had) in one nft transaction, so
+    no connection sees a mix of old and new rules."""
+    table = table_name(instance)
+    commands = []
+    for name, old, new in (("egress_allow", previous[0], allow), ("egress_deny", previous[1], deny)):
+        if old:
+            commands.append(f"delete element inet {table} {name} {{ {', '.join(f'{guest} . {c}' for c in old)} }}")
+        if new:
+            commands.append(f"add element inet {table} {name} {{ {', '.join(f'{guest} . {c}' for c in new)} }}")
+    if commands:
+        await run(["nft", "-f", "-"], "\n".join(commands) + "\n")
 
 
 def offline_addresses(instance: str) -> set[str]:

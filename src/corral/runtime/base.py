@@ -84,6 +84,10 @@ class SandboxConfig:
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     internet: bool = True
+    # Egress rules by address (CIDRs): `egress_allow` is reachable even with the internet off, and wins over
+    # `egress_deny`; neither opens private ranges, the host or other sandboxes.
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
     hostname: str | None = None
     # Started ahead of demand (a warm pool): its CPU, the start included, yields to every other sandbox
     # until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
@@ -308,6 +312,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         """Allows or cuts the sandbox's egress to the internet (its isolation rules stay as they are)."""
+
+    @abc.abstractmethod
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        """Replaces the sandbox's egress rules by address (see SandboxConfig); from its next connection."""
 
     @abc.abstractmethod
     async def stats(self, sandbox_id: str) -> Stats: ...

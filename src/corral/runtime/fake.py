@@ -471,6 +471,10 @@ class FakeRuntime(Injectable, Runtime):
         c = self.table.live(sandbox_id)
         c.config = replace(c.config, internet=enabled)
 
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        c = self.table.live(sandbox_id)
+        c.config = replace(c.config, egress_allow=tuple(allow), egress_deny=tuple(deny))
+
     async def stats(self, sandbox_id: str) -> Stats:
         c = self.table.live(sandbox_id)
         return Stats(cpu_seconds=c.cpu_seconds, memory_bytes=0, disk_used_bytes=0,

@@ -91,4 +91,6 @@ class Container:
 
 def config_from_record(data: dict) -> SandboxConfig:
     return SandboxConfig(resources=Resources(**data["resources"]), env=data["env"], labels=data["labels"],
-                         internet=data["internet"], hostname=data.get("hostname"))
+                         internet=data["internet"], hostname=data.get("hostname"),
+                         egress_allow=tuple(data.get("egress_allow", ())),
+                         egress_deny=tuple(data.get("egress_deny", ())))

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.network import firewall
 from corral.network.slots import Slot, destroy_slot
 from corral.runtime.base import ContainerState
+from corral.runtime.gvisor import running
 from corral.runtime.gvisor.cgroups import ROOT as CGROUP_ROOT
 from corral.runtime.gvisor.containers import Container, config_from_record
 from corral.runtime.gvisor.host import kill_and_reap, until_gone
@@ -70,8 +70,7 @@ async def reconcile(rt: GVisorRuntime) -> None:
         for state_ in (ContainerState.PREPARED, ContainerState.STARTING, ContainerState.LIVE):
             rt.table.move(c, state_)
         adopted.add(sid)
-        if not c.config.internet:
-            await firewall.set_offline(rt.settings.instance, c.slot.guest, True)
+        await running.apply_egress(rt, c)  # the firewall's table was just made anew
     for cid in containers - adopted:
         with contextlib.suppress(RunscError):
             await rt.runsc.delete(cid)

@@ -1,11 +1,14 @@
-"""Work on a running gVisor container through runsc: commands run with `runsc exec`, and its resource use."""
+"""Work on a running gVisor container: commands run with `runsc exec`, its resource use, and its egress rules
+(the internet switch and rules by address: elements of the instance's nftables sets, keyed by its address)."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from corral.network import firewall
 from corral.runtime.base import ExecResult, SandboxFailed, Stats
 from corral.runtime.gvisor import oci
 from corral.runtime.gvisor.containers import Container
@@ -45,3 +48,37 @@ async def stats_of(rt: GVisorRuntime, c: Container) -> Stats:
     c.last_stats = Stats(cpu_seconds=cpu_ns / 1e9, memory_bytes=memory, disk_used_bytes=used,
                          disk_total_bytes=total)
     return c.last_stats
+
+
+async def apply_egress(rt: GVisorRuntime, c: Container) -> None:
+    """The container's egress rules (its config's) into the firewall, as it starts."""
+    if not c.config.internet:
+        await firewall.set_offline(rt.settings.instance, c.slot.guest, True)
+    if c.config.egress_allow or c.config.egress_deny:
+        await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, c.config.egress_allow,
+                                        c.config.egress_deny)
+
+
+async def drop_egress(rt: GVisorRuntime, c: Container) -> None:
+    """Removes the container's rules from the firewall (its address goes to another sandbox next)."""
+    if not c.config.internet:
+        await firewall.set_offline(rt.settings.instance, c.slot.guest, False)
+    if c.config.egress_allow or c.config.egress_deny:
+        await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, (), (),
+                                        previous=(c.config.egress_allow, c.config.egress_deny))
+
+
+async def set_egress(rt: GVisorRuntime, c: Container, *, internet: bool | None = None,
+                     allow: tuple[str, ...] | None = None, deny: tuple[str, ...] | None = None) -> None:
+    """Changes what a live container may reach; what is not given stays as it is."""
+    config = c.config
+    internet = config.internet if internet is None else internet
+    allow = config.egress_allow if allow is None else allow
+    deny = config.egress_deny if deny is None else deny
+    if internet != config.internet:
+        await firewall.set_offline(rt.settings.instance, c.slot.guest, not internet)
+    if (allow, deny) != (config.egress_allow, config.egress_deny):
+        await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, allow, deny,
+                                        previous=(config.egress_allow, config.egress_deny))
+    c.config = replace(config, internet=internet, egress_allow=allow, egress_deny=deny)
+    c.write_record()

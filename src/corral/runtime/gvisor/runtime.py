@@ -22,7 +22,6 @@ import secrets
 import shutil
 import string
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from corral.config import Settings
@@ -246,8 +245,7 @@ class GVisorRuntime(Runtime):
             self._cgroup(c.id).thaw()  # prepared containers wait frozen
             if config.low_priority:
                 self._cgroup(c.id).set_cpu_weight(True)
-            if not config.internet:
-                await firewall.set_offline(self.settings.instance, c.slot.guest, True)
+            await running.apply_egress(self, c)
             set_up = time.perf_counter()
             if target is None:
                 await self.runsc.start(c.id, c.log)
@@ -297,8 +295,7 @@ class GVisorRuntime(Runtime):
             self._cgroup(c.id).thaw()  # a frozen process does not die of SIGKILL until it is thawed
             await kill_and_reap(self._container_pids(c.id))
             await _ignore_errors(self.runsc.delete(c.id))
-            if not c.config.internet:
-                await _ignore_errors(firewall.set_offline(self.settings.instance, c.slot.guest, False))
+            await _ignore_errors(running.drop_egress(self, c))  # the slot's next sandbox must not inherit them
             await _ignore_errors(unmount(c.rootfs))
             await _ignore_errors(unmount(c.disk))
             await _ignore_errors(destroy_slot(c.slot))
@@ -382,12 +379,10 @@ class GVisorRuntime(Runtime):
             c.operations -= 1
 
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
-        c = self.table.live(sandbox_id)
-        if c.config.internet == enabled:
-            return
-        await firewall.set_offline(self.settings.instance, c.slot.guest, not enabled)
-        c.config = replace(c.config, internet=enabled)
-        c.write_record()
+        await running.set_egress(self, self.table.live(sandbox_id), internet=enabled)
+
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        await running.set_egress(self, self.table.live(sandbox_id), allow=tuple(allow), deny=tuple(deny))
 
     async def stats(self, sandbox_id: str) -> Stats:
         return await running.stats_of(self, self.table.live(sandbox_id))

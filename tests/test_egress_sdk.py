@@ -1,0 +1,149 @@
+"""Egress rules by address through the unmodified SDK (`network={"allow_out", "deny_out"}`,
+`allow_internet_access`, `update_network`): enforced by the instance's nftables table, with test hosts in
+network namespaces this module makes (TEST-NET-3 and TEST-NET-2 addresses stand in for the internet, a
+10.99/16 host for a private LAN). No traffic leaves the machine."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from e2b import ALL_TRAFFIC, CommandExitException, Sandbox
+
+from tests.helpers.server import ServerProcess
+from tests.helpers.testnet import TestHost
+
+INSTANCE, NETWORK = "t10", "10.221.0.0/22"
+ONE, TWO, LAN = "203.0.113.41", "198.51.100.41", "10.99.41.1"
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    made = [TestHost(name, address).up() for name, address in (("eg1", ONE), ("eg2", TWO), ("eglan", LAN))]
+    for host in made:
+        host.serve_http(8080)
+    yield
+    for host in made:
+        host.down()
+
+
+@pytest.fixture(scope="module")
+def opts(harness, runtime, store, hosts):
+    server = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1)
+    with server.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+        key = server.cli("keys", "create", "--name", "egress").strip()
+        yield {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
+
+
+def reaches(sbx: Sandbox, address: str) -> bool:
+    try:
+        out = sbx.commands.run(f"curl -sS --max-time 3 http://{address}:8080/").stdout
+    except CommandExitException:
+        return False
+    assert out.startswith("hello from"), out
+    return True
+
+
+@pytest.fixture()
+def sandbox_with(opts):
+    made: list[Sandbox] = []
+
+    def make(**kwargs) -> Sandbox:
+        made.append(Sandbox.create(**opts, **kwargs))
+        return made[-1]
+
+    yield make
+    for sbx in made:
+        sbx.kill()
+
+
+def test_deny_all_with_one_allowed_address(sandbox_with):
+    sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "allow_out": [ONE]})
+    assert reaches(sbx, ONE)
+    assert not reaches(sbx, TWO)
+    assert sbx.get_info().network == {"allow_public_traffic": True, "allow_out": [f"{ONE}/32"],
+                                      "deny_out": ["0.0.0.0/0"]}
+
+
+def test_deny_one_address_leaves_the_others(sandbox_with):
+    sbx = sandbox_with(network={"deny_out": [f"{TWO}/24"]})
+    assert reaches(sbx, ONE)
+    assert not reaches(sbx, TWO)
+
+
+def test_allow_wins_over_deny(sandbox_with):
+    sbx = sandbox_with(network={"deny_out": [TWO], "allow_out": [TWO]})
+    assert reaches(sbx, TWO)
+
+
+def test_internet_off_still_reaches_allowed_addresses(sandbox_with):
+    sbx = sandbox_with(allow_internet_access=False, network={"allow_out": [ONE]})
+    assert reaches(sbx, ONE)
+    assert not reaches(sbx, TWO)
+
+
+def test_private_ranges_stay_closed_whatever_the_rules_say(sandbox_with):
+    sbx = sandbox_with(network={"allow_out": [LAN, "10.0.0.0/8"]})
+    assert not reaches(sbx, LAN)
+    assert reaches(sbx, ONE)
+
+
+def test_update_network_tightens_and_clears_rules_on_a_running_sandbox(sandbox_with):
+    sbx = sandbox_with()
+    assert reaches(sbx, ONE) and reaches(sbx, TWO)
+    sbx.update_network({"deny_out": [ALL_TRAFFIC], "allow_out": [ONE]})
+    assert reaches(sbx, ONE)
+    assert not reaches(sbx, TWO)
+    assert sbx.get_info().network["deny_out"] == ["0.0.0.0/0"]
+    sbx.update_network({})  # a full replacement: nothing left
+    assert reaches(sbx, TWO)
+    assert "deny_out" not in sbx.get_info().network
+
+
+def test_rules_survive_pause_and_resume_and_go_to_forks(sandbox_with, opts):
+    sbx = sandbox_with(network={"deny_out": [TWO]})
+    sbx.pause()
+    sbx = Sandbox.connect(sbx.sandbox_id, **opts)
+    assert not reaches(sbx, TWO) and reaches(sbx, ONE)
+    import httpx
+
+    response = httpx.post(f"{opts['api_url']}/sandboxes/{sbx.sandbox_id}/fork", json={"count": 1},
+                          headers={"X-API-Key": opts["api_key"]})
+    assert response.status_code == 201, response.text
+    fork = Sandbox.connect(response.json()[0]["sandbox"]["sandboxID"], **opts)
+    try:
+        assert not reaches(fork, TWO) and reaches(fork, ONE)
+    finally:
+        fork.kill()
+
+
+def test_a_killed_sandboxs_rules_do_not_stay_behind(sandbox_with):
+    sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "allow_out": [ONE]})
+    assert reaches(sbx, ONE)
+    sbx.kill()
+    for name in ("egress_allow", "egress_deny"):
+        listed = subprocess.run(["nft", "list", "set", "inet", f"corral_{INSTANCE}", name], capture_output=True,
+                                text=True, check=True).stdout
+        assert "elements" not in listed, listed
+
+
+@pytest.mark.parametrize(("network", "message"), [
+    ({"allow_out": ["api.example.com"], "deny_out": [ALL_TRAFFIC]}, "domain names (api.example.com) are not supported"),
+    ({"allow_out": ["not an address"]}, "invalid allowed address not an address"),
+    ({"deny_out": ["example.com"]}, "invalid denied CIDR example.com"),
+    ({"deny_out": ["0.0.0.0/8"]}, "invalid denied CIDR 0.0.0.0/8"),
+])
+def test_bad_rules_are_refused_and_leave_nothing_running(opts, network, message):
+    before = {s.sandbox_id for s in Sandbox.list(**opts).next_items()}
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Sandbox.create(network=network, **opts)
+    assert {s.sandbox_id for s in Sandbox.list(**opts).next_items()} == before
+
+
+def test_a_refused_update_changes_nothing(sandbox_with):
+    sbx = sandbox_with(network={"deny_out": [TWO]})
+    with pytest.raises(Exception, match="invalid denied CIDR nope"):
+        sbx.update_network({"deny_out": ["nope"]})
+    assert not reaches(sbx, TWO)
+    assert sbx.get_info().network["deny_out"] == [f"{TWO}/32"]
