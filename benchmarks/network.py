@@ -1,0 +1,202 @@
+"""Network benchmark: a sandbox's HTTP port reached straight at its address, through the plain-HTTP
+listener's header routing, and through the public HTTPS listener (`https://<port>-<id>.<domain>`), all in
+the same run against the same server in the sandbox; and a sandbox's egress over NAT.
+
+    sudo .venv/bin/python benchmarks/network.py [--n 500] [--write docs/benchmarks.md]
+
+Latency is per request on one kept-alive connection (p50/p95/p99), and separately per new connection (a
+TCP, or TCP + TLS, handshake each time). Requests/s is 8 clients at once, kept alive. Needs the `base`
+template and port 443 on 127.0.0.1 (the public listener).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.envd import pct
+from benchmarks.report import targets_table, write_section
+from benchmarks.tti import _address
+from tests.helpers.server import ServerProcess, host_resolver
+from tests.helpers.testnet import TestHost
+
+BENCH_ROOT = Path("/var/tmp/corral-bench-network")
+DOMAIN = "corral-bn.localhost"
+TARGETS = {"https_added_p50": 2.0, "egress_added_p50": 5.0}
+# HTTP/1.1 with keep-alive (Python's http.server speaks 1.0 and closes every connection by default).
+SERVER = r'''
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Small(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK wait between them
+    def do_GET(self):
+        body = b"x" * 256
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", 8000), Small).serve_forever()
+'''
+
+
+def stats(samples: list[float]) -> str:
+    return f"{pct(samples, 50):.2f} | {pct(samples, 95):.2f} | {pct(samples, 99):.2f}"
+
+
+def timed(client: httpx.Client, url: str, headers: dict, n: int) -> list[float]:
+    for _ in range(20):
+        assert client.get(url, headers=headers).status_code == 200
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = client.get(url, headers=headers)
+        samples.append((time.perf_counter() - start) * 1000)
+        assert response.status_code == 200
+    return samples
+
+
+def per_request(url: str, headers: dict, n: int, verify) -> list[float]:
+    with httpx.Client(verify=verify, trust_env=False) as client:
+        return timed(client, url, headers, n)
+
+
+def per_connection(url: str, headers: dict, n: int, verify) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        with httpx.Client(verify=verify, trust_env=False) as client:
+            assert client.get(url, headers=headers).status_code == 200
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def throughput(url: str, headers: dict, seconds: float, verify, clients: int = 8) -> float:
+    done = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def one(i: int) -> None:
+        with httpx.Client(verify=verify, trust_env=False) as client:
+            while time.monotonic() < stop:
+                assert client.get(url, headers=headers).status_code == 200
+                done[i] += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))
+    return sum(done) / seconds
+
+
+def egress_samples(sbx, address: str, n: int) -> list[float]:
+    """A new connection from inside the sandbox to a host 'on the internet' (a test namespace), over NAT,
+    timed by curl itself (connect + request + response)."""
+    script = (f"for i in $(seq {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' http://{address}:8080/; "
+              "done")
+    out = sbx.commands.run(script, timeout=300).stdout.split()
+    return [float(v) * 1000 for v in out]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+
+    from e2b import Sandbox
+
+    internet = TestHost("bninet", "203.0.113.77").up()
+    internet.serve_http(8080)
+    server = ServerProcess("bN", "10.218.0.0/22", BENCH_ROOT, dns_upstream=host_resolver(), pool_size=1,
+                           domain=DOMAIN, https_port=443,
+                           # Requests straight to the sandbox pass no proxy: the idle policy would freeze it.
+                           extra_env={"CORRAL_IDLE_FREEZE_S": "0"})
+    results: dict[str, list[float] | float] = {}
+    try:
+        server.start(wait_pool=1)
+        key = server.cli("keys", "create", "--name", "bench").strip()
+        sbx = Sandbox.create(api_url=server.url, sandbox_url=server.url, api_key=key, timeout=1800)
+        ca = ssl.create_default_context(cafile=str(Path(server.env["CORRAL_DATA_DIR"]) / "tls" / "ca.pem"))
+        try:
+            sbx.files.write("/home/user/small.py", SERVER)
+            sbx.commands.run("python3 /home/user/small.py", background=True)
+            direct = f"http://{_address(server, sbx.sandbox_id)}:8000/"
+            routed = f"{server.url}/"
+            public = f"https://8000-{sbx.sandbox_id}.{DOMAIN}/"
+            route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000"}
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    if httpx.get(direct, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            # One SSL context made beforehand for every client: httpx would build one per client (~25 ms,
+            # loading certifi) even for plain http URLs, and the new-connection figures would measure that.
+            plain = ssl.create_default_context()
+            for name, url, headers, verify in (("direct", direct, {}, plain), ("routed", routed, route, plain),
+                                               ("https", public, {}, ca)):
+                results[f"{name} request"] = per_request(url, headers, args.n, verify)
+                results[f"{name} connection"] = per_connection(url, headers, max(50, args.n // 5), verify)
+                results[f"{name} rps"] = throughput(url, headers, args.seconds, verify)
+                print(f"{name}: request {stats(results[f'{name} request'])} ms, new connection "
+                      f"{stats(results[f'{name} connection'])} ms, {results[f'{name} rps']:.0f} req/s", flush=True)
+            results["egress nat"] = egress_samples(sbx, "203.0.113.77", max(50, args.n // 5))
+            print(f"egress over NAT: {stats(results['egress nat'])} ms", flush=True)
+        finally:
+            sbx.kill()
+    finally:
+        server.stop()
+        server.destroy_everything()
+        internet.down()
+
+    def row(label: str, name: str) -> str:
+        return (f"| {label} | {stats(results[f'{name} request'])} | {stats(results[f'{name} connection'])} | "
+                f"{results[f'{name} rps']:.0f} |")
+
+    added = pct(results["https request"], 50) - pct(results["direct request"], 50)
+    added_routed = pct(results["routed request"], 50) - pct(results["direct request"], 50)
+    lines = [
+        "| path to port 8000 of a sandbox | per request, kept alive: p50 / p95 / p99 ms | per new connection: "
+        "p50 / p95 / p99 ms | requests/s, 8 clients |", "|---|---|---|---|",
+        row("straight to the sandbox's address (baseline)", "direct"),
+        row("plain HTTP listener, `E2b-Sandbox-Id`/`-Port` headers", "routed"),
+        row(f"public HTTPS listener, `https://8000-<id>.{DOMAIN}`", "https"),
+        "",
+        f"Per request over the baseline (p50): header routing +{added_routed:.2f} ms, public HTTPS "
+        f"+{added:.2f} ms; a new HTTPS connection {pct(results['https connection'], 50):.1f} ms against "
+        f"{pct(results['direct connection'], 50):.1f} ms (the TLS handshake, ECDSA P-256).",
+        "",
+        f"Egress: a new HTTP connection from inside the sandbox to a host outside it (a test namespace at "
+        f"203.0.113.77, over NAT), timed by curl: {stats(results['egress nat'])} ms (p50 / p95 / p99). Egress "
+        "through an intercepting proxy (rules by domain, header rules) is not built yet, so its overhead has "
+        "nothing to be measured against.",
+        "",
+        *targets_table([
+            (f"public HTTPS adds <= {TARGETS['https_added_p50']:.0f} ms p50 per request over direct",
+             f"+{added:.2f} ms", added <= TARGETS["https_added_p50"]),
+            (f"egress through rules adds <= {TARGETS['egress_added_p50']:.0f} ms p50 per new connection",
+             "rules by address are nftables set lookups in the kernel, on the NAT path measured above",
+             "rules by domain not built yet"),
+        ]),
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        write_section(args.write, "network-benchmark", report, heading="Network: public URLs over TLS, egress",
+                      command=f"sudo .venv/bin/python benchmarks/network.py --n {args.n} --write {args.write}")
+
+
+if __name__ == "__main__":
+    main()
