@@ -1,28 +1,35 @@
 """Egress rules by address through the unmodified SDK (`network={"allow_out", "deny_out"}`,
 `allow_internet_access`, `update_network`): enforced by the instance's nftables table, with test hosts in
-network namespaces this module makes (TEST-NET-3 and TEST-NET-2 addresses stand in for the internet, a
+network namespaces this module makes (TEST-NET-1, -2 and -3 addresses stand in for the internet, a
 10.99/16 host for a private LAN). No traffic leaves the machine."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from conftest import DNS_ANSWER, DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import ALL_TRAFFIC, CommandExitException, Sandbox
 
 from tests.helpers.server import ServerProcess
 from tests.helpers.testnet import TestHost
 
 INSTANCE, NETWORK = "t10", "10.221.0.0/22"
-ONE, TWO, LAN = "203.0.113.41", "198.51.100.41", "10.99.41.1"
+# Each test host has a /24 of its own (its host-side veth holds .254 of it). ONE is the web host every name
+# resolves to (the test DNS server's one answer); TWO a second host on the internet; LAN a private one.
+ONE, TWO, LAN = DNS_ANSWER, "198.51.100.41", "10.99.41.1"
 
 
 @pytest.fixture(scope="module")
 def hosts():
-    made = [TestHost(name, address).up() for name, address in (("eg1", ONE), ("eg2", TWO), ("eglan", LAN))]
+    made = [TestHost(name, address).up() for name, address in (("egweb", ONE), ("eg2", TWO), ("eglan", LAN))]
     for host in made:
         host.serve_http(8080)
+    # Every name the test DNS server is asked about resolves to ONE: it serves them all on 80 and 443, so
+    # only the rules tell allowed.test from other.test.
+    made[0].serve_http(80)
+    made[0].serve_https(443, TEST_ROOT / "egweb-tls")
     yield
     for host in made:
         host.down()
@@ -119,24 +126,24 @@ def test_rules_survive_pause_and_resume_and_go_to_forks(sandbox_with, opts):
 
 
 def test_a_killed_sandboxs_rules_do_not_stay_behind(sandbox_with):
-    sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "allow_out": [ONE]})
+    sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "allow_out": [ONE, "allowed.test"]})
     assert reaches(sbx, ONE)
     sbx.kill()
-    for name in ("egress_allow", "egress_deny"):
+    for name in ("egress_allow", "egress_deny", "proxied"):
         listed = subprocess.run(["nft", "list", "set", "inet", f"corral_{INSTANCE}", name], capture_output=True,
                                 text=True, check=True).stdout
         assert "elements" not in listed, listed
 
 
 @pytest.mark.parametrize(("network", "message"), [
-    ({"allow_out": ["api.example.com"], "deny_out": [ALL_TRAFFIC]}, "domain names (api.example.com) are not supported"),
+    ({"allow_out": ["api.example.com"]}, "you must include 'ALL_TRAFFIC' in deny out"),
     ({"allow_out": ["not an address"]}, "invalid allowed address not an address"),
     ({"deny_out": ["example.com"]}, "invalid denied CIDR example.com"),
     ({"deny_out": ["0.0.0.0/8"]}, "invalid denied CIDR 0.0.0.0/8"),
 ])
 def test_bad_rules_are_refused_and_leave_nothing_running(opts, network, message):
     before = {s.sandbox_id for s in Sandbox.list(**opts).next_items()}
-    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(Exception, match=re.escape(message)):
         Sandbox.create(network=network, **opts)
     assert {s.sandbox_id for s in Sandbox.list(**opts).next_items()} == before
 
@@ -147,3 +154,50 @@ def test_a_refused_update_changes_nothing(sandbox_with):
         sbx.update_network({"deny_out": ["nope"]})
     assert not reaches(sbx, TWO)
     assert sbx.get_info().network["deny_out"] == [f"{TWO}/32"]
+
+
+# --- rules by domain (the host's egress proxy) ---------------------------------------------------------
+
+def fetch(sbx: Sandbox, url: str) -> str | None:
+    """What curl in the sandbox gets from `url` (None: refused). TLS is not verified: the test host's
+    certificate is its own; what is tested is where the connection may go."""
+    try:
+        return sbx.commands.run(f"curl -sSk --max-time 5 {url}").stdout.strip()
+    except CommandExitException:
+        return None
+
+
+def test_an_allowed_domain_is_reached_and_another_name_on_the_same_address_is_not(sandbox_with):
+    sbx = sandbox_with(network={"allow_out": ["allowed.test"], "deny_out": [ALL_TRAFFIC]})
+    assert fetch(sbx, "http://allowed.test/") == "hello from egweb"  # by Host
+    assert fetch(sbx, "https://allowed.test/") == "hello from egweb over TLS"  # by SNI
+    assert fetch(sbx, "http://other.test/") is None
+    assert fetch(sbx, "https://other.test/") is None
+    assert fetch(sbx, f"http://{ONE}/") is None  # the address itself, by no name
+    assert not reaches(sbx, ONE)  # other ports: the address rules (deny all)
+    assert sbx.get_info().network["allow_out"] == ["allowed.test"]
+
+
+def test_a_wildcard_matches_below_the_name_but_not_the_name(sandbox_with):
+    sbx = sandbox_with(network={"allow_out": ["*.allowed.test", TWO], "deny_out": [ALL_TRAFFIC]})
+    assert fetch(sbx, "http://api.allowed.test/") == "hello from egweb"
+    assert fetch(sbx, "https://a.b.allowed.test/") == "hello from egweb over TLS"
+    assert fetch(sbx, "http://allowed.test/") is None
+    assert reaches(sbx, TWO)  # an allowed address next to the domains
+
+
+def test_domain_rules_with_the_internet_off(sandbox_with):
+    sbx = sandbox_with(allow_internet_access=False, network={"allow_out": ["allowed.test"],
+                                                              "deny_out": [ALL_TRAFFIC]})
+    assert fetch(sbx, "https://allowed.test/") == "hello from egweb over TLS"  # names still resolve
+    assert fetch(sbx, "https://other.test/") is None
+
+
+def test_update_network_adds_and_clears_domain_rules(sandbox_with):
+    sbx = sandbox_with()
+    assert fetch(sbx, "http://other.test/") == "hello from egweb"
+    sbx.update_network({"allow_out": ["allowed.test"], "deny_out": [ALL_TRAFFIC]})
+    assert fetch(sbx, "http://other.test/") is None
+    assert fetch(sbx, "http://allowed.test/") == "hello from egweb"
+    sbx.update_network({})
+    assert fetch(sbx, "http://other.test/") == "hello from egweb"

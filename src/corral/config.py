@@ -47,6 +47,9 @@ class Settings:
     service_address: ipaddress.IPv4Address | None = field(
         default_factory=lambda: ipaddress.IPv4Address(os.environ["CORRAL_SERVICE_ADDRESS"])
         if os.environ.get("CORRAL_SERVICE_ADDRESS") else None)
+    # The server serves public URLs: sandboxes' DNS goes to its DNS server at the service address, and its
+    # HTTPS there is open to them (set by `corral serve`).
+    public_urls: bool = False
 
     # Memory a restore must leave available to the host; a restore that would eat into it is refused (507).
     memory_reserve_mb: int = field(default_factory=lambda: int(os.environ.get("CORRAL_MEMORY_RESERVE_MB", "512")))

@@ -18,6 +18,8 @@ from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.dns import upstream_resolvers
+from corral.network.egress_proxy import EgressPolicy, EgressProxy
+from corral.network.firewall import EGRESS_PROXY_PORT
 from corral.network.sandbox_dns import SandboxResolver
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
@@ -65,6 +67,12 @@ class CorralServer:
         if public and domain and settings.service_address is not None:
             self.resolver = SandboxResolver(domain, settings.service_address, upstream_resolvers(),
                                             listen=settings.service_address)
+        # Egress rules by domain: the proxy nftables sends those sandboxes' ports 80 and 443 to.
+        self.egress_proxy = None
+        if settings.service_address is not None:
+            self.egress_proxy = EgressProxy(self._egress_policy, [str(r) for r in upstream_resolvers()],
+                                            listen=str(settings.service_address), port=EGRESS_PROXY_PORT,
+                                            never=[settings.sandbox_network])
         self.api = create_api(self.control, self.keys, HostPaths.of(settings))
         self.proxy = SandboxProxy(self._address, self.control.sandboxes.ingress)
         self.orchestrator.on_gone.append(self.proxy.forget)
@@ -76,6 +84,13 @@ class CorralServer:
         if address is None and await self.control.branching.auto_resume(sandbox_id):
             address = await self.orchestrator.reachable_address(sandbox_id)
         return address
+
+    def _egress_policy(self, address: str) -> EgressPolicy | None:
+        sandbox = self.orchestrator.runtime.sandbox_at(address)
+        if sandbox is None:
+            return None
+        config = sandbox.config
+        return EgressPolicy(config.internet, config.egress_allow, config.egress_deny, config.egress_domains)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -115,6 +130,8 @@ class CorralServer:
                 try:
                     if self.resolver is not None:
                         await self.resolver.start()
+                    if self.egress_proxy is not None:
+                        await self.egress_proxy.start()
                     await self.control.start()
                 except Exception as e:
                     log.exception("startup failed")
@@ -127,6 +144,8 @@ class CorralServer:
                 await self.control.close()
                 if self.resolver is not None:
                     await self.resolver.close()
+                if self.egress_proxy is not None:
+                    await self.egress_proxy.close()
                 self.database.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -53,6 +53,13 @@ class TestHost:
         self._spawn([sys.executable, str(helper), self.address, str(port), f"hello from {self.name}"])
         self._wait_port(port)
 
+    def serve_https(self, port: int, cert_dir: Path) -> None:
+        """The HTTP responder's body over TLS (a certificate nobody verifies)."""
+        helper = Path(__file__).with_name("https_responder.py")
+        self._spawn([sys.executable, str(helper), self.address, str(port), f"hello from {self.name} over TLS",
+                     str(cert_dir)])
+        self._wait_port(port)
+
     def serve_files(self, port: int, directory: Path) -> None:
         helper = Path(__file__).with_name("file_responder.py")
         self._spawn([sys.executable, str(helper), self.address, str(port), str(directory)])

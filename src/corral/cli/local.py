@@ -31,7 +31,7 @@ def side_settings(settings: Settings, index: int) -> Settings:
     return dataclasses.replace(settings, instance=instance, sandbox_network=network,
                                data_dir=settings.data_dir / "side" / instance,
                                run_dir=Path(f"{settings.run_dir}-{instance}"),
-                               service_address=None)  # no server of its own: DNS straight to the host's
+                               service_address=None, public_urls=False)  # no server of its own
 
 
 @asynccontextmanager

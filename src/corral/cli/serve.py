@@ -60,16 +60,18 @@ def serve_command(
         platform = dataclasses.replace(platform, pool_size=pool_size)
     domain = (domain or DEFAULT_DOMAIN).strip().lower().rstrip(".")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tls, https_sockets = None, []
-    if https_port:
-        from corral.network import service
+    from corral.network import service
 
+    tls, https_sockets = None, []
+    # Sandboxes reach the server itself (its egress proxy; with public URLs its DNS and HTTPS too) at the
+    # instance's service address.
+    settings = dataclasses.replace(settings, service_address=settings.service_address
+                                   or service.default_address(settings.instance), public_urls=bool(https_port))
+    if https_port:
         tls = _tls_files(settings, domain, tls_cert, tls_key)
         https_sockets = _bind(host, https_port, "HTTPS")  # before anything is built: a taken port fails at once
-        # Sandboxes reach public URLs (DNS and HTTPS) at the instance's service address.
-        settings = dataclasses.replace(settings, service_address=settings.service_address
-                                       or service.default_address(settings.instance))
-        service.add(settings.instance, settings.service_address)
+    service.add(settings.instance, settings.service_address)
+    if https_port:
         https_sockets += _bind(str(settings.service_address), 443, "HTTPS for sandboxes")
     http_sockets = _bind(host, port, "HTTP")
     _ensure_templates(settings, platform.pool_templates or ("base",))

@@ -94,7 +94,7 @@ class Branching:
                     self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
                     current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
                     resources=_resources(row), memory=memory and row.pause_mode == "full",
-                    allow_out=Egress.from_record(row.egress).allow, deny_out=Egress.from_record(row.egress).deny)
+                    **_egress_args(row.egress))
             def resumed(session: Session) -> SandboxRow:
                 stored = session.get(SandboxRow, sandbox_id)
                 stored.state, stored.runtime_id = "running", sandbox.id
@@ -205,8 +205,7 @@ class Branching:
         token = secrets.token_urlsafe(24)
         api_id, sandbox = await self._orchestrator.start_from(
             self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
-            env_vars=env_vars, internet=internet, resources=_resources(node), allow_out=egress.allow,
-            deny_out=egress.deny)
+            env_vars=env_vars, internet=internet, resources=_resources(node), **_egress_args(egress.to_record()))
         row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus, memory_mb=node.memory_mb,
                          disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle, head=node.id,
@@ -230,6 +229,11 @@ class Branching:
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
         await self._tree.forget_sandbox(sandbox_id)
+
+
+def _egress_args(record: dict | None) -> dict:
+    egress = Egress.from_record(record)
+    return {"allow_out": egress.allow, "deny_out": egress.deny, "allow_domains": egress.domains}
 
 
 def _resources(row) -> Resources:

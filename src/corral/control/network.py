@@ -1,8 +1,8 @@
 """A sandbox's network options as E2B's API takes them (`network` on create, `PUT /sandboxes/{id}/network`),
 validated with E2B's messages. Ingress options are enforced by the proxy (`Ingress`); egress rules by
 address (`Egress`: allowOut/denyOut addresses and CIDRs) and the internet switch by the runtime's
-firewall. Egress by domain name, header rules, DNS servers and an upstream proxy are refused with a 400
-rather than accepted and not enforced (docs/network.md)."""
+firewall, by domain name by the host's egress proxy. Header rules, DNS servers and an upstream proxy are
+refused with a 400 rather than accepted and not enforced (docs/network.md)."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def refuse_egress_options(network: dict) -> None:
     """What is not enforced yet is refused: a sandbox must never run believing it is fenced in."""
     for key in UNSUPPORTED_KEYS:
         if network.get(key) not in (None, [], {}):
-            raise _bad(f"network.{key} is not supported by this server yet (egress rules by address are; "
-                       f"by domain, header rules and upstream proxies are not)")
+            raise _bad(f"network.{key} is not supported by this server yet (egress rules by address and domain "
+                       f"are; header rules and upstream proxies are not)")
     dns = network.get("dnsServers")
     if dns not in (None, []):
         raise _bad("network.dnsServers is not supported by this server yet")
@@ -96,19 +96,21 @@ class Egress:
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()  # names (lower case; `*.x` wildcards, `*`) for ports 80 and 443
 
     def to_record(self) -> dict:
-        return {"allowOut": list(self.allow), "denyOut": list(self.deny)}
+        return {"allowOut": list(self.allow), "denyOut": list(self.deny), "allowDomains": list(self.domains)}
 
     @classmethod
     def from_record(cls, data: dict | None) -> Egress:
         data = data or {}
-        return cls(tuple(data.get("allowOut") or ()), tuple(data.get("denyOut") or ()))
+        return cls(tuple(data.get("allowOut") or ()), tuple(data.get("denyOut") or ()),
+                   tuple(data.get("allowDomains") or ()))
 
     def as_read_back(self) -> dict:
         shown: dict = {}
-        if self.allow:
-            shown["allowOut"] = list(self.allow)
+        if self.allow or self.domains:
+            shown["allowOut"] = [*self.allow, *self.domains]
         if self.deny:
             shown["denyOut"] = list(self.deny)
         return shown
@@ -141,21 +143,24 @@ def egress_from(network: dict | None) -> Egress:
     """The allowOut/denyOut of a create or update body, with E2B's 400 messages."""
     if not network:
         return Egress()
-    allow, deny = [], []
+    allow, deny, domains = [], [], []
     for entry in _entries(network, "allowOut"):
         cidr = _cidr(entry)
-        if cidr is None:
-            if _looks_like_a_domain(entry):
-                raise _bad(f"network.allowOut: domain names ({entry}) are not supported by this server yet; "
-                           f"IPv4 addresses and CIDRs are")
+        if cidr is not None:
+            allow.append(str(cidr))
+        elif _looks_like_a_domain(entry) and len(entry) <= 253:
+            domains.append(entry.lower().rstrip("."))
+        else:
             raise _bad(f"invalid allowed address {entry}")
-        allow.append(str(cidr))
     for entry in _entries(network, "denyOut"):
         cidr = _cidr(entry)
         if cidr is None or (cidr.network_address == ipaddress.IPv4Address(0) and cidr.prefixlen != 0):
             raise _bad(f"invalid denied CIDR {entry}")
         deny.append(str(cidr))
-    return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)))
+    if domains and ALL_TRAFFIC not in deny:
+        raise _bad("When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to "
+                   "block all other traffic.")
+    return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)), tuple(dict.fromkeys(domains)))
 
 
 def ingress_from_create(network: dict | None) -> Ingress:

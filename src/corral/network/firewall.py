@@ -30,23 +30,39 @@ def table_name(instance: str) -> str:
     return f"corral_{instance}"
 
 
+# Where the server's egress proxy listens on the service address (network/egress_proxy.py).
+EGRESS_PROXY_PORT = 15001
+
+
 def ruleset(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
-            resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None) -> str:
-    """`service`: the server's own address for sandboxes (network/service.py): DNS goes to its DNS server
-    instead of the host's resolver, and its port 443 (public URLs) is open to sandboxes whose internet
+            resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None,
+            public: bool = False) -> str:
+    """`service`: the server's own address for sandboxes (network/service.py), where its egress proxy
+    takes the ports 80 and 443 of sandboxes with domain rules (set `proxied`); with `public` also its DNS
+    server (instead of the host's resolver) and its port 443 (public URLs), for sandboxes whose internet
     access is on."""
     table = table_name(instance)
     ifaces = f'"cr{instance}h*"'
     blocked = ", ".join([*BLOCKED_RANGES, str(network)])
     resolver_set = ", ".join(str(r) for r in resolvers)
     dnat, service_rules = "", ""
-    dns_target = service or (resolvers[0] if resolvers else None)
+    dns_target = service if public else (resolvers[0] if resolvers else None)
     if dns_target is not None:
         # One upstream is enough for DNAT; the others stay allowed in case the first is replaced.
         dnat = (f"    iifname {ifaces} ip daddr {dns_address} meta l4proto {{ tcp, udp }} th dport 53 "
                 f"dnat ip to {dns_target}\n")
     if service is not None:
-        service_rules = (
+        # The proxy decides for proxied sandboxes whatever their internet switch says (allowOut may
+        # override it): its DNAT happens before the forward chain, so it is accepted before `offline`.
+        dnat += (f"    iifname {ifaces} ip saddr @proxied tcp dport {{ 80, 443 }} "
+                 f"dnat ip to {service}:{EGRESS_PROXY_PORT}\n")
+        # Domain rules need names resolved, also with the internet off (E2B opens DNS for them too).
+        service_rules = (f"    iifname {ifaces} ip saddr @proxied ip daddr {service} tcp dport {EGRESS_PROXY_PORT} "
+                         f"ct status dnat accept\n"
+                         f"    iifname {ifaces} ip saddr @proxied ip daddr {service} meta l4proto {{ tcp, udp }} "
+                         f"th dport 53 accept\n")
+    if service is not None and public:
+        service_rules += (
             f"    iifname {ifaces} ip saddr @offline counter drop comment \"internet access off\"\n"
             f"    iifname {ifaces} ip daddr {service} meta l4proto {{ tcp, udp }} th dport 53 accept\n"
             f"    iifname {ifaces} ip daddr {service} tcp dport 443 accept comment \"public URLs\"\n")
@@ -57,6 +73,7 @@ table inet {table} {{
   set offline {{ type ipv4_addr; }}
   set resolvers {{ type ipv4_addr; {resolver_elements} }}
   set blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}
+  set proxied {{ type ipv4_addr; }}
   set egress_allow {{ type ipv4_addr . ipv4_addr; flags interval; }}
   set egress_deny {{ type ipv4_addr . ipv4_addr; flags interval; }}
   chain prerouting {{
@@ -74,6 +91,7 @@ table inet {table} {{
   chain forward {{
     type filter hook forward priority filter; policy accept;
     iifname {ifaces} ip saddr != @offline ct status dnat ip daddr @resolvers th dport 53 accept
+    iifname {ifaces} ip saddr @proxied ct status dnat ip daddr @resolvers th dport 53 accept
     iifname {ifaces} ip daddr {METADATA_ADDRESS} counter drop comment "cloud metadata"
     iifname {ifaces} ip daddr @blocked counter drop comment "private, local and sandbox ranges"
     iifname {ifaces} ip saddr . ip daddr @egress_allow accept comment "allowOut: wins over the rest"
@@ -88,9 +106,10 @@ table inet {table} {{
 
 
 async def install(instance: str, network: ipaddress.IPv4Network, dns_address: ipaddress.IPv4Address,
-                  resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None) -> None:
+                  resolvers: list[ipaddress.IPv4Address], service: ipaddress.IPv4Address | None = None,
+                  public: bool = False) -> None:
     """Replaces the table atomically (one nft transaction) and turns on IPv4 forwarding."""
-    await run(["nft", "-f", "-"], ruleset(instance, network, dns_address, resolvers, service))
+    await run(["nft", "-f", "-"], ruleset(instance, network, dns_address, resolvers, service, public))
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1")
 
@@ -99,6 +118,12 @@ async def set_offline(instance: str, guest: ipaddress.IPv4Address, offline: bool
     verb = "add" if offline else "delete"
     await run(["nft", verb, "element", "inet", table_name(instance), "offline", f"{{ {guest} }}"],
               check=offline)
+
+
+async def set_proxied(instance: str, guest: ipaddress.IPv4Address, proxied: bool) -> None:
+    """Sends the sandbox's new connections to ports 80 and 443 through the egress proxy, or stops it."""
+    verb = "add" if proxied else "delete"
+    await run(["nft", verb, "element", "inet", table_name(instance), "proxied", f"{{ {guest} }}"], check=proxied)
 
 
 async def set_egress_rules(instance: str, guest: ipaddress.IPv4Address, allow: tuple[str, ...],

@@ -88,6 +88,9 @@ class SandboxConfig:
     # `egress_deny`; neither opens private ranges, the host or other sandboxes.
     egress_allow: tuple[str, ...] = ()
     egress_deny: tuple[str, ...] = ()
+    # Domain names its connections to ports 80 and 443 may go to (by Host and SNI, through the host's egress
+    # proxy); with any, those ports go through the proxy, which applies the address rules to the rest.
+    egress_domains: tuple[str, ...] = ()
     hostname: str | None = None
     # Started ahead of demand (a warm pool): its CPU, the start included, yields to every other sandbox
     # until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
@@ -314,8 +317,13 @@ class Runtime(abc.ABC):
         """Allows or cuts the sandbox's egress to the internet (its isolation rules stay as they are)."""
 
     @abc.abstractmethod
-    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
-        """Replaces the sandbox's egress rules by address (see SandboxConfig); from its next connection."""
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
+                               domains: tuple[str, ...] = ()) -> None:
+        """Replaces the sandbox's egress rules (see SandboxConfig); from its next connection."""
+
+    def sandbox_at(self, address: str) -> Sandbox | None:
+        """The live sandbox with this address (the egress proxy asks whose connection it holds)."""
+        return next((sb for sb in self.list() if sb.address == address), None)
 
     @abc.abstractmethod
     async def stats(self, sandbox_id: str) -> Stats: ...

@@ -471,9 +471,11 @@ class FakeRuntime(Injectable, Runtime):
         c = self.table.live(sandbox_id)
         c.config = replace(c.config, internet=enabled)
 
-    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
+                               domains: tuple[str, ...] = ()) -> None:
         c = self.table.live(sandbox_id)
-        c.config = replace(c.config, egress_allow=tuple(allow), egress_deny=tuple(deny))
+        c.config = replace(c.config, egress_allow=tuple(allow), egress_deny=tuple(deny),
+                           egress_domains=tuple(domains))
 
     async def stats(self, sandbox_id: str) -> Stats:
         c = self.table.live(sandbox_id)

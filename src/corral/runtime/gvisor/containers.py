@@ -93,4 +93,5 @@ def config_from_record(data: dict) -> SandboxConfig:
     return SandboxConfig(resources=Resources(**data["resources"]), env=data["env"], labels=data["labels"],
                          internet=data["internet"], hostname=data.get("hostname"),
                          egress_allow=tuple(data.get("egress_allow", ())),
-                         egress_deny=tuple(data.get("egress_deny", ())))
+                         egress_deny=tuple(data.get("egress_deny", ())),
+                         egress_domains=tuple(data.get("egress_domains", ())))

@@ -99,7 +99,8 @@ class GVisorRuntime(Runtime):
         for d in (self.sandboxes_dir, self.settings.runsc_root):
             d.mkdir(parents=True, exist_ok=True)
         await firewall.install(self.settings.instance, self.settings.sandbox_network,
-                               self.settings.dns_address, upstream_resolvers(), self.settings.service_address)
+                               self.settings.dns_address, upstream_resolvers(), self.settings.service_address,
+                               self.settings.public_urls)
         await recovery.reconcile(self)
 
     async def close(self) -> None:
@@ -381,8 +382,10 @@ class GVisorRuntime(Runtime):
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         await running.set_egress(self, self.table.live(sandbox_id), internet=enabled)
 
-    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
-        await running.set_egress(self, self.table.live(sandbox_id), allow=tuple(allow), deny=tuple(deny))
+    async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
+                               domains: tuple[str, ...] = ()) -> None:
+        await running.set_egress(self, self.table.live(sandbox_id), allow=tuple(allow), deny=tuple(deny),
+                                 domains=tuple(domains))
 
     async def stats(self, sandbox_id: str) -> Stats:
         return await running.stats_of(self, self.table.live(sandbox_id))

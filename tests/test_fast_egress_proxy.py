@@ -1,0 +1,81 @@
+"""The egress proxy's decisions (corral.network.egress_proxy): the name a connection asks for, read from a
+real TLS ClientHello (made by Python's ssl) or an HTTP request head, and what the rules make of it. The
+proxy's traffic itself is tested through the SDK (tests/test_egress_sdk.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+
+import pytest
+
+from corral.network.egress_proxy import EgressPolicy, EgressProxy, http_host, tls_server_name
+
+
+def client_hello(server_name: str | None) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_the_sni_of_a_real_client_hello():
+    assert tls_server_name(client_hello("api.example.com")) == "api.example.com"
+    assert tls_server_name(client_hello(None)) is None
+    assert tls_server_name(b"GET / HTTP/1.1\r\n\r\n") is None
+    assert tls_server_name(client_hello("x.example.com")[:40]) is None  # cut short: no name, no crash
+
+
+def test_the_host_of_an_http_request_head():
+    assert http_host(b"GET /a HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\r\n") == "example.com"
+    assert http_host(b"GET / HTTP/1.1\r\nhost: Example.org\r\n\r\n") == "Example.org"
+    assert http_host(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: late.example\r\n") is None  # body, not head
+    assert http_host(b"\x16\x03\x01 not http") is None
+
+
+@pytest.mark.parametrize(("rule", "name", "allowed"), [
+    ("example.com", "example.com", True), ("example.com", "EXAMPLE.com.", True),
+    ("example.com", "api.example.com", False), ("*.example.com", "api.example.com", True),
+    ("*.example.com", "a.b.example.com", True), ("*.example.com", "example.com", False),
+    ("*.example.com", "badexample.com", False), ("*", "anything.test", True),
+])
+def test_domain_rules(rule, name, allowed):
+    assert EgressPolicy(True, (), ("0.0.0.0/0",), (rule,)).domain_allowed(name) is allowed
+
+
+def decide(policy: EgressPolicy, name: str | None, destination: str, resolves_to: list[str]):
+    proxy = EgressProxy(lambda _: policy, ["127.0.0.1"], listen="127.0.0.1", port=0,
+                        never=[ipaddress.ip_network("10.201.0.0/16")])
+
+    async def resolve(_: str) -> list[ipaddress.IPv4Address]:
+        return [ipaddress.IPv4Address(a) for a in resolves_to]
+
+    proxy._resolve = resolve
+    return asyncio.run(proxy._decide(policy, name, ipaddress.IPv4Address(destination), "10.201.0.2"))
+
+
+def test_an_allowed_name_goes_where_the_proxy_resolves_it_not_where_the_sandbox_dialled():
+    policy = EgressPolicy(True, (), ("0.0.0.0/0",), ("api.example.com",))
+    assert decide(policy, "api.example.com", "203.0.113.9", ["198.51.100.7"]) == ipaddress.IPv4Address("198.51.100.7")
+
+
+def test_an_allowed_name_resolving_to_a_private_address_is_refused():
+    policy = EgressPolicy(True, (), ("0.0.0.0/0",), ("api.example.com",))
+    assert decide(policy, "api.example.com", "203.0.113.9", ["10.0.0.5", "127.0.0.1", "10.201.0.9"]) is None
+    assert decide(policy, "api.example.com", "203.0.113.9", []) is None  # does not resolve
+
+
+def test_other_names_fall_to_the_address_rules():
+    deny_all = EgressPolicy(True, ("203.0.113.0/24",), ("0.0.0.0/0",), ("api.example.com",))
+    assert decide(deny_all, "other.example.com", "198.51.100.7", ["198.51.100.7"]) is None
+    assert decide(deny_all, "other.example.com", "203.0.113.9", []) == ipaddress.IPv4Address("203.0.113.9")
+    assert decide(deny_all, None, "198.51.100.7", []) is None
+    offline = EgressPolicy(False, (), (), ("api.example.com",))
+    assert decide(offline, "other.example.com", "198.51.100.7", []) is None
+    open_ = EgressPolicy(True, (), ("192.0.2.0/24",), ("api.example.com",))
+    assert decide(open_, "other.example.com", "198.51.100.7", []) == ipaddress.IPv4Address("198.51.100.7")
+    assert decide(open_, None, "10.1.2.3", []) is None  # private, whatever the rules
