@@ -201,3 +201,16 @@ def test_update_network_adds_and_clears_domain_rules(sandbox_with):
     assert fetch(sbx, "http://allowed.test/") == "hello from egweb"
     sbx.update_network({})
     assert fetch(sbx, "http://other.test/") == "hello from egweb"
+
+
+def test_an_upstream_egress_proxy_gets_e2bs_answer_for_a_team_without_it(opts):
+    with pytest.raises(Exception, match=re.escape("Egress proxy (network.egressProxy) is not enabled for this team.")):
+        Sandbox.create(network={"egress_proxy": {"address": "proxy.example.com:1080"}}, **opts)
+
+
+def test_iam_identity_tokens_are_refused_with_a_clear_message(opts):
+    from e2b import Secret
+
+    token = Secret.iam_token(audience="sts.amazonaws.com", token_type="JWT-SVID")
+    with pytest.raises(Exception, match="iam identity tokens are not supported by this server"):
+        Sandbox.create(iam={"tokens": {"aws": token}}, **opts)

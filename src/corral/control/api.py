@@ -28,7 +28,7 @@ from corral.control.api_common import (
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
-from corral.control.network import Egress, Ingress, egress_from, ingress_from_create
+from corral.control.network import Egress, Ingress, egress_from, ingress_from_create, refuse_iam
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
 from corral.envd import ENVD_VERSION
@@ -120,6 +120,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         lifecycle = {"onTimeout": "pause" if body.autoPause else "kill",
                      "autoResume": bool(body.autoResume and body.autoResume.enabled),
                      "autoPauseMemory": body.autoPauseMemory is not False}
+        refuse_iam(body.iam)
         ingress, egress = ingress_from_create(body.network), egress_from(body.network)
         row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},

@@ -15,7 +15,9 @@ from corral.control.errors import ApiError
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
-UNSUPPORTED_KEYS = ("rules", "egressProxy")
+UNSUPPORTED_KEYS = ("rules",)
+# E2B's own answer where its egress proxy option is off, so SDK users see what they would there.
+EGRESS_PROXY_REFUSAL = "Egress proxy (network.egressProxy) is not enabled for this team."
 MAX_EGRESS_ENTRIES = 1000
 ALL_TRAFFIC = "0.0.0.0/0"
 # What E2B accepts as a masked Host: a host name or address, an optional port, `${PORT}` anywhere.
@@ -80,10 +82,12 @@ def _bad(message: str) -> ApiError:
 
 def refuse_egress_options(network: dict) -> None:
     """What is not enforced yet is refused: a sandbox must never run believing it is fenced in."""
+    if network.get("egressProxy") not in (None, {}):
+        raise ApiError(403, EGRESS_PROXY_REFUSAL)
     for key in UNSUPPORTED_KEYS:
         if network.get(key) not in (None, [], {}):
             raise _bad(f"network.{key} is not supported by this server yet (egress rules by address and domain "
-                       f"are; header rules and upstream proxies are not)")
+                       f"are; header rules and secrets are not)")
     dns = network.get("dnsServers")
     if dns not in (None, []):
         raise _bad("network.dnsServers is not supported by this server yet")
@@ -161,6 +165,14 @@ def egress_from(network: dict | None) -> Egress:
         raise _bad("When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to "
                    "block all other traffic.")
     return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)), tuple(dict.fromkeys(domains)))
+
+
+def refuse_iam(iam: dict | None) -> None:
+    """Identity tokens minted for the sandbox (`iam={"tokens": ...}`) need an identity provider this server
+    does not have: refused rather than sent as the literal placeholder."""
+    if iam and iam.get("tokens"):
+        raise _bad("iam identity tokens are not supported by this server (no identity provider to mint "
+                   "JWT-SVIDs); create the sandbox without `iam`")
 
 
 def ingress_from_create(network: dict | None) -> Ingress:

@@ -31,6 +31,7 @@ class NewSandbox(BaseModel):
     autoResume: AutoResume | None = None
     secure: bool | None = None
     network: dict | None = None
+    iam: dict | None = None
 
 
 class ConnectSandbox(BaseModel):
