@@ -103,6 +103,11 @@ class PlatformSettings:
     idle_breathe_every_s: float = field(
         default_factory=lambda: float(os.environ.get("CORRAL_IDLE_BREATHE_S", "10")))
 
+    def secrets_key_file(self, settings: Settings) -> Path:
+        """The key secrets are sealed with (control/secrets.py): CORRAL_SECRETS_KEY_FILE, else in the data
+        directory."""
+        return Path(os.environ.get("CORRAL_SECRETS_KEY_FILE") or settings.data_dir / "secrets.key")
+
     def resolved_database_url(self, settings: Settings) -> str:
         return self.database_url or f"sqlite:///{settings.data_dir / 'corral.db'}"
 

@@ -16,6 +16,7 @@ from corral.control.db import open_database
 from corral.control.errors import HostPaths
 from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
+from corral.control.secrets import Secrets, load_key
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
@@ -60,7 +61,8 @@ class CorralServer:
         self.control = ControlPlane(self.database, self.orchestrator, platform,
                                     checkpoint_dir=settings.data_dir / "checkpoints",
                                     is_template=lambda name: name in store.recipes or any(
-                                        t.name == name for t in store.list()))
+                                        t.name == name for t in store.list()),
+                                    secrets=Secrets(self.database, load_key(platform.secrets_key_file(settings))))
         self.control.public_domain = domain if public else None
         # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).
         self.resolver = None

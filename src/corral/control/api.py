@@ -25,6 +25,7 @@ from corral.control.api_common import (
     page_token,
     sandbox_answer,
 )
+from corral.control.api_secrets import secrets_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
@@ -246,4 +247,5 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
                 for r in rows]
 
     app.include_router(branching_routes(plane, paths))
+    app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     return app

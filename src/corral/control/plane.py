@@ -16,6 +16,7 @@ from corral.control.branching import Branching
 from corral.control.db import Database
 from corral.control.recovery import recover
 from corral.control.sandboxes import Sandboxes
+from corral.control.secrets import Secrets
 from corral.control.tree import CheckpointTree
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
@@ -23,7 +24,7 @@ from corral.orchestrator.sandboxes import Orchestrator
 
 class ControlPlane:
     def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
-                 checkpoint_dir: Path, is_template: Callable[[str], bool]) -> None:
+                 checkpoint_dir: Path, is_template: Callable[[str], bool], secrets: Secrets | None = None) -> None:
         self._db = database
         self.orchestrator = orchestrator
         self.sandboxes = Sandboxes(database, orchestrator, settings)
@@ -32,6 +33,7 @@ class ControlPlane:
         self.sandboxes.checkpoints = self.branching
         # The domain sandboxes are served under over HTTPS (`<port>-<id>.<domain>`), named in answers.
         self.public_domain: str | None = None
+        self.secrets = secrets
 
     async def start(self) -> None:
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
