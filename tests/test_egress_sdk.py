@@ -214,3 +214,10 @@ def test_iam_identity_tokens_are_refused_with_a_clear_message(opts):
     token = Secret.iam_token(audience="sts.amazonaws.com", token_type="JWT-SVID")
     with pytest.raises(Exception, match="iam identity tokens are not supported by this server"):
         Sandbox.create(iam={"tokens": {"aws": token}}, **opts)
+
+
+def test_an_allowed_name_sent_to_a_denied_address_goes_to_the_names_own_address(sandbox_with):
+    sbx = sandbox_with(network={"allow_out": ["allowed.test"], "deny_out": [ALL_TRAFFIC]})
+    # The sandbox dials TWO (denied) but says allowed.test: the proxy dials allowed.test where it resolves.
+    assert fetch(sbx, f"--resolve allowed.test:80:{TWO} http://allowed.test/") == "hello from egweb"
+    assert fetch(sbx, f"--resolve allowed.test:80:{TWO} http://allowed.test:8080/") is None  # other ports: by address
