@@ -236,6 +236,21 @@ def test_unknown_sandbox_and_closed_port_are_json_errors(sandbox, tls_dir):
     assert closed.json()["sandboxId"] == sandbox.sandbox_id
 
 
+def test_a_first_serve_without_https_options_comes_up_over_http_when_443_is_taken(server):
+    """The README's first command on a machine where 443 is someone else's (here: this module's server)."""
+    other = ServerProcess("t7y", "10.225.0.0/22", TEST_ROOT / "t7y", dns_upstream=DNS_HOST_ADDRESS, pool_size=0,
+                          domain=DOMAIN, https_port=None)
+    try:
+        other.start()
+        assert httpx.get(f"{other.url}/health").status_code == 200
+        log = other.log.read_text()
+        assert "cannot listen for HTTPS on 127.0.0.1 port 443" in log and "serving without HTTPS" in log
+        assert "export E2B_API_URL=http://127.0.0.1:" in log
+    finally:
+        other.stop()
+        other.destroy_everything()
+
+
 def test_a_second_server_on_the_same_https_port_says_so(server):
     env = {**server.env, "CORRAL_INSTANCE": "t7x", "CORRAL_DATA_DIR": str(TEST_ROOT / "t7x")}
     done = subprocess.run([*CLI, "serve", "--port", "0", "--domain", DOMAIN, "--https-port", "443"], env=env,

@@ -32,10 +32,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, instance: str, network: str, root: Path, *, dns_upstream: str, pool_size: int = 2,
-                 host: str = "127.0.0.1", domain: str = "sandbox.test", https_port: int = 0,
+                 host: str = "127.0.0.1", domain: str = "sandbox.test", https_port: int | None = 0,
                  extra_env: dict[str, str] | None = None, log_level: str = "warning") -> None:
         """`https_port`: 0 serves plain HTTP only (every test server at once can run); 443 serves the
-        domain over HTTPS as a user's server does, for one test module at a time."""
+        domain over HTTPS as a user's server does, for one test module at a time; None leaves the option out,
+        as a user's first `corral serve` does."""
         self.port = free_port()
         self.domain = domain
         self.https_port = https_port
@@ -57,7 +58,9 @@ class ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as log:
             argv = [*CLI, "serve", "--host", self.host, "--port", str(self.port), "--log-level", self.log_level,
-                    "--domain", self.domain, "--https-port", str(self.https_port)]
+                    "--domain", self.domain]
+            if self.https_port is not None:
+                argv += ["--https-port", str(self.https_port)]
             self.process = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120

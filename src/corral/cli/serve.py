@@ -38,9 +38,10 @@ def serve_command(
     domain: str = typer.Option(None, envvar="CORRAL_DOMAIN",
                                help=f"Public domain: https://api.<domain> and https://<port>-<sandboxID>.<domain> "
                                     f"(default {DEFAULT_DOMAIN})."),
-    https_port: int = typer.Option(443, envvar="CORRAL_HTTPS_PORT",
+    https_port: int = typer.Option(None, envvar="CORRAL_HTTPS_PORT", show_default="443",
                                    help="Port of the HTTPS listener for the domain (0: none). The SDKs' "
-                                        "E2B_DOMAIN needs 443."),
+                                        "E2B_DOMAIN needs 443. Left unset and 443 taken, serve goes on without "
+                                        "HTTPS and says so; set, a taken port is an error."),
     tls_cert: Path = typer.Option(None, envvar="CORRAL_TLS_CERT",
                                   help="Certificate chain for <domain> and *.<domain> (default: signed by this "
                                        "installation's own CA, made at the first start)."),
@@ -63,13 +64,22 @@ def serve_command(
     from corral.network import service
 
     tls, https_sockets = None, []
+    asked_for_https = https_port is not None
+    https_port = 443 if https_port is None else https_port
+    if https_port:
+        tls = _tls_files(settings, domain, tls_cert, tls_key)
+        try:  # before anything is built: a taken port fails at once
+            https_sockets = _bind(host, https_port, "HTTPS", quiet=not asked_for_https)
+        except PortTaken as taken:
+            # The default, not asked for: a newcomer's first `corral serve` on a machine that runs a web
+            # server still comes up, over plain HTTP (E2B_API_URL / E2B_SANDBOX_URL).
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] {taken}; serving without HTTPS "
+                                       f"(--https-port N for another port, 0 to say so)")
+            tls, https_port = None, 0
     # Sandboxes reach the server itself (its egress proxy; with public URLs its DNS and HTTPS too) at the
     # instance's service address.
     settings = dataclasses.replace(settings, service_address=settings.service_address
                                    or service.default_address(settings.instance), public_urls=bool(https_port))
-    if https_port:
-        tls = _tls_files(settings, domain, tls_cert, tls_key)
-        https_sockets = _bind(host, https_port, "HTTPS")  # before anything is built: a taken port fails at once
     service.add(settings.instance, settings.service_address)
     if https_port:
         https_sockets += _bind(str(settings.service_address), 443, "HTTPS for sandboxes")
@@ -115,9 +125,14 @@ def _tls_files(settings, domain: str, cert: Path | None, key: Path | None):
         raise typer.Exit(2) from None
 
 
-def _bind(host: str, port: int, what: str) -> list[socket.socket]:
+class PortTaken(Exception):
+    pass
+
+
+def _bind(host: str, port: int, what: str, *, quiet: bool = False) -> list[socket.socket]:
     """Listening sockets for `host` (loopback: 127.0.0.1 and ::1, as `*.localhost` names resolve to both;
-    0.0.0.0: IPv4 and IPv6)."""
+    0.0.0.0: IPv4 and IPv6). A port that cannot be had stops serve with the reason, or with `quiet`
+    raises PortTaken for the caller to decide."""
     hosts = {"127.0.0.1": ["127.0.0.1", "::1"], "localhost": ["127.0.0.1", "::1"],
              "0.0.0.0": ["0.0.0.0", "::"], "::": ["0.0.0.0", "::"]}.get(host, [host])
     sockets = []
@@ -141,6 +156,8 @@ def _bind(host: str, port: int, what: str) -> list[socket.socket]:
                 continue  # ::1 missing (IPv6 disabled): IPv4 alone
             for s in sockets:
                 s.close()
+            if quiet:
+                raise PortTaken(f"cannot listen for {what} on {address} port {port}: {exc.strerror}") from None
             hint = " (--https-port 0 turns HTTPS off)" if what.startswith("HTTPS") else ""
             Console(stderr=True).print(f"[red]error:[/red] cannot listen for {what} on {address} port {port}: "
                                        f"{exc.strerror}{hint}")
