@@ -37,7 +37,9 @@ def hosts():
 
 @pytest.fixture(scope="module")
 def opts(harness, runtime, store, hosts):
-    server = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1)
+    # The proxy verifies the servers it sends rewritten requests to; the test host's CA is ours.
+    server = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
+                           extra_env={"CORRAL_EGRESS_EXTRA_CA": str(TEST_ROOT / "egweb-tls" / "ca.pem")})
     with server.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
         key = server.cli("keys", "create", "--name", "egress").strip()
         yield {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
@@ -221,3 +223,67 @@ def test_an_allowed_name_sent_to_a_denied_address_goes_to_the_names_own_address(
     # The sandbox dials TWO (denied) but says allowed.test: the proxy dials allowed.test where it resolves.
     assert fetch(sbx, f"--resolve allowed.test:80:{TWO} http://allowed.test/") == "hello from egweb"
     assert fetch(sbx, f"--resolve allowed.test:80:{TWO} http://allowed.test:8080/") is None  # other ports: by address
+
+
+
+# --- header rules and secrets (the egress proxy terminates TLS for ruled domains) ----------------------
+
+SECRET_VALUE = "sk-test-5f2b9c0d41e7-only-on-the-wire"
+
+
+def sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture()
+def secret(opts):
+    from e2b import Secret
+
+    Secret.create("egress-key", SECRET_VALUE, **opts)
+    yield "egress-key"
+    Secret.destroy("egress-key", **opts)
+
+
+def ruled(name: str, header_value: str) -> dict:
+    return {"allow_out": [name], "deny_out": [ALL_TRAFFIC],
+            "rules": {name: [{"transform": {"headers": {"Authorization": header_value}}}]}}
+
+
+def test_a_header_rule_sends_the_secret_which_never_enters_the_sandbox(sandbox_with, secret):
+    import json
+
+    sbx = sandbox_with(network=ruled("api.egress.test", "Bearer ${e2b.secrets.egress-key}"))
+    # No -k: the sandbox trusts the egress CA the proxy signs with (envd's caBundle).
+    for url in ("https://api.egress.test/", "http://api.egress.test/"):
+        seen = json.loads(sbx.commands.run(f"curl -sS --max-time 10 -H 'Authorization: mine' {url}").stdout)
+        assert seen == {"authorization_sha256": sha(f"Bearer {SECRET_VALUE}"), "has_placeholder": False,
+                        "host": "api.egress.test"}
+    # The value is nowhere the sandbox can look: not in its environment, files or process list.
+    # (The value to look for is written in two halves to a file outside the searched places, so that no
+    # command line of the search itself holds it.)
+    half = len(SECRET_VALUE) // 2
+    sbx.commands.run(f"printf %s '{SECRET_VALUE[:half]}' > /dev/shm/look; printf %s '{SECRET_VALUE[half:]}' >> "
+                     "/dev/shm/look")
+    leaked = sbx.commands.run("(env; ps auxww; grep -rIh -f /dev/shm/look /home /tmp /etc /root /var 2>/dev/null) "
+                              "| grep -c -f /dev/shm/look || true", user="root").stdout.strip()
+    assert leaked == "0"
+    # The search does find the value where it is (so the 0 above means something).
+    sbx.commands.run("cp /dev/shm/look /home/user/planted")
+    found = sbx.commands.run("grep -rIh -f /dev/shm/look /home 2>/dev/null | grep -c -f /dev/shm/look || true",
+                             user="root").stdout.strip()
+    assert found == "1"
+
+
+def test_a_rule_naming_a_missing_secret_fails_the_request_clearly(sandbox_with):
+    sbx = sandbox_with(network=ruled("api.egress.test", "Bearer ${e2b.secrets.nope}"))
+    answer = sbx.commands.run("curl -sS --max-time 10 -w ' %{http_code}' https://api.egress.test/").stdout
+    assert answer.endswith(" 502") and "secret 'nope' not found" in answer
+    assert "${e2b" not in answer
+
+
+def test_header_rules_grant_no_egress(sandbox_with, secret):
+    sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "rules": {
+        "api.egress.test": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.egress-key}"}}}]}})
+    assert fetch(sbx, "https://api.egress.test/") is None

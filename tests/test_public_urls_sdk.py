@@ -377,8 +377,7 @@ def test_https_ports_are_spoken_to_over_https_inside(sdk_opts, tls_dir):
 @pytest.mark.parametrize(("network", "message"), [
     ({"mask_request_host": "bad host/with slash"}, "mask request host is not valid: bad host/with slash"),
     ({"https_ports": [49983]}, "https port 49983 is not allowed"),
-    ({"rules": {"api.example.com": [{"transform": {"headers": {"X-Key": "v"}}}]}},
-     "network.rules is not supported by this server"),
+    ({"dns_servers": ["1.1.1.1"]}, "network.dnsServers is not supported by this server"),
 ])
 def test_bad_or_unsupported_network_options_are_refused_with_400(sdk_opts, network, message):
     before = {s.sandbox_id for s in Sandbox.list(**sdk_opts).next_items()}

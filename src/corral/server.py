@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import ssl
 from urllib.parse import parse_qsl
 
 from corral.config import PlatformSettings, Settings
@@ -24,6 +26,7 @@ from corral.network.firewall import EGRESS_PROXY_PORT
 from corral.network.sandbox_dns import SandboxResolver
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
+from corral.proxy.tls import EgressCA
 from corral.runtime.gvisor import GVisorRuntime
 from corral.templates.store import TemplateStore
 
@@ -70,11 +73,16 @@ class CorralServer:
             self.resolver = SandboxResolver(domain, settings.service_address, upstream_resolvers(),
                                             listen=settings.service_address)
         # Egress rules by domain: the proxy nftables sends those sandboxes' ports 80 and 443 to.
+        # Header rules: HTTPS to those domains is intercepted with certificates from the egress CA, which
+        # every new sandbox trusts (envd's caBundle); never the public listener's CA.
         self.egress_proxy = None
         if settings.service_address is not None:
+            egress_ca = EgressCA(settings.data_dir / "tls")
+            self.orchestrator.trusted_certificates = egress_ca.pem
             self.egress_proxy = EgressProxy(self._egress_policy, [str(r) for r in upstream_resolvers()],
                                             listen=str(settings.service_address), port=EGRESS_PROXY_PORT,
-                                            never=[settings.sandbox_network])
+                                            never=[settings.sandbox_network], ca=egress_ca,
+                                            secret=self._egress_secret, upstream_tls=_upstream_tls())
         self.api = create_api(self.control, self.keys, HostPaths.of(settings))
         self.proxy = SandboxProxy(self._address, self.control.sandboxes.ingress)
         self.orchestrator.on_gone.append(self.proxy.forget)
@@ -92,7 +100,18 @@ class CorralServer:
         if sandbox is None:
             return None
         config = sandbox.config
-        return EgressPolicy(config.internet, config.egress_allow, config.egress_deny, config.egress_domains)
+        return EgressPolicy(config.internet, config.egress_allow, config.egress_deny, config.egress_domains,
+                            config.egress_rules)
+
+    async def _egress_secret(self, address: str, name: str) -> str | None:
+        """The value of secret `name` of the owner of the sandbox at `address`, for its header rules."""
+        sandbox = self.orchestrator.runtime.sandbox_at(address)
+        entry = next((e for e in self.orchestrator.registry.entries() if sandbox and e.sandbox.id == sandbox.id),
+                     None)
+        row = await self.control.sandboxes.row(entry.api_id) if entry is not None else None
+        if row is None or self.control.secrets is None:
+            return None
+        return await self.control.secrets.value(row.key_id, name)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -151,3 +170,12 @@ class CorralServer:
                 self.database.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _upstream_tls() -> ssl.SSLContext:
+    """How the egress proxy verifies the servers it forwards rewritten requests to: the system's CAs, and
+    the CA file CORRAL_EGRESS_EXTRA_CA names (a private CA of the operator's; the tests' own servers)."""
+    context = ssl.create_default_context()
+    if extra := os.environ.get("CORRAL_EGRESS_EXTRA_CA"):
+        context.load_verify_locations(cafile=extra)
+    return context

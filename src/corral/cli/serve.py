@@ -86,8 +86,9 @@ def serve_command(
     http_sockets = _bind(host, port, "HTTP")
     _ensure_templates(settings, platform.pool_templates or ("base",))
     server = CorralServer(settings, platform, domain=domain, public=tls is not None)
-    if tls is not None and tls.ca is not None:
-        server.orchestrator.trusted_certificates = tls.ca.read_text()  # sandboxes open public URLs too
+    if tls is not None and tls.ca is not None:  # sandboxes open public URLs too
+        server.orchestrator.trusted_certificates = "\n".join(
+            p for p in (server.orchestrator.trusted_certificates, tls.ca.read_text()) if p)
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
     if not asyncio.run(server.keys.list()):
         _, secret = asyncio.run(server.keys.create("default"))

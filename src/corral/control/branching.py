@@ -233,7 +233,8 @@ class Branching:
 
 def _egress_args(record: dict | None) -> dict:
     egress = Egress.from_record(record)
-    return {"allow_out": egress.allow, "deny_out": egress.deny, "allow_domains": egress.domains}
+    return {"allow_out": egress.allow, "deny_out": egress.deny, "allow_domains": egress.domains,
+            "header_rules": egress.rules}
 
 
 def _resources(row) -> Resources:

@@ -15,7 +15,13 @@ from corral.control.errors import ApiError
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
-UNSUPPORTED_KEYS = ("rules",)
+UNSUPPORTED_KEYS: tuple[str, ...] = ()
+# E2B's limits on network.rules.
+MAX_RULE_DOMAINS, MAX_RULE_HEADERS, MAX_HEADER_NAME, MAX_HEADER_VALUE, MAX_RULE_DOMAIN = 10, 20, 64, 2048, 128
+MAX_SECRETS_PER_DOMAIN = 32
+_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([A-Za-z0-9_-]{1,128})\}")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
+MALFORMED = "Network transform header contains a malformed E2B placeholder."
 # E2B's own answer where its egress proxy option is off, so SDK users see what they would there.
 EGRESS_PROXY_REFUSAL = "Egress proxy (network.egressProxy) is not enabled for this team."
 MAX_EGRESS_ENTRIES = 1000
@@ -101,15 +107,18 @@ class Egress:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()  # names (lower case; `*.x` wildcards, `*`) for ports 80 and 443
+    # Header rules: host pattern -> header -> value template (`${e2b.secrets.<name>}` resolved in the proxy).
+    rules: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_record(self) -> dict:
-        return {"allowOut": list(self.allow), "denyOut": list(self.deny), "allowDomains": list(self.domains)}
+        return {"allowOut": list(self.allow), "denyOut": list(self.deny), "allowDomains": list(self.domains),
+                "rules": self.rules}
 
     @classmethod
     def from_record(cls, data: dict | None) -> Egress:
         data = data or {}
         return cls(tuple(data.get("allowOut") or ()), tuple(data.get("denyOut") or ()),
-                   tuple(data.get("allowDomains") or ()))
+                   tuple(data.get("allowDomains") or ()), dict(data.get("rules") or {}))
 
     def as_read_back(self) -> dict:
         shown: dict = {}
@@ -117,6 +126,8 @@ class Egress:
             shown["allowOut"] = [*self.allow, *self.domains]
         if self.deny:
             shown["denyOut"] = list(self.deny)
+        if self.rules:
+            shown["rules"] = {host: [{"transform": {"headers": dict(headers)}}] for host, headers in self.rules.items()}
         return shown
 
 
@@ -161,10 +172,50 @@ def egress_from(network: dict | None) -> Egress:
         if cidr is None or (cidr.network_address == ipaddress.IPv4Address(0) and cidr.prefixlen != 0):
             raise _bad(f"invalid denied CIDR {entry}")
         deny.append(str(cidr))
+    rules = rules_from(network.get("rules"))
     if domains and ALL_TRAFFIC not in deny:
         raise _bad("When specifying allowed domains in allow out, you must include 'ALL_TRAFFIC' in deny out to "
                    "block all other traffic.")
-    return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)), tuple(dict.fromkeys(domains)))
+    return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)), tuple(dict.fromkeys(domains)), rules)
+
+
+def rules_from(raw) -> dict[str, dict[str, str]]:
+    """`network.rules` (`{host: [{"transform": {"headers": {...}}}]}`) with E2B's limits and messages."""
+    if raw in (None, {}):
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad("network.rules must be an object of host names")
+    if len(raw) > MAX_RULE_DOMAINS:
+        raise _bad(f"network.rules has {len(raw)} domains; at most {MAX_RULE_DOMAINS} are allowed")
+    rules: dict[str, dict[str, str]] = {}
+    for host, entries in raw.items():
+        pattern = host.lower().rstrip(".") if isinstance(host, str) else ""
+        if not pattern or len(pattern) > MAX_RULE_DOMAIN or pattern == "*" or not _DOMAIN.match(pattern):
+            raise _bad(f"network.rules: {host!r} is not a valid domain")
+        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+            raise _bad(f"network.rules[{host}]: exactly one rule per domain")
+        transform = entries[0].get("transform")
+        headers = transform.get("headers") if isinstance(transform, dict) else None
+        if not isinstance(headers, dict) or not headers:
+            raise _bad(f"network.rules[{host}]: a rule needs transform.headers")
+        if len(headers) > MAX_RULE_HEADERS:
+            raise _bad(f"network.rules[{host}]: at most {MAX_RULE_HEADERS} headers")
+        names: set[str] = set()
+        for name, value in headers.items():
+            if not isinstance(name, str) or len(name) > MAX_HEADER_NAME or not _TOKEN.match(name):
+                raise _bad(f"network.rules[{host}]: {name!r} is not a valid header name")
+            if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE or "\r" in value or "\n" in value:
+                raise _bad(f"network.rules[{host}]: the value of {name} is not a valid header value")
+            names |= set(_PLACEHOLDER.findall(value))
+            if "${" in _PLACEHOLDER.sub("", value):
+                if "${e2b.identity." in value:
+                    raise _bad("iam identity tokens are not supported by this server (no identity provider to "
+                               "mint JWT-SVIDs)")
+                raise _bad(MALFORMED)
+        if len(names) > MAX_SECRETS_PER_DOMAIN:
+            raise _bad(f"network.rules[{host}]: at most {MAX_SECRETS_PER_DOMAIN} distinct secrets")
+        rules[pattern] = dict(headers)
+    return rules
 
 
 def refuse_iam(iam: dict | None) -> None:

@@ -123,7 +123,7 @@ class Sandboxes:
         token = secrets.token_urlsafe(24)
         sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet,
                                                  allow_out=egress.allow, deny_out=egress.deny,
-                                                 allow_domains=egress.domains)
+                                                 allow_domains=egress.domains, header_rules=egress.rules)
         resources: Resources = sandbox.config.resources
         row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template, envd_token=token,
                          sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
@@ -174,7 +174,8 @@ class Sandboxes:
             row = await self.get(key_id, sandbox_id)
             if row.state == "running":
                 await self.orchestrator.set_egress(sandbox_id, internet=internet, allow_out=egress.allow,
-                                                   deny_out=egress.deny, allow_domains=egress.domains)
+                                                   deny_out=egress.deny, allow_domains=egress.domains,
+                                                   header_rules=egress.rules)
 
             def store(session: Session) -> None:
                 stored = session.get(SandboxRow, sandbox_id)

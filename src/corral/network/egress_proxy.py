@@ -20,16 +20,22 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
+import ssl
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from corral.proxy.tls import EgressCA
+
 log = logging.getLogger("corral.egress")
+
+SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([A-Za-z0-9_-]{1,128})\}")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 FIRST_BYTES_TIMEOUT_S = 10.0
@@ -48,13 +54,18 @@ class EgressPolicy:
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     domains: tuple[str, ...]
+    rules: dict[str, dict[str, str]] = field(default_factory=dict)  # host pattern -> header -> template
 
     def domain_allowed(self, name: str) -> bool:
+        return any(_matches(rule, name) for rule in self.domains)
+
+    def headers_for(self, name: str) -> dict[str, str] | None:
+        """The header rule for `name`: an exact pattern wins over the longest matching wildcard."""
         name = name.rstrip(".").lower()
-        for rule in self.domains:
-            if rule == "*" or name == rule or (rule.startswith("*.") and name.endswith(rule[1:])):
-                return True
-        return False
+        if name in self.rules:
+            return self.rules[name]
+        wildcards = [p for p in self.rules if p.startswith("*.") and _matches(p, name)]
+        return self.rules[max(wildcards, key=len)] if wildcards else None
 
     def address_allowed(self, address: ipaddress.IPv4Address) -> bool:
         if any(address in ipaddress.ip_network(c) for c in self.allow):
@@ -67,10 +78,17 @@ class EgressPolicy:
 class EgressProxy:
     def __init__(self, policy_of: Callable[[str], EgressPolicy | None], resolvers: list[str], *,
                  listen: str, port: int, never: list[ipaddress.IPv4Network] | None = None,
-                 resolver_port: int = 53) -> None:
+                 resolver_port: int = 53, ca: EgressCA | None = None,
+                 secret: Callable[[str, str], Awaitable[str | None]] | None = None,
+                 upstream_tls: ssl.SSLContext | None = None) -> None:
         """`policy_of`: a sandbox address → its policy (None: not a sandbox, refused). `never`: address
-        ranges never dialled besides the private ones (the sandboxes' own network)."""
+        ranges never dialled besides the private ones (the sandboxes' own network). For header rules: `ca`
+        signs the certificates shown to sandboxes, `secret` gives a secret's value for (sandbox address,
+        secret name), `upstream_tls` verifies the real servers (the system's CAs by default)."""
         self._policy_of = policy_of
+        self._ca = ca
+        self._secret = secret
+        self._upstream_tls = upstream_tls or ssl.create_default_context()
         self._never = [*NEVER, *(never or [])]
         self._resolver = dns.asyncresolver.Resolver(configure=False)
         self._resolver.nameservers = resolvers
@@ -110,17 +128,70 @@ class EgressProxy:
             if target is None:
                 log.info("egress of %s to %s (%s:%d) refused by its rules", source, name or "-", destination, port)
                 return
+            headers = policy.headers_for(name) if name else None
+            if headers is not None:
+                await self._rewrite(reader, writer, head, port, name, target, headers, source)
+                return
             upstream_reader, upstream_writer = await asyncio.wait_for(
                 asyncio.open_connection(str(target), port), CONNECT_TIMEOUT_S)
             upstream_writer.write(head)
             await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError) as exc:
             log.debug("egress connection ended: %r", exc)
         finally:
             self._tasks.discard(task)
             for w in (writer, upstream_writer):
                 if w is not None:
                     w.close()
+
+    async def _rewrite(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, port: int,
+                       name: str, target: ipaddress.IPv4Address, templates: dict[str, str], source: str) -> None:
+        """One request with the rule's headers set, to the real server (verified), its answer back. HTTPS
+        is terminated with a certificate for `name` from the egress CA, which only sandboxes trust; the
+        upstream connection says `Connection: close`, so each request has a connection of its own."""
+        if port == 443:
+            if self._ca is None:
+                return
+            client: _Plain | _TLSServer = _TLSServer(reader, writer, self._ca.context_for(name), head)
+            await client.handshake()
+            data = b""
+        else:
+            client, data = _Plain(reader, writer), head
+        while b"\r\n\r\n" not in data:
+            chunk = await asyncio.wait_for(client.read(), FIRST_BYTES_TIMEOUT_S)
+            if not chunk or len(data) > MAX_HEAD:
+                return
+            data += chunk
+        request, _, rest = data.partition(b"\r\n\r\n")
+        values: dict[str, tuple[str, str]] = {}
+        for header, template in templates.items():
+            value = template
+            for secret_name in set(SECRET_PLACEHOLDER.findall(template)):
+                secret = await self._secret(source, secret_name) if self._secret is not None else None
+                if secret is None or "\r" in secret or "\n" in secret:
+                    why = "not found" if secret is None else "not a valid header value"
+                    await client.write(_answer(502, f"egress rule for {name}: secret {secret_name!r} {why}"))
+                    return
+                value = value.replace("${e2b.secrets." + secret_name + "}", secret)
+            values[header.lower()] = (header, value)
+        lines = request.split(b"\r\n")
+        kept = [line for line in lines[1:] if line.partition(b":")[0].strip().lower().decode("latin-1")
+                not in {*values, "connection", "proxy-connection", "keep-alive"}]
+        rewritten = b"\r\n".join([lines[0], *kept, *(f"{h}: {v}".encode("latin-1") for h, v in values.values()),
+                                   b"Connection: close"]) + b"\r\n\r\n"
+        upstream_reader, upstream_writer = await asyncio.wait_for(asyncio.open_connection(
+            str(target), port, ssl=self._upstream_tls if port == 443 else None,
+            server_hostname=name if port == 443 else None), CONNECT_TIMEOUT_S)
+        try:
+            upstream_writer.write(rewritten + rest)
+            to_server = asyncio.ensure_future(_pump(client.read, upstream_writer))
+            try:
+                while chunk := await upstream_reader.read(65536):
+                    await client.write(chunk)
+            finally:
+                to_server.cancel()
+        finally:
+            upstream_writer.close()
 
     async def _decide(self, policy: EgressPolicy, name: str | None, destination: ipaddress.IPv4Address,
                       source: str) -> ipaddress.IPv4Address | None:
@@ -142,6 +213,11 @@ class EgressProxy:
         except (dns.exception.DNSException, dns.resolver.NoAnswer):
             return []
         return [ipaddress.IPv4Address(r.address) for r in answer]
+
+
+def _matches(rule: str, name: str) -> bool:
+    name = name.rstrip(".").lower()
+    return rule == "*" or name == rule or (rule.startswith("*.") and name.endswith(rule[1:]))
 
 
 def original_destination(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
@@ -204,6 +280,81 @@ def tls_server_name(record: bytes) -> str | None:
     except (IndexError, UnicodeDecodeError):
         return None
     return None
+
+
+def _answer(status: int, message: str) -> bytes:
+    body = (message + "\n").encode()
+    return (f"HTTP/1.1 {status} {'Bad Gateway' if status == 502 else 'Error'}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+async def _pump(read: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ConnectionError):
+        while chunk := await read():
+            writer.write(chunk)
+            await writer.drain()
+
+
+class _Plain:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(65536)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class _TLSServer:
+    """The server side of TLS over a stream whose first bytes (the ClientHello) were already read."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext,
+                 first: bytes) -> None:
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.incoming.write(first)
+
+    async def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        data = await self.reader.read(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("the sandbox left during the TLS handshake") from None
+        await self._flush()
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+            except ssl.SSLError:  # closed (close_notify, or a cut connection)
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -136,12 +136,13 @@ class Orchestrator:
 
     async def create(self, template: str, *, token: str, env_vars: dict[str, str], internet: bool,
                      allow_out: tuple[str, ...] = (), deny_out: tuple[str, ...] = (),
-                     allow_domains: tuple[str, ...] = ()) -> Sandbox:
+                     allow_domains: tuple[str, ...] = (), header_rules: dict | None = None) -> Sandbox:
         ready = self.capacity.claim_ready(template)
         if ready is not None:
             try:
                 return await self._hand_over(ready, token, env_vars, started=False, internet=internet,
-                                             allow_out=allow_out, deny_out=deny_out, allow_domains=allow_domains)
+                                             allow_out=allow_out, deny_out=deny_out, allow_domains=allow_domains,
+                                             header_rules=header_rules)
             except EnvdUnavailable as exc:
                 # It can have died while it waited in stock (still live to the runtime, its envd gone): the
                 # create then takes the ordinary way.
@@ -149,14 +150,15 @@ class Orchestrator:
                             template, exc)
         snapshot = self.template_snapshot(template)
         config = SandboxConfig(internet=internet, egress_allow=allow_out, egress_deny=deny_out,
-                               egress_domains=allow_domains)
+                               egress_domains=allow_domains, egress_rules=header_rules or {})
         sandbox = await self.capacity.start(snapshot, config, stock=True)
         return await self._hand_over(sandbox, token, env_vars, started=True, booted=not snapshot.has_memory,
                                      internet=internet)
 
     async def _hand_over(self, sandbox: Sandbox, token: str, env_vars: dict[str, str], *, started: bool,
                          internet: bool, booted: bool = False, allow_out: tuple[str, ...] = (),
-                         deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = ()) -> Sandbox:
+                         deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = (),
+                         header_rules: dict | None = None) -> Sandbox:
         """Hands `sandbox` its identity through envd's /init and makes it live; it is destroyed if that fails.
         `started`: just started for this create, not claimed ready; `booted`: cold-booted, so envd may not be
         up yet. Restored from memory, envd is the process that answered before the checkpoint: /init goes
@@ -167,8 +169,9 @@ class Orchestrator:
             elif not started:  # a ready sandbox was started for anyone: it gets this create's egress now
                 if not internet:
                     await self.runtime.set_internet(sandbox.id, False)
-                if allow_out or deny_out or allow_domains:
-                    await self.runtime.set_egress_rules(sandbox.id, allow_out, deny_out, allow_domains)
+                if allow_out or deny_out or allow_domains or header_rules:
+                    await self.runtime.set_egress_rules(sandbox.id, allow_out, deny_out, allow_domains,
+                                                        header_rules or {})
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                  workdir=DEFAULT_WORKDIR, hostname=sandbox.id,
                                  trusted_certificates=self.trusted_certificates)
@@ -180,10 +183,11 @@ class Orchestrator:
         return sandbox
 
     async def set_egress(self, sandbox_id: str, *, internet: bool, allow_out: tuple[str, ...],
-                         deny_out: tuple[str, ...], allow_domains: tuple[str, ...] = ()) -> None:
+                         deny_out: tuple[str, ...], allow_domains: tuple[str, ...] = (),
+                         header_rules: dict | None = None) -> None:
         """What the running sandbox may reach, from its next connection on."""
         runtime_id = self._running(sandbox_id).sandbox.id
-        await self.runtime.set_egress_rules(runtime_id, allow_out, deny_out, allow_domains)
+        await self.runtime.set_egress_rules(runtime_id, allow_out, deny_out, allow_domains, header_rules or {})
         await self.runtime.set_internet(runtime_id, internet)
 
     async def kill(self, sandbox_id: str) -> bool:
@@ -292,12 +296,14 @@ class Orchestrator:
     async def start_from(self, snapshot: Snapshot, *, sandbox_id: str | None, token: str, current_token: str,
                          env_vars: dict[str, str], internet: bool, resources: Resources,
                          memory: bool = True, allow_out: tuple[str, ...] = (),
-                         deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = ()) -> tuple[str, Sandbox]:
+                         deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = (),
+                         header_rules: dict | None = None) -> tuple[str, Sandbox]:
         """A running sandbox from a snapshot: the paused sandbox `sandbox_id` itself (resume), or a new one
         (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the API id
         and the runtime's sandbox."""
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id,
-                               egress_allow=allow_out, egress_deny=deny_out, egress_domains=allow_domains)
+                               egress_allow=allow_out, egress_deny=deny_out, egress_domains=allow_domains,
+                               egress_rules=header_rules or {})
         started = time.perf_counter()
         await self.capacity.settled(snapshot)
         settled = time.perf_counter()

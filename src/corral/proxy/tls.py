@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The installation's CA, made on first use."""
-    cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+def _ca(directory: Path, prefix: str = "ca", label: str = "Corral local CA"
+        ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A CA of the installation's (`prefix`.pem and .key in `directory`), made on first use."""
+    cert_path, key_path = directory / f"{prefix}.pem", directory / f"{prefix}.key"
     if cert_path.exists() and key_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -75,7 +77,7 @@ def _ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Corral"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"Corral local CA {os.urandom(4).hex()}")])
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {os.urandom(4).hex()}")])
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -156,3 +158,46 @@ def operator_tls(cert: Path, key: Path) -> TLSFiles:
     except (ValueError, TypeError) as exc:
         raise TLSError(f"cannot read the TLS certificate {cert} or its key {key}: {exc}") from None
     return TLSFiles(cert=cert, key=key, ca=None, bundle=None)
+
+
+class EgressCA:
+    """The CA the egress proxy signs certificates with when it intercepts HTTPS for header rules: its own
+    (never the public listener's CA), trusted only inside sandboxes (envd's caBundle), one leaf per name,
+    made on first use and kept in memory.
+
+        <dir>/egress-ca.pem, egress-ca.key   made at the first start (the key 0600)
+        <dir>/egress-leaves/<name>.pem        a name's certificate and key (0600), remade each start"""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cert, self.key = _ca(directory, prefix="egress-ca", label="Corral egress CA")
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    @property
+    def pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def context_for(self, name: str) -> ssl.SSLContext:
+        """A server context presenting a certificate for `name` signed by this CA (HTTP/1.1 only)."""
+        name = name.lower()
+        context = self._contexts.get(name)
+        if context is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            now = _now()
+            leaf = (x509.CertificateBuilder()
+                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
+                    .issuer_name(self.cert.subject).public_key(key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+                    .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                    .sign(self.key, hashes.SHA256()))
+            path = self.directory / "egress-leaves" / f"{name}.pem"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_private(path, leaf.public_bytes(serialization.Encoding.PEM) + _key_pem(key))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(path)
+            context.set_alpn_protocols(["http/1.1"])
+            self._contexts[name] = context
+        return context

@@ -91,6 +91,8 @@ class SandboxConfig:
     # Domain names its connections to ports 80 and 443 may go to (by Host and SNI, through the host's egress
     # proxy); with any, those ports go through the proxy, which applies the address rules to the rest.
     egress_domains: tuple[str, ...] = ()
+    # Header rules (host pattern -> header -> template) the egress proxy applies; they grant nothing.
+    egress_rules: dict[str, dict[str, str]] = field(default_factory=dict)
     hostname: str | None = None
     # Started ahead of demand (a warm pool): its CPU, the start included, yields to every other sandbox
     # until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
@@ -318,7 +320,7 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
-                               domains: tuple[str, ...] = ()) -> None:
+                               domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
         """Replaces the sandbox's egress rules (see SandboxConfig); from its next connection."""
 
     def sandbox_at(self, address: str) -> Sandbox | None:

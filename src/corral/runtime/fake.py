@@ -472,10 +472,10 @@ class FakeRuntime(Injectable, Runtime):
         c.config = replace(c.config, internet=enabled)
 
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
-                               domains: tuple[str, ...] = ()) -> None:
+                               domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
         c = self.table.live(sandbox_id)
         c.config = replace(c.config, egress_allow=tuple(allow), egress_deny=tuple(deny),
-                           egress_domains=tuple(domains))
+                           egress_domains=tuple(domains), egress_rules=dict(rules or {}))
 
     async def stats(self, sandbox_id: str) -> Stats:
         c = self.table.live(sandbox_id)

@@ -94,4 +94,5 @@ def config_from_record(data: dict) -> SandboxConfig:
                          internet=data["internet"], hostname=data.get("hostname"),
                          egress_allow=tuple(data.get("egress_allow", ())),
                          egress_deny=tuple(data.get("egress_deny", ())),
-                         egress_domains=tuple(data.get("egress_domains", ())))
+                         egress_domains=tuple(data.get("egress_domains", ())),
+                         egress_rules=dict(data.get("egress_rules") or {}))

@@ -50,6 +50,11 @@ async def stats_of(rt: GVisorRuntime, c: Container) -> Stats:
     return c.last_stats
 
 
+def proxied(config) -> bool:
+    """Its ports 80 and 443 go through the egress proxy: it has domain rules or header rules."""
+    return bool(config.egress_domains or config.egress_rules)
+
+
 async def apply_egress(rt: GVisorRuntime, c: Container) -> None:
     """The container's egress rules (its config's) into the firewall, as it starts."""
     if not c.config.internet:
@@ -57,7 +62,7 @@ async def apply_egress(rt: GVisorRuntime, c: Container) -> None:
     if c.config.egress_allow or c.config.egress_deny:
         await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, c.config.egress_allow,
                                         c.config.egress_deny)
-    if c.config.egress_domains:
+    if proxied(c.config):
         await firewall.set_proxied(rt.settings.instance, c.slot.guest, True)
 
 
@@ -68,25 +73,28 @@ async def drop_egress(rt: GVisorRuntime, c: Container) -> None:
     if c.config.egress_allow or c.config.egress_deny:
         await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, (), (),
                                         previous=(c.config.egress_allow, c.config.egress_deny))
-    if c.config.egress_domains:
+    if proxied(c.config):
         await firewall.set_proxied(rt.settings.instance, c.slot.guest, False)
 
 
 async def set_egress(rt: GVisorRuntime, c: Container, *, internet: bool | None = None,
                      allow: tuple[str, ...] | None = None, deny: tuple[str, ...] | None = None,
-                     domains: tuple[str, ...] | None = None) -> None:
+                     domains: tuple[str, ...] | None = None, rules: dict | None = None) -> None:
     """Changes what a live container may reach; what is not given stays as it is."""
     config = c.config
     internet = config.internet if internet is None else internet
     allow = config.egress_allow if allow is None else allow
     deny = config.egress_deny if deny is None else deny
     domains = config.egress_domains if domains is None else domains
-    if bool(domains) != bool(config.egress_domains):
-        await firewall.set_proxied(rt.settings.instance, c.slot.guest, bool(domains))
+    rules = config.egress_rules if rules is None else rules
+    now_proxied = bool(domains or rules)
+    if now_proxied != proxied(config):
+        await firewall.set_proxied(rt.settings.instance, c.slot.guest, now_proxied)
     if internet != config.internet:
         await firewall.set_offline(rt.settings.instance, c.slot.guest, not internet)
     if (allow, deny) != (config.egress_allow, config.egress_deny):
         await firewall.set_egress_rules(rt.settings.instance, c.slot.guest, allow, deny,
                                         previous=(config.egress_allow, config.egress_deny))
-    c.config = replace(config, internet=internet, egress_allow=allow, egress_deny=deny, egress_domains=domains)
+    c.config = replace(config, internet=internet, egress_allow=allow, egress_deny=deny, egress_domains=domains,
+                       egress_rules=rules)
     c.write_record()

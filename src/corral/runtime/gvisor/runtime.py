@@ -383,9 +383,9 @@ class GVisorRuntime(Runtime):
         await running.set_egress(self, self.table.live(sandbox_id), internet=enabled)
 
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
-                               domains: tuple[str, ...] = ()) -> None:
+                               domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
         await running.set_egress(self, self.table.live(sandbox_id), allow=tuple(allow), deny=tuple(deny),
-                                 domains=tuple(domains))
+                                 domains=tuple(domains), rules=dict(rules or {}))
 
     async def stats(self, sandbox_id: str) -> Stats:
         return await running.stats_of(self, self.table.live(sandbox_id))
