@@ -287,3 +287,29 @@ def test_header_rules_grant_no_egress(sandbox_with, secret):
     sbx = sandbox_with(network={"deny_out": [ALL_TRAFFIC], "rules": {
         "api.egress.test": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.egress-key}"}}}]}})
     assert fetch(sbx, "https://api.egress.test/") is None
+
+
+def test_a_rules_methods_and_path_prefixes_limit_what_the_sandbox_may_send(opts, secret):
+    """Corral's extension, through the REST API (the SDKs pass on only a rule's transform.headers)."""
+    import json
+
+    import httpx
+
+    rule = {"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.egress-key}"}},
+            "methods": ["GET"], "pathPrefixes": ["/v1/models"]}
+    created = httpx.post(f"{opts['api_url']}/v2/sandboxes", headers={"X-API-Key": opts["api_key"]}, json={
+        "templateID": "base", "network": {"allowOut": ["api.egress.test"], "denyOut": [ALL_TRAFFIC],
+                                          "rules": {"api.egress.test": [rule]}}})
+    assert created.status_code == 201, created.text
+    sbx = Sandbox.connect(created.json()["sandboxID"], **opts)
+    try:
+        seen = json.loads(sbx.commands.run("curl -sS --max-time 10 https://api.egress.test/v1/models/x").stdout)
+        assert seen["authorization_sha256"] == sha(f"Bearer {SECRET_VALUE}")
+        refused = sbx.commands.run("curl -sS -X DELETE -w ' %{http_code}' https://api.egress.test/v1/models").stdout
+        assert refused.endswith(" 403") and "allows only GET, not DELETE" in refused
+        refused = sbx.commands.run("curl -sS -w ' %{http_code}' https://api.egress.test/v1/files").stdout
+        assert refused.endswith(" 403") and "allows only paths under /v1/models, not /v1/files" in refused
+        assert sbx.get_info().network["rules"]["api.egress.test"][0]["transform"]["headers"] == rule["transform"][
+            "headers"]
+    finally:
+        sbx.kill()

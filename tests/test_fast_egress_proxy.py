@@ -79,3 +79,16 @@ def test_other_names_fall_to_the_address_rules():
     open_ = EgressPolicy(True, (), ("192.0.2.0/24",), ("api.example.com",))
     assert decide(open_, "other.example.com", "198.51.100.7", []) == ipaddress.IPv4Address("198.51.100.7")
     assert decide(open_, None, "10.1.2.3", []) is None  # private, whatever the rules
+
+
+def test_method_and_path_scopes_of_a_rule():
+    from corral.network.egress_proxy import _out_of_scope
+
+    rule = {"methods": ["GET", "POST"], "pathPrefixes": ["/v1/models", "/v1/chat/completions"]}
+    assert _out_of_scope(rule, "api.x", "GET", "/v1/models?limit=2") is None
+    assert _out_of_scope(rule, "api.x", "post", "/v1/chat/completions") is None
+    refusal = _out_of_scope(rule, "api.x", "DELETE", "/v1/models")
+    assert refusal == "egress rule for api.x allows only GET, POST, not DELETE"
+    assert "not /v1/files" in _out_of_scope(rule, "api.x", "GET", "/v1/files")
+    assert "not /v2/models" in _out_of_scope(rule, "api.x", "GET", "http://api.x/v2/models")  # absolute form
+    assert _out_of_scope({"headers": {"X": "y"}}, "api.x", "PATCH", "/anything") is None  # no scope: all

@@ -107,8 +107,9 @@ class Egress:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()  # names (lower case; `*.x` wildcards, `*`) for ports 80 and 443
-    # Header rules: host pattern -> header -> value template (`${e2b.secrets.<name>}` resolved in the proxy).
-    rules: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Header rules: host pattern -> {"headers": {header: template}, "methods": [...], "pathPrefixes": [...]}
+    # (`${e2b.secrets.<name>}` resolved in the proxy; methods and path prefixes: Corral's extension).
+    rules: dict[str, dict] = field(default_factory=dict)
 
     def to_record(self) -> dict:
         return {"allowOut": list(self.allow), "denyOut": list(self.deny), "allowDomains": list(self.domains),
@@ -127,7 +128,7 @@ class Egress:
         if self.deny:
             shown["denyOut"] = list(self.deny)
         if self.rules:
-            shown["rules"] = {host: [{"transform": {"headers": dict(headers)}}] for host, headers in self.rules.items()}
+            shown["rules"] = {host: [_rule_read_back(rule)] for host, rule in self.rules.items()}
         return shown
 
 
@@ -179,7 +180,15 @@ def egress_from(network: dict | None) -> Egress:
     return Egress(tuple(dict.fromkeys(allow)), tuple(dict.fromkeys(deny)), tuple(dict.fromkeys(domains)), rules)
 
 
-def rules_from(raw) -> dict[str, dict[str, str]]:
+def _rule_read_back(rule: dict) -> dict:
+    shown: dict = {"transform": {"headers": dict(rule.get("headers") or {})}}
+    for key in ("methods", "pathPrefixes"):
+        if rule.get(key):
+            shown[key] = list(rule[key])
+    return shown
+
+
+def rules_from(raw) -> dict[str, dict]:
     """`network.rules` (`{host: [{"transform": {"headers": {...}}}]}`) with E2B's limits and messages."""
     if raw in (None, {}):
         return {}
@@ -187,7 +196,7 @@ def rules_from(raw) -> dict[str, dict[str, str]]:
         raise _bad("network.rules must be an object of host names")
     if len(raw) > MAX_RULE_DOMAINS:
         raise _bad(f"network.rules has {len(raw)} domains; at most {MAX_RULE_DOMAINS} are allowed")
-    rules: dict[str, dict[str, str]] = {}
+    rules: dict[str, dict] = {}
     for host, entries in raw.items():
         pattern = host.lower().rstrip(".") if isinstance(host, str) else ""
         if not pattern or len(pattern) > MAX_RULE_DOMAIN or pattern == "*" or not _DOMAIN.match(pattern):
@@ -195,9 +204,10 @@ def rules_from(raw) -> dict[str, dict[str, str]]:
         if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
             raise _bad(f"network.rules[{host}]: exactly one rule per domain")
         transform = entries[0].get("transform")
-        headers = transform.get("headers") if isinstance(transform, dict) else None
-        if not isinstance(headers, dict) or not headers:
-            raise _bad(f"network.rules[{host}]: a rule needs transform.headers")
+        headers = (transform.get("headers") if isinstance(transform, dict) else None) or {}
+        methods, prefixes = _scope(entries[0], host)
+        if not isinstance(headers, dict) or not (headers or methods or prefixes):
+            raise _bad(f"network.rules[{host}]: a rule needs transform.headers (or methods or pathPrefixes)")
         if len(headers) > MAX_RULE_HEADERS:
             raise _bad(f"network.rules[{host}]: at most {MAX_RULE_HEADERS} headers")
         names: set[str] = set()
@@ -214,8 +224,20 @@ def rules_from(raw) -> dict[str, dict[str, str]]:
                 raise _bad(MALFORMED)
         if len(names) > MAX_SECRETS_PER_DOMAIN:
             raise _bad(f"network.rules[{host}]: at most {MAX_SECRETS_PER_DOMAIN} distinct secrets")
-        rules[pattern] = dict(headers)
+        rules[pattern] = {"headers": dict(headers), "methods": methods, "pathPrefixes": prefixes}
     return rules
+
+
+def _scope(rule: dict, host: str) -> tuple[list[str], list[str]]:
+    """Corral's extension to a rule (through the REST API: the SDKs pass on only transform.headers): the
+    methods and path prefixes allowed to the domain; anything else is answered 403 by the proxy."""
+    methods, prefixes = rule.get("methods") or [], rule.get("pathPrefixes") or []
+    if not isinstance(methods, list) or not all(isinstance(m, str) and _TOKEN.match(m) for m in methods):
+        raise _bad(f"network.rules[{host}].methods must be a list of HTTP methods")
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p.startswith("/") and len(p) <= 1024
+                                                 for p in prefixes):
+        raise _bad(f"network.rules[{host}].pathPrefixes must be a list of paths starting with '/'")
+    return [m.upper() for m in methods], list(prefixes)
 
 
 def refuse_iam(iam: dict | None) -> None:

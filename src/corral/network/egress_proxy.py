@@ -54,13 +54,13 @@ class EgressPolicy:
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     domains: tuple[str, ...]
-    rules: dict[str, dict[str, str]] = field(default_factory=dict)  # host pattern -> header -> template
+    rules: dict[str, dict] = field(default_factory=dict)  # host pattern -> {headers, methods, pathPrefixes}
 
     def domain_allowed(self, name: str) -> bool:
         return any(_matches(rule, name) for rule in self.domains)
 
-    def headers_for(self, name: str) -> dict[str, str] | None:
-        """The header rule for `name`: an exact pattern wins over the longest matching wildcard."""
+    def rule_for(self, name: str) -> dict | None:
+        """The rule for `name`: an exact pattern wins over the longest matching wildcard."""
         name = name.rstrip(".").lower()
         if name in self.rules:
             return self.rules[name]
@@ -128,9 +128,9 @@ class EgressProxy:
             if target is None:
                 log.info("egress of %s to %s (%s:%d) refused by its rules", source, name or "-", destination, port)
                 return
-            headers = policy.headers_for(name) if name else None
-            if headers is not None:
-                await self._rewrite(reader, writer, head, port, name, target, headers, source)
+            rule = policy.rule_for(name) if name else None
+            if rule is not None:
+                await self._rewrite(reader, writer, head, port, name, target, rule, source)
                 return
             upstream_reader, upstream_writer = await asyncio.wait_for(
                 asyncio.open_connection(str(target), port), CONNECT_TIMEOUT_S)
@@ -145,7 +145,7 @@ class EgressProxy:
                     w.close()
 
     async def _rewrite(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, port: int,
-                       name: str, target: ipaddress.IPv4Address, templates: dict[str, str], source: str) -> None:
+                       name: str, target: ipaddress.IPv4Address, rule: dict, source: str) -> None:
         """One request with the rule's headers set, to the real server (verified), its answer back. HTTPS
         is terminated with a certificate for `name` from the egress CA, which only sandboxes trust; the
         upstream connection says `Connection: close`, so each request has a connection of its own."""
@@ -163,8 +163,13 @@ class EgressProxy:
                 return
             data += chunk
         request, _, rest = data.partition(b"\r\n\r\n")
+        method, _, target_path = request.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        path = target_path.rpartition(" ")[0]
+        if refusal := _out_of_scope(rule, name, method, path):
+            await client.write(_answer(403, refusal))
+            return
         values: dict[str, tuple[str, str]] = {}
-        for header, template in templates.items():
+        for header, template in (rule.get("headers") or {}).items():
             value = template
             for secret_name in set(SECRET_PLACEHOLDER.findall(template)):
                 secret = await self._secret(source, secret_name) if self._secret is not None else None
@@ -282,9 +287,23 @@ def tls_server_name(record: bytes) -> str | None:
     return None
 
 
+def _out_of_scope(rule: dict, name: str, method: str, path: str) -> str | None:
+    """Why the rule's methods or path prefixes do not allow this request (None: they do)."""
+    if rule.get("methods") and method.upper() not in rule["methods"]:
+        return f"egress rule for {name} allows only {', '.join(rule['methods'])}, not {method}"
+    path = path.split("?", 1)[0]
+    if path.startswith(("http://", "https://")):  # absolute form
+        path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+    prefixes = rule.get("pathPrefixes") or []
+    if prefixes and not any(path.startswith(p) for p in prefixes):
+        return f"egress rule for {name} allows only paths under {', '.join(prefixes)}, not {path}"
+    return None
+
+
 def _answer(status: int, message: str) -> bytes:
     body = (message + "\n").encode()
-    return (f"HTTP/1.1 {status} {'Bad Gateway' if status == 502 else 'Error'}\r\nContent-Type: text/plain\r\n"
+    reason = {403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
