@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import pytest
 from conftest import DNS_ANSWER, DNS_HOST_ADDRESS, TEST_ROOT
@@ -229,6 +230,33 @@ def test_an_allowed_name_sent_to_a_denied_address_goes_to_the_names_own_address(
 # --- header rules and secrets (the egress proxy terminates TLS for ruled domains) ----------------------
 
 SECRET_VALUE = "sk-test-5f2b9c0d41e7-only-on-the-wire"
+# Counts the processes (other than itself) whose readable memory holds the value in /dev/shm/look.
+MEMORY_SEARCH = r'''
+import os, re
+needle = open("/dev/shm/look", "rb").read()
+hits = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) == os.getpid():
+        continue
+    try:
+        maps = open(f"/proc/{pid}/maps").read().splitlines()
+        mem = open(f"/proc/{pid}/mem", "rb", 0)
+    except OSError:
+        continue
+    for line in maps:
+        span, perms = line.split()[:2]
+        if not perms.startswith("r"):
+            continue
+        start, end = (int(x, 16) for x in span.split("-"))
+        try:
+            mem.seek(start)
+            if needle in mem.read(min(end - start, 256 << 20)):
+                hits += 1
+                break
+        except (OSError, OverflowError, ValueError):
+            continue
+print(hits)
+'''
 
 
 def sha(text: str) -> str:
@@ -263,17 +291,26 @@ def test_a_header_rule_sends_the_secret_which_never_enters_the_sandbox(sandbox_w
     # The value is nowhere the sandbox can look: not in its environment, files or process list.
     # (The value to look for is written in two halves to a file outside the searched places, so that no
     # command line of the search itself holds it.)
+    sbx.files.write("/tmp/memsearch.py", MEMORY_SEARCH)
     half = len(SECRET_VALUE) // 2
     sbx.commands.run(f"printf %s '{SECRET_VALUE[:half]}' > /dev/shm/look; printf %s '{SECRET_VALUE[half:]}' >> "
                      "/dev/shm/look")
     leaked = sbx.commands.run("(env; ps auxww; grep -rIh -f /dev/shm/look /home /tmp /etc /root /var 2>/dev/null) "
                               "| grep -c -f /dev/shm/look || true", user="root").stdout.strip()
     assert leaked == "0"
+    assert sbx.commands.run("python3 /tmp/memsearch.py", user="root").stdout.strip() == "0"
     # The search does find the value where it is (so the 0 above means something).
     sbx.commands.run("cp /dev/shm/look /home/user/planted")
     found = sbx.commands.run("grep -rIh -f /dev/shm/look /home 2>/dev/null | grep -c -f /dev/shm/look || true",
                              user="root").stdout.strip()
     assert found == "1"
+    sbx.commands.run("python3 -c \"import time; held = open('/dev/shm/look').read(); time.sleep(120)\"",
+                     background=True)
+    deadline = time.monotonic() + 10
+    while (held := sbx.commands.run("python3 /tmp/memsearch.py", user="root").stdout.strip()) == "0" \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held == "1"
 
 
 def test_a_rule_naming_a_missing_secret_fails_the_request_clearly(sandbox_with):
