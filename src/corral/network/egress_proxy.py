@@ -24,6 +24,7 @@ import re
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +41,9 @@ SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([A-Za-z0-9_-]{1,128})\}")
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 FIRST_BYTES_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
-MAX_HEAD = 16384  # an HTTP request head or a TLS ClientHello larger than this is not looked into
+MAX_HEAD = 16384
+DNS_CACHE_MAX_S = 60
+DNS_CACHE_ENTRIES = 4096  # an HTTP request head or a TLS ClientHello larger than this is not looked into
 NEVER = [ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
     "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3")]
@@ -95,6 +98,7 @@ class EgressProxy:
         self._resolver.port = resolver_port
         self._resolver.lifetime = 5.0
         self.listen, self.port = listen, port
+        self._cache: dict[str, tuple[list[ipaddress.IPv4Address], float]] = {}  # name -> (addresses, until)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -213,11 +217,24 @@ class EgressProxy:
         return any(address in network for network in self._never)
 
     async def _resolve(self, name: str) -> list[ipaddress.IPv4Address]:
+        """The name's addresses, cached for their TTL (at most DNS_CACHE_MAX_S): a sandbox calling an API
+        opens a connection per request, and each would otherwise wait for a lookup."""
+        name = name.rstrip(".").lower()
+        now = time.monotonic()
+        cached = self._cache.get(name)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         try:
             answer = await self._resolver.resolve(name, "A")
         except (dns.exception.DNSException, dns.resolver.NoAnswer):
             return []
-        return [ipaddress.IPv4Address(r.address) for r in answer]
+        addresses = [ipaddress.IPv4Address(r.address) for r in answer]
+        ttl = min(max(answer.rrset.ttl if answer.rrset is not None else 0, 0), DNS_CACHE_MAX_S)
+        if ttl:
+            if len(self._cache) >= DNS_CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[name] = (addresses, now + ttl)
+        return addresses
 
 
 def _matches(rule: str, name: str) -> bool:
