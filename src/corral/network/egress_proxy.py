@@ -152,10 +152,26 @@ class EgressProxy:
                        name: str, target: ipaddress.IPv4Address, rule: dict, source: str) -> None:
         """One request with the rule's headers set, to the real server (verified), its answer back. HTTPS
         is terminated with a certificate for `name` from the egress CA, which only sandboxes trust; the
-        upstream connection says `Connection: close`, so each request has a connection of its own."""
+        upstream connection says `Connection: close`, so each request has a connection of its own. The
+        upstream connection (and its TLS handshake) is made while the sandbox's handshake and request
+        arrive: the two handshakes overlap instead of adding up."""
+        if port == 443 and self._ca is None:
+            return
+        upstream = asyncio.ensure_future(asyncio.wait_for(asyncio.open_connection(
+            str(target), port, ssl=self._upstream_tls if port == 443 else None,
+            server_hostname=name if port == 443 else None), CONNECT_TIMEOUT_S))
+        try:
+            await self._rewrite_with(reader, writer, head, port, name, rule, source, upstream)
+        finally:
+            if not upstream.done():
+                upstream.cancel()
+            with contextlib.suppress(BaseException):
+                _, upstream_writer = await upstream
+                upstream_writer.close()
+
+    async def _rewrite_with(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
+                            port: int, name: str, rule: dict, source: str, upstream: asyncio.Future) -> None:
         if port == 443:
-            if self._ca is None:
-                return
             client: _Plain | _TLSServer = _TLSServer(reader, writer, self._ca.context_for(name), head)
             await client.handshake()
             data = b""
@@ -188,19 +204,14 @@ class EgressProxy:
                 not in {*values, "connection", "proxy-connection", "keep-alive"}]
         rewritten = b"\r\n".join([lines[0], *kept, *(f"{h}: {v}".encode("latin-1") for h, v in values.values()),
                                    b"Connection: close"]) + b"\r\n\r\n"
-        upstream_reader, upstream_writer = await asyncio.wait_for(asyncio.open_connection(
-            str(target), port, ssl=self._upstream_tls if port == 443 else None,
-            server_hostname=name if port == 443 else None), CONNECT_TIMEOUT_S)
+        upstream_reader, upstream_writer = await upstream
+        upstream_writer.write(rewritten + rest)
+        to_server = asyncio.ensure_future(_pump(client.read, upstream_writer))
         try:
-            upstream_writer.write(rewritten + rest)
-            to_server = asyncio.ensure_future(_pump(client.read, upstream_writer))
-            try:
-                while chunk := await upstream_reader.read(65536):
-                    await client.write(chunk)
-            finally:
-                to_server.cancel()
+            while chunk := await upstream_reader.read(65536):
+                await client.write(chunk)
         finally:
-            upstream_writer.close()
+            to_server.cancel()
 
     async def _decide(self, policy: EgressPolicy, name: str | None, destination: ipaddress.IPv4Address,
                       source: str) -> ipaddress.IPv4Address | None:
