@@ -350,3 +350,13 @@ def test_a_rules_methods_and_path_prefixes_limit_what_the_sandbox_may_send(opts,
             "headers"]
     finally:
         sbx.kill()
+
+
+def test_header_rules_added_by_update_network_work_over_verified_https(sandbox_with, secret):
+    import json
+
+    sbx = sandbox_with()
+    sbx.update_network(ruled("api.egress.test", "Bearer ${e2b.secrets.egress-key}"))
+    # The sandbox was made without rules: the egress CA reached its trust store with the update.
+    seen = json.loads(sbx.commands.run("curl -sS --max-time 10 https://api.egress.test/").stdout)
+    assert seen["authorization_sha256"] == sha(f"Bearer {SECRET_VALUE}")

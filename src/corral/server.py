@@ -78,7 +78,7 @@ class CorralServer:
         self.egress_proxy = None
         if settings.service_address is not None:
             egress_ca = EgressCA(settings.data_dir / "tls")
-            self.orchestrator.trusted_certificates = egress_ca.pem
+            self.orchestrator.intercept_certificates = egress_ca.pem
             self.egress_proxy = EgressProxy(self._egress_policy, [str(r) for r in upstream_resolvers()],
                                             listen=str(settings.service_address), port=EGRESS_PROXY_PORT,
                                             never=[settings.sandbox_network], ca=egress_ca,

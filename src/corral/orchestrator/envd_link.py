@@ -98,6 +98,17 @@ class EnvdLink:
         if response.status_code != 204:
             raise EnvdUnavailable(f"envd at {address} refused /init: {response.status_code} {response.text}")
 
+    async def trust(self, address: str, token: str, pem: str) -> None:
+        """Adds certificates to a running sandbox's trust store (/init with only its token and `caBundle`:
+        nothing else of its state changes)."""
+        try:
+            response = await self._client.post(self._url(address, "/init"), headers={"X-Access-Token": token},
+                                               json={"accessToken": token, "caBundle": pem})
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
+        if response.status_code != 204:
+            raise EnvdUnavailable(f"envd at {address} refused the certificates: {response.status_code}")
+
     async def metrics(self, address: str, token: str) -> dict:
         try:
             response = await self._client.get(self._url(address, "/metrics"), headers={"X-Access-Token": token},

@@ -58,8 +58,11 @@ class Orchestrator:
                                 breathe_every_s=breathe_every_s)
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
         self.on_gone: list[Callable[[str], Awaitable[None]]] = []
-        # PEM certificates every new sandbox trusts (the CA of the public URLs), handed over with /init.
+        # PEM certificates every new sandbox trusts (the CA of the public URLs), handed over with /init; and
+        # those a sandbox with header rules trusts besides (the egress proxy's CA), handed over when it gets
+        # rules. Only what a sandbox needs: each costs envd a rewrite of the sandbox's CA bundle.
         self.trusted_certificates: str | None = None
+        self.intercept_certificates: str | None = None
 
     def template_snapshot(self, template: str) -> Snapshot:
         """The snapshot sandboxes of `template` start from (TemplateNotFound when it is not built). When a
@@ -153,7 +156,7 @@ class Orchestrator:
                                egress_domains=allow_domains, egress_rules=header_rules or {})
         sandbox = await self.capacity.start(snapshot, config, stock=True)
         return await self._hand_over(sandbox, token, env_vars, started=True, booted=not snapshot.has_memory,
-                                     internet=internet)
+                                     internet=internet, header_rules=header_rules)
 
     async def _hand_over(self, sandbox: Sandbox, token: str, env_vars: dict[str, str], *, started: bool,
                          internet: bool, booted: bool = False, allow_out: tuple[str, ...] = (),
@@ -174,7 +177,7 @@ class Orchestrator:
                                                         header_rules or {})
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                  workdir=DEFAULT_WORKDIR, hostname=sandbox.id,
-                                 trusted_certificates=self.trusted_certificates)
+                                 trusted_certificates=self._certificates_for(header_rules))
         except BaseException:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
@@ -186,9 +189,16 @@ class Orchestrator:
                          deny_out: tuple[str, ...], allow_domains: tuple[str, ...] = (),
                          header_rules: dict | None = None) -> None:
         """What the running sandbox may reach, from its next connection on."""
-        runtime_id = self._running(sandbox_id).sandbox.id
-        await self.runtime.set_egress_rules(runtime_id, allow_out, deny_out, allow_domains, header_rules or {})
-        await self.runtime.set_internet(runtime_id, internet)
+        entry = self._running(sandbox_id)
+        if header_rules and not entry.sandbox.config.egress_rules and self.intercept_certificates:
+            # Its first header rules: it must trust the certificates the egress proxy will show it.
+            await self.envd.trust(entry.sandbox.address, entry.token, self.intercept_certificates)
+        await self.runtime.set_egress_rules(entry.sandbox.id, allow_out, deny_out, allow_domains, header_rules or {})
+        await self.runtime.set_internet(entry.sandbox.id, internet)
+
+    def _certificates_for(self, header_rules: dict | None) -> str | None:
+        wanted = [self.trusted_certificates, self.intercept_certificates if header_rules else None]
+        return "\n".join(p for p in wanted if p) or None
 
     async def kill(self, sandbox_id: str) -> bool:
         entry = await self._take_offline(sandbox_id)
@@ -322,7 +332,7 @@ class Orchestrator:
                 await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                      workdir=DEFAULT_WORKDIR, hostname=api_id,
                                      current_token=None if cold else current_token,
-                                     trusted_certificates=self.trusted_certificates)
+                                     trusted_certificates=self._certificates_for(header_rules))
             log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
                       "%.1f ms later", api_id, snapshot.path.name, (settled - started) * 1000,
                       (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)

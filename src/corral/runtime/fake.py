@@ -510,6 +510,9 @@ class FakeEnvd(Injectable):
     async def close(self) -> None:
         pass
 
+    async def trust(self, address: str, token: str, pem: str) -> None:
+        await self._answer("trust", address)
+
     async def wait_ready(self, address: str, timeout: float = 30.0) -> None:
         await self._answer("wait_ready", address)
 
