@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
+import string
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +18,16 @@ from corral.runtime.base import (
     Resources,
     Sandbox,
     SandboxConfig,
+    SandboxFailed,
     Snapshot,
     Stats,
 )
 from corral.runtime.containers import ALLOWED, ContainerTable, IllegalTransition
 
-__all__ = ["ALLOWED", "Container", "ContainerTable", "IllegalTransition", "config_from_record"]
+__all__ = ["ALLOWED", "Container", "ContainerTable", "IllegalTransition", "config_from_record", "ignore_errors",
+           "new_sandbox_id", "still"]
+
+log = logging.getLogger("corral.runtime.gvisor")
 
 
 @dataclass(eq=False)
@@ -96,3 +103,23 @@ def config_from_record(data: dict) -> SandboxConfig:
                          egress_deny=tuple(data.get("egress_deny", ())),
                          egress_domains=tuple(data.get("egress_domains", ())),
                          egress_rules=dict(data.get("egress_rules") or {}))
+
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_sandbox_id() -> str:
+    return "i" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
+
+
+def still(c: Container, state: ContainerState) -> None:
+    """Raises when the container left `state` while we worked on it (it was torn down meanwhile)."""
+    if c.state is not state:
+        raise SandboxFailed(f"container {c.id} was torn down while {state.value}")
+
+
+async def ignore_errors(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # teardown must go on; the next reconcile retries what is left
+        log.debug("teardown step failed: %s", exc)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import shutil
-import string
 import time
 from pathlib import Path
 
@@ -47,7 +45,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.gvisor import checkpointing, oci, recovery, running, snapshots
 from corral.runtime.gvisor.cgroups import SandboxCgroup
-from corral.runtime.gvisor.containers import Container, ContainerTable
+from corral.runtime.gvisor.containers import Container, ContainerTable, ignore_errors, new_sandbox_id, still
 from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, check_host_capacity, kill_and_reap
 from corral.runtime.gvisor.runsc import Runsc, RunscError, log_tail
 from corral.runtime.gvisor.snapshots import GVisorSnapshot
@@ -57,7 +55,6 @@ from corral.storage.layers import LayerNotApplicable, LayerSize, apply_layer, la
 log = logging.getLogger(__name__)
 S = ContainerState
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
 # runsc needs a process for `create` even when it will be replaced by a restored one.
 _RESTORE_PLACEHOLDER = ["/bin/true"]
 # A snapshot layer up to this size is replayed into a container prepared for its template rather than
@@ -65,10 +62,6 @@ _RESTORE_PLACEHOLDER = ["/bin/true"]
 # snapshot made from it; larger layers are stacked, so snapshot trees share them (docs/branching.md).
 _REPLAY_LIMIT = LayerSize(entries=1024, bytes=2**20)
 _SETUP_ERRORS = (RunscError, NetworkError, DiskError, OSError, LayerNotApplicable)
-
-
-def new_sandbox_id() -> str:
-    return "i" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(19))
 
 
 class GVisorRuntime(Runtime):
@@ -220,7 +213,7 @@ class GVisorRuntime(Runtime):
                 await self.runsc.create(sid, c.bundle, c.log)
                 # A created container's gVisor kernel already idles at ~3 % of a core.
                 self._cgroup(sid).freeze()
-            _still(c, S.PREPARING)
+            still(c, S.PREPARING)
         except BaseException as exc:  # cancellation too: nothing half-made may stay behind
             await self._teardown(c)
             if isinstance(exc, _SETUP_ERRORS):
@@ -261,7 +254,7 @@ class GVisorRuntime(Runtime):
                 if state.status != "running":
                     raise RunscError(f"sandbox is {state.status} right after start; log: {log_tail(c.log)}")
             c.write_record()
-            _still(c, S.STARTING)
+            still(c, S.STARTING)
         except BaseException as exc:
             await self._teardown(c)
             if isinstance(exc, _SETUP_ERRORS):
@@ -295,11 +288,11 @@ class GVisorRuntime(Runtime):
         try:
             self._cgroup(c.id).thaw()  # a frozen process does not die of SIGKILL until it is thawed
             await kill_and_reap(self._container_pids(c.id))
-            await _ignore_errors(self.runsc.delete(c.id))
-            await _ignore_errors(running.drop_egress(self, c))  # the slot's next sandbox must not inherit them
-            await _ignore_errors(unmount(c.rootfs))
-            await _ignore_errors(unmount(c.disk))
-            await _ignore_errors(destroy_slot(c.slot))
+            await ignore_errors(self.runsc.delete(c.id))
+            await ignore_errors(running.drop_egress(self, c))  # the slot's next sandbox must not inherit them
+            await ignore_errors(unmount(c.rootfs))
+            await ignore_errors(unmount(c.disk))
+            await ignore_errors(destroy_slot(c.slot))
             shutil.rmtree(c.dir, ignore_errors=True)
         finally:
             self.slots.release(c.slot)
@@ -395,16 +388,3 @@ class GVisorRuntime(Runtime):
         if c is None:
             raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
         return log_tail(c.log, lines, sep="\n")
-
-
-def _still(c: Container, state: ContainerState) -> None:
-    """Raises when the container left `state` while we worked on it (it was torn down meanwhile)."""
-    if c.state is not state:
-        raise SandboxFailed(f"container {c.id} was torn down while {state.value}")
-
-
-async def _ignore_errors(awaitable) -> None:
-    try:
-        await awaitable
-    except Exception as exc:  # teardown must go on; the next reconcile retries what is left
-        log.debug("teardown step failed: %s", exc)
