@@ -360,3 +360,15 @@ def test_header_rules_added_by_update_network_work_over_verified_https(sandbox_w
     # The sandbox was made without rules: the egress CA reached its trust store with the update.
     seen = json.loads(sbx.commands.run("curl -sS --max-time 10 https://api.egress.test/").stdout)
     assert seen["authorization_sha256"] == sha(f"Bearer {SECRET_VALUE}")
+
+
+def test_a_ruled_request_cannot_name_another_host(sandbox_with, secret):
+    """Else a server or CDN hosting both sites would route the secret to the site the sandbox names."""
+    import json
+
+    sbx = sandbox_with(network=ruled("api.egress.test", "Bearer ${e2b.secrets.egress-key}"))
+    seen = json.loads(sbx.commands.run("curl -sS --max-time 10 -H 'Host: evil.egress.test' "
+                                       "https://api.egress.test/").stdout)
+    assert seen["host"] == "api.egress.test"
+    # On port 80 the Host is the name the rules judge: another name is another (here: denied) domain.
+    assert fetch(sbx, "-H 'Host: evil.egress.test' http://api.egress.test/") is None

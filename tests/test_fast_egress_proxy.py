@@ -92,3 +92,11 @@ def test_method_and_path_scopes_of_a_rule():
     assert "not /v1/files" in _out_of_scope(rule, "api.x", "GET", "/v1/files")
     assert "not /v2/models" in _out_of_scope(rule, "api.x", "GET", "http://api.x/v2/models")  # absolute form
     assert _out_of_scope({"headers": {"X": "y"}}, "api.x", "PATCH", "/anything") is None  # no scope: all
+
+
+def test_absolute_request_targets_become_origin_form():
+    from corral.network.egress_proxy import _origin_form
+
+    assert _origin_form("http://evil.example/a/b?c=1") == "/a/b?c=1"
+    assert _origin_form("https://evil.example") == "/"
+    assert _origin_form("*") == "/"

@@ -199,10 +199,15 @@ class EgressProxy:
                     return
                 value = value.replace("${e2b.secrets." + secret_name + "}", secret)
             values[header.lower()] = (header, value)
+        # The request goes to `name` and says so: a Host (or an absolute request target) naming another site
+        # would let a server or CDN hosting both route the rule's headers, secrets included, to that site.
+        origin_form = path if path.startswith("/") else _origin_form(path)
+        request_line = f"{method} {origin_form} {target_path.rpartition(' ')[2]}".encode("latin-1")
         lines = request.split(b"\r\n")
         kept = [line for line in lines[1:] if line.partition(b":")[0].strip().lower().decode("latin-1")
-                not in {*values, "connection", "proxy-connection", "keep-alive"}]
-        rewritten = b"\r\n".join([lines[0], *kept, *(f"{h}: {v}".encode("latin-1") for h, v in values.values()),
+                not in {*values, "host", "connection", "proxy-connection", "keep-alive"}]
+        rewritten = b"\r\n".join([request_line, f"Host: {name}".encode("latin-1"), *kept,
+                                   *(f"{h}: {v}".encode("latin-1") for h, v in values.values()),
                                    b"Connection: close"]) + b"\r\n\r\n"
         upstream_reader, upstream_writer = await upstream
         upstream_writer.write(rewritten + rest)
@@ -313,6 +318,14 @@ def tls_server_name(record: bytes) -> str | None:
     except (IndexError, UnicodeDecodeError):
         return None
     return None
+
+
+def _origin_form(target: str) -> str:
+    """`http://host/a?b` → `/a?b` (the absolute form a proxy-aware client may send)."""
+    if target.startswith(("http://", "https://")):
+        rest = target.split("://", 1)[1]
+        return "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+    return "/"
 
 
 def _out_of_scope(rule: dict, name: str, method: str, path: str) -> str | None:
