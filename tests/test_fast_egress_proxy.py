@@ -100,3 +100,50 @@ def test_absolute_request_targets_become_origin_form():
     assert _origin_form("http://evil.example/a/b?c=1") == "/a/b?c=1"
     assert _origin_form("https://evil.example") == "/"
     assert _origin_form("*") == "/"
+
+
+@pytest.mark.parametrize(("head", "problem"), [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: b\nGET /admin HTTP/1.1", "line breaks must be CRLF"),
+    (b"GET / HTTP/1.1\r\nX: a\rb", "line breaks must be CRLF"),
+    (b"GET / HTTP/1.1\r\nX: a\x00b", "control characters"),
+    (b"GET / HTTP/1.1\r\nX: a\r\n  folded", "folded header lines"),
+    (b"GET /a b HTTP/1.1\r\nX: y", "a malformed request line"),
+    (b"GET / HTTP/2\r\nX: y", "a malformed request line"),
+    (b"GET / HTTP/1.1\r\nBad Name: y", "a malformed header line"),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2", "more than once"),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked", "more than once"),
+])
+def test_request_heads_a_server_could_read_differently_are_refused(head, problem):
+    from corral.network.egress_proxy import malformed_head
+
+    assert problem in malformed_head(head)
+    assert malformed_head(b"POST /v1/x?y=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nX-Tab: a\tb") is None
+
+
+def test_names_from_a_sandbox_must_be_dns_names():
+    from corral.network.egress_proxy import valid_name
+
+    assert valid_name("API.Example.com.") == "api.example.com"
+    for bad in ("/etc/x.example.com", "../../x.example.com", "a b.example.com", "x" * 300, "", None, "a_b.com"):
+        assert valid_name(bad) is None
+
+
+def test_leaf_certificates_never_put_the_name_in_a_path(tmp_path):
+    from corral.proxy.tls import EgressCA
+
+    ca = EgressCA(tmp_path / "tls")
+    ca.context_for("api.example.com")
+    assert not list((tmp_path / "tls" / "egress-leaves").glob("*.pem"))  # loaded, then removed
+    assert not (tmp_path / "tls" / "egress-leaves" / "api.example.com.pem").exists()
+
+
+def test_scopes_refuse_ambiguous_paths_trace_and_prefix_lookalikes():
+    from corral.network.egress_proxy import _out_of_scope
+
+    rule = {"pathPrefixes": ["/v1/models"]}
+    for path in ("/v1/models/../admin", "/v1/models/%2e%2e/admin", "/v1/models%2Fadmin", "/v1/models\\x"):
+        assert "dot segments" in _out_of_scope(rule, "a", "GET", path)
+    assert "not /v1/models-admin" in _out_of_scope(rule, "a", "GET", "/v1/models-admin")
+    assert _out_of_scope(rule, "a", "GET", "/v1/models") is None
+    assert _out_of_scope(rule, "a", "GET", "/v1/models/gpt") is None
+    assert "never forwarded" in _out_of_scope({}, "a", "TRACE", "/")

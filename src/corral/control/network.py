@@ -22,6 +22,10 @@ MAX_SECRETS_PER_DOMAIN = 32
 _PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([A-Za-z0-9_-]{1,128})\}")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 MALFORMED = "Network transform header contains a malformed E2B placeholder."
+# Headers that frame or route the request: the egress proxy sets them itself.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te",
+                     "trailer", "proxy-connection", "proxy-authorization", "proxy-authenticate"}
+_VISIBLE = re.compile(r"^[\t\x20-\x7e]*$")
 # E2B's own answer where its egress proxy option is off, so SDK users see what they would there.
 EGRESS_PROXY_REFUSAL = "Egress proxy (network.egressProxy) is not enabled for this team."
 MAX_EGRESS_ENTRIES = 1000
@@ -201,6 +205,8 @@ def rules_from(raw) -> dict[str, dict]:
         pattern = host.lower().rstrip(".") if isinstance(host, str) else ""
         if not pattern or len(pattern) > MAX_RULE_DOMAIN or pattern == "*" or not _DOMAIN.match(pattern):
             raise _bad(f"network.rules: {host!r} is not a valid domain")
+        if pattern.startswith("*.") and "." not in pattern[2:]:
+            raise _bad(f"network.rules: {host!r} is too broad (a wildcard needs a domain of at least two labels)")
         if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
             raise _bad(f"network.rules[{host}]: exactly one rule per domain")
         transform = entries[0].get("transform")
@@ -214,7 +220,9 @@ def rules_from(raw) -> dict[str, dict]:
         for name, value in headers.items():
             if not isinstance(name, str) or len(name) > MAX_HEADER_NAME or not _TOKEN.match(name):
                 raise _bad(f"network.rules[{host}]: {name!r} is not a valid header name")
-            if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE or "\r" in value or "\n" in value:
+            if name.lower() in _RESERVED_HEADERS:
+                raise _bad(f"network.rules[{host}]: {name} cannot be set by a rule (the proxy owns it)")
+            if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE or not _VISIBLE.match(value):
                 raise _bad(f"network.rules[{host}]: the value of {name} is not a valid header value")
             names |= set(_PLACEHOLDER.findall(value))
             if "${" in _PLACEHOLDER.sub("", value):

@@ -42,6 +42,13 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 FIRST_BYTES_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_HEAD = 16384
+SETUP_TIMEOUT_S = 15.0  # from accept until the request is on its way: a slow sandbox holds nothing longer
+IDLE_TIMEOUT_S = 900.0  # a relayed connection with no byte either way for this long is closed
+MAX_PER_SANDBOX, MAX_CONNECTIONS = 256, 4096
+_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NEVER_METHODS = {"TRACE", "TRACK", "CONNECT"}  # TRACE would echo the secret back into the sandbox
+_OVERRIDES = {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
 DNS_CACHE_MAX_S = 60
 DNS_CACHE_ENTRIES = 4096  # an HTTP request head or a TLS ClientHello larger than this is not looked into
 NEVER = [ipaddress.ip_network(n) for n in (
@@ -99,6 +106,8 @@ class EgressProxy:
         self._resolver.lifetime = 5.0
         self.listen, self.port = listen, port
         self._cache: dict[str, tuple[list[ipaddress.IPv4Address], float]] = {}  # name -> (addresses, until)
+        self._local = _local_addresses()  # the host's own: never dialled for a sandbox, as the firewall says
+        self._open: dict[str, int] = {}  # connections per sandbox address
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -117,22 +126,30 @@ class EgressProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        source = writer.get_extra_info("peername")[0]
+        if self._open.get(source, 0) >= MAX_PER_SANDBOX or len(self._tasks) >= MAX_CONNECTIONS:
+            writer.close()
+            return
         self._tasks.add(task)
+        self._open[source] = self._open.get(source, 0) + 1
         upstream_writer = None
         try:
             sock = writer.get_extra_info("socket")
-            source = writer.get_extra_info("peername")[0]
             destination, port = original_destination(sock)
             policy = self._policy_of(source)
             if policy is None:
                 return
-            head = await _first_bytes(reader, port)
-            name = tls_server_name(head) if port == 443 else http_host(head)
-            target = await self._decide(policy, name, destination, source)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                head = await _first_bytes(reader, port)
+                name = valid_name(tls_server_name(head) if port == 443 else http_host(head))
+                rule = policy.rule_for(name) if name else None
+                if rule is not None:  # the rule's request goes to the name, wherever the sandbox dialled
+                    target = await self._decide_named(policy, name)
+                else:
+                    target = await self._decide(policy, name, destination, source)
             if target is None:
                 log.info("egress of %s to %s (%s:%d) refused by its rules", source, name or "-", destination, port)
                 return
-            rule = policy.rule_for(name) if name else None
             if rule is not None:
                 await self._rewrite(reader, writer, head, port, name, target, rule, source)
                 return
@@ -144,6 +161,9 @@ class EgressProxy:
             log.debug("egress connection ended: %r", exc)
         finally:
             self._tasks.discard(task)
+            self._open[source] -= 1
+            if not self._open[source]:
+                del self._open[source]
             for w in (writer, upstream_writer):
                 if w is not None:
                     w.close()
@@ -171,20 +191,25 @@ class EgressProxy:
 
     async def _rewrite_with(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
                             port: int, name: str, rule: dict, source: str, upstream: asyncio.Future) -> None:
-        if port == 443:
-            client: _Plain | _TLSServer = _TLSServer(reader, writer, self._ca.context_for(name), head)
-            await client.handshake()
-            data = b""
-        else:
-            client, data = _Plain(reader, writer), head
-        while b"\r\n\r\n" not in data:
-            chunk = await asyncio.wait_for(client.read(), FIRST_BYTES_TIMEOUT_S)
-            if not chunk or len(data) > MAX_HEAD:
-                return
-            data += chunk
+        async with asyncio.timeout(SETUP_TIMEOUT_S):  # a sandbox that stalls its handshake holds nothing
+            if port == 443:
+                client: _Plain | _TLSServer = _TLSServer(reader, writer, self._ca.context_for(name), head)
+                await client.handshake()
+                data = b""
+            else:
+                client, data = _Plain(reader, writer), head
+            while b"\r\n\r\n" not in data:
+                chunk = await client.read()
+                if not chunk or len(data) > MAX_HEAD:
+                    return
+                data += chunk
         request, _, rest = data.partition(b"\r\n\r\n")
+        if problem := malformed_head(request):
+            await client.write(_answer(400, f"egress rule for {name}: {problem}"))
+            return
         method, _, target_path = request.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-        path = target_path.rpartition(" ")[0]
+        method = method.upper()
+        path, _, version = target_path.rpartition(" ")
         if refusal := _out_of_scope(rule, name, method, path):
             await client.write(_answer(403, refusal))
             return
@@ -193,7 +218,7 @@ class EgressProxy:
             value = template
             for secret_name in set(SECRET_PLACEHOLDER.findall(template)):
                 secret = await self._secret(source, secret_name) if self._secret is not None else None
-                if secret is None or "\r" in secret or "\n" in secret:
+                if secret is None or not _HEADER_VALUE.match(secret):
                     why = "not found" if secret is None else "not a valid header value"
                     await client.write(_answer(502, f"egress rule for {name}: secret {secret_name!r} {why}"))
                     return
@@ -202,10 +227,13 @@ class EgressProxy:
         # The request goes to `name` and says so: a Host (or an absolute request target) naming another site
         # would let a server or CDN hosting both route the rule's headers, secrets included, to that site.
         origin_form = path if path.startswith("/") else _origin_form(path)
-        request_line = f"{method} {origin_form} {target_path.rpartition(' ')[2]}".encode("latin-1")
+        request_line = f"{method} {origin_form} {version}".encode("latin-1")
         lines = request.split(b"\r\n")
+        dropped = {*values, "host", "connection", "proxy-connection", "keep-alive"}
+        if rule.get("methods") or rule.get("pathPrefixes"):
+            dropped |= _OVERRIDES  # they would make a server treat the request as another one
         kept = [line for line in lines[1:] if line.partition(b":")[0].strip().lower().decode("latin-1")
-                not in {*values, "host", "connection", "proxy-connection", "keep-alive"}]
+                not in dropped]
         rewritten = b"\r\n".join([request_line, f"Host: {name}".encode("latin-1"), *kept,
                                    *(f"{h}: {v}".encode("latin-1") for h, v in values.values()),
                                    b"Connection: close"]) + b"\r\n\r\n"
@@ -213,10 +241,18 @@ class EgressProxy:
         upstream_writer.write(rewritten + rest)
         to_server = asyncio.ensure_future(_pump(client.read, upstream_writer))
         try:
-            while chunk := await upstream_reader.read(65536):
+            while chunk := await asyncio.wait_for(upstream_reader.read(65536), IDLE_TIMEOUT_S):
                 await client.write(chunk)
         finally:
             to_server.cancel()
+
+    async def _decide_named(self, policy: EgressPolicy, name: str) -> ipaddress.IPv4Address | None:
+        """Where a request under a header rule goes: `name` where the proxy resolves it (never where the
+        sandbox dialled), if the rules let the sandbox reach it there."""
+        for address in await self._resolve(name):
+            if not self._forbidden(address) and (policy.domain_allowed(name) or policy.address_allowed(address)):
+                return address
+        return None
 
     async def _decide(self, policy: EgressPolicy, name: str | None, destination: ipaddress.IPv4Address,
                       source: str) -> ipaddress.IPv4Address | None:
@@ -230,7 +266,7 @@ class EgressProxy:
         return destination
 
     def _forbidden(self, address: ipaddress.IPv4Address) -> bool:
-        return any(address in network for network in self._never)
+        return address in self._local or any(address in network for network in self._never)
 
     async def _resolve(self, name: str) -> list[ipaddress.IPv4Address]:
         """The name's addresses, cached for their TTL (at most DNS_CACHE_MAX_S): a sandbox calling an API
@@ -329,28 +365,85 @@ def _origin_form(target: str) -> str:
 
 
 def _out_of_scope(rule: dict, name: str, method: str, path: str) -> str | None:
-    """Why the rule's methods or path prefixes do not allow this request (None: they do)."""
+    """Why the request may not go under this rule (None: it may)."""
+    if method.upper() in _NEVER_METHODS:
+        return f"egress rule for {name}: {method.upper()} is never forwarded with a rule's headers"
     if rule.get("methods") and method.upper() not in rule["methods"]:
         return f"egress rule for {name} allows only {', '.join(rule['methods'])}, not {method}"
     path = path.split("?", 1)[0]
     if path.startswith(("http://", "https://")):  # absolute form
         path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
     prefixes = rule.get("pathPrefixes") or []
-    if prefixes and not any(path.startswith(p) for p in prefixes):
-        return f"egress rule for {name} allows only paths under {', '.join(prefixes)}, not {path}"
+    if prefixes:
+        # What a server might read differently from the proxy is refused rather than interpreted.
+        if _AMBIGUOUS_PATH.search(path):
+            return f"egress rule for {name}: the path {path} has dot segments, encoded separators or backslashes"
+        if not any(path == p or path.startswith(p if p.endswith("/") else p + "/") for p in prefixes):
+            return f"egress rule for {name} allows only paths under {', '.join(prefixes)}, not {path}"
     return None
+
+
+_AMBIGUOUS_PATH = re.compile(r"(^|/)\.\.?(/|$)|%2[eEfF]|%5[cC]|\\")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
+def malformed_head(head: bytes) -> str | None:
+    """Why an HTTP/1 request head cannot be rewritten safely (None: it can). Strict where servers are
+    lenient: a line break other than CRLF, a control character, a folded line, a header name that is
+    not a token, or framing given twice could make a server see a second request the proxy never saw."""
+    if re.search(rb"(?<!\r)\n|\r(?!\n)", head):
+        return "line breaks must be CRLF"
+    if re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b"")):
+        return "control characters in the request head"
+    request_line, *lines = head.split(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return "a malformed request line"
+    lengths = transfer = 0
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            return "folded header lines"
+        name, colon, _ = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            return "a malformed header line"
+        lengths += name.lower() == b"content-length"
+        transfer += name.lower() == b"transfer-encoding"
+    if lengths > 1 or (lengths and transfer) or transfer > 1:
+        return "the body's length given more than once"
+    return None
+
+
+def valid_name(name: str | None) -> str | None:
+    """A DNS name as a host name may be (lower case, LDH labels), else None: whatever else a sandbox puts in
+    its SNI or Host is treated as no name at all."""
+    if not name:
+        return None
+    name = name.rstrip(".").lower()
+    return name if _NAME.match(name) else None
+
+
+def _local_addresses() -> set[ipaddress.IPv4Address]:
+    """The host's own IPv4 addresses."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True, timeout=10).stdout
+        return {ipaddress.IPv4Address(a["local"]) for iface in json.loads(out) for a in iface.get("addr_info", [])}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return set()
 
 
 def _answer(status: int, message: str) -> bytes:
     body = (message + "\n").encode()
-    reason = {403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
+    reason = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
 async def _pump(read: Callable[[], Awaitable[bytes]], writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, ConnectionError):
-        while chunk := await read():
+    with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+        while chunk := await asyncio.wait_for(read(), IDLE_TIMEOUT_S):
             writer.write(chunk)
             await writer.drain()
 
@@ -418,8 +511,8 @@ class _TLSServer:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        while chunk := await reader.read(65536):
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+        while chunk := await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S):
             writer.write(chunk)
             await writer.drain()
     with contextlib.suppress(OSError):

@@ -76,6 +76,10 @@ table inet {table} {{
   set proxied {{ type ipv4_addr; }}
   set egress_allow {{ type ipv4_addr . ipv4_addr; flags interval; }}
   set egress_deny {{ type ipv4_addr . ipv4_addr; flags interval; }}
+  chain antispoof {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname {ifaces} fib saddr . iif oif missing counter drop comment "source not reachable back through its own veth"
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
 {dnat}  }}
@@ -90,6 +94,7 @@ table inet {table} {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    iifname {ifaces} meta nfproto ipv6 counter drop comment "sandboxes have no IPv6"
     iifname {ifaces} ip saddr != @offline ct status dnat ip daddr @resolvers th dport 53 accept
     iifname {ifaces} ip saddr @proxied ct status dnat ip daddr @resolvers th dport 53 accept
     iifname {ifaces} ip daddr {METADATA_ADDRESS} counter drop comment "cloud metadata"

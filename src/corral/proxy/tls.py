@@ -13,9 +13,11 @@ certificate (or a TLS front such as Caddy, docs/network.md)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import ssl
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ CA_DAYS = 3650
 SERVER_DAYS = 397  # what browsers accept for a server certificate
 RENEW_BEFORE = dt.timedelta(days=30)
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+LEAF_CACHE = 512
 
 
 class TLSError(RuntimeError):
@@ -166,12 +169,15 @@ class EgressCA:
     made on first use and kept in memory.
 
         <dir>/egress-ca.pem, egress-ca.key   made at the first start (the key 0600)
-        <dir>/egress-leaves/<name>.pem        a name's certificate and key (0600), remade each start"""
+        <dir>/egress-leaves/<sha256 of name>.pem   a name's certificate and key (0600), remade each start
+
+    The name comes from a sandbox (its SNI, checked as a DNS name by the proxy): it never becomes part of
+    a path, and at most LEAF_CACHE certificates are kept."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.cert, self.key = _ca(directory, prefix="egress-ca", label="Corral egress CA")
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
 
     @property
     def pem(self) -> str:
@@ -181,7 +187,9 @@ class EgressCA:
         """A server context presenting a certificate for `name` signed by this CA (HTTP/1.1 only)."""
         name = name.lower()
         context = self._contexts.get(name)
-        if context is None:
+        if context is not None:
+            self._contexts.move_to_end(name)
+        else:
             key = ec.generate_private_key(ec.SECP256R1())
             now = _now()
             leaf = (x509.CertificateBuilder()
@@ -193,11 +201,14 @@ class EgressCA:
                     .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                     .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                     .sign(self.key, hashes.SHA256()))
-            path = self.directory / "egress-leaves" / f"{name}.pem"
+            path = self.directory / "egress-leaves" / f"{hashlib.sha256(name.encode()).hexdigest()}.pem"
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_private(path, leaf.public_bytes(serialization.Encoding.PEM) + _key_pem(key))
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(path)
             context.set_alpn_protocols(["http/1.1"])
+            path.unlink(missing_ok=True)  # loaded: no need to keep the key on disk
             self._contexts[name] = context
+            while len(self._contexts) > LEAF_CACHE:
+                self._contexts.popitem(last=False)
         return context
