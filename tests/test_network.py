@@ -140,3 +140,15 @@ def test_each_sandbox_has_its_own_network_namespace(harness, runtime, sandbox_fa
     assert a.address != b.address
     ra = harness.run(runtime.exec(a.id, ["cat", "/proc/net/dev"]))
     assert b"eth0" in ra.stdout
+
+
+def test_opening_the_runtime_leaves_no_seal_on_the_sandboxes(runtime, settings):
+    """While the runtime is opened the instance's sandboxes are held by a seal table until their rules are
+    back (network/firewall.py `seal`); once it is open, the seal is gone."""
+    import subprocess
+
+    from corral.network.firewall import table_name
+
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert f"{table_name(settings.instance)}_seal" not in tables
+    assert table_name(settings.instance) in tables

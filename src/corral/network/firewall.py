@@ -159,5 +159,23 @@ def offline_addresses(instance: str) -> set[str]:
     return set()
 
 
+async def seal(instance: str) -> None:
+    """Holds every packet from the instance's sandboxes (a table of its own, so the main table can be
+    replaced under it) while their rules are being put back."""
+    ifaces = f'"cr{instance}h*"'
+    await run(["nft", "-f", "-"], f"""table inet {table_name(instance)}_seal
+delete table inet {table_name(instance)}_seal
+table inet {table_name(instance)}_seal {{
+  chain forward {{ type filter hook forward priority filter - 10; policy accept; iifname {ifaces} drop; }}
+  chain input {{ type filter hook input priority filter - 10; policy accept; iifname {ifaces} drop; }}
+}}
+""")
+
+
+def unseal(instance: str) -> None:
+    run_sync(["nft", "delete", "table", "inet", f"{table_name(instance)}_seal"], check=False)
+
+
 def remove(instance: str) -> None:
     run_sync(["nft", "delete", "table", "inet", table_name(instance)], check=False)
+    unseal(instance)

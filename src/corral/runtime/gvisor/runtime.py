@@ -91,10 +91,16 @@ class GVisorRuntime(Runtime):
         become_subreaper()
         for d in (self.sandboxes_dir, self.settings.runsc_root):
             d.mkdir(parents=True, exist_ok=True)
-        await firewall.install(self.settings.instance, self.settings.sandbox_network,
-                               self.settings.dns_address, upstream_resolvers(), self.settings.service_address,
-                               self.settings.public_urls)
-        await recovery.reconcile(self)
+        # The table is made anew with empty sets; until reconcile has put back the running sandboxes'
+        # offline and egress elements, their traffic is held (else they would have the internet for a moment).
+        await firewall.seal(self.settings.instance)
+        try:
+            await firewall.install(self.settings.instance, self.settings.sandbox_network,
+                                   self.settings.dns_address, upstream_resolvers(), self.settings.service_address,
+                                   self.settings.public_urls)
+            await recovery.reconcile(self)
+        finally:
+            firewall.unseal(self.settings.instance)
 
     async def close(self) -> None:
         for container in self.table:
