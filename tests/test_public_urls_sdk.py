@@ -33,48 +33,6 @@ from tests.helpers.server import CLI, ServerProcess
 INSTANCE, NETWORK = "t7", "10.219.0.0/22"
 DOMAIN = "corral-t7.localhost"
 
-# A WebSocket echo server in the sandbox with nothing but Python's standard library (RFC 6455: the
-# handshake, then unmasked copies of each masked text frame the client sends).
-WS_ECHO = r'''
-import base64, hashlib, socket, struct
-
-def exactly(conn, n):
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-srv = socket.create_server(("0.0.0.0", 8765))
-while True:
-    conn, _ = srv.accept()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += conn.recv(4096)
-    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
-    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-    try:
-        while True:
-            b1, b2 = exactly(conn, 2)
-            n = b2 & 127
-            if n == 126:
-                n = struct.unpack(">H", exactly(conn, 2))[0]
-            mask = exactly(conn, 4)
-            data = bytes(c ^ mask[i % 4] for i, c in enumerate(exactly(conn, n)))
-            if b1 & 15 == 8:
-                conn.sendall(b"\x88\x00")
-                break
-            size = bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n)
-            conn.sendall(b"\x81" + size + data)
-    except Exception:
-        pass
-    conn.close()
-'''
-
 SDK_ONLY_DOMAIN = r'''
 import json
 from e2b import Sandbox
@@ -207,8 +165,9 @@ def test_create_answers_name_the_public_domain(server, key):
 
 
 def test_websocket_echo_through_the_public_url(sandbox, tls_dir):
-    sandbox.files.write("/home/user/ws_echo.py", WS_ECHO)
-    sandbox.commands.run("python3 /home/user/ws_echo.py", background=True)
+    # The echo server tests/test_platform_sdk.py uses, standard library only.
+    sandbox.files.write("/home/user/ws_echo.py", (Path(__file__).parent / "helpers" / "ws_echo.py").read_text())
+    sandbox.commands.run("python3 /home/user/ws_echo.py 8765", background=True)
     context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
     url = f"wss://{sandbox.get_host(8765)}/echo"
     deadline = time.monotonic() + 15
