@@ -53,6 +53,10 @@ class Settings:
 
     # Memory a restore must leave available to the host; a restore that would eat into it is refused (507).
     memory_reserve_mb: int = field(default_factory=lambda: int(os.environ.get("CORRAL_MEMORY_RESERVE_MB", "512")))
+    # Registries `from_image` may reach over plain HTTP or unverified TLS (templates/images.py): host[:port]
+    # patterns with shell wildcards, e.g. "registry.internal:5000,127.0.0.1:*". None by default.
+    insecure_registries: tuple[str, ...] = field(default_factory=lambda: tuple(
+        r.strip() for r in os.environ.get("CORRAL_INSECURE_REGISTRIES", "").split(",") if r.strip()))
 
     @property
     def runsc_root(self) -> Path:
