@@ -172,6 +172,36 @@ class Registry:
             run(*argv, f"oci:{image}", f"docker://{self.reference(name)}")
             return PushedImage(self.reference(name), digest_file.read_text().strip())
 
+    def push_index(self, name: str, platforms: dict[str, PushedImage]) -> PushedImage:
+        """Pushes an OCI image index (a multi-platform image) whose entries are images already pushed here,
+        e.g. {"linux/amd64": a, "linux/arm64": b}."""
+        import hashlib
+
+        with tempfile.TemporaryDirectory(prefix="corral-push-", dir=self.root) as work:
+            layout = Path(work) / "layout"
+            entries = []
+            for i, (platform, image) in enumerate(platforms.items()):
+                subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{image.by_digest}",
+                                f"oci:{layout}:p{i}"], check=True, capture_output=True, timeout=600)
+                os_, _, architecture = platform.partition("/")
+                manifest = next(m for m in json.loads((layout / "index.json").read_text())["manifests"]
+                                if m["annotations"]["org.opencontainers.image.ref.name"] == f"p{i}")
+                entries.append({"mediaType": manifest["mediaType"], "digest": manifest["digest"],
+                                "size": manifest["size"], "platform": {"os": os_, "architecture": architecture}})
+            index_bytes = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                      "manifests": entries}).encode()
+            digest = hashlib.sha256(index_bytes).hexdigest()
+            (layout / "blobs" / "sha256" / digest).write_bytes(index_bytes)
+            top = json.loads((layout / "index.json").read_text())
+            top["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json",
+                                     "digest": f"sha256:{digest}", "size": len(index_bytes),
+                                     "annotations": {"org.opencontainers.image.ref.name": "index"}})
+            (layout / "index.json").write_text(json.dumps(top))
+            subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", "--dest-no-creds",
+                            f"oci:{layout}:index", f"docker://{self.reference(name)}"],
+                           check=True, capture_output=True, timeout=600)
+            return PushedImage(self.reference(name), f"sha256:{digest}")
+
     def _second_layer(self, layout: Path, added: Path | None, deleted: Sequence[str]) -> None:
         """Appends one layer to layout:img holding `added`'s files and whiteouts for `deleted`: umoci unpacks
         the image into a bundle, the change is made there, and `umoci repack` records the difference."""

@@ -129,7 +129,8 @@ def parse_reference(reference: str) -> ImageReference:
         if not _TAG.fullmatch(tag):
             raise bad(f"tag {tag!r} is not valid (letters, digits, _ . -, at most 128, not starting with . or -)")
     first, slash, remainder = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+    # Docker also takes an uppercase first component for a registry host; here it is a bad repository name.
+    if slash and ("." in first or ":" in first or first == "localhost"):
         domain, path = first, remainder
         if not _DOMAIN.fullmatch(domain):
             raise bad(f"registry {domain!r} is not a host name or address with an optional port")
@@ -246,6 +247,8 @@ class _Skopeo:
         detail = _skopeo_message(stderr)
         ref, registry = str(self.reference), self.reference.domain
         lowered = stderr.lower()
+        if "invalid reference format" in lowered:
+            return ImageError(f"invalid image reference {ref!r}: {detail}")
         if "manifest unknown" in lowered or "name unknown" in lowered or "not found" in lowered:
             return ImageError(f"image {ref} not found in registry {registry} (no such repository or tag)")
         if "unauthorized" in lowered or "authentication required" in lowered or "denied" in lowered:
