@@ -38,8 +38,14 @@ SRC
 fi
 
 say "checking system packages"
+# skopeo and umoci: templates from OCI images in registries (src/corral/templates/images.py).
 packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-certificates util-linux
-          libnss-myhostname"
+          libnss-myhostname skopeo umoci"
+# The test suite's own OCI registry (tests/helpers/registry.py); scripts/test.sh asks for it. Not by
+# default: Debian's docker-registry package enables a registry service on port 5000 when installed.
+if [ "${CORRAL_TEST_TOOLS:-}" = 1 ]; then
+  packages="$packages docker-registry apache2-utils"
+fi
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 command -v runsc >/dev/null 2>&1 || missing="$missing runsc"
@@ -53,6 +59,10 @@ if [ -n "$missing" ]; then
   if [ -n "${plain// /}" ]; then
     say "installing Debian packages:$plain"
     apt-get install -y -q --no-install-recommends $plain
+    if echo "$plain" | grep -qw docker-registry && command -v systemctl >/dev/null 2>&1; then
+      say "stopping the docker-registry service the package started (the tests run their own)"
+      systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
   fi
   if echo "$missing" | grep -qw runsc; then
     say "installing runsc (gVisor) from ${codename}-backports"

@@ -3,5 +3,5 @@
 # against real runsc, network namespaces and nftables. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh
+CORRAL_TEST_TOOLS=1 scripts/install.sh
 exec .venv/bin/python -m pytest "$@"

@@ -235,6 +235,9 @@ def _write_auth_file(path: Path, registry: str, username: str, password: str) ->
 @contextlib.contextmanager
 def running_registry(root: Path, *, users: dict[str, str] | None = None) -> Iterator[Registry]:
     """A started registry storing under `root` (made if missing); stopped on exit."""
+    if missing := tools_missing():
+        raise RuntimeError(f"the test registry needs {', '.join(missing)}: run "
+                           "CORRAL_TEST_TOOLS=1 scripts/install.sh (scripts/test.sh does)")
     root.mkdir(parents=True, exist_ok=True)
     registry = Registry(root, users=users)
     registry.start()

@@ -104,7 +104,8 @@ def check_cgroups() -> Check:
 def check_tools() -> Check:
     # npm: template builds install Node.js itself (and Deno's kernel) from the npm registry with it.
     # ss: destroying a sandbox aborts the host's connections to its address with it.
-    tools = ("debootstrap", "mkfs.ext4", "ip", "ss", "unshare", "chroot", "npm")
+    # skopeo, umoci: templates from OCI images pull and unpack them (templates/images.py).
+    tools = ("debootstrap", "mkfs.ext4", "ip", "ss", "unshare", "chroot", "npm", "skopeo", "umoci")
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
         return Check("tools", False, "missing: " + ", ".join(missing), INSTALL)
