@@ -58,6 +58,21 @@ class Settings:
     insecure_registries: tuple[str, ...] = field(default_factory=lambda: tuple(
         r.strip() for r in os.environ.get("CORRAL_INSECURE_REGISTRIES", "").split(",") if r.strip()))
 
+    # Certificate authorities every template trusts beyond its own bundle, for networks behind a
+    # TLS-intercepting proxy: PEM files, or "host" for the ones this host trusts beyond Debian's bundle
+    # (/usr/local/share/ca-certificates/*.crt), or "none".
+    template_ca: str = field(default_factory=lambda: os.environ.get("CORRAL_TEMPLATE_CA", "host"))
+
+    def template_ca_pem(self) -> str:
+        """The PEM text of `template_ca`."""
+        if self.template_ca in ("", "none"):
+            return ""
+        if self.template_ca == "host":
+            files = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
+        else:
+            files = [Path(p) for p in self.template_ca.split(",") if p]
+        return "\n".join(f.read_text().strip() for f in files if f.is_file())
+
     @property
     def runsc_root(self) -> Path:
         return self.run_dir / "runsc"
@@ -106,6 +121,9 @@ class PlatformSettings:
     # Frozen sandboxes run for a second this often, so their timers still fire (late by up to this).
     idle_breathe_every_s: float = field(
         default_factory=lambda: float(os.environ.get("CORRAL_IDLE_BREATHE_S", "10")))
+    # Template builds (docs/templates.md): at most this many run at once, the rest wait ("waiting").
+    max_concurrent_builds: int = field(default_factory=lambda: _env_int("CORRAL_MAX_BUILDS", 2))
+    build_timeout_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_BUILD_TIMEOUT_S", "3600")))
 
     def secrets_key_file(self, settings: Settings) -> Path:
         """The key secrets are sealed with (control/secrets.py): CORRAL_SECRETS_KEY_FILE, else in the data

@@ -15,10 +15,11 @@ from urllib.parse import parse_qsl
 from corral.config import PlatformSettings, Settings
 from corral.control.api import create_api
 from corral.control.db import open_database
-from corral.control.errors import HostPaths
+from corral.control.errors import ApiError, HostPaths
 from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
 from corral.control.secrets import Secrets, load_key
+from corral.control.templates import BaseImage, BuildLimits, Templates
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
@@ -28,9 +29,48 @@ from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
 from corral.proxy.tls import EgressCA
 from corral.runtime.gvisor import GVisorRuntime
+from corral.templates import envd_layer, images
+from corral.templates.builder import Builder
 from corral.templates.store import TemplateStore
 
 log = logging.getLogger("corral.server")
+
+
+def _templates(database, runtime: GVisorRuntime, store: TemplateStore, settings: Settings,
+               platform: PlatformSettings) -> Templates:
+    """Templates users build (control/templates.py), on the builder (templates/builder.py)."""
+    builder = Builder(runtime, settings.cache_dir, dns_address=str(settings.dns_address),
+                      envd_layer=lambda: envd_layer.ensure_envd_layer(settings.cache_dir), extra_ca_pem=store.extra_ca)
+
+    async def pull(reference: str, registry: dict | None, log) -> BaseImage:
+        builtin = images.default_base_image_maps_to_builtin(reference)
+        credentials = None
+        if registry:
+            if registry.get("type", "registry") != "registry":
+                raise ApiError(400, f"registry type {registry.get('type')!r} is not supported (only username "
+                                    "and password registries)")
+            credentials = images.RegistryCredentials(str(registry.get("username") or ""),
+                                                     str(registry.get("password") or ""))
+        try:
+            rootfs = await images.pull_image(reference, credentials=credentials, cache_dir=settings.cache_dir,
+                                             log=log, insecure_registries=settings.insecure_registries)
+            images.check_image_rootfs(rootfs)
+        except images.ImageError as e:
+            if builtin is None:
+                raise ApiError(getattr(e, "status", 400), str(e)) from None
+            # E2B's default base cannot be pulled here: Corral's own `base` stands in for it.
+            log(f"{reference} cannot be used ({e}); using Corral's built-in template {builtin!r} instead")
+            snapshot = runtime.open_snapshot(store.resolve(builtin))
+            layers = tuple(p for p in snapshot.layers
+                           if not (p.name.endswith(".etc") or p.is_relative_to(settings.cache_dir / "envd")))
+            return BaseImage(layers, f"template:{snapshot.path}")
+        return BaseImage((rootfs,), f"image:{rootfs}")
+
+    return Templates(database, runtime, cache_dir=settings.cache_dir, data_dir=settings.data_dir, builder=builder,
+                     builtin=lambda: set(store.recipes), resolve_snapshot=store.resolve,
+                     limits=BuildLimits(max_concurrent=platform.max_concurrent_builds,
+                                        timeout_s=platform.build_timeout_s),
+                     pull_image=pull)
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -67,6 +107,7 @@ class CorralServer:
                                         t.name == name for t in store.list()),
                                     secrets=Secrets(self.database, load_key(platform.secrets_key_file(settings))))
         self.control.public_domain = domain if public else None
+        self.control.templates = _templates(self.database, runtime, store, settings, platform)
         # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).
         self.resolver = None
         if public and domain and settings.service_address is not None:
@@ -154,6 +195,7 @@ class CorralServer:
                     if self.egress_proxy is not None:
                         await self.egress_proxy.start()
                     await self.control.start()
+                    await self.control.templates.start()
                 except Exception as e:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
@@ -162,6 +204,7 @@ class CorralServer:
             elif message["type"] == "lifespan.shutdown":
                 with contextlib.suppress(Exception):
                     await self.proxy.close()
+                await self.control.templates.close()
                 await self.control.close()
                 if self.resolver is not None:
                     await self.resolver.close()

@@ -26,6 +26,7 @@ from corral.control.api_common import (
     sandbox_answer,
 )
 from corral.control.api_secrets import secrets_routes
+from corral.control.api_templates import template_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
@@ -40,7 +41,7 @@ log = logging.getLogger("corral.api")
 
 
 def _listed(row: SandboxRow) -> dict:
-    return dict(templateID=row.template, alias=row.template, sandboxID=row.id, clientID=CLIENT_ID,
+    return dict(templateID=row.template.partition(":")[0], alias=row.template, sandboxID=row.id, clientID=CLIENT_ID,
                 startedAt=iso(row.started_at), endAt=iso(row.end_at), cpuCount=max(1, round(row.vcpus)),
                 memoryMB=row.memory_mb, diskSizeMB=row.disk_mb, metadata=row.sandbox_metadata or {},
                 state=row.state, envdVersion=ENVD_VERSION)
@@ -123,7 +124,10 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
                      "autoPauseMemory": body.autoPauseMemory is not False}
         refuse_iam(body.iam)
         ingress, egress = ingress_from_create(body.network), egress_from(body.network)
-        row = await plane.sandboxes.create(key.id, body.templateID, timeout=body.timeout,
+        template = body.templateID
+        if plane.templates is not None:
+            template = await plane.templates.runtime_key(key.id, template) or template
+        row = await plane.sandboxes.create(key.id, template, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle,
                                            ingress=ingress, egress=egress)
@@ -246,6 +250,8 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
                                       memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)
                 for r in rows]
 
+    # Before branching's `DELETE /templates/{id:path}`, which would take `DELETE /templates/tags`.
+    app.include_router(template_routes(lambda: plane.templates))
     app.include_router(branching_routes(plane, paths))
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     return app

@@ -63,6 +63,9 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
 
     @router.delete("/templates/{snapshot_id:path}", status_code=204, responses=_CONFLICT, tags=["snapshots"])
     async def delete_snapshot(snapshot_id: str, key: Key) -> Response:
+        # The SDK deletes templates and snapshots alike here (`delete_snapshot`); templates first.
+        if plane.templates is not None and await plane.templates.delete(key.id, snapshot_id, plane.template_in_use):
+            return Response(status_code=204)
         await plane.tree.delete(key.id, snapshot_id)
         return Response(status_code=204)
 

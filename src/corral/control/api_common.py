@@ -31,7 +31,8 @@ def iso(ts: float) -> str:
 
 def sandbox_answer(row: SandboxRow, domain: str | None = None) -> schemas.Sandbox:
     """`domain`: where the SDK reaches the sandbox (`https://<port>-<id>.<domain>`) when it was not told."""
-    return schemas.Sandbox(templateID=row.template, sandboxID=row.id, alias=row.template, clientID=CLIENT_ID,
+    return schemas.Sandbox(templateID=row.template.partition(":")[0], sandboxID=row.id, alias=row.template,
+                           clientID=CLIENT_ID,
                            envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token, domain=domain,
                            trafficAccessToken=(row.ingress or {}).get("trafficToken"))
 

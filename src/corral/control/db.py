@@ -79,6 +79,8 @@ class SandboxRow(Base):
     ingress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # Its egress rules by address (control/network.py `Egress.to_record`).
     egress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Volumes mounted in it: [{"id", "name", "path"}] (control/volumes.py).
+    volume_mounts: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
 
 class CheckpointRow(Base):
@@ -105,6 +107,8 @@ class CheckpointRow(Base):
     created_at: Mapped[float] = mapped_column(Float, index=True)
     # False while its files are being written: not listed, not restorable.
     ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The volumes its sandbox had mounted; sandboxes started from it mount them again.
+    volume_mounts: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
 
 class SecretRow(Base):
@@ -121,6 +125,64 @@ class SecretRow(Base):
     secret_metadata: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class TemplateRow(Base):
+    """A template users build (control/templates.py); the built-in ones have no row."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("key_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))  # `[namespace/]name`, without a tag
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class TemplateBuildRow(Base):
+    __tablename__ = "template_builds"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID: the SDK parses it as one
+    template_id: Mapped[str] = mapped_column(ForeignKey("templates.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="waiting")  # waiting building ready error
+    reason: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {message, step} when it failed
+    # The trigger body without registry credentials (they are never stored).
+    spec: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)  # tags to point at it when it is ready
+    cpu_count: Mapped[int] = mapped_column(Integer, default=2)
+    memory_mb: Mapped[int] = mapped_column(Integer, default=512)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class TemplateTagRow(Base):
+    __tablename__ = "template_tags"
+    __table_args__ = (UniqueConstraint("template_id", "tag"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    template_id: Mapped[str] = mapped_column(ForeignKey("templates.id"), index=True)
+    tag: Mapped[str] = mapped_column(String(128))
+    build_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class VolumeRow(Base):
+    """A volume (control/volumes.py): its token sealed with the installation's key and kept as a digest
+    to look it up, never stored plain."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("key_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    size_mb: Mapped[int] = mapped_column(Integer)
+    token_digest: Mapped[str] = mapped_column(String(64))
+    token_sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class MetricRow(Base):
@@ -216,4 +278,5 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["ApiKeyRow", "CheckpointRow", "Database", "Engine", "MetricRow", "SandboxRow", "open_database"]
+__all__ = ["ApiKeyRow", "CheckpointRow", "Database", "Engine", "MetricRow", "SandboxRow", "VolumeRow",
+           "open_database"]

@@ -11,20 +11,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import select
+
 from corral.config import PlatformSettings
 from corral.control.branching import Branching
-from corral.control.db import Database
+from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.recovery import recover
 from corral.control.sandboxes import Sandboxes
 from corral.control.secrets import Secrets
+from corral.control.templates import Templates
 from corral.control.tree import CheckpointTree
+from corral.control.volumes import Volumes
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
 
 
 class ControlPlane:
     def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
-                 checkpoint_dir: Path, is_template: Callable[[str], bool], secrets: Secrets | None = None) -> None:
+                 checkpoint_dir: Path, is_template: Callable[[str], bool], secrets: Secrets | None = None,
+                 volumes: Volumes | None = None) -> None:
         self._db = database
         self.orchestrator = orchestrator
         self.sandboxes = Sandboxes(database, orchestrator, settings)
@@ -34,8 +39,23 @@ class ControlPlane:
         # The domain sandboxes are served under over HTTPS (`<port>-<id>.<domain>`), named in answers.
         self.public_domain: str | None = None
         self.secrets = secrets
+        self.volumes = self.sandboxes.volumes = volumes
+        # Templates users build (control/templates.py); None on a server that builds none.
+        self.templates: Templates | None = None
+
+    async def template_in_use(self, template_id: str) -> bool:
+        """Whether a sandbox (running or paused) or a checkpoint stands on a build of the template."""
+        def read(session) -> bool:
+            for model in (SandboxRow, CheckpointRow):
+                if session.scalar(select(model.id).where(
+                        (model.template == template_id) | model.template.startswith(f"{template_id}:"))):
+                    return True
+            return False
+        return await self._db.read(read)
 
     async def start(self) -> None:
+        if self.volumes is not None:  # mounted before the sandboxes that use them are adopted or resumed
+            await self.volumes.open()
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
         self.sandboxes.start_sampling()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,16 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A volume a sandbox mounts: the host directory `source` (the volume's root), which envd mounts at
+    `path` inside the sandbox; `id` names it among the sandbox's volumes."""
+
+    id: str
+    source: str
+    path: str
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     """What a caller asks for when starting a sandbox."""
 
@@ -94,6 +105,8 @@ class SandboxConfig:
     # Header rules (host pattern -> header -> template) the egress proxy applies; they grant nothing.
     egress_rules: dict[str, dict[str, str]] = field(default_factory=dict)
     hostname: str | None = None
+    # Volumes to mount (docs/volumes.md); the runtime makes each one's `source` visible to the sandbox.
+    volumes: tuple[VolumeMount, ...] = ()
     # Started ahead of demand (a warm pool): its CPU, the start included, yields to every other sandbox
     # until `raise_priority`, so refilling a pool does not slow the sandboxes users just got.
     low_priority: bool = False
@@ -141,6 +154,12 @@ class Snapshot(abc.ABC):
     @abc.abstractmethod
     def stands_on(self) -> frozenset[Path]:
         """Other snapshot directories and template files it needs: they must outlive it."""
+
+    @property
+    @abc.abstractmethod
+    def layers(self):
+        """The read-only filesystem layers (top first) a container started from it mounts; a template build
+        stacks its steps' layers on them (templates/builder.py)."""
 
     @property
     @abc.abstractmethod
@@ -285,8 +304,10 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
-        """Runs a command inside the sandbox out of band (not through envd)."""
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60,
+                   on_output: Callable[[str, str], None] | None = None) -> ExecResult:
+        """Runs a command inside the sandbox out of band (not through envd). With `on_output`, each line of
+        output goes there as `(stream name, line)` while it runs, and the result holds no output."""
 
     @abc.abstractmethod
     def raise_priority(self, sandbox_id: str) -> None:
@@ -322,6 +343,11 @@ class Runtime(abc.ABC):
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
                                domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
         """Replaces the sandbox's egress rules (see SandboxConfig); from its next connection."""
+
+    async def attach_volumes(self, sandbox_id: str, volumes: tuple[VolumeMount, ...]) -> None:
+        """Makes volumes visible to a running sandbox (one started without them, e.g. from a warm pool), for
+        envd to mount; a start mounts `SandboxConfig.volumes` itself."""
+        raise InvalidRequest(f"the {self.name} runtime cannot mount volumes")
 
     def sandbox_at(self, address: str) -> Sandbox | None:
         """The live sandbox with this address (the egress proxy asks whose connection it holds)."""

@@ -432,7 +432,8 @@ class FakeRuntime(Injectable, Runtime):
         return self.table.live(sandbox_id).address, port
 
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60,
+                   on_output=None) -> ExecResult:
         c = self.table.live(sandbox_id)
         c.frozen = False
         c.operations += 1
@@ -471,6 +472,10 @@ class FakeRuntime(Injectable, Runtime):
         c = self.table.live(sandbox_id)
         c.config = replace(c.config, internet=enabled)
 
+    async def attach_volumes(self, sandbox_id: str, volumes) -> None:
+        c = self.table.live(sandbox_id)
+        c.config = replace(c.config, volumes=(*c.config.volumes, *volumes))
+
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
                                domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
         c = self.table.live(sandbox_id)
@@ -501,6 +506,7 @@ class FakeEnvd(Injectable):
         super().__init__()
         self._runtime = runtime
         self.tokens: dict[str, str] = {}  # address -> the token its last /init handed over
+        self.volumes: dict[str, list[dict]] = {}  # address -> the volume mounts its last /init handed over
 
     async def _answer(self, operation: str, address: str) -> None:
         async with self.operation(operation):
@@ -527,9 +533,10 @@ class FakeEnvd(Injectable):
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
                    hostname: str | None = None, current_token: str | None = None,
-                   trusted_certificates: str | None = None) -> None:
+                   trusted_certificates: str | None = None, volumes: tuple = ()) -> None:
         await self._answer("init", address)
         self.tokens[address] = token
+        self.volumes[address] = [{"id": v.id, "path": v.path} for v in volumes]
 
     async def metrics(self, address: str, token: str) -> dict:
         await self._answer("metrics", address)

@@ -17,7 +17,9 @@ interrupted build never leaves anything that looks usable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,8 +30,11 @@ from corral.network.connections import port_accepts
 from corral.runtime.base import Runtime, SandboxConfig, TemplateNotFound
 from corral.storage.disk import tree_size
 from corral.templates import envd_layer
+from corral.templates.builder import BUNDLE, write_trust
 from corral.templates.builtin import BUILTIN
 from corral.templates.recipe import Recipe
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 
 class BuildProgress:
@@ -66,12 +71,18 @@ class TemplateStore:
         self.settings = settings
         self.recipes = dict(BUILTIN if recipes is None else recipes)
         self.root = settings.cache_dir
+        # Certificates every template trusts beyond its bundle (Settings.template_ca).
+        self.extra_ca = settings.template_ca_pem()
 
     # ---------------------------------------------------------------- lookup
 
     def resolve(self, name: str) -> Path:
-        """The snapshot directory sandboxes of template `name` are restored from."""
-        current = self.root / "templates" / name / "current"
+        """The snapshot directory sandboxes of template `name` are restored from: `<name>` is its `current`
+        build, `<name>:<tag>` a tagged one (templates users build, control/templates.py)."""
+        name, _, tag = name.partition(":")
+        if not _NAME.match(name) or (tag and not _NAME.match(tag)):
+            raise TemplateNotFound(f"template {name!r} not found")
+        current = self.root / "templates" / name / ("current" if tag in ("", "default") else f"tag-{tag}")
         if not current.exists():
             known = ", ".join(sorted(self.recipes)) or "none"
             raise TemplateNotFound(f"template {name!r} is not built (built-in recipes: {known}; "
@@ -99,7 +110,11 @@ class TemplateStore:
         return recipe.snapshot_key(self.environment(await runtime.snapshot_compat()))
 
     def environment(self, runtime_compat: str) -> dict:
-        return {"runtime": runtime_compat, "dns": str(self.settings.dns_address), "envd": envd_layer.layer_key()}
+        environment = {"runtime": runtime_compat, "dns": str(self.settings.dns_address),
+                       "envd": envd_layer.layer_key()}
+        if self.extra_ca:
+            environment["ca"] = hashlib.sha256(self.extra_ca.encode()).hexdigest()[:16]
+        return environment
 
     # ---------------------------------------------------------------- build
 
@@ -178,6 +193,9 @@ class TemplateStore:
         shutil.rmtree(etc_layer, ignore_errors=True)
         (etc_layer / "etc").mkdir(parents=True)
         (etc_layer / "etc" / "resolv.conf").write_text(f"nameserver {self.settings.dns_address}\n")
+        if self.extra_ca:
+            bundle = rootfs / BUNDLE
+            write_trust(etc_layer, bundle.read_text() if bundle.is_file() else "", self.extra_ca)
         progress.step("envd", "the envd layer")
         envd = await envd_layer.ensure_envd_layer(self.root)
         progress.step("boot", " ".join(recipe.start_command)[:80])

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
 
 
 async def exec_in(rt: GVisorRuntime, c: Container, argv: list[str], *, env: dict[str, str] | None,
-                  cwd: str | None, user: str | None, timeout: float) -> ExecResult:
+                  cwd: str | None, user: str | None, timeout: float, on_output=None) -> ExecResult:
     await rt._settle(c)
     uid, gid = oci.parse_user(user)
     process = c.dir / f"exec-{secrets.token_hex(6)}.json"
     process.write_text(json.dumps(oci.exec_process(argv, env=env or {}, cwd=cwd or "/", uid=uid, gid=gid)))
     try:
         with rt._awake(c):
-            code, out, err = await rt.runsc.exec(c.id, process, timeout=timeout)
+            code, out, err = await rt.runsc.exec(c.id, process, timeout=timeout, on_output=on_output)
     except TimeoutError:
         raise SandboxFailed(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from None
     finally:

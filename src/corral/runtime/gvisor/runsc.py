@@ -15,11 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 # Hides /proc/sys/net from runsc so its "am I in the root netns?" probe gives the right answer.
 _NET_SYSCTL_MASK = 'mount -t tmpfs -o size=4k,mode=555 corral-netmask /proc/sys/net && exec "$0" "$@"'
+
+
+# (stream name, line without its end): where a streaming exec sends its output.
+OutputSink = Callable[[str, str], None]
 
 
 class RunscError(RuntimeError):
@@ -151,9 +156,14 @@ class Runsc:
     async def events_stats(self, cid: str) -> dict:
         return json.loads(await self._run("events", "--stats", cid))
 
-    async def exec(self, cid: str, process: Path, *, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
-        """Runs the process described by an OCI process.json inside the sandbox, out of band."""
-        return await _communicate(self._argv("exec", f"--process={process}", cid), timeout)
+    async def exec(self, cid: str, process: Path, *, timeout: float = 60.0,
+                   on_output: OutputSink | None = None) -> tuple[int, bytes, bytes]:
+        """Runs the process described by an OCI process.json inside the sandbox, out of band. With
+        `on_output`, each line of its output goes there as it comes (and not into the result)."""
+        argv = self._argv("exec", f"--process={process}", cid)
+        if on_output is None:
+            return await _communicate(argv, timeout)
+        return await _stream_lines(argv, timeout, on_output)
 
     async def version(self) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -174,6 +184,33 @@ async def _communicate(argv: list[str], timeout: float) -> tuple[int, bytes, byt
         await proc.wait()
         raise
     return proc.returncode or 0, out, err
+
+
+async def _stream_lines(argv: list[str], timeout: float, on_output: OutputSink) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    async def pump(stream: asyncio.StreamReader, name: str) -> None:
+        while True:
+            try:
+                line = await stream.readuntil(b"\n")
+            except asyncio.IncompleteReadError as e:
+                line = e.partial
+            except asyncio.LimitOverrunError as e:  # a line past the reader's limit comes in pieces
+                line = await stream.readexactly(e.consumed)
+            if not line:
+                return
+            on_output(name, line.decode(errors="replace").rstrip("\r\n"))
+
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        await asyncio.wait_for(asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"),
+                                              proc.wait()), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, b"", b""
 
 
 def log_tail(log: Path, lines: int = 4, sep: str = " | ") -> str:
