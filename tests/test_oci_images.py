@@ -307,6 +307,16 @@ def test_rootfs_without_usr_bin_python3_is_refused_naming_it(tmp_path):
     assert caught.value.status == 400 and "/usr/bin/python3" in str(caught.value)
 
 
+def test_rootfs_with_python_only_in_usr_local_is_refused_naming_where_it_is(tmp_path):
+    root = fake_rootfs(tmp_path, python=None)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/python3.11").write_bytes(b"\x7fELF")
+    (root / "usr/local/bin/python3").symlink_to("python3.11")
+    with pytest.raises(ImageError) as caught:
+        check_image_rootfs(root)
+    assert "/usr/bin/python3" in str(caught.value) and "/usr/local/bin/python3" in str(caught.value)
+
+
 def test_rootfs_with_another_python_version_is_refused_naming_it(tmp_path):
     with pytest.raises(ImageError) as caught:
         check_image_rootfs(fake_rootfs(tmp_path, python="python3.12"))

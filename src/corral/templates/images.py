@@ -576,7 +576,9 @@ def check_image_rootfs(rootfs: Path) -> None:
         missing.append("/bin/sh (build steps and start commands run with it)")
     python = _resolve_in(rootfs, "/usr/bin/python3")
     if python is None:
-        missing.append("/usr/bin/python3 (Python 3.11: envd runs with it)")
+        elsewhere = [p for p in ("/usr/local/bin/python3", "/opt/conda/bin/python3") if _exists_in(rootfs, p)]
+        missing.append("/usr/bin/python3 (Python 3.11: envd runs with it)"
+                       + (f"; this image's Python is {elsewhere[0]}, which Corral does not use" if elsewhere else ""))
     else:
         version = _python_version(rootfs, python)
         if version != "3.11":
