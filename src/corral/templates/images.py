@@ -215,9 +215,7 @@ class _Skopeo:
         await self._run(argv, COPY_TIMEOUT_S + 5, log)
 
     async def _run(self, argv: list[str], timeout: float, log: Callable[[str], None] | None = None) -> bytes:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=_skopeo_env(self.workdir))
+        process = await _start(argv, stderr=asyncio.subprocess.PIPE, env=_skopeo_env(self.workdir))
         chunks: list[bytes] = []
 
         async def read_stdout() -> None:
@@ -267,10 +265,20 @@ class _Skopeo:
             return ImageError(f"registry {registry}'s TLS certificate is not trusted ({detail})", 502)
         if "timeout" in lowered or "deadline exceeded" in lowered:
             return ImageError(f"registry {registry} did not answer in time ({detail})", 502)
-        if any(s in lowered for s in ("connection refused", "no such host", "network is unreachable",
-                                      "no route to host", "dial tcp", "connection reset", "eof")):
+        unreachable = ("connection refused", "no such host", "network is unreachable", "no route to host",
+                       "dial tcp", "connection reset")
+        if any(s in lowered for s in unreachable) or re.search(r"\beof\b", lowered):
             return ImageError(f"registry {registry} cannot be reached ({detail})", 502)
         return ImageError(f"pulling {ref} from {registry} failed: {detail}", 502)
+
+
+async def _start(argv: list[str], **kwargs) -> asyncio.subprocess.Process:
+    try:
+        return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, **kwargs)
+    except FileNotFoundError:
+        raise ImageError(f"{argv[0]} is not installed on this server (scripts/install.sh installs it)",
+                         502) from None
 
 
 def _skopeo_message(stderr: str) -> str:
@@ -539,6 +547,8 @@ async def _pull_into(skopeo: _Skopeo, reference: ImageReference, resolved: _Reso
                 "public": skopeo.credentials is None, "config": config, "pulled_at": time.time()}
         _write_json(partial / "image.json", meta)
         os.chmod(partial, 0o755)
+        if target.exists():  # left by something other than a complete pull (those hold image.json)
+            shutil.rmtree(target)
         partial.rename(target)
         log(f"image {reference} ready")
     except BaseException:
@@ -549,8 +559,7 @@ async def _pull_into(skopeo: _Skopeo, reference: ImageReference, resolved: _Reso
 async def _unpack(layout: Path, rootfs: Path) -> None:
     argv = ["umoci", "--log", "error", "raw", "unpack", *(["--rootless"] if os.geteuid() != 0 else []),
             "--image", f"{layout}:image", str(rootfs)]
-    process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    process = await _start(argv, stderr=asyncio.subprocess.STDOUT)
     try:
         output, _ = await asyncio.wait_for(process.communicate(), UNPACK_TIMEOUT_S)
     except BaseException as e:
