@@ -125,6 +125,10 @@ class PlatformSettings:
     max_concurrent_builds: int = field(default_factory=lambda: _env_int("CORRAL_MAX_BUILDS", 2))
     build_timeout_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_BUILD_TIMEOUT_S", "3600")))
 
+    # Volumes (docs/volumes.md): the size a volume gets when its create names none, and the largest allowed.
+    volume_default_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_DEFAULT_MB", 1024))
+    volume_max_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_MAX_MB", 100 * 1024))
+
     def secrets_key_file(self, settings: Settings) -> Path:
         """The key secrets are sealed with (control/secrets.py): CORRAL_SECRETS_KEY_FILE, else in the data
         directory."""

@@ -20,6 +20,7 @@ from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
 from corral.control.secrets import Secrets, load_key
 from corral.control.templates import BaseImage, BuildLimits, Templates
+from corral.control.volumes import Volumes
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
@@ -29,6 +30,7 @@ from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
 from corral.proxy.tls import EgressCA
 from corral.runtime.gvisor import GVisorRuntime
+from corral.storage.volumes import VolumeStore
 from corral.templates import envd_layer, images
 from corral.templates.builder import Builder
 from corral.templates.store import TemplateStore
@@ -105,7 +107,11 @@ class CorralServer:
                                     checkpoint_dir=settings.data_dir / "checkpoints",
                                     is_template=lambda name: name in store.recipes or any(
                                         t.name == name for t in store.list()),
-                                    secrets=Secrets(self.database, load_key(platform.secrets_key_file(settings))))
+                                    secrets=Secrets(self.database, load_key(platform.secrets_key_file(settings))),
+                                    volumes=Volumes(self.database, VolumeStore(settings.data_dir / "volumes"),
+                                                    load_key(platform.secrets_key_file(settings)),
+                                                    default_mb=platform.volume_default_mb,
+                                                    max_mb=platform.volume_max_mb))
         self.control.public_domain = domain if public else None
         self.control.templates = _templates(self.database, runtime, store, settings, platform)
         # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).

@@ -105,6 +105,7 @@ class ServerProcess:
 
         from corral.config import Settings
         from corral.runtime.gvisor import GVisorRuntime
+        from corral.storage.disk import mounts_under
 
         settings = Settings(data_dir=Path(self.env["CORRAL_DATA_DIR"]), run_dir=Path(self.env["CORRAL_RUN_DIR"]),
                             sandbox_network=ipaddress.IPv4Network(self.env["CORRAL_SANDBOX_NETWORK"]),
@@ -116,6 +117,10 @@ class ServerProcess:
             await runtime.destroy_all()
 
         asyncio.run(run())
+        # Volumes stay mounted when the server stops (a restarted server finds them): unmount them before
+        # their directory is removed.
+        for mountpoint in mounts_under(settings.data_dir):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
         if keep_log is not None and self.log.exists():
             shutil.copy(self.log, keep_log)
         shutil.rmtree(self.log.parent, ignore_errors=True)

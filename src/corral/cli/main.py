@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral import __version__
-from corral.cli import remote
+from corral.cli import remote, volume
 from corral.cli.build_progress import BuildDisplay
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime, start_template
@@ -39,6 +39,11 @@ for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_cre
                         ("snapshot", sandbox_snapshot), ("fork", sandbox_fork)):
     sandbox_app.command(_name)(_command)
 sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})(remote.sandbox_exec)
+volume_app = typer.Typer(no_args_is_help=True, help="Volumes: named storage of a fixed size that outlives "
+                                                    "sandboxes (create, ls, rm).")
+app.add_typer(volume_app, name="volume")
+for _name, _command in (("create", volume.volume_create), ("ls", volume.volume_ls), ("rm", volume.volume_rm)):
+    volume_app.command(_name)(_command)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -27,6 +27,7 @@ from corral.control.api_common import (
 )
 from corral.control.api_secrets import secrets_routes
 from corral.control.api_templates import template_routes
+from corral.control.api_volumes import volume_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys
@@ -44,7 +45,9 @@ def _listed(row: SandboxRow) -> dict:
     return dict(templateID=row.template.partition(":")[0], alias=row.template, sandboxID=row.id, clientID=CLIENT_ID,
                 startedAt=iso(row.started_at), endAt=iso(row.end_at), cpuCount=max(1, round(row.vcpus)),
                 memoryMB=row.memory_mb, diskSizeMB=row.disk_mb, metadata=row.sandbox_metadata or {},
-                state=row.state, envdVersion=ENVD_VERSION)
+                state=row.state, envdVersion=ENVD_VERSION,
+                volumeMounts=[{"name": m["name"], "path": m["path"]} for m in row.volume_mounts]
+                if row.volume_mounts else None)
 
 
 def _detail(row: SandboxRow, domain: str | None) -> schemas.SandboxDetail:
@@ -130,7 +133,8 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         row = await plane.sandboxes.create(key.id, template, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle,
-                                           ingress=ingress, egress=egress)
+                                           ingress=ingress, egress=egress,
+                                           volume_mounts=[m.model_dump() for m in body.volumeMounts or ()])
         return sandbox_answer(row, plane.public_domain)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
@@ -254,4 +258,5 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app.include_router(template_routes(lambda: plane.templates))
     app.include_router(branching_routes(plane, paths))
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
+    app.include_router(volume_routes(lambda: getattr(plane, "volumes", None), lambda: plane.public_domain))
     return app

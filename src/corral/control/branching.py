@@ -90,11 +90,12 @@ class Branching:
             node_id = row.paused_node
             node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
             with self._tree.reading(node_id):
-                _, sandbox = await self._orchestrator.start_from(
-                    self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
-                    current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
-                    resources=_resources(row), memory=memory and row.pause_mode == "full",
-                    **_egress_args(row.egress))
+                async with self._sandboxes.attaching(row.volume_mounts) as volumes:
+                    _, sandbox = await self._orchestrator.start_from(
+                        self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
+                        current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
+                        resources=_resources(row), memory=memory and row.pause_mode == "full",
+                        volumes=volumes, **_egress_args(row.egress))
             def resumed(session: Session) -> SandboxRow:
                 stored = session.get(SandboxRow, sandbox_id)
                 stored.state, stored.runtime_id = "running", sandbox.id
@@ -203,24 +204,31 @@ class Branching:
                          lifecycle: dict, internet: bool, template: str, ingress: Ingress,
                          egress: Egress) -> SandboxRow:
         token = secrets.token_urlsafe(24)
-        api_id, sandbox = await self._orchestrator.start_from(
-            self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
-            env_vars=env_vars, internet=internet, resources=_resources(node), **_egress_args(egress.to_record()))
-        row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template, envd_token=token,
-                         sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus, memory_mb=node.memory_mb,
-                         disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle, head=node.id,
-                         ingress=ingress.to_record(), egress=egress.to_record())
-        return await self._sandboxes.register(row, timeout)
+        # A sandbox from a checkpoint mounts the volumes its source had: the same volumes, shared.
+        async with self._sandboxes.attaching(node.volume_mounts) as volumes:
+            api_id, sandbox = await self._orchestrator.start_from(
+                self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
+                env_vars=env_vars, internet=internet, resources=_resources(node), volumes=volumes,
+                **_egress_args(egress.to_record()))
+            row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template,
+                             envd_token=token, sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus,
+                             memory_mb=node.memory_mb, disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle,
+                             head=node.id, ingress=ingress.to_record(), egress=egress.to_record(),
+                             volume_mounts=node.volume_mounts)
+            return await self._sandboxes.register(row, timeout)
 
     # --- CheckpointHooks (for control/sandboxes.py) ----------------------------------------------
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                                  ingress: Ingress | None = None, egress: Egress | None = None
-                                  ) -> SandboxRow | None:
+                                  ingress: Ingress | None = None, egress: Egress | None = None,
+                                  volume_mounts: list[dict] | None = None) -> SandboxRow | None:
         node = await self._tree.find_node(key_id, ref)
         if node is None:
             return None
+        if volume_mounts:
+            raise ApiError(400, f"{ref} is a snapshot: a sandbox started from it mounts the volumes the snapshot "
+                                "was taken with, and volumeMounts cannot be given")
         (result,) = await self.start_from(node, 1, timeout=timeout, metadata=metadata, env_vars=env_vars,
                                           lifecycle=lifecycle, internet=internet, ingress=ingress, egress=egress)
         if isinstance(result, BaseException):

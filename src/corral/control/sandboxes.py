@@ -27,9 +27,10 @@ from corral.config import PlatformSettings
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
 from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
+from corral.control.volumes import Volumes
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
-from corral.runtime.base import Resources
+from corral.runtime.base import Resources, VolumeMount
 
 log = logging.getLogger("corral.sandboxes")
 
@@ -48,9 +49,10 @@ class CheckpointHooks(Protocol):
 
     async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                                  ingress: Ingress | None = None, egress: Egress | None = None
-                                  ) -> SandboxRow | None:
-        """A new sandbox from the snapshot `ref` names; None when it names none (it is a template)."""
+                                  ingress: Ingress | None = None, egress: Egress | None = None,
+                                  volume_mounts: list[dict] | None = None) -> SandboxRow | None:
+        """A new sandbox from the snapshot `ref` names; None when it names none (it is a template).
+        `volume_mounts`: asked for by the create (a snapshot mounts its own; asking for others is refused)."""
 
     async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
         """Pauses a running sandbox (ApiError 409 if it is paused already)."""
@@ -86,6 +88,7 @@ class Sandboxes:
         # Each recorded sandbox's ingress options, read by the proxy on every request: kept from its
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
+        self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
 
     def start_sampling(self) -> None:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
@@ -112,24 +115,46 @@ class Sandboxes:
 
     async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
                      env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                     ingress: Ingress | None = None, egress: Egress | None = None) -> SandboxRow:
+                     ingress: Ingress | None = None, egress: Egress | None = None,
+                     volume_mounts: list[dict] | None = None) -> SandboxRow:
+        """`volume_mounts`: [{"name", "path"}] as the API received them."""
         seconds = self.timeout_for(timeout)
         ingress, egress = ingress or Ingress(), egress or Egress()
+        if volume_mounts and self.volumes is None:
+            raise ApiError(400, "this server keeps no volumes")
+        mounts = await self.volumes.resolve_mounts(key_id, volume_mounts) if volume_mounts else []
         row = await self.checkpoints.start_from_snapshot(key_id, template, timeout=seconds, metadata=metadata,
                                                          env_vars=env_vars, internet=internet, lifecycle=lifecycle,
-                                                         ingress=ingress, egress=egress)
+                                                         ingress=ingress, egress=egress, volume_mounts=mounts)
         if row is not None:
             return row
         token = secrets.token_urlsafe(24)
-        sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet,
-                                                 allow_out=egress.allow, deny_out=egress.deny,
-                                                 allow_domains=egress.domains, header_rules=egress.rules)
-        resources: Resources = sandbox.config.resources
-        row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template, envd_token=token,
-                         sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
-                         memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
-                         lifecycle=lifecycle, ingress=ingress.to_record(), egress=egress.to_record())
-        return await self.register(row, seconds)
+        async with self.attaching(mounts) as volumes:
+            sandbox = await self.orchestrator.create(template, token=token, env_vars=env_vars, internet=internet,
+                                                     allow_out=egress.allow, deny_out=egress.deny,
+                                                     allow_domains=egress.domains, header_rules=egress.rules,
+                                                     volumes=volumes)
+            resources: Resources = sandbox.config.resources
+            row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template,
+                             envd_token=token, sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
+                             memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
+                             lifecycle=lifecycle, ingress=ingress.to_record(), egress=egress.to_record(),
+                             volume_mounts=mounts or None)
+            return await self.register(row, seconds)
+
+    @contextlib.asynccontextmanager
+    async def attaching(self, mounts: list[dict] | None):
+        """Around starting a sandbox that mounts `mounts` (recorded [{"id", "name", "path"}]) until it is
+        registered: yields what the runtime mounts; the volumes cannot be deleted meanwhile (409 if one was
+        deleted already)."""
+        if not mounts:
+            yield ()
+            return
+        if self.volumes is None:
+            raise ApiError(409, "this sandbox mounts volumes but this server keeps no volumes")
+        async with self.volumes.attaching(mounts):
+            runtime_mounts: tuple[VolumeMount, ...] = await self.volumes.runtime_mounts(mounts)
+            yield runtime_mounts
 
     async def register(self, row: SandboxRow, seconds: int) -> SandboxRow:
         """Records a sandbox that is already running (its id live in the orchestrator) and arms its timer;

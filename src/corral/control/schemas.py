@@ -16,6 +16,11 @@ class AutoResume(BaseModel):
     enabled: bool = False
 
 
+class VolumeMountRequest(BaseModel):
+    name: str = Field(description="the volume's name")
+    path: str = Field(description="absolute path in the sandbox it is mounted at")
+
+
 class NewSandbox(BaseModel):
     """`POST /v2/sandboxes` (and legacy `POST /sandboxes`, which adds `secure`)."""
 
@@ -32,6 +37,7 @@ class NewSandbox(BaseModel):
     secure: bool | None = None
     network: dict | None = None
     iam: dict | None = None
+    volumeMounts: list[VolumeMountRequest] | None = Field(default=None, max_length=16)
 
 
 class ConnectSandbox(BaseModel):
@@ -161,6 +167,7 @@ class ListedSandbox(BaseModel):
     metadata: dict[str, str] | None = None
     state: Literal["running", "paused"]
     envdVersion: str
+    volumeMounts: list[VolumeMountRequest] | None = None
 
 
 class SandboxDetail(ListedSandbox):

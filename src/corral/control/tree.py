@@ -130,7 +130,7 @@ class CheckpointTree:
                              sandbox_id=row.id, template=row.template, name=name, node_metadata=metadata or {},
                              env_vars=row.env_vars or {}, envd_token=row.envd_token, memory=memory,
                              vcpus=row.vcpus, memory_mb=row.memory_mb, disk_mb=row.disk_mb, internet=row.internet,
-                             created_at=time.time(), ready=False)
+                             created_at=time.time(), ready=False, volume_mounts=row.volume_mounts)
         await self._db.write(lambda session: session.add(node))
         return node
 

@@ -27,6 +27,7 @@ from corral.envd.rpc import FILESYSTEM_METHODS, PROCESS_METHODS, ServiceApplicat
 from corral.envd.state import SandboxState
 from corral.envd.sudo import SudoService
 from corral.envd.users import UnknownUser, lookup
+from corral.envd.volumes import VolumeMountError, mount_volumes
 
 log = logging.getLogger("corral.envd")
 
@@ -137,6 +138,11 @@ class EnvdApp:
                 log.warning("cannot set the hostname: %s", e)
         if trusted:
             _trust(trusted)
+        if body.get("volumeMounts"):
+            try:
+                mount_volumes(body["volumeMounts"])
+            except VolumeMountError as e:
+                return JSONResponse({"code": 400, "message": str(e)}, status_code=400)
         if isinstance(body.get("timestamp"), str):
             _note_clock(body["timestamp"])
         return Response(status_code=204)

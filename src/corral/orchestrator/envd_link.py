@@ -13,6 +13,7 @@ import httpx
 
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.connections import port_accepts
+from corral.runtime.base import VolumeMount
 
 
 class EnvdUnavailable(Exception):
@@ -77,9 +78,12 @@ class EnvdLink:
 
     async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
                    hostname: str | None = None, current_token: str | None = None,
-                   trusted_certificates: str | None = None) -> None:
+                   trusted_certificates: str | None = None, volumes: tuple[VolumeMount, ...] = ()) -> None:
+        """`volumes`: made visible to the sandbox by the runtime; envd mounts each at its path."""
         body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,
                 "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+        if volumes:
+            body["volumeMounts"] = [{"id": v.id, "path": v.path} for v in volumes]
         if hostname:
             body["hostname"] = hostname
         if trusted_certificates:

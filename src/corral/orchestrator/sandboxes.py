@@ -23,6 +23,7 @@ from corral.runtime.base import (
     SandboxConfig,
     SandboxNotFound,
     Snapshot,
+    VolumeMount,
 )
 
 log = logging.getLogger("corral.orchestrator")
@@ -139,13 +140,14 @@ class Orchestrator:
 
     async def create(self, template: str, *, token: str, env_vars: dict[str, str], internet: bool,
                      allow_out: tuple[str, ...] = (), deny_out: tuple[str, ...] = (),
-                     allow_domains: tuple[str, ...] = (), header_rules: dict | None = None) -> Sandbox:
+                     allow_domains: tuple[str, ...] = (), header_rules: dict | None = None,
+                     volumes: tuple[VolumeMount, ...] = ()) -> Sandbox:
         ready = self.capacity.claim_ready(template)
         if ready is not None:
             try:
                 return await self._hand_over(ready, token, env_vars, started=False, internet=internet,
                                              allow_out=allow_out, deny_out=deny_out, allow_domains=allow_domains,
-                                             header_rules=header_rules)
+                                             header_rules=header_rules, volumes=volumes)
             except EnvdUnavailable as exc:
                 # It can have died while it waited in stock (still live to the runtime, its envd gone): the
                 # create then takes the ordinary way.
@@ -153,15 +155,15 @@ class Orchestrator:
                             template, exc)
         snapshot = self.template_snapshot(template)
         config = SandboxConfig(internet=internet, egress_allow=allow_out, egress_deny=deny_out,
-                               egress_domains=allow_domains, egress_rules=header_rules or {})
+                               egress_domains=allow_domains, egress_rules=header_rules or {}, volumes=volumes)
         sandbox = await self.capacity.start(snapshot, config, stock=True)
         return await self._hand_over(sandbox, token, env_vars, started=True, booted=not snapshot.has_memory,
-                                     internet=internet, header_rules=header_rules)
+                                     internet=internet, header_rules=header_rules, volumes=volumes)
 
     async def _hand_over(self, sandbox: Sandbox, token: str, env_vars: dict[str, str], *, started: bool,
                          internet: bool, booted: bool = False, allow_out: tuple[str, ...] = (),
                          deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = (),
-                         header_rules: dict | None = None) -> Sandbox:
+                         header_rules: dict | None = None, volumes: tuple[VolumeMount, ...] = ()) -> Sandbox:
         """Hands `sandbox` its identity through envd's /init and makes it live; it is destroyed if that fails.
         `started`: just started for this create, not claimed ready; `booted`: cold-booted, so envd may not be
         up yet. Restored from memory, envd is the process that answered before the checkpoint: /init goes
@@ -175,9 +177,11 @@ class Orchestrator:
                 if allow_out or deny_out or allow_domains or header_rules:
                     await self.runtime.set_egress_rules(sandbox.id, allow_out, deny_out, allow_domains,
                                                         header_rules or {})
+                if volumes:
+                    await self.runtime.attach_volumes(sandbox.id, volumes)
             await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                  workdir=DEFAULT_WORKDIR, hostname=sandbox.id,
-                                 trusted_certificates=self._certificates_for(header_rules))
+                                 trusted_certificates=self._certificates_for(header_rules), volumes=volumes)
         except BaseException:
             with contextlib.suppress(RuntimeError_):
                 await self.runtime.destroy(sandbox.id)
@@ -307,13 +311,14 @@ class Orchestrator:
                          env_vars: dict[str, str], internet: bool, resources: Resources,
                          memory: bool = True, allow_out: tuple[str, ...] = (),
                          deny_out: tuple[str, ...] = (), allow_domains: tuple[str, ...] = (),
-                         header_rules: dict | None = None) -> tuple[str, Sandbox]:
+                         header_rules: dict | None = None,
+                         volumes: tuple[VolumeMount, ...] = ()) -> tuple[str, Sandbox]:
         """A running sandbox from a snapshot: the paused sandbox `sandbox_id` itself (resume), or a new one
         (sandbox_id None: fork or start from a snapshot) with its own id and envd token. Returns the API id
         and the runtime's sandbox."""
         config = SandboxConfig(resources=resources, internet=internet, hostname=sandbox_id,
                                egress_allow=allow_out, egress_deny=deny_out, egress_domains=allow_domains,
-                               egress_rules=header_rules or {})
+                               egress_rules=header_rules or {}, volumes=volumes)
         started = time.perf_counter()
         await self.capacity.settled(snapshot)
         settled = time.perf_counter()
@@ -332,7 +337,7 @@ class Orchestrator:
                 await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
                                      workdir=DEFAULT_WORKDIR, hostname=api_id,
                                      current_token=None if cold else current_token,
-                                     trusted_certificates=self._certificates_for(header_rules))
+                                     trusted_certificates=self._certificates_for(header_rules), volumes=volumes)
             log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "
                       "%.1f ms later", api_id, snapshot.path.name, (settled - started) * 1000,
                       (restored - settled) * 1000, (time.perf_counter() - restored) * 1000)

@@ -47,6 +47,35 @@ async def create_disk(image: Path, mountpoint: Path, size_mb: int) -> None:
     shutil.rmtree(mountpoint / "lost+found", ignore_errors=True)
 
 
+async def make_image(image: Path, size_mb: int, *, journal: bool) -> None:
+    """A sparse ext4 image of `size_mb` (its size is the quota of what it holds), not mounted."""
+    free = shutil.disk_usage(image.parent).free
+    if size_mb * 1024 * 1024 > free:
+        raise DiskError(f"an image of {size_mb} MB was asked for but only {free // (1024 * 1024)} MB are free")
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    try:
+        await _run("mkfs.ext4", "-q", "-F", *([] if journal else ["-O", "^has_journal"]), "-m", "0",
+                   "-E", "lazy_itable_init=1,nodiscard", str(image))
+    except DiskError:
+        image.unlink(missing_ok=True)
+        raise
+
+
+async def mount_image(image: Path, mountpoint: Path) -> None:
+    """Mounts an image made by `make_image` through a loop device (freed again when it is unmounted)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    await _run("mount", "-o", "loop,noatime", str(image), str(mountpoint))
+
+
+async def bind_mount(source: Path, target: Path, *, shared: bool = False) -> None:
+    """`source` also at `target`; `shared`: mounts made below `target` later reach every copy of it (a
+    mount namespace that bound it, e.g. a gVisor gofer's, sees them)."""
+    await _run("mount", "--bind", str(source), str(target))
+    if shared:
+        await _run("mount", "--make-shared", str(target))
+
+
 async def mount_overlay(target: Path, lowers: list[Path], upper: Path, work: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     lowerdir = ":".join(str(p) for p in lowers)
@@ -69,6 +98,15 @@ def mounts_under(prefix: Path) -> list[Path]:
             if mountpoint.startswith(str(prefix) + "/"):
                 found.append(Path(mountpoint))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> bool:
+    """Removes `path` and everything below it unless something is still mounted below it (a removal would
+    go into that filesystem: a volume's files); False then, and nothing is removed."""
+    if mounts_under(path) or os.path.ismount(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def usage(mountpoint: Path) -> tuple[int, int]:

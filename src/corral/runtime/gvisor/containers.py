@@ -21,6 +21,7 @@ from corral.runtime.base import (
     SandboxFailed,
     Snapshot,
     Stats,
+    VolumeMount,
 )
 from corral.runtime.containers import ALLOWED, ContainerTable, IllegalTransition
 
@@ -102,7 +103,8 @@ def config_from_record(data: dict) -> SandboxConfig:
                          egress_allow=tuple(data.get("egress_allow", ())),
                          egress_deny=tuple(data.get("egress_deny", ())),
                          egress_domains=tuple(data.get("egress_domains", ())),
-                         egress_rules=dict(data.get("egress_rules") or {}))
+                         egress_rules=dict(data.get("egress_rules") or {}),
+                         volumes=tuple(VolumeMount(**v) for v in data.get("volumes", ())))
 
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits

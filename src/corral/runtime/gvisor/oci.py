@@ -27,12 +27,13 @@ ROOTFS_BIND_DIRS = ("tmp",)
 
 # Bump when the spec changes in a way a checkpoint carries (mounts, for one), or checkpoints gain a field
 # sandboxes restored from them need (3: the start command, for filesystem-only checkpoints): snapshots
-# taken before are rebuilt rather than restored.
-SPEC_VERSION = 3
+# taken before are rebuilt rather than restored. 4: the volumes directory (runtime/gvisor/volumes.py).
+SPEC_VERSION = 4
 
 
 def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, hostname: str,
-               netns: Path, resources: Resources, cgroup_path: str) -> dict:
+               netns: Path, resources: Resources, cgroup_path: str, volumes: dict) -> dict:
+    """`volumes`: the bind mount that brings the sandbox its volumes (gvisor/volumes.py `spec_mount`)."""
     environment = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", **env}
     return {
         "ociVersion": "1.0.2",
@@ -64,6 +65,7 @@ def build_spec(*, rootfs: Path, args: list[str], env: dict[str, str], cwd: str, 
             # memory limit). Keep /tmp on the sandbox's disk, under its quota, like the rest of the root.
             *({"destination": f"/{d}", "type": "bind", "source": str(rootfs / d), "options": ["rbind", "rw"]}
               for d in ROOTFS_BIND_DIRS),
+            volumes,
         ],
         "linux": {
             "namespaces": [

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from corral.runtime.gvisor.cgroups import ROOT as CGROUP_ROOT
 from corral.runtime.gvisor.containers import Container, config_from_record
 from corral.runtime.gvisor.host import kill_and_reap, until_gone
 from corral.runtime.gvisor.runsc import RunscError
-from corral.storage.disk import mounts_under, unmount
+from corral.storage.disk import mounts_under, remove_tree, unmount
 
 if TYPE_CHECKING:
     from corral.runtime.gvisor.runtime import GVisorRuntime
@@ -83,7 +82,7 @@ async def reconcile(rt: GVisorRuntime) -> None:
                 await unmount(mountpoint)
     for entry in list(rt.sandboxes_dir.iterdir()):
         if entry.name not in adopted:
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)
     await _remove_stale_cgroups(rt, adopted)
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -42,14 +42,15 @@ from corral.runtime.base import (
     Snapshot,
     Stats,
     TemplateNotFound,
+    VolumeMount,
 )
-from corral.runtime.gvisor import checkpointing, oci, recovery, running, snapshots
+from corral.runtime.gvisor import checkpointing, oci, recovery, running, snapshots, volumes
 from corral.runtime.gvisor.cgroups import SandboxCgroup
 from corral.runtime.gvisor.containers import Container, ContainerTable, ignore_errors, new_sandbox_id, still
 from corral.runtime.gvisor.host import InstanceLock, all_alive, become_subreaper, check_host_capacity, kill_and_reap
 from corral.runtime.gvisor.runsc import Runsc, RunscError, log_tail
 from corral.runtime.gvisor.snapshots import GVisorSnapshot
-from corral.storage.disk import DiskError, create_disk, mount_overlay, unmount
+from corral.storage.disk import DiskError, create_disk, mount_overlay, remove_tree, unmount
 from corral.storage.layers import LayerNotApplicable, LayerSize, apply_layer, layer_size
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,11 @@ class GVisorRuntime(Runtime):
             await create_slot(c.slot)
             await create_disk(c.disk_image, c.disk, config.resources.disk_mb)
             await mount_overlay(c.rootfs, c.lowers, c.disk / "upper", c.disk / "work")
+            await volumes.prepare(c.dir)
             spec = oci.build_spec(rootfs=c.rootfs, args=command, env=config.env, cwd=cwd,
                                   hostname=config.hostname or sid, netns=c.slot.netns_path,
-                                  resources=config.resources, cgroup_path=f"{self.cgroup_parent}/{sid}")
+                                  resources=config.resources, cgroup_path=f"{self.cgroup_parent}/{sid}",
+                                  volumes=volumes.spec_mount(c.dir))
             oci.write_bundle(c.bundle, spec)
             if container:
                 await self.runsc.create(sid, c.bundle, c.log)
@@ -242,6 +245,7 @@ class GVisorRuntime(Runtime):
                 await asyncio.to_thread(apply_layer, target.layer, c.rootfs, keep=set(oci.ROOTFS_BIND_DIRS))
                 c.command, c.cwd = list(target.command), target.cwd
             c.config = config
+            await volumes.attach(c.dir, config.volumes)  # a restore re-opens the files its checkpoint had open
             self._cgroup(c.id).thaw()  # prepared containers wait frozen
             if config.low_priority:
                 self._cgroup(c.id).set_cpu_weight(True)
@@ -299,7 +303,8 @@ class GVisorRuntime(Runtime):
             await ignore_errors(unmount(c.rootfs))
             await ignore_errors(unmount(c.disk))
             await ignore_errors(destroy_slot(c.slot))
-            shutil.rmtree(c.dir, ignore_errors=True)
+            await ignore_errors(volumes.detach_all(c.dir))
+            remove_tree(c.dir)  # never into a volume still mounted below it
         finally:
             self.slots.release(c.slot)
             self.table.move(c, S.GONE)
@@ -380,6 +385,12 @@ class GVisorRuntime(Runtime):
 
     async def set_internet(self, sandbox_id: str, enabled: bool) -> None:
         await running.set_egress(self, self.table.live(sandbox_id), internet=enabled)
+
+    async def attach_volumes(self, sandbox_id: str, mounts: tuple[VolumeMount, ...]) -> None:
+        c = self.table.live(sandbox_id)
+        await volumes.attach(c.dir, mounts)
+        c.config = dataclasses.replace(c.config, volumes=(*c.config.volumes, *mounts))
+        c.write_record()
 
     async def set_egress_rules(self, sandbox_id: str, allow: tuple[str, ...], deny: tuple[str, ...],
                                domains: tuple[str, ...] = (), rules: dict | None = None) -> None:
