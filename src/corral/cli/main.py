@@ -20,11 +20,14 @@ from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime, start_template
 from corral.cli.serve import keys_app, serve_command
 from corral.cli.tree import sandbox_fork, sandbox_pause, sandbox_resume, sandbox_snapshot, tree_app
+from corral.cli.user_templates import build_from_dockerfile, template_logs, template_ls_server, template_rm
 from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
 from corral.templates.store import TemplateBuildFailed
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-template_app = typer.Typer(no_args_is_help=True, help="Build and list templates.")
+template_app = typer.Typer(no_args_is_help=True, help="Templates: the built-in ones on this host (build NAME, "
+                                                      "ls --local, prune) and your own on the server (build "
+                                                      "--dockerfile, ls, rm, logs).")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes: through the server's API (ls, create, info, "
                                                      "kill, exec, pause, resume, snapshot, fork) or directly on "
                                                      "this host (run).")
@@ -39,6 +42,8 @@ for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_cre
                         ("snapshot", sandbox_snapshot), ("fork", sandbox_fork)):
     sandbox_app.command(_name)(_command)
 sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})(remote.sandbox_exec)
+template_app.command("rm")(template_rm)
+template_app.command("logs")(template_logs)
 volume_app = typer.Typer(no_args_is_help=True, help="Volumes: named storage of a fixed size that outlives "
                                                     "sandboxes (create, ls, rm).")
 app.add_typer(volume_app, name="volume")
@@ -67,9 +72,32 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 @template_app.command("build")
-def template_build(name: str = typer.Argument(..., help="Template to build, e.g. base."),
-                   force: bool = typer.Option(False, help="Rebuild even if a cached build exists.")) -> None:
-    """Build a template's root filesystem and snapshot (cached by a hash of the recipe)."""
+def template_build(
+        name: str = typer.Argument(None, help="Without --dockerfile: the built-in template to build on this host "
+                                              "(base, code-interpreter-v1). With it: the new template's name."),
+        force: bool = typer.Option(False, help="Built-in: rebuild even if a cached build exists."),
+        dockerfile: Path = typer.Option(None, "--dockerfile", help="Build a template from this Dockerfile on the "
+                                                                   "server (--url, --api-key)."),
+        template_name: str = typer.Option(None, "--name", help="The template's name[:tag] (default: the "
+                                                               "Dockerfile's directory name)."),
+        context: Path = typer.Option(None, "--context", help="Directory COPY sources are taken from (default: "
+                                                             "the Dockerfile's directory)."),
+        tag: list[str] = typer.Option([], "--tag", help="Tag the build (repeatable; default: `default`)."),
+        cpu: int = typer.Option(None, "--cpu", help="vCPUs of the template's sandboxes (server default 2)."),
+        memory_mb: int = typer.Option(None, "--memory-mb", help="Memory of its sandboxes in MB (default 1024)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Rerun every step instead of reusing cached layers."),
+        url: str = remote.UrlOption, api_key: str = remote.KeyOption) -> None:
+    """Build a built-in template on this host (build base), or your own from a Dockerfile on the server."""
+    if dockerfile is not None:
+        if name and template_name and name != template_name:
+            _fail(f"two names given ({name!r} and --name {template_name!r}); give one")
+        build_from_dockerfile(dockerfile, template_name or name, context, tag, cpu, memory_mb, no_cache, url,
+                              api_key)
+        return
+    if name is None:
+        _fail("name the built-in template to build (e.g. `corral template build base`), or give --dockerfile")
+    if template_name or context or tag or cpu or memory_mb or no_cache:
+        _fail("--name, --context, --tag, --cpu, --memory-mb and --no-cache are for --dockerfile builds")
 
     async def run() -> None:
         async with local_runtime() as (runtime, store):
@@ -85,8 +113,14 @@ def template_build(name: str = typer.Argument(..., help="Template to build, e.g.
 
 
 @template_app.command("ls")
-def template_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List built templates."""
+def template_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                local: bool = typer.Option(False, "--local", help="List the built-in templates built on this "
+                                                                  "host instead (no server needed)."),
+                url: str = remote.UrlOption, api_key: str = remote.KeyOption) -> None:
+    """List your templates on the server, or (--local) the built-in ones built on this host."""
+    if not local:
+        template_ls_server(url, api_key, as_json)
+        return
     from corral.config import load_settings
     from corral.templates.store import TemplateStore
 
