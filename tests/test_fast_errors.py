@@ -60,7 +60,7 @@ def _api_failing_with(error: BaseException):
     async def create(*args, **kwargs):
         raise error
 
-    plane = SimpleNamespace(sandboxes=SimpleNamespace(create=create, timeout_for=lambda t: t))
+    plane = SimpleNamespace(sandboxes=SimpleNamespace(create=create, timeout_for=lambda t: t), templates=None)
     return create_api(plane, _Keys(), PATHS)  # type: ignore[arg-type]
 
 

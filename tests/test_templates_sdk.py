@@ -37,7 +37,8 @@ def server(harness, runtime, store):
 
 @pytest.fixture(scope="module")
 def opts(server) -> dict:
-    return {"api_url": server.url, "api_key": server.cli("keys", "create", "--name", "templates").strip()}
+    key = server.cli("keys", "create", "--name", "templates").strip()
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": key}
 
 
 @pytest.fixture()
@@ -108,7 +109,8 @@ def test_steps_files_users_and_start_command_are_in_the_sandbox(opts, context):
         # ENV is for the build only (as E2B documents).
         assert run("echo \"[$BUILD_ONLY]\"").stdout == "[]\n"
         # The start command was running when the template was snapshotted, and still is.
-        assert "hello.txt" in run("curl -s http://127.0.0.1:8123/").stdout
+        served = run("curl -s http://127.0.0.1:8123/ || (ps aux; cat /var/log/corral/start.log)", user="root")
+        assert "hello.txt" in served.stdout, served.stdout
         assert sandbox.get_info().template_id == info.template_id
     finally:
         sandbox.kill()
@@ -171,7 +173,7 @@ def test_a_failing_run_fails_the_build_with_its_step_and_output(opts, server):
     status = _last_status(server, opts, "failing")
     assert status["status"] == "error" and status["reason"]["step"] == "2"
     assert any("about to fail" in e["message"] for e in status["logEntries"])
-    assert not _sandbox_dirs(server)
+    _assert_nothing_left_of(server, status)
 
 
 def test_run_as_an_unknown_user_fails_with_e2bs_message(opts):
@@ -238,6 +240,9 @@ def _last_status(server, opts, name: str) -> dict:
                      params={"limit": 1000}, headers=headers).json()
 
 
-def _sandbox_dirs(server) -> list[str]:
-    root = Path(server.env["CORRAL_DATA_DIR"]) / "sandboxes"
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+def _assert_nothing_left_of(server, status: dict) -> None:
+    """A failed build leaves no scratch files, no half-made template and no build sandbox mounted."""
+    cache = Path(server.env.get("CORRAL_CACHE_DIR", "/var/cache/corral"))
+    assert not (cache / "build-work" / status["buildID"]).exists()
+    assert not (cache / "templates" / status["templateID"] / status["buildID"]).exists()
+    assert "build-work" not in Path("/proc/self/mountinfo").read_text()

@@ -134,7 +134,7 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
                             "template build --dockerfile PATH --name NAME`")
 
     @router.get("/templates/{template_id}/files/{files_hash}", status_code=201, response_model=FileUpload,
-                responses=ERRORS)
+                response_model_exclude_none=True, responses=ERRORS)
     async def upload_slot(template_id: str, files_hash: str, key: Key, request: Request) -> FileUpload:
         return FileUpload(**await of().upload_slot(key.id, template_id, files_hash, str(request.base_url)))
 
@@ -151,8 +151,9 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
         await of().trigger(key.id, template_id, build_id, body)
         return Response(status_code=202)
 
+    # Absent, never null: the SDK parses a present `reason` or `step` even when it is null.
     @router.get("/templates/{template_id}/builds/{build_id}/status", response_model=BuildStatus,
-                responses=ERRORS)
+                response_model_exclude_none=True, responses=ERRORS)
     async def build_status(template_id: str, build_id: str, key: Key,
                            logsOffset: Annotated[int, Query(ge=0)] = 0,
                            limit: Annotated[int, Query(ge=1, le=1000)] = 100,

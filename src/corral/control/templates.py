@@ -257,6 +257,7 @@ class Templates:
                 row = TemplateRow(id=_template_id(), key_id=key_id, name=parsed.name, public=False,
                                   created_at=now, updated_at=now)
                 session.add(row)
+                session.flush()  # no relationship() tells the unit of work to insert the template first
             build = TemplateBuildRow(id=str(uuid.uuid4()), template_id=row.id, status="waiting", tags=wanted,
                                      cpu_count=int(resources.vcpus), memory_mb=resources.memory_mb, created_at=now)
             session.add(build)

@@ -76,12 +76,17 @@ class EnvdLink:
             raise EnvdUnavailable(f"the service on port {port} at {address} failed its warm-up: "
                                   f"{response.status_code}")
 
-    async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
+    async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str | None = None,
+                   workdir: str | None = None,
                    hostname: str | None = None, current_token: str | None = None,
                    trusted_certificates: str | None = None, volumes: tuple[VolumeMount, ...] = ()) -> None:
-        """`volumes`: made visible to the sandbox by the runtime; envd mounts each at its path."""
-        body = {"accessToken": token, "envVars": env_vars, "defaultUser": user, "defaultWorkdir": workdir,
-                "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+        """`volumes`: made visible to the sandbox by the runtime; envd mounts each at its path. `user` and
+        `workdir`: None keeps what the template's envd was started with (its last USER and WORKDIR)."""
+        body = {"accessToken": token, "envVars": env_vars, "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+        if user:
+            body["defaultUser"] = user
+        if workdir:
+            body["defaultWorkdir"] = workdir
         if volumes:
             body["volumeMounts"] = [{"id": v.id, "path": v.path} for v in volumes]
         if hostname:

@@ -35,11 +35,6 @@ log = logging.getLogger("corral.orchestrator")
 QUIESCE_S = 0.1
 QUIESCE_POLL_S = 0.002
 
-# What E2B templates set up: commands run as `user` in its home unless a request says otherwise.
-DEFAULT_USER = "user"
-DEFAULT_WORKDIR = "/home/user"
-
-
 class Orchestrator:
     def __init__(self, runtime: Runtime, resolve_template: Callable[[str], Path], *, pool_size: int = 0,
                  pool_templates: tuple[str, ...] = (), prepared_size: int = 0,
@@ -179,8 +174,7 @@ class Orchestrator:
                                                         header_rules or {})
                 if volumes:
                     await self.runtime.attach_volumes(sandbox.id, volumes)
-            await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
-                                 workdir=DEFAULT_WORKDIR, hostname=sandbox.id,
+            await self.envd.init(sandbox.address, token=token, env_vars=env_vars, hostname=sandbox.id,
                                  trusted_certificates=self._certificates_for(header_rules), volumes=volumes)
         except BaseException:
             with contextlib.suppress(RuntimeError_):
@@ -334,8 +328,7 @@ class Orchestrator:
                 await self.envd.wait_listening(sandbox.address)  # a resume: the same envd as before the pause
             if cold or sandbox_id is None:
                 # A cold-booted envd starts without identity; a clone carries its source's and gets its own.
-                await self.envd.init(sandbox.address, token=token, env_vars=env_vars, user=DEFAULT_USER,
-                                     workdir=DEFAULT_WORKDIR, hostname=api_id,
+                await self.envd.init(sandbox.address, token=token, env_vars=env_vars, hostname=api_id,
                                      current_token=None if cold else current_token,
                                      trusted_certificates=self._certificates_for(header_rules), volumes=volumes)
             log.debug("start of %s from %s: waited %.1f ms for its preparation, restore %.1f ms, envd ready "

@@ -22,6 +22,7 @@ Layout under the cache directory:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -31,11 +32,14 @@ import secrets
 import shlex
 import shutil
 import stat
+import struct
 import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.connections import port_accepts
@@ -336,11 +340,10 @@ class Builder:
             ready = plan.ready_cmd
             if plan.start_cmd:
                 log("info", f"Starting: {plan.start_cmd}", label)
-                background = (f"setsid nohup /bin/sh -c {shlex.quote(plan.start_cmd)} >> {START_LOG} 2>&1 "
-                              "< /dev/null &")
-                code = await self._run_in(sandbox_id, _STEP_SCRIPT, ["", ctx.user, ctx.workdir, background], ctx,
-                                          60, log, label)
-                _check_exit(code, ctx.user, ctx.workdir, plan.start_cmd, label)
+                # Through envd, as every later command of the sandbox: a process envd spawned is part of the
+                # checkpoint like any other (one `runsc exec` left behind is not restored).
+                await _start_process(self.runtime.address(sandbox_id, ENVD_PORT), ctx.user, ctx.workdir, ctx.env,
+                                     f"exec >>{START_LOG} 2>&1 </dev/null\n{plan.start_cmd}", label)
                 ready = ready or "sleep 20"  # E2B's default when only a start command is given
             if ready:
                 await self._wait_ready(sandbox_id, ready, ctx, plan, log, label)
@@ -416,6 +419,35 @@ def write_trust(layer: Path, bundle: str, extra_pem: str) -> None:
     (profile / "corral-ca.sh").write_text(
         "# Tools with their own certificate stores use the system's, which holds the operator's CAs.\n"
         + "".join(f"export {name}=${{{name}:-/{BUNDLE}}}\n" for name in _CA_ENV))
+
+
+async def _start_process(address: tuple[str, int], user: str, cwd: str, env: dict[str, str], script: str,
+                         label: str) -> None:
+    """Starts `script` in the background through envd's Process/Start (Connect, one JSON message in an
+    envelope) and returns once envd reports it started; leaving the stream does not stop it."""
+    body = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", script], "envs": env, "cwd": cwd},
+                       "stdin": False}).encode()
+    headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+               "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+    url = f"http://{address[0]}:{address[1]}/process.Process/Start"
+    try:
+        async with httpx.AsyncClient(timeout=60) as client, client.stream(
+                "POST", url, content=b"\0" + struct.pack(">I", len(body)) + body, headers=headers) as response:
+            buffer = b""
+            async for chunk in response.aiter_bytes():
+                buffer += chunk
+                if len(buffer) >= 5 and len(buffer) >= 5 + (size := struct.unpack(">I", buffer[1:5])[0]):
+                    message = json.loads(buffer[5:5 + size] or b"{}")
+                    if buffer[0] & 2:  # the end of the stream: an error before the process started
+                        error = message.get("error") or {}
+                        if error.get("code") == "unauthenticated":
+                            _check_exit(_UNKNOWN_USER, user, cwd, script, label)
+                        raise BuildFailed(f"the start command could not start: {error.get('message') or message}",
+                                          label)
+                    return
+    except httpx.HTTPError as e:
+        raise BuildFailed(f"the start command could not be started through envd: {e}", label) from None
+    raise BuildFailed("envd ended the start command's stream before it started", label)
 
 
 def _check_exit(code: int, user: str, workdir: str, command: str, label: str) -> None:
