@@ -141,9 +141,11 @@ def test_each_ready_helper_gates_the_snapshot(opts):
 
 
 def test_a_rebuild_reruns_from_the_changed_step_and_skip_cache_reruns_all(opts):
+    run_id = os.urandom(6).hex()  # the layer cache outlives test runs: start from steps it has never seen
+
     def template(last: str) -> Template:
         return (Template().from_template("base")
-                .run_cmd("echo one > /tmp/one")
+                .run_cmd(f"echo one > /tmp/one # {run_id}")
                 .run_cmd("echo two > /tmp/two")
                 .run_cmd(f"echo {last} > /tmp/last"))
 
