@@ -124,6 +124,8 @@ class PlatformSettings:
     # Template builds (docs/templates.md): at most this many run at once, the rest wait ("waiting").
     max_concurrent_builds: int = field(default_factory=lambda: _env_int("CORRAL_MAX_BUILDS", 2))
     build_timeout_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_BUILD_TIMEOUT_S", "3600")))
+    # Disk the cache of build step layers may take before unused layers are evicted.
+    build_cache_gb: float = field(default_factory=lambda: float(os.environ.get("CORRAL_BUILD_CACHE_GB", "50")))
 
     # Volumes (docs/volumes.md): the size a volume gets when its create names none, and the largest allowed.
     volume_default_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_DEFAULT_MB", 1024))

@@ -71,7 +71,8 @@ def _templates(database, runtime: GVisorRuntime, store: TemplateStore, settings:
     return Templates(database, runtime, cache_dir=settings.cache_dir, data_dir=settings.data_dir, builder=builder,
                      builtin=lambda: set(store.recipes), resolve_snapshot=store.resolve,
                      limits=BuildLimits(max_concurrent=platform.max_concurrent_builds,
-                                        timeout_s=platform.build_timeout_s),
+                                        timeout_s=platform.build_timeout_s,
+                                        layer_cache_bytes=int(platform.build_cache_gb * 1024**3)),
                      pull_image=pull)
 
 

@@ -35,7 +35,8 @@ from sqlalchemy import select
 from corral.control.db import Database, TemplateBuildRow, TemplateRow, TemplateTagRow
 from corral.control.errors import ApiError
 from corral.runtime.base import Resources, Runtime, TemplateNotFound
-from corral.templates.builder import Builder, BuildFailed, BuildPlan, BuildStep
+from corral.templates import prune
+from corral.templates.builder import Builder, BuildFailed, BuildPlan, BuildStep, evict_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class BuildLimits:
     upload_max_bytes: int = 2 * 1024**3
     upload_url_ttl_s: int = 3600
     max_steps: int = 500
+    # The step-layer cache (build-layers/): past this, layers nothing uses are evicted, oldest use first.
+    layer_cache_bytes: int = 50 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Templates:
         self._db = database
         self.runtime = runtime
         self.cache_dir = cache_dir
+        self.data_dir = data_dir
         self.files_dir = data_dir / "template-files"
         self.logs = BuildLogs(data_dir / "template-builds")
         self.builder = builder
@@ -431,6 +435,18 @@ class Templates:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._set(bid, status=status, reason=reason, finished_at=time.time()))
             logs.finish(bid)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._evict_layers)
+
+    def _evict_layers(self) -> None:
+        layers = self.cache_dir / "build-layers"
+        # A layer used within a build's time limit may belong to a build still running.
+        unused = [e.path for e in prune.unused_builds(self.cache_dir, [self.data_dir],
+                                                      min_age_s=self.limits.timeout_s)
+                  if e.path.parent == layers]
+        freed = evict_layers(layers, self.limits.layer_cache_bytes, unused)
+        if freed:
+            log.info("evicted %d MiB of unused build layers", freed // 1024**2)
 
     async def _base(self, key_id: str, inputs: dict, credentials: dict | None, say) -> BaseImage:
         if inputs["from_template"]:

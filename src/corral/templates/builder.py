@@ -210,6 +210,8 @@ class Builder:
             cached = self.layers_dir / key
             if not forced and cached.is_dir() and (cached / "layer").is_dir():
                 log("info", f"[{label}] CACHED {step.kind} {_describe(step)}", label)
+                with contextlib.suppress(OSError):
+                    os.utime(cached.resolve())  # recently used: the cache's eviction keeps it
             else:
                 log("info", f"[{label}] {step.kind} {_describe(step)}", label)
                 started = time.monotonic()
@@ -419,6 +421,26 @@ def write_trust(layer: Path, bundle: str, extra_pem: str) -> None:
     (profile / "corral-ca.sh").write_text(
         "# Tools with their own certificate stores use the system's, which holds the operator's CAs.\n"
         + "".join(f"export {name}=${{{name}:-/{BUNDLE}}}\n" for name in _CA_ENV))
+
+
+def evict_layers(layers_dir: Path, max_bytes: int, unused: list[Path]) -> int:
+    """Removes cached step layers, oldest use first, from `unused` (layers no template, sandbox or
+    checkpoint stands on and no build used lately) until the cache holds at most `max_bytes`; then the
+    keys that point at removed layers. Returns the bytes freed."""
+    from corral.storage.disk import tree_size
+
+    total = tree_size(layers_dir) if layers_dir.is_dir() else 0
+    freed = 0
+    for layer in sorted(unused, key=lambda p: p.stat().st_mtime):
+        if total - freed <= max_bytes:
+            break
+        size = tree_size(layer)
+        shutil.rmtree(layer, ignore_errors=True)
+        freed += size
+    for key in layers_dir.iterdir() if freed else ():
+        if key.is_symlink() and not key.exists():
+            key.unlink(missing_ok=True)
+    return freed
 
 
 async def _start_process(address: tuple[str, int], user: str, cwd: str, env: dict[str, str], script: str,

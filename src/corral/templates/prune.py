@@ -50,10 +50,12 @@ def in_use(cache: Path, data_dirs: list[Path], *, mounted: set[Path] | None = No
 
         recorded = GVisorRuntime.recorded_lowers
     used: set[Path] = set()
-    for current in cache.glob("templates/*/current"):
-        snapshot = current.resolve()
-        used.add(snapshot)
-        used |= recorded(snapshot)
+    # `current`, and a user-built template's `tag-<tag>` links (control/templates.py): every tagged build.
+    for link in cache.glob("templates/*/*"):
+        if link.is_symlink() and (link.name == "current" or link.name.startswith("tag-")):
+            snapshot = link.resolve()
+            used.add(snapshot)
+            used |= recorded(snapshot)
     for data in data_dirs:
         for directory in (*data.glob("checkpoints/*"), *data.glob("sandboxes/*")):
             used |= recorded(directory)
@@ -73,6 +75,9 @@ def _builds(cache: Path) -> list[Path]:
     entries += [p for p in (cache / "envd").glob("*") if p.is_dir()]
     for template in (cache / "templates").glob("*"):
         entries += [p for p in template.glob("*") if p.is_dir() and not p.is_symlink()]
+    # Step layers of user-built templates (templates/builder.py) and images pulled for them.
+    entries += [p for p in (cache / "build-layers").glob("l-*") if p.is_dir()]
+    entries += [p for p in (cache / "images").glob("sha256-*") if p.is_dir()]
     return sorted(p for p in entries if not p.name.startswith("."))
 
 
