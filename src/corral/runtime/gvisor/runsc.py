@@ -13,6 +13,7 @@ Two rules from docs/gvisor-notes (measured on our machines) live here so nobody 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -179,14 +180,16 @@ async def _communicate(argv: list[str], timeout: float) -> tuple[int, bytes, byt
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+    except (TimeoutError, asyncio.CancelledError):
+        await _abandon(proc)
         raise
     return proc.returncode or 0, out, err
 
 
 async def _stream_lines(argv: list[str], timeout: float, on_output: OutputSink) -> tuple[int, bytes, bytes]:
+    """Runs argv, sending its output line by line to `on_output`, until the process exits. Not until its
+    pipes close: a command that leaves a process in the background (`daemon &`) hands it our pipes, and
+    the sandbox keeps them open as long as that process lives."""
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
@@ -203,14 +206,31 @@ async def _stream_lines(argv: list[str], timeout: float, on_output: OutputSink) 
             on_output(name, line.decode(errors="replace").rstrip("\r\n"))
 
     assert proc.stdout is not None and proc.stderr is not None
+    pumps = [asyncio.create_task(pump(proc.stdout, "stdout")), asyncio.create_task(pump(proc.stderr, "stderr"))]
     try:
-        await asyncio.wait_for(asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"),
-                                              proc.wait()), timeout)
-    except (TimeoutError, asyncio.CancelledError):
-        proc.kill()
-        await proc.wait()
-        raise
+        async with asyncio.timeout(timeout):
+            # No public event fires at the exit itself (only once the pipes close): poll the returncode.
+            while proc.returncode is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await asyncio.wait(pumps, timeout=0.5)  # what was written before the exit
+    finally:
+        for task in pumps:
+            task.cancel()
+        await _abandon(proc)
     return proc.returncode or 0, b"", b""
+
+
+async def _abandon(proc: asyncio.subprocess.Process) -> None:
+    """Kills `proc` if it still runs and lets go of its pipes. asyncio (3.11) finishes a process, and
+    `wait()` returns, only once its pipes are closed too, which a sandbox may never do (see above)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 5)
 
 
 def log_tail(log: Path, lines: int = 4, sep: str = " | ") -> str:
