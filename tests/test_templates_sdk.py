@@ -4,6 +4,7 @@ started from the result; names, tags, errors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -13,6 +14,8 @@ import httpx
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import (
+    AsyncSandbox,
+    AsyncTemplate,
     BuildException,
     Sandbox,
     Template,
@@ -26,11 +29,13 @@ from e2b import (
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t13", "10.229.0.0/22"
+BUILD_TIMEOUT_S = 90  # the server's limit; builds here take seconds, the timeout test one step of minutes
 
 
 @pytest.fixture(scope="module")
 def server(harness, runtime, store):
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
+    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0,
+                         extra_env={"CORRAL_BUILD_TIMEOUT_S": str(BUILD_TIMEOUT_S)})
     with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
         yield proc
 
@@ -178,6 +183,14 @@ def test_a_failing_run_fails_the_build_with_its_step_and_output(opts, server):
     _assert_nothing_left_of(server, status)
 
 
+def test_a_run_that_leaves_a_process_in_the_background_finishes(opts):
+    template = Template().from_template("base").run_cmd("sleep 1000 & echo left running")
+    started = time.monotonic()
+    _, logs = _build(opts, template, "background-process")
+    assert any("left running" in line for line in logs)
+    assert time.monotonic() - started < 60  # generous: not the step's (or the build's) time limit
+
+
 def test_run_as_an_unknown_user_fails_with_e2bs_message(opts):
     template = Template().from_template("base").run_cmd("whoami", user="root123")
     with pytest.raises(BuildException) as failure:
@@ -231,6 +244,94 @@ def test_upload_urls_refuse_forged_and_expired_signatures(opts, server):
     assert httpx.put(expired, content=b"x").status_code == 403
     assert httpx.put(url, content=b"not a tar").status_code == 201
     assert httpx.get(f"{server.url}/templates/{tid}/files/{files_hash}", headers=headers).json()["present"] is True
+
+
+def test_packages_from_the_registries_install_in_steps(opts):
+    """apt, pip and npm inside build steps reach the package registries the host reaches (through the
+    operator's CA when the network intercepts TLS)."""
+    template = (Template().from_template("base")
+                .apt_install(["jq"], no_install_recommends=True)
+                .pip_install(["six==1.17.0"])
+                .npm_install(["left-pad@1.3.0"], g=True))
+    _build(opts, template, "packages")
+    sandbox = Sandbox.create("packages", **opts)
+    try:
+        run = sandbox.commands.run
+        assert run("echo '{\"a\": 7}' | jq .a").stdout == "7\n"
+        assert run("python3 -c 'import six; print(six.__version__)'").stdout == "1.17.0\n"
+        assert run("npm ls -g left-pad").stdout.count("left-pad@1.3.0") == 1
+        # Users' own installs inside the sandbox trust the same CAs.
+        assert run("pip download --no-deps -d /tmp/dl six==1.17.0 >/dev/null && ls /tmp/dl").stdout.strip() \
+            == "six-1.17.0-py2.py3-none-any.whl"
+    finally:
+        sandbox.kill()
+
+
+def test_the_async_sdk_builds_and_starts_a_template(opts):
+    async def scenario() -> str:
+        template = AsyncTemplate().from_template("base").run_cmd("echo async > /tmp/made-by")
+        await AsyncTemplate.build(template, "async-built", **opts)
+        status = await AsyncTemplate.exists("async-built", **opts)
+        sandbox = await AsyncSandbox.create("async-built", **opts)
+        try:
+            made = await sandbox.commands.run("cat /tmp/made-by")
+        finally:
+            await sandbox.kill()
+        return f"{status} {made.stdout.strip()}"
+
+    assert asyncio.run(scenario()) == "True async"
+
+
+def test_build_in_background_reports_building_then_ready(opts):
+    template = Template().from_template("base").run_cmd("sleep 2")
+    info = Template.build_in_background(template, "background", **opts)
+    first = Template.get_build_status(info, **opts)
+    assert first.status.value == "building"
+    deadline = time.monotonic() + 120
+    status = first
+    while status.status.value in ("building", "waiting") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = Template.get_build_status(info, logs_offset=0, **opts)
+    assert status.status.value == "ready", status
+    assert any("sleep 2" in entry.message for entry in status.log_entries)
+
+
+def test_a_build_past_the_servers_time_limit_fails_and_leaves_nothing(opts, server):
+    template = Template().from_template("base").run_cmd("sleep 600")
+    started = time.monotonic()
+    with pytest.raises(BuildException) as failure:
+        _build(opts, template, "too-slow")
+    assert f"limit of {BUILD_TIMEOUT_S}s" in str(failure.value)
+    assert time.monotonic() - started < BUILD_TIMEOUT_S + 60
+    _assert_nothing_left_of(server, _last_status(server, opts, "too-slow"))
+
+
+def test_templates_of_one_key_are_invisible_to_another(opts, server):
+    other = {**opts, "api_key": server.cli("keys", "create", "--name", "other-team").strip()}
+    _build(opts, Template().from_template("base").run_cmd("echo mine > /tmp/owner"), "private-tpl")
+    assert Template.exists("private-tpl", **opts) is True
+    assert Template.exists("private-tpl", **other) is True  # E2B: 403 (exists, not yours) reads as True
+    with pytest.raises(Exception) as refused:
+        Sandbox.create("private-tpl", **other)
+    assert "not found" in str(refused.value).lower()
+    with pytest.raises(BuildException) as failure:  # nor can another key build on it
+        _build(other, Template().from_template("private-tpl"), "stolen")
+    assert "private-tpl" in str(failure.value)
+    assert "private-tpl" not in httpx.get(f"{server.url}/templates", headers={"X-API-Key": other["api_key"]}).text
+
+
+def test_builds_past_the_concurrency_limit_wait_for_a_slot(opts):
+    infos = [Template.build_in_background(Template().from_template("base").run_cmd(f"sleep 4 # {n}"),
+                                          f"queued-{n}", **opts) for n in range(3)]
+    statuses = [Template.get_build_status(info, **opts).status.value for info in infos]
+    assert statuses[:2] == ["building", "building"] and statuses[2] == "waiting", statuses
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        statuses = [Template.get_build_status(info, **opts).status.value for info in infos]
+        if all(s in ("ready", "error") for s in statuses):
+            break
+        time.sleep(1)
+    assert statuses == ["ready"] * 3
 
 
 def _last_status(server, opts, name: str) -> dict:

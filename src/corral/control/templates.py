@@ -160,6 +160,8 @@ class Templates:
         self.pull_image = pull_image
         self._slots = asyncio.Semaphore(self.limits.max_concurrent)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._admitted = 0  # builds triggered and not finished
+        self._eviction: asyncio.Task | None = None  # of the step-layer cache, after a build
         self._upload_key = _load_key(data_dir / "template-uploads.key")
 
     async def start(self) -> None:
@@ -173,6 +175,9 @@ class Templates:
         await self._db.write(fail_unfinished)
 
     async def close(self) -> None:
+        if self._eviction is not None:
+            with contextlib.suppress(Exception):
+                await self._eviction  # a thread: it cannot be cancelled, and it is bounded
         for task in list(self._tasks.values()):
             task.cancel()
         for task in list(self._tasks.values()):
@@ -342,11 +347,21 @@ class Templates:
         if credentials:
             stored["fromImageRegistry"] = {"type": credentials.get("type"), "username": "(not stored)"}
 
+        # Building at once when a slot is free (the SDK expects "building" right after the trigger), else
+        # waiting for one; counted here, before the task runs, so back-to-back triggers see each other.
+        self._admitted += 1
+        status = "building" if self._admitted <= self.limits.max_concurrent else "waiting"
+
         def mark(session) -> None:
             found = session.get(TemplateBuildRow, build.id)
             found.spec = stored
             found.started_at = time.time()
-        await self._db.write(mark)
+            found.status = status
+        try:
+            await self._db.write(mark)
+        except BaseException:
+            self._admitted -= 1
+            raise
         self.logs.start(build.id)
         task = asyncio.create_task(self._run(key_id, row, build, plan_inputs, credentials))
         self._tasks[build.id] = task
@@ -398,8 +413,6 @@ class Templates:
         try:
             if self._slots.locked():
                 say("info", "Waiting for a free build slot")
-            else:
-                await self._set(bid, status="building")
             async with self._slots:
                 await self._set(bid, status="building")
                 say("info", f"Building template {row.name} ({row.id}), build {bid}")
@@ -435,10 +448,19 @@ class Templates:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._set(bid, status=status, reason=reason, finished_at=time.time()))
             logs.finish(bid)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._evict_layers)
+            self._admitted -= 1
+            self._tasks.pop(bid, None)  # finished as far as anyone asks (deleting the template, say)
+            if self._eviction is None or self._eviction.done():
+                self._eviction = asyncio.create_task(asyncio.to_thread(self._evict_layers))
 
     def _evict_layers(self) -> None:
+        """(In a thread.) A failure is logged: the next build tries again."""
+        try:
+            self._evict_unused_layers()
+        except Exception:
+            log.exception("evicting unused build layers failed")
+
+    def _evict_unused_layers(self) -> None:
         layers = self.cache_dir / "build-layers"
         # A layer used within a build's time limit may belong to a build still running.
         unused = [e.path for e in prune.unused_builds(self.cache_dir, [self.data_dir],

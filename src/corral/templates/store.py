@@ -85,6 +85,9 @@ class TemplateStore:
         current = self.root / "templates" / name / ("current" if tag in ("", "default") else f"tag-{tag}")
         if not current.exists():
             known = ", ".join(sorted(self.recipes)) or "none"
+            if name not in self.recipes:
+                raise TemplateNotFound(f"template {name!r} not found (built-in templates: {known}; templates "
+                                       "you build are listed by GET /templates)")
             raise TemplateNotFound(f"template {name!r} is not built (built-in recipes: {known}; "
                                    f"build one with `corral template build {name}`)")
         return current.resolve()
