@@ -52,7 +52,7 @@ def test_create_with_unknown_template_is_refused(harness, runtime, settings):
     from corral.runtime.base import TemplateNotFound
 
     before = footprint(settings)
-    with pytest.raises(TemplateNotFound, match="not built"):
+    with pytest.raises(TemplateNotFound, match="not found"):
         harness.run(runtime.create("no-such-template", SandboxConfig()))
     assert footprint(settings) == before
 
