@@ -19,6 +19,7 @@ from corral.templates.images import (
     RegistryCredentials,
     check_image_rootfs,
     default_base_image_maps_to_builtin,
+    image_base_layers,
     load_image_config,
     parse_reference,
     pull_image,
@@ -315,6 +316,31 @@ def test_rootfs_with_python_only_in_usr_local_is_refused_naming_where_it_is(tmp_
     with pytest.raises(ImageError) as caught:
         check_image_rootfs(root)
     assert "/usr/bin/python3" in str(caught.value) and "/usr/local/bin/python3" in str(caught.value)
+
+
+def test_rootfs_with_python_311_only_in_usr_local_gets_a_layer_linking_usr_bin_python3_there(tmp_path):
+    root = fake_rootfs(tmp_path / "rootfs", python=None)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/python3.11").write_bytes(b"\x7fELF")
+    log: list[str] = []
+    layers = image_base_layers(root, log.append)
+    assert layers == (tmp_path / "python3-link", root)
+    assert os.readlink(layers[0] / "usr/bin/python3") == "/usr/local/bin/python3.11"
+    assert sorted(str(p.relative_to(layers[0])) for p in layers[0].rglob("*")) == ["usr", "usr/bin",
+                                                                                  "usr/bin/python3"]
+    assert any("/usr/local/bin/python3.11" in line for line in log)
+    assert image_base_layers(root, log.append) == layers  # made once, then reused
+
+
+def test_rootfs_with_another_python_only_in_usr_local_is_refused_without_a_link(tmp_path):
+    root = fake_rootfs(tmp_path / "rootfs", python=None)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/python3.12").write_bytes(b"\x7fELF")
+    (root / "usr/local/bin/python3").symlink_to("python3.12")
+    with pytest.raises(ImageError) as caught:
+        image_base_layers(root, lambda _: None)
+    assert "/usr/local/bin/python3 (3.12)" in str(caught.value)
+    assert not (tmp_path / "python3-link").exists()
 
 
 def test_rootfs_with_another_python_version_is_refused_naming_it(tmp_path):

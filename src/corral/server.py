@@ -56,7 +56,7 @@ def _templates(database, runtime: GVisorRuntime, store: TemplateStore, settings:
         try:
             rootfs = await images.pull_image(reference, credentials=credentials, cache_dir=settings.cache_dir,
                                              log=log, insecure_registries=settings.insecure_registries)
-            images.check_image_rootfs(rootfs)
+            layers = images.image_base_layers(rootfs, log)
         except images.ImageError as e:
             if builtin is None:
                 raise ApiError(getattr(e, "status", 400), str(e)) from None
@@ -66,7 +66,7 @@ def _templates(database, runtime: GVisorRuntime, store: TemplateStore, settings:
             layers = tuple(p for p in snapshot.layers
                            if not (p.name.endswith(".etc") or p.is_relative_to(settings.cache_dir / "envd")))
             return BaseImage(layers, f"template:{snapshot.path}")
-        return BaseImage((rootfs,), f"image:{rootfs}")
+        return BaseImage(layers, "image:" + ",".join(map(str, layers)))
 
     return Templates(database, runtime, cache_dir=settings.cache_dir, data_dir=settings.data_dir, builder=builder,
                      builtin=lambda: set(store.recipes), resolve_snapshot=store.resolve,

@@ -172,6 +172,33 @@ class Registry:
             run(*argv, f"oci:{image}", f"docker://{self.reference(name)}")
             return PushedImage(self.reference(name), digest_file.read_text().strip())
 
+    def copy_image(self, source: PushedImage, name: str, *, add_layer: Path | None = None,
+                   credentials: tuple[str, str] | None = None) -> PushedImage:
+        """Pushes `source` (an image in an open registry on loopback, this one or another) as `name` here,
+        its layers as they are (no recompression of a large root filesystem), with `add_layer` (an
+        uncompressed layer tar: files, symlinks, `.wh.` whiteouts) appended when given."""
+        with tempfile.TemporaryDirectory(prefix="corral-push-", dir=self.root) as work:
+            layout = Path(work) / "layout"
+            image = f"{layout}:img"
+
+            def run(*argv: str) -> None:
+                subprocess.run(argv, check=True, capture_output=True, timeout=600)
+
+            run("skopeo", "copy", "--quiet", "--src-tls-verify=false", "--src-no-creds",
+                f"docker://{source.reference}", f"oci:{image}")
+            if add_layer is not None:
+                run("umoci", "--log", "error", "raw", "add-layer", "--no-history", "--image", image, str(add_layer))
+            digest_file = Path(work) / "digest"
+            argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--digestfile", str(digest_file)]
+            if credentials:
+                auth_file = Path(work) / "auth.json"
+                _write_auth_file(auth_file, self.address, *credentials)
+                argv += ["--dest-authfile", str(auth_file)]
+            else:
+                argv += ["--dest-no-creds"]
+            run(*argv, f"oci:{image}", f"docker://{self.reference(name)}")
+            return PushedImage(self.reference(name), digest_file.read_text().strip())
+
     def push_index(self, name: str, platforms: dict[str, PushedImage]) -> PushedImage:
         """Pushes an OCI image index (a multi-platform image) whose entries are images already pushed here,
         e.g. {"linux/amd64": a, "linux/arm64": b}."""

@@ -7,6 +7,7 @@ Layout under the cache directory (next to the ones in store.py):
 
   images/<key>/rootfs/            the unpacked root filesystem; <key> is `sha256-<hex>` of the image manifest
   images/<key>/image.json         where it came from (reference, digests) and the image's config
+  images/<key>/python3-link/      for an image with Python only in /usr/local: /usr/bin/python3 linked there
   images/<key>.partial/           a pull in progress (renamed to <key> when complete)
   images/locks/<key>.lock         held while a pull of that image runs, so concurrent pulls do it once
   images/refs/<hash>.json         the manifest a tag last resolved to, for pulls while the registry is down
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -576,22 +578,74 @@ async def _unpack(layout: Path, rootfs: Path) -> None:
 
 # ---------------------------------------------------------------- what a template base needs
 
-def check_image_rootfs(rootfs: Path) -> None:
+SYSTEM_PYTHON = "/usr/bin/python3"
+# Where Docker Hub's `python:3.11` images (and images built on them) have their Python: they build CPython
+# into /usr/local and have no /usr/bin/python3.
+USR_LOCAL_PYTHON = "/usr/local/bin/python3.11"
+PYTHON_LINK_LAYER = "python3-link"
+
+
+def image_base_layers(rootfs: Path, log: Callable[[str], None]) -> tuple[Path, ...]:
+    """The layers (top first) a pulled image's `rootfs` serves as a template base with: the rootfs itself
+    and, when its Python is /usr/local/bin/python3.11 and it has no /usr/bin/python3, a layer above it that
+    only links /usr/bin/python3 there (envd runs `python3 -I -S` with its own libraries, so the standard
+    library is all it needs of the image's Python). Raises ImageError naming what the image lacks."""
+    if _resolve_in(rootfs, SYSTEM_PYTHON) is None and _exists_in(rootfs, USR_LOCAL_PYTHON) and all(
+            (rootfs / d).is_dir() and not (rootfs / d).is_symlink() for d in ("usr", "usr/bin")):
+        check_image_rootfs(rootfs, python=USR_LOCAL_PYTHON)
+        log(f"the image has no {SYSTEM_PYTHON}: linking it to {USR_LOCAL_PYTHON} in a layer above the image")
+        return _python_link_layer(rootfs), rootfs
+    check_image_rootfs(rootfs)
+    return (rootfs,)
+
+
+def _python_link_layer(rootfs: Path) -> Path:
+    """`<image>/python3-link/`: usr/bin/python3 -> /usr/local/bin/python3.11, its directories with the
+    image's own owners and modes (an overlay shows a directory with the attributes of its top layer)."""
+    target = rootfs.parent / PYTHON_LINK_LAYER
+    if target.is_dir():
+        return target
+    partial = rootfs.parent / f".{PYTHON_LINK_LAYER}.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        (partial / "usr" / "bin").mkdir(parents=True)
+        for directory in ("usr", "usr/bin"):
+            info = (rootfs / directory).stat()
+            os.chmod(partial / directory, stat.S_IMODE(info.st_mode))
+            if os.geteuid() == 0:
+                os.chown(partial / directory, info.st_uid, info.st_gid)
+        (partial / SYSTEM_PYTHON.lstrip("/")).symlink_to(USR_LOCAL_PYTHON)
+        os.chmod(partial, 0o755)
+        try:
+            partial.rename(target)
+        except OSError as e:  # another build made it first
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def check_image_rootfs(rootfs: Path, *, python: str = SYSTEM_PYTHON) -> None:
     """Raises ImageError naming what an unpacked image lacks to serve as a Corral template: envd and the
-    code interpreter run with the image's /usr/bin/python3, which must be Python 3.11 on glibc (their
-    private libraries are CPython 3.11 manylinux wheels), and build steps run with /bin/sh."""
+    code interpreter run with the image's /usr/bin/python3 (or `python`, when a layer above the image links
+    /usr/bin/python3 there), which must be Python 3.11 on glibc (their private libraries are CPython 3.11
+    manylinux wheels), and build steps run with /bin/sh."""
     missing = []
     if not _exists_in(rootfs, "/bin/sh"):
         missing.append("/bin/sh (build steps and start commands run with it)")
-    python = _resolve_in(rootfs, "/usr/bin/python3")
-    if python is None:
+    resolved = _resolve_in(rootfs, python)
+    if resolved is None:
         elsewhere = [p for p in ("/usr/local/bin/python3", "/opt/conda/bin/python3") if _exists_in(rootfs, p)]
-        missing.append("/usr/bin/python3 (Python 3.11: envd runs with it)"
-                       + (f"; this image's Python is {elsewhere[0]}, which Corral does not use" if elsewhere else ""))
+        hint = ""
+        if elsewhere:
+            version = _python_version(rootfs, _resolve_in(rootfs, elsewhere[0]))
+            hint = (f"; this image's Python is {elsewhere[0]} ({version or 'version unknown'}), which Corral "
+                    f"cannot use (it links {SYSTEM_PYTHON} to a Python 3.11 at {USR_LOCAL_PYTHON} only)")
+        missing.append(f"{python} (Python 3.11: envd runs with it){hint}")
     else:
-        version = _python_version(rootfs, python)
+        version = _python_version(rootfs, resolved)
         if version != "3.11":
-            missing.append(f"Python 3.11 at /usr/bin/python3 (it is {version or 'of an unknown version'}; "
+            missing.append(f"Python 3.11 at {python} (it is {version or 'of an unknown version'}; "
                            "envd's libraries are built for CPython 3.11)")
     glibc = _glibc_version(rootfs)
     if glibc is None:
@@ -600,7 +654,8 @@ def check_image_rootfs(rootfs: Path) -> None:
         missing.append(f"glibc 2.34 or newer (it has {glibc[0]}.{glibc[1]})")
     if missing:
         raise ImageError("this image cannot be a Corral template base: it needs " + "; ".join(missing)
-                         + ". Debian bookworm images with python3 installed work (Corral's `base` is one).")
+                         + ". Debian bookworm images with python3 installed work (Corral's `base` is one), and "
+                         "so do Docker Hub's python:3.11 images.")
 
 
 def _resolve_in(rootfs: Path, path: str, depth: int = 0) -> str | None:
