@@ -65,9 +65,6 @@ def test_js_template_files_users_and_start_command_are_in_the_sandbox(sdk_env, c
         "ok start command"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the JS SDK's filesHash includes each directory's st_size (the Python SDK's leaves it out) and a tar does "
-    "not carry it, so the server's check of the uploaded files refuses the COPY"))
 def test_js_copy_of_a_folder_with_a_subfolder(sdk_env, context):
     assert _scenario(sdk_env, "folder-with-subfolder", context) == ["ok folder with a subfolder"]
 

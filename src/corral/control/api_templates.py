@@ -146,9 +146,9 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
         return Response(status_code=201)
 
     @router.post("/v2/templates/{template_id}/builds/{build_id}", status_code=202, responses=ERRORS)
-    async def trigger(template_id: str, build_id: str, key: Key,
+    async def trigger(template_id: str, build_id: str, key: Key, request: Request,
                       body: Annotated[dict[str, Any], Body()]) -> Response:
-        await of().trigger(key.id, template_id, build_id, body)
+        await of().trigger(key.id, template_id, build_id, body, client=request.headers.get("user-agent", ""))
         return Response(status_code=202)
 
     # Absent, never null: the SDK parses a present `reason` or `step` even when it is null.

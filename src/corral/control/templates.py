@@ -336,12 +336,17 @@ class Templates:
 
     # --- running a build --------------------------------------------------------------------------------
 
-    async def trigger(self, key_id: str, template_id: str, build_id: str, body: dict) -> None:
+    async def trigger(self, key_id: str, template_id: str, build_id: str, body: dict, *,
+                      client: str = "") -> None:
+        """`client`: the request's User-Agent. The JS SDK's filesHash also covers directories' sizes, which
+        an archive does not record: its uploads cannot be checked against it (their layers are still keyed
+        by the content the server hashes)."""
         row = await self.get(key_id, template_id)
         build = await self.build_row(key_id, row.id, build_id)
         if build.status != "waiting" or build.id in self._tasks or build.started_at is not None:
             raise ApiError(409, f"build {build_id} was already started")
         plan_inputs = self._validate(body)
+        plan_inputs["verify_files_hash"] = not client.startswith("e2b-js-sdk/")
         credentials = body.get("fromImageRegistry")
         stored = {k: v for k, v in body.items() if k != "fromImageRegistry"}
         if credentials:
@@ -420,7 +425,8 @@ class Templates:
                     base = await self._base(key_id, inputs, credentials, say)
                     plan = BuildPlan(base_layers=base.layers, base_key=base.key, steps=inputs["steps"],
                                      start_cmd=inputs["start"], ready_cmd=inputs["ready"], force=inputs["force"],
-                                     resources=Resources(vcpus=build.cpu_count, memory_mb=build.memory_mb))
+                                     resources=Resources(vcpus=build.cpu_count, memory_mb=build.memory_mb),
+                                     verify_files_hash=inputs["verify_files_hash"])
                     started = time.monotonic()
                     # Only this template's uploads: a build cannot reach another's files by hash.
                     await self.builder.build(plan, target, work, say, archive=lambda h: (
