@@ -6,6 +6,7 @@ fixed-size quota (ENOSPC inside, 507 outside) and nothing left behind on the hos
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from e2b import (
     VolumePathNotFoundException,
 )
 
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import CLI, ServerProcess
 
 INSTANCE, NETWORK = "t12", "10.227.0.0/22"
 VOLUMES = TEST_ROOT / INSTANCE / "data" / "volumes"
@@ -331,3 +332,22 @@ def test_a_restarted_server_mounts_its_volumes_again(server, volumes, opts):
     subprocess.run(["umount", str(VOLUMES / volume.volume_id / "data")], check=True)  # as after a reboot
     server.start(wait_pool=1)
     assert volume.read_file("/kept.txt") == "kept"
+
+
+def test_the_cli_creates_lists_and_removes_volumes(server, key, opts):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, "volume", *args, "--url", server.url, "--api-key", key],
+                              capture_output=True, text=True, env=server.env)
+
+    created = cli("create", "cli-made", "--size", "64")
+    assert created.returncode == 0, created.stderr
+    volume_id = created.stdout.strip()
+    listed = cli("ls", "--json")
+    assert {"volumeID": volume_id, "name": "cli-made"} in [
+        {k: v for k, v in row.items() if k in ("volumeID", "name")} for row in json.loads(listed.stdout)]
+    assert Volume.get_info(volume_id, **opts).name == "cli-made"
+    refused = cli("create", "bad name!")
+    assert refused.returncode != 0 and "name" in (refused.stderr + refused.stdout).lower()
+    assert cli("rm", "cli-made").returncode == 0
+    assert volume_id not in cli("ls", "--json").stdout
+    assert cli("rm", "cli-made").returncode != 0  # already gone: a clear failure, not a silent success
