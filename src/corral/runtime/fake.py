@@ -531,7 +531,8 @@ class FakeEnvd(Injectable):
     async def warm_service(self, address: str, port: int, path: str) -> None:
         await self._answer("warm_service", address)
 
-    async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str, workdir: str,
+    async def init(self, address: str, *, token: str, env_vars: dict[str, str], user: str | None = None,
+                   workdir: str | None = None,
                    hostname: str | None = None, current_token: str | None = None,
                    trusted_certificates: str | None = None, volumes: tuple = ()) -> None:
         await self._answer("init", address)
