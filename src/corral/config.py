@@ -131,6 +131,12 @@ class PlatformSettings:
     volume_default_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_DEFAULT_MB", 1024))
     volume_max_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_MAX_MB", 100 * 1024))
 
+    # Who may scrape GET /metrics (docs/operations.md): with a token, scrapes that send it as a bearer token;
+    # public, anyone who reaches the listener; neither, clients on loopback only.
+    metrics_token: str = field(default_factory=lambda: os.environ.get("CORRAL_METRICS_TOKEN", ""))
+    metrics_public: bool = field(
+        default_factory=lambda: os.environ.get("CORRAL_METRICS_PUBLIC", "").lower() in ("1", "true", "yes"))
+
     def secrets_key_file(self, settings: Settings) -> Path:
         """The key secrets are sealed with (control/secrets.py): CORRAL_SECRETS_KEY_FILE, else in the data
         directory."""

@@ -115,6 +115,7 @@ class CorralServer:
                                                     max_mb=platform.volume_max_mb))
         self.control.public_domain = domain if public else None
         self.control.templates = _templates(self.database, runtime, store, settings, platform)
+        self.control.templates.metrics = self.control.metrics
         # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).
         self.resolver = None
         if public and domain and settings.service_address is not None:
@@ -133,6 +134,7 @@ class CorralServer:
                                             secret=self._egress_secret, upstream_tls=_upstream_tls())
         self.api = create_api(self.control, self.keys, HostPaths.of(settings))
         self.proxy = SandboxProxy(self._address, self.control.sandboxes.ingress)
+        self.control.metrics.proxy = self.proxy.traffic
         self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
 

@@ -48,13 +48,20 @@ def serve_command(
     tls_key: Path = typer.Option(None, envvar="CORRAL_TLS_KEY", help="The key of --tls-cert."),
     pool_size: int = typer.Option(None, help="Warm sandboxes kept per pooled template (CORRAL_POOL_SIZE)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_format: str = typer.Option("text", envvar="CORRAL_LOG_FORMAT",
+                                   help="text, or json: one JSON object per log line (ts, level, logger, message, "
+                                        "requestID inside an API request)."),
 ) -> None:
     """Serve the E2B-compatible API and the sandbox proxy: plain HTTP on --port, and HTTPS for the public
     domain on --https-port."""
     import dataclasses
 
+    from corral.observability.logs import LOG_FORMATS, configure_logging
     from corral.server import CorralServer
 
+    if log_format not in LOG_FORMATS:
+        Console(stderr=True).print(f"[red]error:[/red] --log-format must be one of {', '.join(LOG_FORMATS)}")
+        raise typer.Exit(2)
     settings = load_settings()
     platform = PlatformSettings()
     if pool_size is not None:
@@ -107,9 +114,9 @@ def serve_command(
         lines = [f"export E2B_API_URL=http://{shown}:{port}", f"export E2B_SANDBOX_URL=http://{shown}:{port}",
                  key_line]
     print("\n".join(lines), flush=True)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
+    configure_logging(log_format, log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(_serve(server, http_sockets, https_sockets, tls, log_level))
+    asyncio.run(_serve(server, http_sockets, https_sockets, tls, log_level, log_format))
 
 
 def _tls_files(settings, domain: str, cert: Path | None, key: Path | None):
@@ -170,7 +177,7 @@ def _bind(host: str, port: int, what: str, *, quiet: bool = False) -> list[socke
 
 
 async def _serve(server, http_sockets: list[socket.socket], https_sockets: list[socket.socket], tls,
-                 log_level: str) -> None:
+                 log_level: str, log_format: str = "text") -> None:
     """Both listeners in one process over one app. The HTTP one runs the app's start-up and shutdown, and
     the HTTPS one starts once it is up. A signal stops HTTPS first (it holds the handlers last), and
     uvicorn passes it on to HTTP, which shuts the app down."""
@@ -178,6 +185,8 @@ async def _serve(server, http_sockets: list[socket.socket], https_sockets: list[
 
     common = dict(log_level=log_level, access_log=False, timeout_keep_alive=300, timeout_graceful_shutdown=5,
                   ws="websockets-sansio")
+    if log_format == "json":
+        common["log_config"] = None  # uvicorn's loggers then write through the root logger's JSON handler
     http = uvicorn.Server(uvicorn.Config(server, lifespan="on", **common))
     http_task = asyncio.create_task(http.serve(sockets=http_sockets))
     if not https_sockets:

@@ -1,5 +1,5 @@
 """The E2B-compatible REST API (FastAPI): exact success codes and `{code, message}` errors, since the SDKs
-parse nothing else."""
+parse nothing else (errors also name the request's id, `requestID`, which the SDKs pass over)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from corral.control.api_common import (
     page_token,
     sandbox_answer,
 )
+from corral.control.api_observability import observability_routes
 from corral.control.api_secrets import secrets_routes
 from corral.control.api_templates import template_routes
 from corral.control.api_volumes import volume_routes
@@ -35,6 +36,7 @@ from corral.control.network import Egress, Ingress, egress_from, ingress_from_cr
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
 from corral.envd import ENVD_VERSION
+from corral.observability.logs import REQUEST_ID_HEADER, RequestIds, request_id
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.runtime.base import RuntimeError_
 
@@ -93,12 +95,19 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app = FastAPI(title="Corral API", version=__version__,
                   description="E2B-compatible sandbox API served by Corral. Authenticate with `X-API-KEY`.")
     app.state.keys = keys
+    app.add_middleware(RequestIds)
+
+    def error_body(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        # The header is named here too: an unexpected exception is answered outside RequestIds.
+        rid = request_id.get()
+        return JSONResponse({"code": status, "message": message, "requestID": rid}, status_code=status,
+                            headers={**(headers or {}), **({REQUEST_ID_HEADER: rid} if rid else {})})
 
     async def error_answer(request: Request, exc: Exception) -> JSONResponse:
         status, message = to_http(exc, paths)
         if status >= 500 and not isinstance(exc, ApiError):
             log.warning("%s %s: %s", request.method, request.url.path, exc)  # with the paths the client is not shown
-        return JSONResponse({"code": status, "message": message}, status_code=status)
+        return error_body(status, message)
 
     # Exception last: what nothing else answers is a 500 in the same shape (Starlette still logs it).
     for kind in (ApiError, RuntimeError_, EnvdUnavailable, Exception):
@@ -107,12 +116,11 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"code": 400, "message": problems or "invalid request"}, status_code=400)
+        return error_body(400, problems or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"code": exc.status_code, "message": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_body(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.get("/health", response_model=schemas.Health, tags=["server"])
     async def health() -> schemas.Health:
@@ -257,6 +265,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     # Before branching's `DELETE /templates/{id:path}`, which would take `DELETE /templates/tags`.
     app.include_router(template_routes(lambda: plane.templates))
     app.include_router(branching_routes(plane, paths))
+    app.include_router(observability_routes(plane, paths))
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     app.include_router(volume_routes(lambda: getattr(plane, "volumes", None), lambda: plane.public_domain))
     return app

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.control.api_common import ERRORS, Key
 from corral.control.errors import ApiError
 from corral.control.volumes import VolumeInfo, Volumes
+from corral.observability.logs import request_id
 from corral.storage.volume_files import VolumeFiles, VolumePathError
 
 _ERRORS = {**ERRORS, 409: ERRORS[404]}
@@ -51,7 +52,7 @@ def _answer(info: VolumeInfo, token: str, domain: str | None) -> VolumeAndToken:
 
 
 def _content_error(e: VolumePathError) -> JSONResponse:
-    return JSONResponse({"code": e.code, "message": e.message}, status_code=e.status)
+    return JSONResponse({"code": e.code, "message": e.message, "requestID": request_id.get()}, status_code=e.status)
 
 
 def _int(request: Request, name: str, *, octal_ok: bool = False) -> int | None:

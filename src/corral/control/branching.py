@@ -24,6 +24,7 @@ from corral.control.errors import ApiError
 from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
+from corral.observability.metrics import UNSCRAPED, ServerMetrics
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources
 
@@ -42,6 +43,7 @@ class Branching:
         self._orchestrator = orchestrator
         # Snapshot names may not shadow templates.
         self._is_template = is_template
+        self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by control/plane.py
 
     # --- pause and resume ------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class Branching:
     async def resume(self, key_id: str, sandbox_id: str, *, timeout: int | None,
                      memory: bool = True) -> tuple[SandboxRow, bool]:
         """Resumes a paused sandbox (True) or, if it runs, extends its timeout (False)."""
+        started = time.perf_counter()
         async with self._sandboxes.locks[sandbox_id]:
             row = await self._sandboxes.get(key_id, sandbox_id)
             if row.state == "running":
@@ -109,6 +112,7 @@ class Branching:
             if node is not None:
                 await self._tree.drop_memory(node_id)
             self._sandboxes.came_online(stored)
+            self.metrics.resume_seconds.observe(time.perf_counter() - started)
             return stored, True
 
     async def auto_resume(self, sandbox_id: str) -> bool:
@@ -160,6 +164,13 @@ class Branching:
 
     async def fork(self, key_id: str, sandbox_id: str, *, count: int,
                    timeout: int | None) -> list[SandboxRow | BaseException]:
+        started = time.perf_counter()
+        results = await self._fork(key_id, sandbox_id, count=count, timeout=timeout)
+        self.metrics.fork_seconds.observe(time.perf_counter() - started)
+        return results
+
+    async def _fork(self, key_id: str, sandbox_id: str, *, count: int,
+                    timeout: int | None) -> list[SandboxRow | BaseException]:
         if not 1 <= count <= MAX_FORKS:
             raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
         row = await self._sandboxes.get(key_id, sandbox_id)

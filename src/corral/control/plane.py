@@ -22,6 +22,7 @@ from corral.control.secrets import Secrets
 from corral.control.templates import Templates
 from corral.control.tree import CheckpointTree
 from corral.control.volumes import Volumes
+from corral.observability.metrics import ServerMetrics
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
 
@@ -29,13 +30,15 @@ from corral.orchestrator.sandboxes import Orchestrator
 class ControlPlane:
     def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
                  checkpoint_dir: Path, is_template: Callable[[str], bool], secrets: Secrets | None = None,
-                 volumes: Volumes | None = None) -> None:
+                 volumes: Volumes | None = None, metrics: ServerMetrics | None = None) -> None:
         self._db = database
+        self.settings = settings
         self.orchestrator = orchestrator
         self.sandboxes = Sandboxes(database, orchestrator, settings)
         self.tree = CheckpointTree(database, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
         self.branching = Branching(database, self.sandboxes, self.tree, orchestrator, is_template=is_template)
         self.sandboxes.checkpoints = self.branching
+        self.metrics = self.sandboxes.metrics = self.branching.metrics = metrics or ServerMetrics()
         # The domain sandboxes are served under over HTTPS (`<port>-<id>.<domain>`), named in answers.
         self.public_domain: str | None = None
         self.secrets = secrets

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from corral.config import PlatformSettings
@@ -28,6 +28,7 @@ from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
 from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
 from corral.control.volumes import Volumes
+from corral.observability.metrics import UNSCRAPED, ServerMetrics
 from corral.orchestrator.envd_link import EnvdUnavailable
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.base import Resources, VolumeMount
@@ -89,6 +90,7 @@ class Sandboxes:
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
+        self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by control/plane.py
 
     def start_sampling(self) -> None:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
@@ -113,10 +115,21 @@ class Sandboxes:
             raise ApiError(400, f"timeout {timeout}s is above this server's maximum of {maximum}s")
         return timeout
 
-    async def create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
-                     env_vars: dict[str, str], internet: bool, lifecycle: dict,
-                     ingress: Ingress | None = None, egress: Egress | None = None,
-                     volume_mounts: list[dict] | None = None) -> SandboxRow:
+    async def create(self, key_id: str, template: str, **options) -> SandboxRow:
+        """A new sandbox of `template` (or from a snapshot of that name); its time and outcome are metered."""
+        started = time.perf_counter()
+        try:
+            row = await self._create(key_id, template, **options)
+        except Exception:
+            self.metrics.created(key_id, None)
+            raise
+        self.metrics.created(key_id, time.perf_counter() - started)
+        return row
+
+    async def _create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
+                      env_vars: dict[str, str], internet: bool, lifecycle: dict,
+                      ingress: Ingress | None = None, egress: Egress | None = None,
+                      volume_mounts: list[dict] | None = None) -> SandboxRow:
         """`volume_mounts`: [{"name", "path"}] as the API received them."""
         seconds = self.timeout_for(timeout)
         ingress, egress = ingress or Ingress(), egress or Egress()
@@ -231,6 +244,16 @@ class Sandboxes:
         rows = await self._db.read(lambda session: list(session.scalars(stmt.order_by(order, SandboxRow.id))))
         return [r for r in rows if r.state in query.states
                 and all((r.sandbox_metadata or {}).get(k) == v for k, v in query.metadata.items())]
+
+    async def count_by_state_and_template(self) -> dict[tuple[str, str], int]:
+        """How many sandboxes are running and paused, per template ID (as the API shows it), for /metrics."""
+        stmt = select(SandboxRow.state, SandboxRow.template, func.count()).group_by(SandboxRow.state,
+                                                                                    SandboxRow.template)
+        counts: dict[tuple[str, str], int] = {}
+        for state, template, count in await self._db.read(lambda session: list(session.execute(stmt))):
+            key = (state, template.partition(":")[0])
+            counts[key] = counts.get(key, 0) + count
+        return counts
 
     async def kill(self, key_id: str, sandbox_id: str) -> None:
         await self.get(key_id, sandbox_id)

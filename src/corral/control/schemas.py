@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 class Error(BaseModel):
     code: int
     message: str
+    requestID: str | None = Field(default=None, description="The request's id, as in its X-Request-ID header: "
+                                                            "the server's log lines about it carry it too")
 
 
 class AutoResume(BaseModel):

@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from corral.control.db import Database, TemplateBuildRow, TemplateRow, TemplateTagRow
 from corral.control.errors import ApiError
+from corral.observability.metrics import UNSCRAPED, ServerMetrics
 from corral.runtime.base import Resources, Runtime, TemplateNotFound
 from corral.templates import prune
 from corral.templates.builder import Builder, BuildFailed, BuildPlan, BuildStep, evict_layers
@@ -163,6 +164,7 @@ class Templates:
         self._admitted = 0  # builds triggered and not finished
         self._eviction: asyncio.Task | None = None  # of the step-layer cache, after a build
         self._upload_key = _load_key(data_dir / "template-uploads.key")
+        self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by server.py
 
     async def start(self) -> None:
         """Builds the last server left unfinished failed: their sandboxes are gone with it."""
@@ -414,11 +416,12 @@ class Templates:
 
         target = self.cache_dir / "templates" / row.id / bid
         work = self.cache_dir / "build-work" / bid
-        status, reason = "error", None
+        status, reason, began = "error", None, None
         try:
             if self._slots.locked():
                 say("info", "Waiting for a free build slot")
             async with self._slots:
+                began = time.monotonic()
                 await self._set(bid, status="building")
                 say("info", f"Building template {row.name} ({row.id}), build {bid}")
                 async with asyncio.timeout(self.limits.timeout_s):
@@ -454,6 +457,8 @@ class Templates:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._set(bid, status=status, reason=reason, finished_at=time.time()))
             logs.finish(bid)
+            if began is not None:
+                self.metrics.build_finished(status == "ready", time.monotonic() - began)
             self._admitted -= 1
             self._tasks.pop(bid, None)  # finished as far as anyone asks (deleting the template, say)
             if self._eviction is None or self._eviction.done():

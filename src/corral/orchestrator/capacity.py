@@ -104,6 +104,9 @@ class Capacity:
         self._retry: asyncio.TimerHandle | None = None  # wakes the scheduler when failed refills are due
         self._scheduler: asyncio.Task | None = None
         self._closed = False
+        # Failed starts from a memory snapshot, by the container they were tried in: "prepared" (made ahead;
+        # a new one is tried next) or "new" (the start failed). Read by /metrics; counts only grow.
+        self.restore_failures: Counter[str] = Counter()
 
     # --- life ------------------------------------------------------------------------------------
 
@@ -218,13 +221,19 @@ class Capacity:
                     try:
                         return await self._runtime.start(prepared, config, snapshot)
                     except SandboxFailed as exc:
+                        self.restore_failures["prepared"] += 1
                         # Made ahead, it can have died meanwhile (its host state removed from outside): the
                         # start then takes the ordinary way, once.
                         log.warning("container %s prepared for %s did not start (%s); starting a new one",
                                     prepared.id, snapshot.path.name, exc)
                 self._runtime.check_capacity(config.resources, snapshot if memory else None)
                 prepared = await self._runtime.prepare(snapshot, config.resources, cold=not memory)
-                return await self._runtime.start(prepared, config, snapshot if memory else None)
+                try:
+                    return await self._runtime.start(prepared, config, snapshot if memory else None)
+                except Exception:
+                    if memory:
+                        self.restore_failures["new"] += 1
+                    raise
         finally:
             if taken is not None:  # cancelled while it waited for the budget
                 await self._runtime.discard(taken)

@@ -55,6 +55,21 @@ def route_from_host(host: str, domain: str) -> tuple[str, int] | None:
     return match["sandbox"], int(match["port"])
 
 
+class ProxyTraffic:
+    """What the proxy forwarded, read by /metrics at scrape time: plain integers, since the proxy runs on
+    one event loop (no locks) and per-request labels would only multiply series."""
+
+    __slots__ = ("bytes_in", "bytes_out", "responses")
+
+    def __init__(self) -> None:
+        self.responses = [0] * 6  # by status class: [1] 1xx (WebSockets accepted) ... [5] 5xx
+        self.bytes_in = 0  # request bodies and WebSocket messages from clients to sandboxes
+        self.bytes_out = 0  # response bodies and WebSocket messages from sandboxes to clients
+
+    def answered(self, status: int) -> None:
+        self.responses[min(max(status // 100, 1), 5)] += 1
+
+
 class SandboxProxy:
     def __init__(self, resolve: Callable[[str], Awaitable[str | None]],
                  ingress: Callable[[str], Awaitable[Ingress | None]] | None = None) -> None:
@@ -69,6 +84,7 @@ class SandboxProxy:
         # cancelled (to tell its cancellation from a server shutdown's).
         self._exchanges: dict[str, set[asyncio.Task]] = {}
         self._cut: set[asyncio.Task] = set()
+        self.traffic = ProxyTraffic()
         logging.getLogger("uvicorn.error").addFilter(_QuietCutShort())
 
     def _client(self, sandbox_id: str) -> aiohttp.ClientSession:
@@ -102,6 +118,8 @@ class SandboxProxy:
             await self.forget(sandbox_id)
 
     async def __call__(self, scope, receive, send, sandbox_id: str, port: int) -> None:
+        response = _ResponseProgress(send, self.traffic)
+        send = response.send
         rules = await self._ingress(sandbox_id) if self._ingress is not None else None
         if rules is not None:
             # Before the address: a request without the token must not wake (auto-resume) the sandbox.
@@ -119,9 +137,8 @@ class SandboxProxy:
         exchange = asyncio.current_task()
         exchanges = self._exchanges.setdefault(sandbox_id, set())
         exchanges.add(exchange)
-        response = _ResponseProgress(send)
         try:
-            await self._forward(scope, receive, response.send, sandbox_id, address, port)
+            await self._forward(scope, receive, send, sandbox_id, address, port)
         except asyncio.CancelledError:
             if exchange not in self._cut or exchange.uncancel() > 0:
                 raise  # not (only) `forget`: e.g. the server is shutting down
@@ -163,7 +180,7 @@ class SandboxProxy:
         try:
             # A service inside that speaks HTTPS (`httpsPorts`) has whatever certificate it made itself.
             upstream = await client.request(scope["method"], URL(target, encoded=True), headers=headers,
-                                            data=_body(receive, body_read) if has_body else None,
+                                            data=_body(receive, body_read, self.traffic) if has_body else None,
                                             allow_redirects=False, ssl=scheme != "https")
         except aiohttp.ClientConnectorError:
             await _error(send, sandbox_id, PORT_CLOSED, html=_wants_html(scope))
@@ -216,7 +233,9 @@ class SandboxProxy:
                 if event["type"] == "websocket.disconnect":
                     await upstream.close()
                     return
-                await upstream.send(event.get("bytes") if event.get("bytes") is not None else event.get("text"))
+                data = event.get("bytes") if event.get("bytes") is not None else event.get("text")
+                self.traffic.bytes_in += len(data or b"")
+                await upstream.send(data)
 
         async def sandbox_to_client() -> None:
             try:
@@ -237,16 +256,28 @@ class SandboxProxy:
 
 
 class _ResponseProgress:
-    """Wraps an ASGI `send` to remember whether the response (or WebSocket) has started."""
+    """Wraps an ASGI `send` to remember whether the response (or WebSocket) has started, and counts what
+    is sent in `traffic`."""
 
-    __slots__ = ("_send", "started")
+    __slots__ = ("_send", "_traffic", "started")
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, traffic: ProxyTraffic) -> None:
         self._send = send
+        self._traffic = traffic
         self.started = False
 
     async def send(self, message) -> None:
-        if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+        kind = message["type"]
+        if kind == "http.response.body":
+            self._traffic.bytes_out += len(message.get("body", b""))
+        elif kind == "websocket.send":
+            self._traffic.bytes_out += len(message.get("bytes") or message.get("text") or b"")
+        elif kind in ("http.response.start", "websocket.http.response.start"):
+            self.started = True
+            self._traffic.answered(message["status"])
+        elif kind in ("websocket.accept", "websocket.close"):
+            if not self.started:  # a close before the accept refuses the handshake (403)
+                self._traffic.answered(101 if kind == "websocket.accept" else 403)
             self.started = True
         await self._send(message)
 
@@ -267,12 +298,13 @@ async def _end_cut_short(scope, response: _ResponseProgress, sandbox_id: str) ->
         await _error(response.send, sandbox_id, CUT_SHORT)
 
 
-async def _body(receive, read: asyncio.Event) -> AsyncIterator[bytes]:
+async def _body(receive, read: asyncio.Event, traffic: ProxyTraffic) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
         if chunk := message.get("body", b""):
+            traffic.bytes_in += len(chunk)
             yield chunk
         if not message.get("more_body", False):
             read.set()

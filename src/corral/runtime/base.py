@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,12 @@ class Runtime(abc.ABC):
     def log_tail(self, sandbox_id: str, lines: int = 20) -> str:
         """The last lines the sandbox's start command and the backend printed (for error messages)."""
 
+    def output(self, sandbox_id: str, max_bytes: int = 1 << 20) -> tuple[bytes, float | None]:
+        """The last `max_bytes` (whole lines) of what the sandbox's init printed and the backend logged about
+        it, and when that was last written (None: never). For the sandbox logs endpoint; a backend that
+        keeps no such log has none."""
+        return b"", None
+
     # --- conveniences built on the above (no pooling: that is the orchestrator's) -------------------
 
     async def boot(self, layers: list[Path], command: list[str], config: SandboxConfig, *,
@@ -390,3 +397,19 @@ class Runtime(abc.ABC):
                     await self.destroy(r.id)
             raise failures[0]
         return list(results)  # type: ignore[arg-type]
+
+
+def read_tail(path: Path, max_bytes: int) -> tuple[bytes, float | None]:
+    """The last `max_bytes` of a log file, from the start of a line, and its modification time; nothing
+    (and None) when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            cut = info.st_size > max_bytes
+            f.seek(info.st_size - max_bytes if cut else 0)
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        return b"", None
+    if cut:
+        data = data.partition(b"\n")[2]
+    return data, info.st_mtime

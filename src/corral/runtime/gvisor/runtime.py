@@ -43,6 +43,7 @@ from corral.runtime.base import (
     Stats,
     TemplateNotFound,
     VolumeMount,
+    read_tail,
 )
 from corral.runtime.gvisor import checkpointing, oci, recovery, running, snapshots, volumes
 from corral.runtime.gvisor.cgroups import SandboxCgroup
@@ -405,3 +406,8 @@ class GVisorRuntime(Runtime):
         if c is None:
             raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
         return log_tail(c.log, lines, sep="\n")
+
+    def output(self, sandbox_id: str, max_bytes: int = 1 << 20) -> tuple[bytes, float | None]:
+        if (c := self.table.get(sandbox_id)) is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist")
+        return read_tail(c.log, max_bytes)  # runsc.log: runsc's messages and the console of the sandbox's init
