@@ -29,7 +29,8 @@ template_app = typer.Typer(no_args_is_help=True, help="Templates: the built-in o
                                                       "ls --local, prune) and your own on the server (build "
                                                       "--dockerfile, ls, rm, logs).")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes: through the server's API (ls, create, info, "
-                                                     "kill, exec, pause, resume, snapshot, fork) or directly on "
+                                                     "kill, exec, logs, pause, resume, snapshot, fork) or "
+                                                     "directly on "
                                                      "this host (run).")
 app.add_typer(template_app, name="template")
 app.add_typer(sandbox_app, name="sandbox")
@@ -39,7 +40,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(tree_app, name="tree")
 for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_create), ("info", remote.sandbox_info),
                         ("kill", remote.sandbox_kill), ("pause", sandbox_pause), ("resume", sandbox_resume),
-                        ("snapshot", sandbox_snapshot), ("fork", sandbox_fork)):
+                        ("snapshot", sandbox_snapshot), ("fork", sandbox_fork), ("logs", remote.sandbox_logs)):
     sandbox_app.command(_name)(_command)
 sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})(remote.sandbox_exec)
 template_app.command("rm")(template_rm)

@@ -1,12 +1,14 @@
-"""`corral sandbox ls|create|info|kill|exec`: the server's API from the command line."""
+"""`corral sandbox ls|create|info|kill|exec|logs`: the server's API from the command line."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import struct
 import sys
+import time
 
 import httpx
 import typer
@@ -141,6 +143,51 @@ def sandbox_exec(sandbox_id: str = typer.Argument(...), command: list[str] = typ
             elif end := event.get("end"):
                 exit_code = end.get("exitCode", 0) if end.get("exited", False) else 128 + 9
     raise typer.Exit(exit_code)
+
+
+def sandbox_logs(sandbox_id: str = typer.Argument(...), url: str = UrlOption, api_key: str = KeyOption,
+                 follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the "
+                                                                           "sandbox is killed (Ctrl-C stops)."),
+                 every: float = typer.Option(1.0, "--every", help="With --follow: seconds between looks.")):
+    """Print what envd and the template's start command printed in a sandbox (its last 1000 lines)."""
+    api = Api(url, api_key)
+    with contextlib.suppress(KeyboardInterrupt):
+        _print_logs(api, sandbox_id, follow, every)
+
+
+def _print_logs(api: Api, sandbox_id: str, follow: bool, every: float) -> None:
+    printed: dict[str, int] = {}  # source -> lines of it printed so far
+    while True:
+        response = api.client.get(f"/v2/sandboxes/{sandbox_id}/logs",
+                                  params={"direction": "backward", "limit": 1000})
+        if follow and printed and response.status_code == 404:
+            err_console.print(f"sandbox {sandbox_id} is gone")
+            return
+        if response.status_code >= 400:
+            api.call("GET", f"/v2/sandboxes/{sandbox_id}/logs")  # says why and exits
+        for entry in _new_lines(reversed(response.json()["logs"]), printed):
+            print(entry["message"], flush=True)
+        if not follow:
+            return
+        time.sleep(every)
+
+
+def _new_lines(entries, printed: dict[str, int]) -> list[dict]:
+    """The entries not printed yet, by each source's line numbers. A source whose lines now end before what
+    was printed started anew (a resumed sandbox runs in a new container): all of it is new."""
+    entries = list(entries)
+    by_source: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_source.setdefault(entry["fields"].get("source", ""), []).append(entry)
+    fresh = []
+    for source, lines in by_source.items():
+        numbers = [int(e["fields"].get("line", 0)) for e in lines]
+        seen = printed.get(source, 0)
+        if max(numbers) < seen:
+            seen = 0
+        fresh += [e for e, n in zip(lines, numbers, strict=True) if n > seen]
+        printed[source] = max(numbers)
+    return sorted(fresh, key=lambda e: (e["fields"].get("source") != "runtime", int(e["fields"].get("line", 0))))
 
 
 def _envelopes(chunks):
