@@ -85,8 +85,16 @@ async def mount_overlay(target: Path, lowers: list[Path], upper: Path, work: Pat
 
 async def unmount(path: Path) -> None:
     """Lazily unmounts if mounted; the loop device of a disk is freed by the kernel (autoclear)."""
-    if os.path.ismount(path):
+    if os.path.ismount(path) or is_mounted(path):
         await _run("umount", "-l", str(path))
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether something is mounted at `path`, by the mount table: `os.path.ismount` misses a bind mount of
+    a directory of the same filesystem (same device), e.g. one bound onto itself to make it shared."""
+    target = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].replace("\\040", " ") == target for line in f)
 
 
 def mounts_under(prefix: Path) -> list[Path]:
@@ -103,7 +111,7 @@ def mounts_under(prefix: Path) -> list[Path]:
 def remove_tree(path: Path) -> bool:
     """Removes `path` and everything below it unless something is still mounted below it (a removal would
     go into that filesystem: a volume's files); False then, and nothing is removed."""
-    if mounts_under(path) or os.path.ismount(path):
+    if mounts_under(path) or os.path.ismount(path) or is_mounted(path):
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True

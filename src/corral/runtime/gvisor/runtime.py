@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.config import Settings
@@ -338,9 +339,10 @@ class GVisorRuntime(Runtime):
         return str(self.table.live(sandbox_id).slot.guest), port
 
     async def exec(self, sandbox_id: str, argv: list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None, timeout: float = 60) -> ExecResult:
+                   cwd: str | None = None, user: str | None = None, timeout: float = 60,
+                   on_output: Callable[[str, str], None] | None = None) -> ExecResult:
         return await running.exec_in(self, self.table.live(sandbox_id), argv, env=env, cwd=cwd, user=user,
-                                     timeout=timeout)
+                                     timeout=timeout, on_output=on_output)
 
     def _cgroup(self, sandbox_id: str) -> SandboxCgroup:
         return SandboxCgroup(f"{self.cgroup_parent}/{sandbox_id}")
