@@ -38,7 +38,7 @@ class ControlPlane:
         self.tree = CheckpointTree(database, CheckpointFiles(checkpoint_dir, orchestrator.runtime), orchestrator)
         self.branching = Branching(database, self.sandboxes, self.tree, orchestrator, is_template=is_template)
         self.sandboxes.checkpoints = self.branching
-        self.metrics = self.sandboxes.metrics = self.branching.metrics = metrics or ServerMetrics()
+        self.metrics = self.sandboxes.server_metrics = self.branching.metrics = metrics or ServerMetrics()
         # The domain sandboxes are served under over HTTPS (`<port>-<id>.<domain>`), named in answers.
         self.public_domain: str | None = None
         self.secrets = secrets

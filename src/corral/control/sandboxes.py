@@ -90,7 +90,8 @@ class Sandboxes:
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
-        self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by control/plane.py
+        # The server's Prometheus metrics, handed in by control/plane.py (`metrics()` is a sandbox's samples).
+        self.server_metrics: ServerMetrics = UNSCRAPED
 
     def start_sampling(self) -> None:
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
@@ -121,9 +122,9 @@ class Sandboxes:
         try:
             row = await self._create(key_id, template, **options)
         except Exception:
-            self.metrics.created(key_id, None)
+            self.server_metrics.created(key_id, None)
             raise
-        self.metrics.created(key_id, time.perf_counter() - started)
+        self.server_metrics.created(key_id, time.perf_counter() - started)
         return row
 
     async def _create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
