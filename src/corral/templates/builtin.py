@@ -130,4 +130,149 @@ CODE_INTERPRETER = Recipe(
     warm_up=(INTERPRETER_PORT, "/warm"),
 )
 
-BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER)}
+
+# ---------------------------------------------------------------------------------------------- desktop
+# What the e2b-desktop SDK drives (docs/desktop.md): an X server (Xvfb), an XFCE session, xdotool, scrot,
+# xrandr, x11vnc and noVNC, a browser, a terminal and a text editor. The snapshot has Xvfb on :0 and the
+# session already running, so the SDK's start-up on create finds them (its own `Xvfb` and `startxfce4`
+# come back at once through the two wrappers below) and the first screenshot needs no boot of X.
+
+DESKTOP_DISPLAY = ":0"
+# Exactly what the SDK runs for its default resolution and DPI, so the wrapper can tell it is the same.
+DESKTOP_XVFB_ARGS = f"{DESKTOP_DISPLAY} -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix"
+
+# /usr/local/bin/Xvfb, ahead of /usr/bin in every login PATH.
+_XVFB_WRAPPER = r"""#!/bin/sh
+# The desktop template's snapshot has an X server running already (corral/templates/builtin.py). When the
+# e2b-desktop SDK starts one on the same display: with the same arguments, the running one is kept; with
+# others (another resolution or DPI), the running one and its session are stopped and a new one started.
+lock="/tmp/.X${1#:}-lock"
+pid=$(tr -d ' ' < "$lock" 2>/dev/null)
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -d' ' -f2-)
+    if [ "$running" = "$* " ]; then
+        exit 0
+    fi
+    kill "$pid"
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || pgrep -x 'xfce4-session|xfwm4|xfdesktop|xfce4-panel' >/dev/null || break
+        sleep 0.1
+    done
+    pkill -KILL -x 'xfce4-session|xfwm4|xfdesktop|xfce4-panel'
+fi
+exec /usr/bin/Xvfb "$@"
+"""
+
+# /usr/local/bin/startxfce4: a second session on a display that has one would start a second window
+# manager and desktop fighting the first.
+_STARTXFCE4_WRAPPER = r"""#!/bin/sh
+for pid in $(pgrep -x xfce4-session); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "DISPLAY=$DISPLAY"; then
+        exit 0
+    fi
+done
+exec /usr/bin/startxfce4 "$@"
+"""
+
+# Run as `user` by the template's start command: the X server as the SDK starts it, then the session.
+_DESKTOP_SESSION = f"""#!/bin/sh
+export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1
+/usr/bin/Xvfb {DESKTOP_XVFB_ARGS} &
+until xdpyinfo -display "$DISPLAY" >/dev/null 2>&1; do sleep 0.05; done
+# Xvfb blanks its screen after ten idle minutes unless told not to.
+xset s off s noblank
+exec startxfce4
+"""
+
+# Compositing costs CPU on every redraw and shows nothing on a virtual screen.
+_XFWM4_SETTINGS = """<?xml version="1.0" encoding="UTF-8"?>
+<channel name="xfwm4" version="1.0">
+  <property name="general" type="empty">
+    <property name="use_compositing" type="bool" value="false"/>
+  </property>
+</channel>
+"""
+
+# No first-run pages, update checks or default-browser questions in front of what an agent opens.
+_FIREFOX_POLICIES = json.dumps({"policies": {
+    "DisableAppUpdate": True, "DontCheckDefaultBrowser": True, "DisableTelemetry": True,
+    "OverrideFirstRunPage": "", "OverridePostUpdatePage": "", "NoDefaultBookmarks": True,
+    "UserMessaging": {"WhatsNew": False, "ExtensionRecommendations": False, "FeatureRecommendations": False,
+                      "UrlbarInterventions": False, "SkipOnboarding": True, "MoreFromMozilla": False},
+}})
+
+# gVisor (runsc 20240729) fails close_range() with EINVAL when `last` is above INT_MAX, and GLib's g_spawn
+# asks for (fd, UINT_MAX) and gives up on any error but ENOSYS: XFCE could start none of its programs
+# ("Failed to close file descriptor for child process"), nor gtk-launch or exo-open theirs. No descriptor
+# can be above INT_MAX, so this preloaded close_range cuts the range there.
+_CLOSE_RANGE_SHIM = r"""#define _GNU_SOURCE
+#include <limits.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int close_range(unsigned int first, unsigned int last, int flags) {
+    if (last > INT_MAX)
+        last = INT_MAX;
+    return syscall(SYS_close_range, first, last, flags);
+}
+"""
+_CLOSE_RANGE_LIB = "/usr/local/lib/corral-close-range.so"
+
+_USER_XFCONF = "/home/user/.config/xfce4/xfconf/xfce-perchannel-xml"
+
+DESKTOP = Recipe(
+    name="desktop",
+    packages=(
+        *BASE.packages,
+        "xvfb", "xauth", "x11-utils", "x11-xserver-utils", "xdotool", "scrot", "x11vnc", "net-tools",
+        "xdg-utils", "libgtk-3-bin", "dbus-x11",
+        "xfce4-session", "xfwm4", "xfce4-panel", "xfdesktop4", "xfce4-settings", "xfconf", "thunar",
+        "librsvg2-common", "adwaita-icon-theme", "tango-icon-theme", "desktop-base",
+        "novnc", "websockify",
+        "firefox-esr", "xfce4-terminal", "mousepad",
+        "fonts-dejavu-core", "fonts-liberation",
+        "gcc", "libc6-dev",  # for the close_range shim only; removed again by setup
+    ),
+    npm=BASE.npm,
+    setup=(
+        *BASE.setup,
+        f"cat > /tmp/close_range.c <<'CORRAL_EOF'\n{_CLOSE_RANGE_SHIM}CORRAL_EOF",
+        f"gcc -O2 -shared -fPIC -o {_CLOSE_RANGE_LIB} /tmp/close_range.c && rm /tmp/close_range.c && "
+        f"echo {_CLOSE_RANGE_LIB} > /etc/ld.so.preload && apt-get purge -y -q --autoremove gcc libc6-dev",
+        # Programs that are not root can use the ICE sockets (XFCE's session management) only if root made
+        # their directory.
+        "mkdir -p -m 1777 /tmp/.ICE-unix /tmp/.X11-unix",
+        # noVNC where the SDK runs it: `cd /opt/noVNC/utils && ./novnc_proxy ... --web /opt/noVNC`;
+        # Debian's novnc_proxy finds Debian's websockify on the PATH.
+        "ln -s /usr/share/novnc /opt/noVNC && ln -s vnc.html /usr/share/novnc/index.html && "
+        "test -x /opt/noVNC/utils/novnc_proxy && command -v websockify",
+        f"cat > /usr/local/bin/Xvfb <<'CORRAL_EOF'\n{_XVFB_WRAPPER}CORRAL_EOF",
+        f"cat > /usr/local/bin/startxfce4 <<'CORRAL_EOF'\n{_STARTXFCE4_WRAPPER}CORRAL_EOF",
+        "mkdir -p /usr/libexec/corral && "
+        f"cat > /usr/libexec/corral/desktop-session <<'CORRAL_EOF'\n{_DESKTOP_SESSION}CORRAL_EOF",
+        "chmod 0755 /usr/local/bin/Xvfb /usr/local/bin/startxfce4 /usr/libexec/corral/desktop-session",
+        # The panel asks how to set itself up on its first start unless it finds its configuration.
+        f"mkdir -p {_USER_XFCONF} && cp /etc/xdg/xfce4/panel/default.xml {_USER_XFCONF}/xfce4-panel.xml && "
+        f"cat > {_USER_XFCONF}/xfwm4.xml <<'CORRAL_EOF'\n{_XFWM4_SETTINGS}CORRAL_EOF",
+        "mkdir -p /usr/lib/firefox-esr/distribution && "
+        f"echo '{_FIREFOX_POLICIES}' > /usr/lib/firefox-esr/distribution/policies.json",
+        # `launch("mousepad")` and `launch("firefox")` (gtk-launch takes a .desktop file's name).
+        "mkdir -p /usr/local/share/applications && "
+        "for pair in mousepad:org.xfce.mousepad firefox:firefox-esr; do "
+        "name=${pair%%:*}; target=/usr/share/applications/${pair#*:}.desktop; test -f $target; "
+        "sed '/^\\[Desktop Entry\\]$/a NoDisplay=true' $target > /usr/local/share/applications/$name.desktop; "
+        "grep -q NoDisplay=true /usr/local/share/applications/$name.desktop; done",
+        "chown -R user:user /home/user",
+    ),
+    # envd as in `base`, plus the X server and the XFCE session as `user`, all under tini so all are checkpointed.
+    start_command=("/usr/bin/tini", "-s", "--", "/bin/sh", "-c",
+                   "setpriv --reuid=1000 --regid=1000 --init-groups --reset-env "
+                   "/usr/libexec/corral/desktop-session >/tmp/desktop-session.log 2>&1 & exec "
+                   + " ".join(ENVD_START) + " --default-user user --workdir /home/user"),
+    # What the SDK waits for after `startxfce4`, and the panel (the last to map its window).
+    ready=ReadyCheck(command=("/bin/sh", "-c", "pgrep -x xfce4-session && pgrep -x xfwm4 && pgrep -x xfdesktop "
+                                               "&& pgrep -x xfce4-panel"), timeout_s=120, interval_s=0.5),
+    workdir="/home/user",
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER, DESKTOP)}
