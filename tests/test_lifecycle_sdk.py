@@ -147,7 +147,8 @@ def test_list_started_after_without_a_utc_offset_is_400(server, opts):
                        headers={"X-API-KEY": opts["api_key"]})
     assert answer.status_code == 400
     assert answer.json() == {"code": 400, "message": "startedAfter must carry a UTC offset ('Z' or e.g. "
-                                                     "'+02:00'), got '2026-01-02T15:04:05'"}
+                                                     "'+02:00'), got '2026-01-02T15:04:05'",
+                             "requestID": answer.headers["x-request-id"]}
 
 
 def test_list_malformed_metadata_is_400(server, opts):

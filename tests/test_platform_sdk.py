@@ -208,7 +208,8 @@ def test_invalid_requests_get_json_errors(server, key):
     assert negative.status_code == 400
     assert httpx.get(f"{server.url}/v2/sandboxes", params={"state": "sleeping"}, headers=headers).status_code == 400
     assert httpx.get(f"{server.url}/v2/sandboxes", params={"nextToken": "garbage"}, headers=headers).status_code == 400
-    assert httpx.get(f"{server.url}/nope", headers=headers).json() == {"code": 404, "message": "Not Found"}
+    nope = httpx.get(f"{server.url}/nope", headers=headers)
+    assert nope.json() == {"code": 404, "message": "Not Found", "requestID": nope.headers["x-request-id"]}
 
 
 def test_server_restart_after_kill_9_keeps_sandboxes(server, opts):

@@ -174,7 +174,8 @@ def test_content_errors_carry_a_string_code_and_a_message(server, volumes):
     answer = httpx.get(f"{server.url}/volumecontent/{volume.volume_id}/path", params={"path": "/missing"},
                        headers={"Authorization": f"Bearer {volume.token}"})
     assert answer.status_code == 404
-    assert answer.json() == {"code": "not_found", "message": "path /missing does not exist in the volume"}
+    assert answer.json() == {"code": "not_found", "message": "path /missing does not exist in the volume",
+                             "requestID": answer.headers["x-request-id"]}
     unauthorized = httpx.get(f"{server.url}/volumecontent/{volume.volume_id}/path", params={"path": "/"})
     assert unauthorized.status_code == 401 and unauthorized.json()["code"] == "unauthorized"
 
