@@ -89,8 +89,6 @@ def test_sandbox_runs_as_the_dockerfiles_user_in_its_workdir(opts, built):
         sandbox.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: the start command runs during the build (its output is in "
-                                       "the start log) but is not running in the template's sandboxes")
 def test_the_dockerfiles_cmd_runs_in_the_sandbox(opts, built):
     assert built.returncode == 0, built.stderr + built.stdout
     sandbox = Sandbox.create(NAME, **opts)
