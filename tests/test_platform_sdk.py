@@ -201,7 +201,7 @@ def test_async_sdk(opts):
 def test_invalid_requests_get_json_errors(server, key):
     headers = {"X-API-KEY": key}
     bad = httpx.post(f"{server.url}/v2/sandboxes", json={"timeout": 10}, headers=headers)
-    assert bad.status_code == 400 and set(bad.json()) == {"code", "message"}
+    assert bad.status_code == 400 and set(bad.json()) == {"code", "message", "requestID"}
     missing = httpx.post(f"{server.url}/v2/sandboxes", json={"templateID": "no-such-template"}, headers=headers)
     assert missing.status_code == 404 and "no-such-template" in missing.json()["message"]
     negative = httpx.post(f"{server.url}/sandboxes/x/timeout", json={"timeout": -1}, headers=headers)
