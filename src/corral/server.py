@@ -98,6 +98,8 @@ class CorralServer:
                                          prepared_size=platform.prepared_pool_size,
                                          warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
                                                    if recipe.warm_up},
+                                         template_resources={name: recipe.resources
+                                                             for name, recipe in store.recipes.items()},
                                          idle_after_s=platform.idle_freeze_s,
                                          idle_fresh_s=platform.idle_fresh_s,
                                          breathe_every_s=platform.idle_breathe_every_s,

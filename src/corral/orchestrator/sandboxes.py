@@ -40,8 +40,11 @@ class Orchestrator:
                  pool_templates: tuple[str, ...] = (), prepared_size: int = 0,
                  warm_ups: dict[str, tuple[int, str]] | None = None, idle_after_s: float = 0.0,
                  idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
-                 resume_warm_max: int = 16, budget: int | None = None, envd: EnvdLink | None = None) -> None:
+                 resume_warm_max: int = 16, budget: int | None = None, envd: EnvdLink | None = None,
+                 template_resources: dict[str, Resources] | None = None) -> None:
         self.runtime = runtime
+        # Templates whose sandboxes get other resources than the default (the `desktop` recipe's memory).
+        self._template_resources = template_resources or {}
         self._resolve_template = resolve_template
         self.envd = envd or EnvdLink()  # tests pass a stand-in (corral.runtime.fake.FakeEnvd)
         self.registry = Registry()
@@ -149,8 +152,9 @@ class Orchestrator:
                 log.warning("ready sandbox %s of %s does not answer (%s); starting a new one", ready.id,
                             template, exc)
         snapshot = self.template_snapshot(template)
-        config = SandboxConfig(internet=internet, egress_allow=allow_out, egress_deny=deny_out,
-                               egress_domains=allow_domains, egress_rules=header_rules or {}, volumes=volumes)
+        config = SandboxConfig(resources=self._template_resources.get(template, Resources()), internet=internet,
+                               egress_allow=allow_out, egress_deny=deny_out, egress_domains=allow_domains,
+                               egress_rules=header_rules or {}, volumes=volumes)
         sandbox = await self.capacity.start(snapshot, config, stock=True)
         return await self._hand_over(sandbox, token, env_vars, started=True, booted=not snapshot.has_memory,
                                      internet=internet, header_rules=header_rules, volumes=volumes)

@@ -8,6 +8,7 @@ from pathlib import Path
 import corral.interpreter
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.interpreter import DEFAULT_PORT as INTERPRETER_PORT
+from corral.runtime.base import Resources
 from corral.templates.envd_layer import INTERPRETER_COMMAND
 from corral.templates.envd_layer import START_COMMAND as ENVD_START
 from corral.templates.recipe import ReadyCheck, Recipe
@@ -146,6 +147,11 @@ _XVFB_WRAPPER = r"""#!/bin/sh
 # The desktop template's snapshot has an X server running already (corral/templates/builtin.py). When the
 # e2b-desktop SDK starts one on the same display: with the same arguments, the running one is kept; with
 # others (another resolution or DPI), the running one and its session are stopped and a new one started.
+SESSION="xfce4-session xfwm4 xfdesktop xfce4-panel"
+session_running() {
+    for name in $SESSION; do pgrep -x "$name" >/dev/null && return 0; done
+    return 1
+}
 lock="/tmp/.X${1#:}-lock"
 pid=$(tr -d ' ' < "$lock" 2>/dev/null)
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
@@ -155,10 +161,10 @@ if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     fi
     kill "$pid"
     for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || pgrep -x 'xfce4-session|xfwm4|xfdesktop|xfce4-panel' >/dev/null || break
+        if ! kill -0 "$pid" 2>/dev/null && ! session_running; then break; fi
         sleep 0.1
     done
-    pkill -KILL -x 'xfce4-session|xfwm4|xfdesktop|xfce4-panel'
+    for name in $SESSION; do pkill -KILL -x "$name"; done
 fi
 exec /usr/bin/Xvfb "$@"
 """
@@ -218,6 +224,17 @@ int close_range(unsigned int first, unsigned int last, int flags) {
 """
 _CLOSE_RANGE_LIB = "/usr/local/lib/corral-close-range.so"
 
+# The snapshot is taken once the desktop is drawn, not merely started: the desktop's and the panel's windows
+# are shown and the screen has stopped changing (the wallpaper and the panel's icons load after they map).
+_DESKTOP_DRAWN = f"""export DISPLAY={DESKTOP_DISPLAY}
+xdotool search --onlyvisible --class xfdesktop >/dev/null \\
+  && xdotool search --onlyvisible --class xfce4-panel >/dev/null \\
+  && scrot -o /tmp/.drawn-1.png && sleep 2 && scrot -o /tmp/.drawn-2.png && cmp -s /tmp/.drawn-1.png /tmp/.drawn-2.png
+drawn=$?
+rm -f /tmp/.drawn-1.png /tmp/.drawn-2.png
+exit $drawn
+"""
+
 _USER_XFCONF = "/home/user/.config/xfce4/xfconf/xfce-perchannel-xml"
 
 DESKTOP = Recipe(
@@ -239,6 +256,9 @@ DESKTOP = Recipe(
         f"cat > /tmp/close_range.c <<'CORRAL_EOF'\n{_CLOSE_RANGE_SHIM}CORRAL_EOF",
         f"gcc -O2 -shared -fPIC -o {_CLOSE_RANGE_LIB} /tmp/close_range.c && rm /tmp/close_range.c && "
         f"echo {_CLOSE_RANGE_LIB} > /etc/ld.so.preload && apt-get purge -y -q --autoremove gcc libc6-dev",
+        # debootstrap leaves no /etc/hosts, so `localhost` went to DNS, which a sandbox without internet
+        # never answers: websockify's `--vnc localhost:5900` hung (curl and browsers know the name themselves).
+        r"printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts",
         # Programs that are not root can use the ICE sockets (XFCE's session management) only if root made
         # their directory.
         "mkdir -p -m 1777 /tmp/.ICE-unix /tmp/.X11-unix",
@@ -265,14 +285,19 @@ DESKTOP = Recipe(
         "chown -R user:user /home/user",
     ),
     # envd as in `base`, plus the X server and the XFCE session as `user`, all under tini so all are checkpointed.
+    # The session is started from a subshell that exits at once, so it is tini's child (tini reaps it), not
+    # envd's: a session that ends (the Xvfb wrapper stops it) must not stay behind as a zombie that
+    # `pgrep -x xfce4-session` still finds.
     start_command=("/usr/bin/tini", "-s", "--", "/bin/sh", "-c",
-                   "setpriv --reuid=1000 --regid=1000 --init-groups --reset-env "
-                   "/usr/libexec/corral/desktop-session >/tmp/desktop-session.log 2>&1 & exec "
+                   "(setpriv --reuid=1000 --regid=1000 --init-groups --reset-env "
+                   "/usr/libexec/corral/desktop-session >/tmp/desktop-session.log 2>&1 &) && exec "
                    + " ".join(ENVD_START) + " --default-user user --workdir /home/user"),
-    # What the SDK waits for after `startxfce4`, and the panel (the last to map its window).
-    ready=ReadyCheck(command=("/bin/sh", "-c", "pgrep -x xfce4-session && pgrep -x xfwm4 && pgrep -x xfdesktop "
-                                               "&& pgrep -x xfce4-panel"), timeout_s=120, interval_s=0.5),
+    ready=ReadyCheck(command=("/bin/sh", "-c", _DESKTOP_DRAWN), timeout_s=180, interval_s=0.5),
     workdir="/home/user",
+    # The session uses ~350 MB and Firefox as much again per page or more: with the default 512 MB, envd's
+    # OOM guard killed Firefox as it started. Memory is a limit, not a reservation (an idle desktop uses
+    # what it uses).
+    resources=Resources(memory_mb=2048),
 )
 
 BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER, DESKTOP)}

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from corral.runtime.base import Resources
+
 # Bump when the way rootfs or snapshots are built changes, so caches rebuild.
 BUILDER_VERSION = 1
 
@@ -46,6 +48,8 @@ class Recipe:
     # the template's service faults its pages back in then rather than on the user's first request.
     # Not part of the cache keys: it changes nothing that is built.
     warm_up: tuple[int, str] | None = None
+    # What its sandboxes are created with, and its snapshot taken with.
+    resources: Resources = field(default_factory=Resources)
 
     def rootfs_key(self) -> str:
         return _digest({"v": BUILDER_VERSION, "suite": self.suite, "mirror": self.mirror,
@@ -54,8 +58,11 @@ class Recipe:
 
     def snapshot_key(self, environment: dict) -> str:
         """`environment` holds what else shapes the snapshot: runtime platform, runsc version, DNS address."""
+        # Default resources stay out of the key, so snapshots taken before it had resources are still current.
+        resources = {} if self.resources == Resources() else {"resources": asdict(self.resources)}
         return _digest({"rootfs": self.rootfs_key(), "start": list(self.start_command),
-                        "ready": asdict(self.ready), "workdir": self.workdir, "env": self.env, **environment})
+                        "ready": asdict(self.ready), "workdir": self.workdir, "env": self.env, **resources,
+                        **environment})
 
 
 def _digest(data: dict) -> str:

@@ -203,7 +203,8 @@ class TemplateStore:
         envd = await envd_layer.ensure_envd_layer(self.root)
         progress.step("boot", " ".join(recipe.start_command)[:80])
         sandbox = await runtime.boot([etc_layer, envd, rootfs], list(recipe.start_command),
-                                     SandboxConfig(env=recipe.env), template=recipe.name, cwd=recipe.workdir)
+                                     SandboxConfig(env=recipe.env, resources=recipe.resources), template=recipe.name,
+                                     cwd=recipe.workdir)
         try:
             await self._wait_ready(recipe, runtime, sandbox.id, sandbox.address, progress)
         except TemplateBuildFailed:
