@@ -278,7 +278,7 @@ def rfb_handshake(ws, password: str | None) -> tuple[int, int]:
         challenge = read(16)
         # VNC authentication: DES of the challenge, keyed by the password's first 8 bytes, each bit-reversed.
         key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
-        encryptor = Cipher(TripleDES(key), modes.ECB()).encryptor()
+        encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # one key three times: single DES
         ws.send(encryptor.update(challenge) + encryptor.finalize())
     (result,) = struct.unpack(">I", read(4))
     if result != 0:
