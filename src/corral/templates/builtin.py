@@ -159,12 +159,17 @@ if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     if [ "$running" = "$* " ]; then
         exit 0
     fi
-    kill "$pid"
-    for _ in $(seq 50); do
-        if ! kill -0 "$pid" 2>/dev/null && ! session_running; then break; fi
-        sleep 0.1
+    # Everything is gone before the new server starts, or the SDK's `startxfce4` right after would find
+    # the old session still exiting and start none. (The server is the session's child: a dead one stays
+    # a zombie, which `kill -0` still finds, until the session has ended too.)
+    for signal in TERM KILL; do
+        kill -$signal "$pid" 2>/dev/null
+        for name in $SESSION; do pkill -$signal -x "$name"; done
+        for _ in $(seq 50); do
+            if ! kill -0 "$pid" 2>/dev/null && ! session_running; then break 2; fi
+            sleep 0.1
+        done
     done
-    for name in $SESSION; do pkill -KILL -x "$name"; done
 fi
 exec /usr/bin/Xvfb "$@"
 """
@@ -172,8 +177,14 @@ exec /usr/bin/Xvfb "$@"
 # /usr/local/bin/startxfce4: a second session on a display that has one would start a second window
 # manager and desktop fighting the first.
 _STARTXFCE4_WRAPPER = r"""#!/bin/sh
+# A session counts only if it runs on this display's current server (is not older than it): one left
+# from a server the Xvfb wrapper replaced is on its way out.
+display=${DISPLAY#:}
+server=$(tr -d ' ' < "/tmp/.X${display%%.*}-lock" 2>/dev/null)
+server_age=$(ps -o etimes= -p "${server:-0}" 2>/dev/null || echo 0)
 for pid in $(pgrep -x xfce4-session); do
-    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "DISPLAY=$DISPLAY"; then
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "DISPLAY=$DISPLAY" \
+        && [ "$(ps -o etimes= -p "$pid" 2>/dev/null || echo 0)" -le "$server_age" ]; then
         exit 0
     fi
 done
