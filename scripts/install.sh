@@ -43,8 +43,10 @@ packages="nftables debootstrap iproute2 xfsprogs python3-venv python3-pip ca-cer
           libnss-myhostname skopeo umoci"
 # The test suite's own OCI registry (tests/helpers/registry.py); scripts/test.sh asks for it. Not by
 # default: Debian's docker-registry package enables a registry service on port 5000 when installed.
+# chromium: a headless browser on the host opens a desktop sandbox's live stream
+# (tests/test_desktop_stream_browser.py).
 if [ "${CORRAL_TEST_TOOLS:-}" = 1 ]; then
-  packages="$packages docker-registry apache2-utils"
+  packages="$packages docker-registry apache2-utils chromium"
 fi
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
