@@ -468,3 +468,23 @@ def test_deleting_a_snapshot_while_sandboxes_start_from_it(server, key, opts):
     finally:
         for sandbox_id in ids:
             Sandbox.kill(sandbox_id, **opts)
+
+
+def test_a_deleted_file_held_open_refuses_the_pause_with_its_path_and_leaves_the_sandbox_running(server, key, opts):
+    """gVisor cannot checkpoint a deleted file that is still open: 409 naming it, the sandbox unchanged; once
+    the holder lets go, the pause goes through."""
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        holder = sbx.commands.run("exec 3>/home/user/held.tmp; rm /home/user/held.tmp; echo ready; sleep 600",
+                                  background=True)
+        time.sleep(1)
+        response = api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/pause")
+        assert response.status_code == 409, response.text
+        assert "/home/user/held.tmp" in response.json()["message"]
+        assert sbx.commands.run("echo still running").stdout == "still running\n"
+        assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.RUNNING
+        holder.kill()
+        time.sleep(0.5)
+        assert sbx.pause() is True
+    finally:
+        sbx.kill()

@@ -9,8 +9,6 @@ import io
 import re
 import socket
 import struct
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -18,9 +16,10 @@ from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from e2b_desktop import Sandbox
-from PIL import Image, ImageChops
+from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
+from tests.helpers.desktop import app_windows, changed_pixels, open_in_editor, screenshot, wait_until
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t17", "10.239.0.0/22"
@@ -51,46 +50,10 @@ def desktop(opts):
         sbx.kill()
 
 
-def wait_until(check: Callable[[], object], timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
-
-
-def screenshot(desktop: Sandbox) -> Image.Image:
-    return Image.open(io.BytesIO(bytes(desktop.screenshot()))).convert("RGB")
-
-
-def changed_pixels(before: Image.Image, after: Image.Image) -> int:
-    difference = ImageChops.difference(before, after).convert("L").point(lambda v: 255 if v > 16 else 0)
-    return difference.histogram()[255]
-
-
 def screenshot_if_changed(desktop: Sandbox, before: Image.Image, pixels: int) -> Image.Image | None:
     """A new screenshot if at least `pixels` pixels differ from `before`."""
     after = screenshot(desktop)
     return after if changed_pixels(before, after) >= pixels else None
-
-
-def app_windows(desktop: Sandbox, application: str) -> list[str]:
-    try:
-        return [w for w in desktop.get_application_windows(application) if w]
-    except Exception:  # xdotool exits 1 while there is none
-        return []
-
-
-def open_in_editor(desktop: Sandbox, path: str, content: str = "") -> str:
-    """Opens `path` (with `content`) in the text editor and returns its window, focused."""
-    desktop.files.write(path, content)
-    desktop.launch("mousepad", path)
-    (window,) = wait_until(lambda: app_windows(desktop, "mousepad"), what="the editor's window")
-    wait_until(lambda: desktop.get_current_window_id() == window, what="the editor to have the focus")
-    return window
 
 
 def window_geometry(desktop: Sandbox, window: str) -> tuple[int, int, int]:

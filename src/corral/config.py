@@ -131,6 +131,11 @@ class PlatformSettings:
     volume_default_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_DEFAULT_MB", 1024))
     volume_max_mb: int = field(default_factory=lambda: _env_int("CORRAL_VOLUME_MAX_MB", 100 * 1024))
 
+    # Desktop recordings (docs/desktop.md): the longest and largest one, and how many an API key may store.
+    recording_max_s: int = field(default_factory=lambda: _env_int("CORRAL_RECORDING_MAX_S", 3600))
+    recording_max_mb: int = field(default_factory=lambda: _env_int("CORRAL_RECORDING_MAX_MB", 512))
+    recordings_per_key: int = field(default_factory=lambda: _env_int("CORRAL_RECORDINGS_PER_KEY", 100))
+
     # Who may scrape GET /metrics (docs/operations.md): with a token, scrapes that send it as a bearer token;
     # public, anyone who reaches the listener; neither, clients on loopback only.
     metrics_token: str = field(default_factory=lambda: os.environ.get("CORRAL_METRICS_TOKEN", ""))

@@ -108,6 +108,7 @@ class CorralServer:
                                          budget=platform.restore_budget or None)
         self.control = ControlPlane(self.database, self.orchestrator, platform,
                                     checkpoint_dir=settings.data_dir / "checkpoints",
+                                    recordings_dir=settings.data_dir / "recordings",
                                     is_template=lambda name: name in store.recipes or any(
                                         t.name == name for t in store.list()),
                                     secrets=Secrets(self.database, load_key(platform.secrets_key_file(settings))),

@@ -18,6 +18,7 @@ from corral.cli import remote, volume
 from corral.cli.build_progress import BuildDisplay
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime, start_template
+from corral.cli.record import record_app
 from corral.cli.serve import keys_app, serve_command
 from corral.cli.tree import sandbox_fork, sandbox_pause, sandbox_resume, sandbox_snapshot, tree_app
 from corral.cli.user_templates import build_from_dockerfile, template_logs, template_ls_server, template_rm
@@ -29,7 +30,7 @@ template_app = typer.Typer(no_args_is_help=True, help="Templates: the built-in o
                                                       "ls --local, prune) and your own on the server (build "
                                                       "--dockerfile, ls, rm, logs).")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Sandboxes: through the server's API (ls, create, info, "
-                                                     "kill, exec, logs, pause, resume, snapshot, fork) or "
+                                                     "kill, exec, logs, pause, resume, snapshot, fork, record) or "
                                                      "directly on "
                                                      "this host (run).")
 app.add_typer(template_app, name="template")
@@ -43,6 +44,7 @@ for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_cre
                         ("snapshot", sandbox_snapshot), ("fork", sandbox_fork), ("logs", remote.sandbox_logs)):
     sandbox_app.command(_name)(_command)
 sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})(remote.sandbox_exec)
+sandbox_app.add_typer(record_app, name="record")
 template_app.command("rm")(template_rm)
 template_app.command("logs")(template_logs)
 volume_app = typer.Typer(no_args_is_help=True, help="Volumes: named storage of a fixed size that outlives "

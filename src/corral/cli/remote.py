@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from corral.connect_framing import connect_envelopes
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -129,7 +131,7 @@ def sandbox_exec(sandbox_id: str = typer.Argument(...), command: list[str] = typ
             content=struct.pack(">BI", 0, len(payload)) + payload) as response:
         if response.status_code != 200:
             _fail(f"{response.status_code}: {response.read().decode(errors='replace')}")
-        for flags, message in _envelopes(response.iter_bytes()):
+        for flags, message in connect_envelopes(response.iter_bytes()):
             if flags & 0x02:
                 if error := message.get("error"):
                     _fail(f"{error.get('code')}: {error.get('message')}")
@@ -188,15 +190,3 @@ def _new_lines(entries, printed: dict[str, int]) -> list[dict]:
         fresh += [e for e, n in zip(lines, numbers, strict=True) if n > seen]
         printed[source] = max(numbers)
     return sorted(fresh, key=lambda e: (e["fields"].get("source") != "runtime", int(e["fields"].get("line", 0))))
-
-
-def _envelopes(chunks):
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= 5:
-            flags, length = struct.unpack(">BI", buffer[:5])
-            if len(buffer) < 5 + length:
-                break
-            yield flags, json.loads(buffer[5:5 + length] or b"{}")
-            buffer = buffer[5 + length:]

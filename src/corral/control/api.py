@@ -26,6 +26,7 @@ from corral.control.api_common import (
     sandbox_answer,
 )
 from corral.control.api_observability import observability_routes
+from corral.control.api_recordings import recording_routes
 from corral.control.api_secrets import secrets_routes
 from corral.control.api_templates import template_routes
 from corral.control.api_volumes import volume_routes
@@ -268,4 +269,5 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app.include_router(observability_routes(plane, paths))
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     app.include_router(volume_routes(lambda: getattr(plane, "volumes", None), lambda: plane.public_domain))
+    app.include_router(recording_routes(lambda: getattr(plane, "recordings", None)))
     return app

@@ -195,6 +195,9 @@ class Branching:
                                         ingress=Ingress.from_record(row.ingress), egress=Egress.from_record(row.egress))
         log.debug("fork of %s x%d: snapshot %.1f ms, starts %.1f ms", sandbox_id, count,
                   (snapshotted - began) * 1000, (time.perf_counter() - snapshotted) * 1000)
+        recordings = self._sandboxes.recordings
+        if recordings is not None and await recordings.recording(sandbox_id):
+            await asyncio.gather(*(recordings.drop_inherited(r.id) for r in results if isinstance(r, SandboxRow)))
         return results
 
     async def start_from(self, node: CheckpointRow, count: int, *, timeout: int, metadata: dict,

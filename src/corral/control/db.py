@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -183,6 +184,29 @@ class VolumeRow(Base):
     token_digest: Mapped[str] = mapped_column(String(64))
     token_sealed: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class RecordingRow(Base):
+    """A recording of a desktop sandbox's screen (control/recordings.py); its file is
+    `<data>/recordings/<id>.mp4` once it has stopped."""
+
+    __tablename__ = "recordings"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)  # no foreign key: kept ones outlive it
+    state: Mapped[str] = mapped_column(String(16))  # recording | ready | failed
+    keep: Mapped[bool] = mapped_column(Boolean, default=False)  # outlives its sandbox
+    fps: Mapped[int] = mapped_column(Integer)
+    max_seconds: Mapped[int] = mapped_column(Integer)
+    max_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer, default=0)
+    height: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
 class MetricRow(Base):

@@ -71,4 +71,6 @@ def to_http(exc: BaseException, paths: HostPaths | None = None) -> tuple[int, st
         status, message = 500, f"the sandbox did not start: {exc}"
     else:
         status, message = 500, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RuntimeError_) and not exc.names_host_paths:
+        return status, message
     return status, (paths or HostPaths()).hide(message)

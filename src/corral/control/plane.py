@@ -16,6 +16,7 @@ from sqlalchemy import select
 from corral.config import PlatformSettings
 from corral.control.branching import Branching
 from corral.control.db import CheckpointRow, Database, SandboxRow
+from corral.control.recordings import RecordingLimits, Recordings
 from corral.control.recovery import recover
 from corral.control.sandboxes import Sandboxes
 from corral.control.secrets import Secrets
@@ -29,7 +30,8 @@ from corral.orchestrator.sandboxes import Orchestrator
 
 class ControlPlane:
     def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
-                 checkpoint_dir: Path, is_template: Callable[[str], bool], secrets: Secrets | None = None,
+                 checkpoint_dir: Path, recordings_dir: Path | None = None,
+                 is_template: Callable[[str], bool], secrets: Secrets | None = None,
                  volumes: Volumes | None = None, metrics: ServerMetrics | None = None) -> None:
         self._db = database
         self.settings = settings
@@ -43,6 +45,10 @@ class ControlPlane:
         self.public_domain: str | None = None
         self.secrets = secrets
         self.volumes = self.sandboxes.volumes = volumes
+        self.recordings = self.sandboxes.recordings = Recordings(
+            database, self.sandboxes, recordings_dir or checkpoint_dir.parent / "recordings",
+            RecordingLimits(max_seconds=settings.recording_max_s, max_bytes=settings.recording_max_mb << 20,
+                            max_per_owner=settings.recordings_per_key))
         # Templates users build (control/templates.py); None on a server that builds none.
         self.templates: Templates | None = None
 
@@ -60,6 +66,7 @@ class ControlPlane:
         if self.volumes is not None:  # mounted before the sandboxes that use them are adopted or resumed
             await self.volumes.open()
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
+        await self.recordings.open()
         self.sandboxes.start_sampling()
 
     async def close(self) -> None:

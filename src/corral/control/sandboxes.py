@@ -62,6 +62,19 @@ class CheckpointHooks(Protocol):
         """The sandbox was killed: what it alone held in the checkpoint tree goes."""
 
 
+class RecordingHooks(Protocol):
+    """What sandboxes and branching need from recordings (control/recordings.py provides it)."""
+
+    async def sandbox_ending(self, sandbox_id: str) -> None:
+        """Before a sandbox is destroyed: its recordings are collected or dropped."""
+
+    async def recording(self, sandbox_id: str) -> bool:
+        """Whether a recording of it is running."""
+
+    async def drop_inherited(self, sandbox_id: str) -> None:
+        """A fork's copy of its source's recorder is ended."""
+
+
 class NoCheckpoints:
     """Sandboxes without branching: templates only, and a timeout always kills."""
 
@@ -90,6 +103,7 @@ class Sandboxes:
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
+        self.recordings: RecordingHooks | None = None  # control/recordings.py
         # The server's Prometheus metrics, handed in by control/plane.py (`metrics()` is a sandbox's samples).
         self.server_metrics: ServerMetrics = UNSCRAPED
 
@@ -266,6 +280,8 @@ class Sandboxes:
                 return  # killed while we waited for the lock
             # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
             self._disarm(sandbox_id)
+            if self.recordings is not None:  # a kept recording still running is collected first
+                await self.recordings.sandbox_ending(sandbox_id)
             await self.forget([sandbox_id])
             await self.orchestrator.kill(sandbox_id)
             await self.checkpoints.forget_sandbox(sandbox_id)

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from corral.connect_framing import connect_envelopes
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.connections import port_accepts
-from corral.runtime.base import VolumeMount
+from corral.runtime.base import ExecResult, VolumeMount
 
 
 class EnvdUnavailable(Exception):
@@ -55,16 +56,44 @@ class EnvdLink:
     async def warm(self, address: str, user: str) -> None:
         """Runs one login-shell command the way the SDK would, so the first command a user sends does not
         pay for faulting in envd's and bash's pages after a restore."""
-        body = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "true"]}}).encode()
+        try:
+            result = await self.run(address, None, ["/bin/bash", "-l", "-c", "true"], user=user, timeout=30.0)
+        except EnvdUnavailable as e:
+            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {e}") from e
+        if result.exit_code != 0:
+            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: exit {result.exit_code}")
+
+    async def run(self, address: str, token: str | None, argv: list[str], *, user: str = "root",
+                  timeout: float = 30.0) -> ExecResult:
+        """Runs a command through envd's Process/Start, as a process of the sandbox like the SDK's (unlike
+        `runsc exec`, whose processes do not survive a checkpoint and restore), and waits for its end."""
+        body = json.dumps({"process": {"cmd": argv[0], "args": argv[1:]}, "stdin": False}).encode()
         headers = {"Content-Type": "application/connect+json",
                    "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+        if token:
+            headers["X-Access-Token"] = token
         try:
             response = await self._client.post(self._url(address, "/process.Process/Start"), headers=headers,
-                                               content=struct.pack(">BI", 0, len(body)) + body, timeout=30.0)
+                                               content=struct.pack(">BI", 0, len(body)) + body, timeout=timeout)
         except httpx.TransportError as e:
-            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {e}") from e
-        if response.status_code != 200 or b'"end"' not in response.content:
-            raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {response.status_code}")
+            raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
+        if response.status_code != 200:
+            raise EnvdUnavailable(f"envd refused the command: {response.status_code} {response.text[:200]}")
+        out, err, exit_code = bytearray(), bytearray(), None
+        for flags, message in connect_envelopes([response.content]):
+            if flags & 0x02:
+                if error := message.get("error"):
+                    raise EnvdUnavailable(f"envd failed the command: {error.get('message')}")
+                break
+            event = message.get("event", {})
+            if data := event.get("data"):
+                out += base64.b64decode(data.get("stdout", ""))
+                err += base64.b64decode(data.get("stderr", ""))
+            elif (end := event.get("end")) is not None:
+                exit_code = end.get("exitCode", 0) if end.get("exited", False) else 128 + 9
+        if exit_code is None:
+            raise EnvdUnavailable("envd's answer to the command had no end")
+        return ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=bytes(err))
 
     async def warm_service(self, address: str, port: int, path: str) -> None:
         """POSTs a template's warm-up request (`Recipe.warm_up`) to its service in the sandbox."""
@@ -117,6 +146,27 @@ class EnvdLink:
             raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
         if response.status_code != 204:
             raise EnvdUnavailable(f"envd at {address} refused the certificates: {response.status_code}")
+
+    async def download(self, address: str, token: str, path: str, destination, max_bytes: int) -> int:
+        """Copies the file at `path` in the sandbox (read as root) to the host file `destination`, streamed;
+        its size. EnvdUnavailable when envd refuses or the file is larger than `max_bytes`."""
+        params = {"path": path, "username": "root"}
+        try:
+            async with self._client.stream("GET", self._url(address, "/files"), params=params,
+                                           headers={"X-Access-Token": token}, timeout=60.0) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise EnvdUnavailable(f"envd refused the download: {response.status_code} {response.text}")
+                size = 0
+                with open(destination, "wb") as out:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise EnvdUnavailable(f"the file is larger than {max_bytes} bytes")
+                        out.write(chunk)
+                return size
+        except httpx.TransportError as e:
+            raise EnvdUnavailable(f"envd at {address} is unreachable: {e!r}") from e
 
     async def metrics(self, address: str, token: str) -> dict:
         try:

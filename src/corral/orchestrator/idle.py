@@ -59,6 +59,9 @@ class IdleFreezer:
         # Open proxied requests per sandbox, kept apart: a request may start before its sandbox is live
         # (a paused one resumed by the request itself).
         self._in_flight: dict[str, int] = {}
+        # Sandboxes with work the host started in them and waits for (a desktop recording), by API id: never
+        # frozen, whatever their CPU, across pauses and resumes until let go.
+        self._kept_awake: set[str] = set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -101,6 +104,13 @@ class IdleFreezer:
         activity = self._sandboxes.get(sandbox_id)
         if activity is not None and activity.fresh:
             self.wake(sandbox_id)
+
+    def keep_awake(self, sandbox_id: str, awake: bool) -> None:
+        if awake:
+            self._kept_awake.add(sandbox_id)
+            self.wake(sandbox_id)
+        else:
+            self._kept_awake.discard(sandbox_id)
 
     @contextlib.contextmanager
     def in_use(self, sandbox_id: str) -> Iterator[None]:
@@ -147,7 +157,7 @@ class IdleFreezer:
                 self._sample_cpu(runtime_id, activity, now)
             return
         busy = self._sample_cpu(runtime_id, activity, now) > self.busy_cpu
-        if sandbox_id in self._in_flight or busy:
+        if sandbox_id in self._in_flight or sandbox_id in self._kept_awake or busy:
             activity.last_active = now
             activity.breathing_until = None
             return

@@ -16,11 +16,13 @@ from corral.orchestrator.envd_link import EnvdLink, EnvdUnavailable
 from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.registry import LiveSandbox, Registry
 from corral.runtime.base import (
+    ExecResult,
     Resources,
     Runtime,
     RuntimeError_,
     Sandbox,
     SandboxConfig,
+    SandboxFailed,
     SandboxNotFound,
     Snapshot,
     VolumeMount,
@@ -117,6 +119,35 @@ class Orchestrator:
     def noticed(self, sandbox_id: str) -> None:
         """Its owner asked the API about it: see IdleFreezer.noticed."""
         self.idle.noticed(sandbox_id)
+
+    def keep_awake(self, sandbox_id: str, awake: bool = True) -> None:
+        """While the host waits on work it started in the sandbox (a recording), the idle policy leaves it
+        running; `awake=False` lets go. Holds across pauses and resumes (by API id)."""
+        self.idle.keep_awake(sandbox_id, awake)
+
+    async def run(self, sandbox_id: str, argv: list[str], *, timeout: float = 30.0) -> ExecResult:
+        """Runs a command as root in the running sandbox through its envd, so what it starts in the
+        background lives on over a pause and resume like the user's own processes (SandboxNotFound when the
+        sandbox does not run here, SandboxFailed when envd fails it)."""
+        address, token = await self.reachable_address(sandbox_id), self.token_of(sandbox_id)
+        if address is None or token is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
+        with self.in_use(sandbox_id):
+            try:
+                return await self.envd.run(address, token, argv, user="root", timeout=timeout)
+            except EnvdUnavailable as e:
+                raise SandboxFailed(str(e)) from e
+
+    async def download(self, sandbox_id: str, path: str, destination: Path, *, max_bytes: int) -> int:
+        """Copies a file out of the running sandbox through its envd; its size."""
+        address, token = await self.reachable_address(sandbox_id), self.token_of(sandbox_id)
+        if address is None or token is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
+        with self.in_use(sandbox_id):
+            try:
+                return await self.envd.download(address, token, path, destination, max_bytes)
+            except EnvdUnavailable as e:
+                raise SandboxFailed(str(e)) from e
 
     def _go_live(self, sandbox_id: str, sandbox: Sandbox, token: str, *, fresh: bool = False) -> LiveSandbox:
         entry = self.registry.add(sandbox_id, sandbox, token)

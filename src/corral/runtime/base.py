@@ -22,6 +22,9 @@ class RuntimeError_(Exception):
     """Base for errors a caller can act on; `status` is the HTTP status an API should answer with."""
 
     status = 500
+    # Whether the message may name this host's files (hidden from clients: control/errors.py); False for
+    # messages that name only paths inside the sandbox.
+    names_host_paths = True
 
 
 class TemplateNotFound(RuntimeError_):
@@ -52,6 +55,14 @@ class SandboxFailed(RuntimeError_):
     """The backend failed to start, restore or checkpoint a sandbox; the message carries its log."""
 
     status = 500
+
+
+class CheckpointRefused(RuntimeError_):
+    """The sandbox is in a state the backend cannot checkpoint (for gVisor: a process keeps a deleted file
+    open); it is unchanged and a later attempt may succeed. The message names the file in the sandbox."""
+
+    status = 409
+    names_host_paths = False
 
 
 class InstanceBusy(RuntimeError_):

@@ -177,14 +177,18 @@ exec /usr/bin/Xvfb "$@"
 # /usr/local/bin/startxfce4: a second session on a display that has one would start a second window
 # manager and desktop fighting the first.
 _STARTXFCE4_WRAPPER = r"""#!/bin/sh
-# A session counts only if it runs on this display's current server (is not older than it): one left
-# from a server the Xvfb wrapper replaced is on its way out.
+# A session counts only if it runs on this display's current server: started after it (in clock ticks), or
+# its parent (the snapshot's session started the server, then became the session). One left from a server
+# the Xvfb wrapper replaced is on its way out.
+field() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f"$2"; }  # after the name: 1 is field 3
 display=${DISPLAY#:}
 server=$(tr -d ' ' < "/tmp/.X${display%%.*}-lock" 2>/dev/null)
-server_age=$(ps -o etimes= -p "${server:-0}" 2>/dev/null || echo 0)
+server_start=$(field "${server:-0}" 20)
+server_parent=$(field "${server:-0}" 2)
 for pid in $(pgrep -x xfce4-session); do
-    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "DISPLAY=$DISPLAY" \
-        && [ "$(ps -o etimes= -p "$pid" 2>/dev/null || echo 0)" -le "$server_age" ]; then
+    tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "DISPLAY=$DISPLAY" || continue
+    start=$(field "$pid" 20)
+    if [ "$pid" = "$server_parent" ] || { [ -n "$server_start" ] && [ "${start:-0}" -ge "$server_start" ]; }; then
         exit 0
     fi
 done
@@ -193,7 +197,7 @@ exec /usr/bin/startxfce4 "$@"
 
 # Run as `user` by the template's start command: the X server as the SDK starts it, then the session.
 _DESKTOP_SESSION = f"""#!/bin/sh
-export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1
+export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1 GSETTINGS_BACKEND=memory
 /usr/bin/Xvfb {DESKTOP_XVFB_ARGS} &
 until xdpyinfo -display "$DISPLAY" >/dev/null 2>&1; do sleep 0.05; done
 # Xvfb blanks its screen after ten idle minutes unless told not to.
@@ -258,6 +262,7 @@ DESKTOP = Recipe(
         "librsvg2-common", "adwaita-icon-theme", "tango-icon-theme", "desktop-base",
         "novnc", "websockify",
         "firefox-esr", "xfce4-terminal", "mousepad",
+        "ffmpeg",  # recordings (control/recordings.py): x11grab to H.264 MP4
         "fonts-dejavu-core", "fonts-liberation",
         "gcc", "libc6-dev",  # for the close_range shim only; removed again by setup
     ),
@@ -277,6 +282,9 @@ DESKTOP = Recipe(
         # Debian's novnc_proxy finds Debian's websockify on the PATH.
         "ln -s /usr/share/novnc /opt/noVNC && ln -s vnc.html /usr/share/novnc/index.html && "
         "test -x /opt/noVNC/utils/novnc_proxy && command -v websockify",
+        # dconf replaces a file every GTK program holds open on every settings write; gVisor cannot checkpoint
+        # a deleted open file, so pauses failed (docs/desktop.md).
+        "echo 'export GSETTINGS_BACKEND=memory' > /etc/profile.d/corral-desktop.sh",
         f"cat > /usr/local/bin/Xvfb <<'CORRAL_EOF'\n{_XVFB_WRAPPER}CORRAL_EOF",
         f"cat > /usr/local/bin/startxfce4 <<'CORRAL_EOF'\n{_STARTXFCE4_WRAPPER}CORRAL_EOF",
         "mkdir -p /usr/libexec/corral && "

@@ -7,12 +7,19 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.runtime.base import CheckpointInvalid, ContainerState, InsufficientResources, SandboxFailed
+from corral.runtime.base import (
+    CheckpointInvalid,
+    CheckpointRefused,
+    ContainerState,
+    InsufficientResources,
+    SandboxFailed,
+)
 from corral.runtime.gvisor import snapshots
 from corral.runtime.gvisor.containers import Container
 from corral.runtime.gvisor.runsc import RunscError
@@ -58,6 +65,7 @@ async def _write(rt: GVisorRuntime, c: Container, directory: Path, memory: bool)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     stopped = False
+    log_start = c.log.stat().st_size if c.log.exists() else 0  # what runsc writes about this checkpoint follows
     try:
         # Memory image and filesystem layer must describe the same instant: the sandbox stays stopped
         # from before the image until the upper directory is copied.
@@ -84,10 +92,31 @@ async def _write(rt: GVisorRuntime, c: Container, directory: Path, memory: bool)
                 await rt.runsc.resume(c.id)
         if not isinstance(exc, (RunscError, OSError, SandboxFailed)):
             raise
+        if (deleted := _deleted_open_file(c.log, log_start)) is not None:
+            raise CheckpointRefused(
+                f"sandbox {c.id} cannot be checkpointed now: a process in it keeps the deleted file /{deleted} "
+                "open, which gVisor cannot save (docs/branching.md, Limits); the sandbox is "
+                "unchanged. Close the program that holds it, or retry once it has let go") from exc
         if "no space left on device" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC:
             raise InsufficientResources(f"no space left on {directory.parent} for a checkpoint of "
                                         f"{c.id}; the sandbox is unchanged") from exc
         raise SandboxFailed(f"checkpoint of {c.id} failed: {exc}") from exc
+
+
+_DELETED_OPEN_FILE = re.compile(r'gofer\.dentry\("([^"]*)"\)\.beforeSave: deleted and invalidated dentries')
+
+
+def _deleted_open_file(log: Path, start: int) -> str | None:
+    """The file (relative to /) that made the checkpoint fail because it was deleted while open, from what
+    runsc logged past `start`."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(start, f.seek(0, 2) - (256 << 10)))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = _DELETED_OPEN_FILE.findall(tail)
+    return found[-1] if found else None
 
 
 def _resume_in_background(rt: GVisorRuntime, c: Container) -> None:
