@@ -76,7 +76,7 @@ class Capacity:
                  ready_templates: tuple[str, ...] = (), ready_size: int = 0, prepared_size: int = 0,
                  warm_ups: dict[str, tuple[int, str]] | None = None, freeze_ready: bool = False,
                  warm_user: str = "user", resume_keep_s: float = 0.0, resume_most: int = 16,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, template_resources: dict[str, Resources] | None = None) -> None:
         self._runtime = runtime
         self._envd = envd
         self._template_snapshot = template_snapshot
@@ -86,6 +86,8 @@ class Capacity:
         self._warm_ups = warm_ups or {}
         self._freeze_ready = freeze_ready  # ready sandboxes wait frozen (no CPU) until claimed
         self._warm_user = warm_user
+        # Templates whose sandboxes get other resources than the default: ready ones are started with them.
+        self._template_resources = template_resources or {}
         self._resume_keep_s = resume_keep_s
         self._resume_most = resume_most
         self._budget = asyncio.Semaphore(budget or default_budget())
@@ -433,8 +435,10 @@ class Capacity:
 
     async def _make_ready(self, template: str) -> None:
         snapshot = self._template_snapshot(template)
-        taken = await self._take_prepared(snapshot, Resources(), claim=False)
-        sandbox = await self._start(snapshot, SandboxConfig(low_priority=True), taken, memory=snapshot.has_memory)
+        resources = self._template_resources.get(template, Resources())
+        taken = await self._take_prepared(snapshot, resources, claim=False)
+        sandbox = await self._start(snapshot, SandboxConfig(low_priority=True, resources=resources), taken,
+                                    memory=snapshot.has_memory)
         self._stocked.add(snapshot)
         try:
             await self._envd.wait_ready(sandbox.address)

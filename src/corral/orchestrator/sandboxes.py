@@ -54,7 +54,8 @@ class Orchestrator:
         self.capacity = Capacity(runtime, self.envd, self.template_snapshot, ready_templates=pool_templates,
                                  ready_size=pool_size, prepared_size=prepared_size, warm_ups=warm_ups,
                                  freeze_ready=idle_after_s > 0, resume_keep_s=resume_warm_s,
-                                 resume_most=resume_warm_max, budget=budget)
+                                 resume_most=resume_warm_max, budget=budget,
+                                 template_resources=template_resources)
         self.idle = IdleFreezer(runtime, self.runtime_id, idle_after_s=idle_after_s, fresh_after_s=idle_fresh_s,
                                 breathe_every_s=breathe_every_s)
         # Called with a sandbox id when it is killed, paused or checkpointed (the proxy drops its connections).
