@@ -25,7 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +37,7 @@ from PIL import Image, ImageChops, ImageStat
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from tests.helpers.desktop import screenshot, wait_until
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t19", "10.243.0.0/22"
@@ -49,8 +50,9 @@ SCREEN = (1024, 768)
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        print("SKIPPED: Debian's chromium is not installed (CORRAL_TEST_TOOLS=1 scripts/install.sh installs it)")
-        pytest.skip("Debian's chromium is not installed (CORRAL_TEST_TOOLS=1 scripts/install.sh installs it)")
+        reason = "Debian's chromium is not installed (CORRAL_TEST_TOOLS=1 scripts/install.sh installs it)"
+        print(f"\nskipped: {reason}")
+        pytest.skip(reason)
     return path
 
 
@@ -79,17 +81,6 @@ def desktop(server):
 def screenshots() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------- the browser
@@ -199,10 +190,6 @@ def thumbnail_difference(a: Image.Image, b: Image.Image) -> float:
     return ImageStat.Stat(ImageChops.difference(*small)).mean[0]
 
 
-def sdk_screenshot(desktop: Sandbox) -> Image.Image:
-    return Image.open(io.BytesIO(bytes(desktop.screenshot()))).convert("RGB")
-
-
 def keep(image: Image.Image, directory: Path, name: str) -> Path:
     path = directory / name
     image.save(path)
@@ -218,7 +205,7 @@ def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(chromiu
     url = desktop.stream.get_url(auth_key=key)
     assert url == (f"https://6080-{desktop.sandbox_id}.{server.domain}/vnc.html"
                    f"?autoconnect=true&resize=scale&password={key}")
-    expected = sdk_screenshot(desktop)
+    expected = screenshot(desktop)
     keep(expected, screenshots, "sdk-screenshot.png")
     with headless_chromium(chromium, server.domain) as page:
         page.call("Page.navigate", url=browser_url(url, server))
@@ -245,7 +232,7 @@ def test_the_stream_url_without_the_auth_key_shows_only_the_password_prompt(chro
                                                                              screenshots):
     url = desktop.stream.get_url()
     assert "password" not in url
-    expected = sdk_screenshot(desktop)
+    expected = screenshot(desktop)
     with headless_chromium(chromium, server.domain) as page:
         page.call("Page.navigate", url=browser_url(url, server))
         # Null-safe: the page may still be about:blank.
