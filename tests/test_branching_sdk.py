@@ -475,7 +475,7 @@ def test_a_deleted_file_held_open_refuses_the_pause_with_its_path_and_leaves_the
     the holder lets go, the pause goes through."""
     sbx = Sandbox.create(timeout=120, **opts)
     try:
-        holder = sbx.commands.run("exec 3>/home/user/held.tmp; rm /home/user/held.tmp; echo ready; sleep 600",
+        holder = sbx.commands.run("exec 3>/home/user/held.tmp; rm /home/user/held.tmp; exec sleep 600",
                                   background=True)
         time.sleep(1)
         response = api(server, key, "POST", f"/sandboxes/{sbx.sandbox_id}/pause")

@@ -41,6 +41,7 @@ from tests.helpers.desktop import screenshot, wait_until
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t19", "10.243.0.0/22"
+CONNECTED = "document.documentElement?.classList.contains('noVNC_connected') === true"  # noVNC's own flag
 TEMPLATE = "desktop"
 SCREENSHOTS = TEST_ROOT / f"{INSTANCE}-stream"
 SCREEN = (1024, 768)
@@ -209,8 +210,8 @@ def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(chromiu
     keep(expected, screenshots, "sdk-screenshot.png")
     with headless_chromium(chromium, server.domain) as page:
         page.call("Page.navigate", url=browser_url(url, server))
-        wait_until(lambda: page.evaluate("document.documentElement.classList.contains('noVNC_connected')"), 60,
-                   "noVNC to connect")
+        # Null-safe: right after the navigation the page may have no document element yet.
+        wait_until(lambda: page.evaluate(CONNECTED), 60, "noVNC to connect")
 
         differences = []
 
@@ -241,6 +242,6 @@ def test_the_stream_url_without_the_auth_key_shows_only_the_password_prompt(chro
         time.sleep(2)  # a desktop, if the server sent one, would be drawn by now
         shown = page.screenshot()
         path = keep(shown, screenshots, "stream-without-key.png")
-        assert not page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
+        assert not page.evaluate(CONNECTED)
     assert thumbnail_difference(shown, expected) > 30, f"the browser shows the desktop: {path}"
 
