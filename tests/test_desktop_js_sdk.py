@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from conftest import TEST_ROOT
 from PIL import Image
 
+from tests.helpers.desktop import desktop_server
 from tests.helpers.node import run_script
-from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t20", "10.244.0.0/22"
 TEMPLATE = "desktop"
@@ -27,9 +27,7 @@ OUTPUT = TEST_ROOT / f"{INSTANCE}-desktop-js"
 
 @pytest.fixture(scope="module")
 def server(harness, runtime, store):
-    harness.run(store.build(TEMPLATE, runtime), timeout=3600)
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
-    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+    with desktop_server(harness, runtime, store, INSTANCE, NETWORK) as proc:
         yield proc
 
 

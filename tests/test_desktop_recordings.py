@@ -12,13 +12,21 @@ from pathlib import Path
 import av
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from conftest import TEST_ROOT
 from e2b import Sandbox as BaseSandbox
 from e2b_desktop import Sandbox
 from PIL import Image
 
-from tests.helpers.desktop import app_windows, changed_pixels, open_in_editor, screenshot, wait_until
-from tests.helpers.server import CLI, ServerProcess
+from tests.helpers.desktop import (
+    app_windows,
+    changed_pixels,
+    desktop_server,
+    new_desktop,
+    open_in_editor,
+    screenshot,
+    wait_until,
+)
+from tests.helpers.server import CLI
 
 INSTANCE, NETWORK = "t21", "10.246.0.0/22"
 TEMPLATE = "desktop"
@@ -27,10 +35,7 @@ OUTPUT = TEST_ROOT / "desktop-recordings"
 
 @pytest.fixture(scope="module")
 def server(harness, runtime, store):
-    harness.run(store.build(TEMPLATE, runtime), timeout=3600)
-    harness.run(store.build("base", runtime), timeout=3600)
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
-    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+    with desktop_server(harness, runtime, store, INSTANCE, NETWORK, "base") as proc:
         yield proc
 
 
@@ -52,11 +57,8 @@ def api(server, key):
 
 @pytest.fixture()
 def desktop(opts):
-    sbx = Sandbox.create(allow_internet_access=False, timeout=300, **opts)
-    try:
+    with new_desktop(opts) as sbx:
         yield sbx
-    finally:
-        sbx.kill()
 
 
 def start(api, sandbox_id: str, **body) -> dict:

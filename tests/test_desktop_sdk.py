@@ -12,15 +12,21 @@ import struct
 
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from e2b_desktop import Sandbox
 from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
-from tests.helpers.desktop import app_windows, changed_pixels, open_in_editor, screenshot, wait_until
-from tests.helpers.server import ServerProcess
+from tests.helpers.desktop import (
+    app_windows,
+    changed_pixels,
+    desktop_server,
+    new_desktop,
+    open_in_editor,
+    screenshot,
+    wait_until,
+)
 
 INSTANCE, NETWORK = "t17", "10.239.0.0/22"
 TEMPLATE = "desktop"
@@ -28,9 +34,7 @@ TEMPLATE = "desktop"
 
 @pytest.fixture(scope="module")
 def server(harness, runtime, store):
-    harness.run(store.build(TEMPLATE, runtime), timeout=3600)
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
-    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+    with desktop_server(harness, runtime, store, INSTANCE, NETWORK) as proc:
         yield proc
 
 
@@ -43,11 +47,8 @@ def opts(server) -> dict:
 
 @pytest.fixture()
 def desktop(opts):
-    sbx = Sandbox.create(allow_internet_access=False, timeout=300, **opts)
-    try:
+    with new_desktop(opts) as sbx:
         yield sbx
-    finally:
-        sbx.kill()
 
 
 def screenshot_if_changed(desktop: Sandbox, before: Image.Image, pixels: int) -> Image.Image | None:

@@ -31,13 +31,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-from conftest import DNS_HOST_ADDRESS, TEST_ROOT
+from conftest import TEST_ROOT
 from e2b_desktop import Sandbox
 from PIL import Image, ImageChops, ImageStat
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.helpers.desktop import screenshot, wait_until
+from tests.helpers.desktop import desktop_server, screenshot, wait_until
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t19", "10.243.0.0/22"
@@ -59,9 +59,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(harness, runtime, store):
-    harness.run(store.build(TEMPLATE, runtime), timeout=3600)
-    proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
-    with proc.serving(keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
+    with desktop_server(harness, runtime, store, INSTANCE, NETWORK) as proc:
         yield proc
 
 

@@ -1,13 +1,39 @@
-"""What the desktop tests share: waiting, screenshots as images, pixel differences, the editor's window."""
+"""What the desktop tests share: their server, a desktop, waiting, screenshots as images, pixel differences,
+the editor's window."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b_desktop import Sandbox
 from PIL import Image, ImageChops
+
+from tests.helpers.server import ServerProcess
+
+
+@contextlib.contextmanager
+def desktop_server(harness, runtime, store, instance: str, network: str, *also: str) -> Iterator[ServerProcess]:
+    """A `corral serve` of its own (no warm pool) once the `desktop` template (and `also`) is built; its log
+    kept as <test root>/<instance>-serve.log."""
+    for template in ("desktop", *also):
+        harness.run(store.build(template, runtime), timeout=3600)
+    proc = ServerProcess(instance, network, TEST_ROOT / instance, dns_upstream=DNS_HOST_ADDRESS, pool_size=0)
+    with proc.serving(keep_log=TEST_ROOT / f"{instance}-serve.log"):
+        yield proc
+
+
+@contextlib.contextmanager
+def new_desktop(opts: dict) -> Iterator[Sandbox]:
+    """A desktop made by the SDK (its start-up included), without internet, killed afterwards."""
+    sbx = Sandbox.create(allow_internet_access=False, timeout=300, **opts)
+    try:
+        yield sbx
+    finally:
+        sbx.kill()
 
 
 def wait_until(check: Callable[[], object], timeout: float = 60, what: str = "condition"):

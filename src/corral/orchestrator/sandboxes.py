@@ -130,20 +130,23 @@ class Orchestrator:
         """Runs a command as root in the running sandbox through its envd, so what it starts in the
         background lives on over a pause and resume like the user's own processes (SandboxNotFound when the
         sandbox does not run here, SandboxFailed when envd fails it)."""
-        address, token = await self.reachable_address(sandbox_id), self.token_of(sandbox_id)
-        if address is None or token is None:
-            raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
+        address, token = await self._envd_of(sandbox_id)
         with self.in_use(sandbox_id):
             try:
                 return await self.envd.run(address, token, argv, user="root", timeout=timeout)
             except EnvdUnavailable as e:
                 raise SandboxFailed(str(e)) from e
 
-    async def download(self, sandbox_id: str, path: str, destination: Path, *, max_bytes: int) -> int:
-        """Copies a file out of the running sandbox through its envd; its size."""
+    async def _envd_of(self, sandbox_id: str) -> tuple[str, str]:
+        """The running sandbox's address and envd token (SandboxNotFound when it does not run here)."""
         address, token = await self.reachable_address(sandbox_id), self.token_of(sandbox_id)
         if address is None or token is None:
             raise SandboxNotFound(f"sandbox {sandbox_id} is not running on this node")
+        return address, token
+
+    async def download(self, sandbox_id: str, path: str, destination: Path, *, max_bytes: int) -> int:
+        """Copies a file out of the running sandbox through its envd; its size."""
+        address, token = await self._envd_of(sandbox_id)
         with self.in_use(sandbox_id):
             try:
                 return await self.envd.download(address, token, path, destination, max_bytes)
