@@ -584,7 +584,7 @@ def main() -> None:
     parser.add_argument("--idle-desktops", type=int, default=3, help="idle desktops (and base sandboxes)")
     parser.add_argument("--seconds", type=float, default=20, help="idle CPU window")
     parser.add_argument("--pool", type=int, default=0,
-                        help="keep this many desktops ready for the creates (they get the default resources)")
+                        help="keep this many desktops ready for the creates (restored and warmed up ahead)")
     parser.add_argument("--write", type=Path, help="write the results into this file's Desktop section")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, interrupted)  # ends the run like Ctrl-C, through every cleanup

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from e2b import CommandExitException
 from e2b_desktop import Sandbox
 from PIL import Image
 from websockets.sync.client import connect as ws_connect
@@ -97,14 +98,49 @@ def test_the_sdk_start_up_finds_the_running_desktop_once(desktop):
         assert len(pids) == 1, f"{name}: {pids}"
 
 
+def screenshot_servers(desktop: Sandbox) -> list[str]:
+    return desktop.commands.run("pgrep -f '^/usr/libexec/corral/screenshot --serve' || true").stdout.split()
+
+
 def test_another_resolution_gets_a_new_x_server_of_that_size(opts):
     sbx = Sandbox.create(resolution=(1280, 800), dpi=120, allow_internet_access=False, timeout=120, **opts)
     try:
         assert sbx.get_screen_size() == (1280, 800)
+        # The snapshot's screenshot server ended with its X server; the first capture is taken without one
+        # and starts one for the new server, which takes the next (of the new size too).
+        assert Image.open(io.BytesIO(bytes(sbx.screenshot()))).size == (1280, 800)
+        wait_until(lambda: len(screenshot_servers(sbx)) == 1, what="a screenshot server for the new X server")
         assert Image.open(io.BytesIO(bytes(sbx.screenshot()))).size == (1280, 800)
         assert sbx.commands.run("pgrep -x xfdesktop").exit_code == 0
     finally:
         sbx.kill()
+
+
+def test_screenshots_are_served_and_a_dead_server_is_replaced(desktop):
+    """The template's scrot hands captures to the screenshot server started with the session; with that
+    server killed, scrot captures by itself, and the next server is started."""
+    [server] = screenshot_servers(desktop)
+    before = screenshot(desktop)
+    desktop.commands.run(f"kill -9 {server}", user="root")
+    wait_until(lambda: not screenshot_servers(desktop), what="the screenshot server gone")
+    after = screenshot(desktop)
+    assert after.size == before.size == (1024, 768)
+    assert changed_pixels(before, after) < 1000  # the same screen (the clock may have moved)
+    wait_until(lambda: len(screenshot_servers(desktop)) == 1, what="a new screenshot server")
+    assert screenshot_servers(desktop) != [server]
+    assert screenshot(desktop).size == (1024, 768)
+
+
+def test_a_screenshot_is_written_with_the_callers_permissions(desktop):
+    """The server runs as `user`, but writes into the file its caller opened: root may write into /root,
+    `user` may not."""
+    desktop.commands.run("scrot --pointer /root/shot.png", user="root", envs={"DISPLAY": ":0"})
+    assert Image.open(io.BytesIO(bytes(desktop.files.read("/root/shot.png", format="bytes", user="root")))).size \
+        == (1024, 768)
+    with pytest.raises(CommandExitException) as raised:
+        desktop.commands.run("scrot --pointer /root/denied.png", envs={"DISPLAY": ":0"})
+    assert raised.value.exit_code == 1 and "Permission denied" in raised.value.stderr
+    assert not desktop.files.exists("/root/denied.png", user="root")
 
 
 # ---------------------------------------------------------------------------------- keyboard and editor

@@ -26,6 +26,7 @@ from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
 from corral.network.firewall import EGRESS_PROXY_PORT
 from corral.network.sandbox_dns import SandboxResolver
+from corral.orchestrator.capacity import WarmUp
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.proxy.proxy import SandboxProxy, route_from_host
 from corral.proxy.tls import EgressCA
@@ -96,8 +97,8 @@ class CorralServer:
         self.orchestrator = Orchestrator(runtime, store.resolve, pool_size=platform.pool_size,
                                          pool_templates=platform.pool_templates,
                                          prepared_size=platform.prepared_pool_size,
-                                         warm_ups={name: recipe.warm_up for name, recipe in store.recipes.items()
-                                                   if recipe.warm_up},
+                                         warm_ups={name: WarmUp(recipe.warm_up_command, recipe.warm_up)
+                                                   for name, recipe in store.recipes.items()},
                                          template_resources={name: recipe.resources
                                                              for name, recipe in store.recipes.items()},
                                          idle_after_s=platform.idle_freeze_s,

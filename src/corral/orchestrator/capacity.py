@@ -61,6 +61,15 @@ def default_budget() -> int:
     return max(4, 2 * (os.cpu_count() or 2))
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What the warm pool does in each sandbox it restores before handing it out, so that the pages it
+    touches are faulted back in then rather than on the user's first requests (docs/platform.md)."""
+
+    command: str = "true"  # run through a login shell as the SDK runs commands
+    request: tuple[int, str] | None = None  # (port, path): an HTTP POST to the template's service
+
+
 @dataclass
 class _Hold:
     """Prepared containers kept for restores of one paused sandbox's snapshot."""
@@ -74,7 +83,7 @@ class _Hold:
 class Capacity:
     def __init__(self, runtime: Runtime, envd: EnvdLink, template_snapshot: Callable[[str], Snapshot], *,
                  ready_templates: tuple[str, ...] = (), ready_size: int = 0, prepared_size: int = 0,
-                 warm_ups: dict[str, tuple[int, str]] | None = None, freeze_ready: bool = False,
+                 warm_ups: dict[str, WarmUp] | None = None, freeze_ready: bool = False,
                  warm_user: str = "user", resume_keep_s: float = 0.0, resume_most: int = 16,
                  budget: int | None = None, template_resources: dict[str, Resources] | None = None) -> None:
         self._runtime = runtime
@@ -442,9 +451,10 @@ class Capacity:
         self._stocked.add(snapshot)
         try:
             await self._envd.wait_ready(sandbox.address)
-            await self._envd.warm(sandbox.address, self._warm_user)
-            if template in self._warm_ups:
-                await self._envd.warm_service(sandbox.address, *self._warm_ups[template])
+            warm_up = self._warm_ups.get(template, WarmUp())
+            await self._envd.warm(sandbox.address, self._warm_user, warm_up.command)
+            if warm_up.request:
+                await self._envd.warm_service(sandbox.address, *warm_up.request)
             if self._closed:
                 raise asyncio.CancelledError
         except BaseException:

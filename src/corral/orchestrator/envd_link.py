@@ -53,11 +53,11 @@ class EnvdLink:
         await _poll(lambda: port_accepts(address, ENVD_PORT), timeout,
                     f"envd at {address} did not accept a connection within {timeout:.0f}s")
 
-    async def warm(self, address: str, user: str) -> None:
+    async def warm(self, address: str, user: str, command: str = "true") -> None:
         """Runs one login-shell command the way the SDK would, so the first command a user sends does not
-        pay for faulting in envd's and bash's pages after a restore."""
+        pay for faulting in envd's and bash's pages (and the command's) after a restore."""
         try:
-            result = await self.run(address, None, ["/bin/bash", "-l", "-c", "true"], user=user, timeout=30.0)
+            result = await self.run(address, None, ["/bin/bash", "-l", "-c", command], user=user, timeout=30.0)
         except EnvdUnavailable as e:
             raise EnvdUnavailable(f"envd at {address} failed the warm-up command: {e}") from e
         if result.exit_code != 0:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from corral.orchestrator.capacity import Capacity
+from corral.orchestrator.capacity import Capacity, WarmUp
 from corral.orchestrator.envd_link import EnvdLink, EnvdUnavailable
 from corral.orchestrator.idle import IdleFreezer
 from corral.orchestrator.registry import LiveSandbox, Registry
@@ -40,7 +40,7 @@ QUIESCE_POLL_S = 0.002
 class Orchestrator:
     def __init__(self, runtime: Runtime, resolve_template: Callable[[str], Path], *, pool_size: int = 0,
                  pool_templates: tuple[str, ...] = (), prepared_size: int = 0,
-                 warm_ups: dict[str, tuple[int, str]] | None = None, idle_after_s: float = 0.0,
+                 warm_ups: dict[str, WarmUp] | None = None, idle_after_s: float = 0.0,
                  idle_fresh_s: float = 1.0, breathe_every_s: float = 10.0, resume_warm_s: float = 0.0,
                  resume_warm_max: int = 16, budget: int | None = None, envd: EnvdLink | None = None,
                  template_resources: dict[str, Resources] | None = None) -> None:

@@ -525,7 +525,7 @@ class FakeEnvd(Injectable):
     async def wait_listening(self, address: str, timeout: float = 30.0) -> None:
         await self._answer("wait_listening", address)
 
-    async def warm(self, address: str, user: str) -> None:
+    async def warm(self, address: str, user: str, command: str = "true") -> None:
         await self._answer("warm", address)
 
     async def warm_service(self, address: str, port: int, path: str) -> None:

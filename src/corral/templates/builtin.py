@@ -138,7 +138,9 @@ CODE_INTERPRETER = Recipe(
 # session already running, so the SDK's start-up on create finds them (its own `Xvfb` and `startxfce4`
 # come back at once through the two wrappers below) and the first screenshot needs no boot of X.
 
+_DESKTOP_SOURCES = Path(__file__).parent / "desktop"  # C sources compiled into the template
 DESKTOP_DISPLAY = ":0"
+_SCREENSHOT_TOOL_PATH = "/usr/libexec/corral/screenshot"  # screenshot.c
 # Exactly what the SDK runs for its default resolution and DPI, so the wrapper can tell it is the same.
 DESKTOP_XVFB_ARGS = f"{DESKTOP_DISPLAY} -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix"
 
@@ -202,6 +204,8 @@ export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1 GSETTINGS_BACKEND=memory
 until xdpyinfo -display "$DISPLAY" >/dev/null 2>&1; do sleep 0.05; done
 # Xvfb blanks its screen after ten idle minutes unless told not to.
 xset s off s noblank
+# What /usr/local/bin/scrot hands its captures to (screenshot.c).
+{_SCREENSHOT_TOOL_PATH} --serve </dev/null >/dev/null 2>&1 &
 exec startxfce4
 """
 
@@ -226,124 +230,17 @@ _FIREFOX_POLICIES = json.dumps({"policies": {
 # asks for (fd, UINT_MAX) and gives up on any error but ENOSYS: XFCE could start none of its programs
 # ("Failed to close file descriptor for child process"), nor gtk-launch or exo-open theirs. No descriptor
 # can be above INT_MAX, so this preloaded close_range cuts the range there.
-_CLOSE_RANGE_SHIM = r"""#define _GNU_SOURCE
-#include <limits.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-int close_range(unsigned int first, unsigned int last, int flags) {
-    if (last > INT_MAX)
-        last = INT_MAX;
-    return syscall(SYS_close_range, first, last, flags);
-}
-"""
+_CLOSE_RANGE_SHIM = (_DESKTOP_SOURCES / "close_range.c").read_text()
 _CLOSE_RANGE_LIB = "/usr/local/lib/corral-close-range.so"
 
-# /usr/local/bin/scrot: what the SDK's screenshot() runs (`scrot --pointer /tmp/screenshot-<uuid>.png`) in about
-# half scrot's time (docs/benchmarks.md "Desktop": scrot spends ~90 ms starting up even for 100x100 pixels):
-# the root window with XGetImage, the pointer from XFixes, PNG at zlib level 1 (`-p`/`--pointer` and
-# `-o`/`--overwrite` understood). Any other use of scrot (other options, another format) runs Debian's scrot.
-_SCREENSHOT_TOOL = r"""#include <png.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-#include <X11/Xlib.h>
-#include <X11/Xutil.h>
-#include <X11/extensions/Xfixes.h>
+# The SDK's screenshot() runs `scrot --pointer /tmp/screenshot-<uuid>.png`. Starting an X client costs tens of ms
+# under gVisor, and Debian's scrot ~90 ms even for 100x100 pixels, so /usr/local/bin/scrot (scrot.c: libc only)
+# hands the capture to a screenshot server that keeps its X connection and a shared-memory image
+# (screenshot.c --serve, started with the session; the first capture without one starts one). Any other use of
+# scrot runs Debian's.
+_SCROT_CLIENT = (_DESKTOP_SOURCES / "scrot.c").read_text()
+_SCREENSHOT_TOOL = (_DESKTOP_SOURCES / "screenshot.c").read_text()
 
-static int real_scrot(char **argv) {
-    argv[0] = "/usr/bin/scrot";
-    execv(argv[0], argv);
-    perror("scrot");
-    return 1;
-}
-
-static unsigned channel(unsigned long pixel, unsigned long mask) {
-    if (!mask) return 0;
-    int shift = 0;
-    while (!(mask & 1)) { mask >>= 1; shift++; }
-    return (unsigned)(((pixel >> shift) & mask) * 255 / mask);
-}
-
-int main(int argc, char **argv) {
-    int pointer = 0;
-    const char *path = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--pointer") || !strcmp(argv[i], "-p")) pointer = 1;
-        else if (!strcmp(argv[i], "--overwrite") || !strcmp(argv[i], "-o")) continue;  /* it always does */
-        else if (argv[i][0] == '-' || path) return real_scrot(argv);  /* anything else: scrot itself */
-        else path = argv[i];
-    }
-    size_t length = path ? strlen(path) : 0;
-    if (length < 5 || strcmp(path + length - 4, ".png")) return real_scrot(argv);
-    Display *display = XOpenDisplay(NULL);
-    if (!display) return real_scrot(argv);
-    Window root = DefaultRootWindow(display);
-    XWindowAttributes attributes;
-    XGetWindowAttributes(display, root, &attributes);
-    int width = attributes.width, height = attributes.height;
-    XImage *image = XGetImage(display, root, 0, 0, width, height, AllPlanes, ZPixmap);
-    if (!image) return real_scrot(argv);
-    unsigned char *rgb = malloc((size_t)width * height * 3);
-    int fast = image->bits_per_pixel == 32 && image->red_mask == 0xff0000 && image->green_mask == 0xff00 &&
-               image->blue_mask == 0xff && image->byte_order == LSBFirst;
-    for (int y = 0; y < height; y++) {
-        unsigned char *out = rgb + (size_t)y * width * 3;
-        if (fast) {
-            const unsigned char *in = (const unsigned char *)image->data + (size_t)y * image->bytes_per_line;
-            for (int x = 0; x < width; x++, in += 4, out += 3) { out[0] = in[2]; out[1] = in[1]; out[2] = in[0]; }
-        } else {
-            for (int x = 0; x < width; x++, out += 3) {
-                unsigned long pixel = XGetPixel(image, x, y);
-                out[0] = channel(pixel, image->red_mask);
-                out[1] = channel(pixel, image->green_mask);
-                out[2] = channel(pixel, image->blue_mask);
-            }
-        }
-    }
-    int event_base, error_base;
-    if (pointer && XFixesQueryExtension(display, &event_base, &error_base)) {
-        XFixesCursorImage *cursor = XFixesGetCursorImage(display);
-        if (cursor) {
-            for (int cy = 0; cy < cursor->height; cy++) {
-                int y = cursor->y - cursor->yhot + cy;
-                if (y < 0 || y >= height) continue;
-                for (int cx = 0; cx < cursor->width; cx++) {
-                    int x = cursor->x - cursor->xhot + cx;
-                    if (x < 0 || x >= width) continue;
-                    unsigned long argb = cursor->pixels[cy * cursor->width + cx];  /* premultiplied */
-                    unsigned alpha = (argb >> 24) & 0xff;
-                    unsigned char *px = rgb + ((size_t)y * width + x) * 3;
-                    for (int c = 0; c < 3; c++) {
-                        unsigned source = (argb >> (16 - 8 * c)) & 0xff;
-                        px[c] = (unsigned char)(source + px[c] * (255 - alpha) / 255);
-                    }
-                }
-            }
-            XFree(cursor);
-        }
-    }
-    XDestroyImage(image);
-    XCloseDisplay(display);
-    FILE *file = fopen(path, "wb");
-    if (!file) { perror(path); return 1; }
-    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
-    png_infop info = png_create_info_struct(png);
-    if (setjmp(png_jmpbuf(png))) { fprintf(stderr, "%s: PNG encoding failed\n", path); return 1; }
-    png_init_io(png, file);
-    png_set_compression_level(png, 1);
-    png_set_filter(png, 0, PNG_FILTER_SUB);
-    png_set_IHDR(png, info, width, height, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
-                 PNG_FILTER_TYPE_DEFAULT);
-    png_write_info(png, info);
-    for (int y = 0; y < height; y++) png_write_row(png, rgb + (size_t)y * width * 3);
-    png_write_end(png, NULL);
-    png_destroy_write_struct(&png, &info);
-    if (fclose(file)) { perror(path); return 1; }
-    return 0;
-}
-"""
 
 # The snapshot is taken once the desktop is drawn, not merely started: the desktop's and the panel's windows
 # are shown and the screen has stopped changing (the wallpaper and the panel's icons load after they map).
@@ -371,7 +268,7 @@ DESKTOP = Recipe(
         "ffmpeg",  # recordings (control/recordings.py): x11grab to H.264 MP4
         "fonts-dejavu-core", "fonts-liberation",
         # For the close_range shim and the screenshot tool only; removed again by setup.
-        "gcc", "libc6-dev", "libx11-dev", "libxfixes-dev", "libpng-dev",
+        "gcc", "libc6-dev", "libx11-dev", "libxext-dev", "libxfixes-dev", "libpng-dev",
     ),
     npm=BASE.npm,
     setup=(
@@ -379,10 +276,13 @@ DESKTOP = Recipe(
         f"cat > /tmp/close_range.c <<'CORRAL_EOF'\n{_CLOSE_RANGE_SHIM}CORRAL_EOF",
         f"gcc -O2 -shared -fPIC -o {_CLOSE_RANGE_LIB} /tmp/close_range.c && rm /tmp/close_range.c && "
         f"echo {_CLOSE_RANGE_LIB} > /etc/ld.so.preload",
+        f"cat > /tmp/scrot.c <<'CORRAL_EOF'\n{_SCROT_CLIENT}CORRAL_EOF",
         f"cat > /tmp/screenshot.c <<'CORRAL_EOF'\n{_SCREENSHOT_TOOL}CORRAL_EOF",
-        "gcc -O2 -Wall -o /usr/local/bin/scrot /tmp/screenshot.c -lX11 -lXfixes -lpng && rm /tmp/screenshot.c && "
-        "apt-get purge -y -q --autoremove gcc libc6-dev libx11-dev libxfixes-dev libpng-dev && "
-        "ldd /usr/local/bin/scrot | grep -v 'not found' >/dev/null && ! ldd /usr/local/bin/scrot | grep -q 'not found'",
+        "gcc -O2 -Wall -Werror -o /usr/local/bin/scrot /tmp/scrot.c && mkdir -p /usr/libexec/corral && "
+        f"gcc -O2 -Wall -Werror -o {_SCREENSHOT_TOOL_PATH} /tmp/screenshot.c -lX11 -lXext -lXfixes -lpng && "
+        "rm /tmp/scrot.c /tmp/screenshot.c && "
+        "apt-get purge -y -q --autoremove gcc libc6-dev libx11-dev libxext-dev libxfixes-dev libpng-dev && "
+        f"ldd {_SCREENSHOT_TOOL_PATH} >/dev/null && ! ldd {_SCREENSHOT_TOOL_PATH} | grep -q 'not found'",
         # debootstrap leaves no /etc/hosts, so `localhost` went to DNS, which a sandbox without internet
         # never answers: websockify's `--vnc localhost:5900` hung (curl and browsers know the name themselves).
         r"printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts",
@@ -423,6 +323,9 @@ DESKTOP = Recipe(
                    "/usr/libexec/corral/desktop-session >/tmp/desktop-session.log 2>&1 &) && exec "
                    + " ".join(ENVD_START) + " --default-user user --workdir /home/user"),
     ready=ReadyCheck(command=("/bin/sh", "-c", _DESKTOP_DRAWN), timeout_s=180, interval_s=0.5),
+    # The SDK's start-up checks and a screenshot, so a pooled desktop has their programs' pages in memory.
+    warm_up_command=(f"DISPLAY={DESKTOP_DISPLAY}; export DISPLAY; xdpyinfo >/dev/null; pgrep -x xfce4-session >/dev/null; "
+                     "scrot -p /tmp/.corral-warm-up.png; rm -f /tmp/.corral-warm-up.png"),
     workdir="/home/user",
     # The session uses ~350 MB and Firefox as much again per page or more: with the default 512 MB, envd's
     # OOM guard killed Firefox as it started. Memory is a limit, not a reservation (an idle desktop uses

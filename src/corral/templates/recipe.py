@@ -44,9 +44,10 @@ class Recipe:
     setup: tuple[str, ...] = ()
     workdir: str = "/"
     env: dict[str, str] = field(default_factory=dict)
-    # (port, path): an HTTP POST the warm pool sends to each sandbox it restores, before handing it out, so
-    # the template's service faults its pages back in then rather than on the user's first request.
-    # Not part of the cache keys: it changes nothing that is built.
+    # What the warm pool does in each sandbox it restores, before handing it out, so the pages it touches
+    # are faulted back in then rather than on the user's first requests: a login-shell command, and
+    # (port, path), an HTTP POST to the template's service. Not part of the cache keys: nothing built changes.
+    warm_up_command: str = "true"
     warm_up: tuple[int, str] | None = None
     # What its sandboxes are created with, and its snapshot taken with.
     resources: Resources = field(default_factory=Resources)
