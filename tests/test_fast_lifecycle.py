@@ -55,7 +55,7 @@ async def plane_on_fake(tmp_path, **options):
     plane = control_plane(database, orchestrator, tmp_path)
     await plane.start()
     try:
-        yield plane, fake, key.id
+        yield plane, fake, key.owner
     finally:
         await plane.close()
 

@@ -62,7 +62,7 @@ async def served(tmp_path, settings: PlatformSettings = SETTINGS, client=("127.0
     transport = httpx.ASGITransport(app=create_api(plane, keys), client=client)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
-            yield http, plane, fake, {"X-API-KEY": secret}, key.id
+            yield http, plane, fake, {"X-API-KEY": secret}, key
     finally:
         await plane.close()
 
@@ -102,25 +102,25 @@ async def test_sandbox_gauges_follow_creates_and_kills(tmp_path):
 
 
 async def test_creates_are_counted_per_key_and_timed(tmp_path):
-    async with served(tmp_path) as (http, _, _, headers, key_id):
+    async with served(tmp_path) as (http, _, _, headers, key):
         await create(http, headers)
         await create(http, headers)
         refused = await http.post("/v2/sandboxes", json={"templateID": "no-such-template"}, headers=headers)
         assert refused.status_code == 404
         families = await scrape(http)
-        assert value(families, "corral_sandbox_creates_total", key_id=key_id, outcome="ok") == 2
-        assert value(families, "corral_sandbox_creates_total", key_id=key_id, outcome="error") == 1
+        assert value(families, "corral_sandbox_creates_total", key_id=key.id, outcome="ok") == 2
+        assert value(families, "corral_sandbox_creates_total", key_id=key.id, outcome="error") == 1
         assert value(families, "corral_sandbox_create_seconds_count") == 2
         assert value(families, "corral_sandbox_create_seconds_sum") > 0
 
 
 async def test_resume_and_fork_latencies_are_observed(tmp_path):
-    async with served(tmp_path) as (http, plane, _, headers, key_id):
+    async with served(tmp_path) as (http, plane, _, headers, key):
         sandbox_id = await create(http, headers)
-        await plane.branching.pause(key_id, sandbox_id)
+        await plane.branching.pause(key.owner, sandbox_id)
         assert value(await scrape(http), "corral_sandboxes", state="paused", template=TEMPLATE) == 1
-        await plane.branching.resume(key_id, sandbox_id, timeout=None)
-        await plane.branching.fork(key_id, sandbox_id, count=2, timeout=None)
+        await plane.branching.resume(key.owner, sandbox_id, timeout=None)
+        await plane.branching.fork(key.owner, sandbox_id, count=2, timeout=None)
         families = await scrape(http)
         assert value(families, "corral_sandbox_resume_seconds_count") == 1
         assert value(families, "corral_sandbox_fork_seconds_count") == 1
@@ -365,9 +365,9 @@ async def test_sandbox_logs_of_another_keys_sandbox_are_not_found(tmp_path):
 
 
 async def test_a_paused_sandbox_has_no_logs(tmp_path):
-    async with served(tmp_path) as (http, plane, fake, headers, key_id):
+    async with served(tmp_path) as (http, plane, fake, headers, key):
         sandbox_id = await create(http, headers)
         _printing(fake, b"envd listening\n", None, time.time())
-        await plane.branching.pause(key_id, sandbox_id)
+        await plane.branching.pause(key.owner, sandbox_id)
         answer = await http.get(f"/sandboxes/{sandbox_id}/logs", headers=headers)
         assert answer.json() == {"logs": [], "logEntries": []}

@@ -16,7 +16,7 @@ from corral.config import PlatformSettings, Settings
 from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.errors import ApiError, HostPaths
-from corral.control.keys import ApiKeys
+from corral.control.keys import ApiKeys, owner_of
 from corral.control.plane import ControlPlane
 from corral.control.secrets import Secrets, load_key
 from corral.control.templates import BaseImage, BuildLimits, Templates
@@ -165,7 +165,7 @@ class CorralServer:
         row = await self.control.sandboxes.row(entry.api_id) if entry is not None else None
         if row is None or self.control.secrets is None:
             return None
-        return await self.control.secrets.value(row.key_id, name)
+        return await self.control.secrets.value(owner_of(row), name)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":

@@ -1,32 +1,19 @@
-"""`corral serve` and `corral keys`: the API server and its API keys."""
+"""`corral serve`: the API server."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import socket
-from datetime import datetime
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from corral.config import PlatformSettings, load_settings
 
-keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 console = Console()
-
-
-def _keys():
-    from corral.control.db import open_database
-    from corral.control.keys import ApiKeys
-
-    settings = load_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return ApiKeys(open_database(PlatformSettings().resolved_database_url(settings)))
 
 
 DEFAULT_DOMAIN = "corral.localhost"  # *.localhost resolves to this machine (libnss-myhostname, docs/network.md)
@@ -229,42 +216,3 @@ def _ensure_templates(settings, names: tuple[str, ...]) -> None:
                 console.print(f"[green]built[/green] template {name}")
 
     asyncio.run(build())
-
-
-@keys_app.command("create")
-def keys_create(name: str = typer.Option("default", help="A name to tell keys apart."),
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Create an API key; it is printed once and stored only as a hash."""
-    key, secret = asyncio.run(_keys().create(name))
-    if as_json:
-        print(json.dumps({"id": key.id, "name": key.name, "key": secret}))
-    else:
-        print(secret)
-
-
-@keys_app.command("ls")
-def keys_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List API keys (never the keys themselves)."""
-    keys = asyncio.run(_keys().list())
-    if as_json:
-        print(json.dumps([{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at,
-                           "revoked": k.revoked_at is not None} for k in keys]))
-        return
-    table = Table("id", "name", "key starts", "created", "state")
-    for k in keys:
-        table.add_row(k.id, k.name, k.prefix + "…", datetime.fromtimestamp(k.created_at).isoformat(" ", "seconds"),
-                      "revoked" if k.revoked_at else "active")
-    console.print(table)
-
-
-@keys_app.command("revoke")
-def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (see `corral keys ls`).")) -> None:
-    """Revoke an API key: requests with it are refused from now on."""
-    from corral.control.keys import KeyNotFound
-
-    try:
-        key = asyncio.run(_keys().revoke(key_id))
-    except KeyNotFound:
-        Console(stderr=True).print(f"[red]error:[/red] no API key with id {key_id}")
-        raise typer.Exit(1) from None
-    print(f"revoked {key.id} ({key.name})")

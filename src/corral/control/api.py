@@ -20,6 +20,7 @@ from corral.control.api_common import (
     CLIENT_ID,
     ERRORS,
     Key,
+    envd_token_for,
     iso,
     page_offset,
     page_token,
@@ -32,7 +33,7 @@ from corral.control.api_templates import template_routes
 from corral.control.api_volumes import volume_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
-from corral.control.keys import ApiKey, ApiKeys
+from corral.control.keys import ApiKey, ApiKeys, check_template, check_timeout
 from corral.control.network import Egress, Ingress, egress_from, ingress_from_create, refuse_iam
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
@@ -53,9 +54,10 @@ def _listed(row: SandboxRow) -> dict:
                 if row.volume_mounts else None)
 
 
-def _detail(row: SandboxRow, domain: str | None) -> schemas.SandboxDetail:
+def _detail(row: SandboxRow, key: ApiKey, domain: str | None) -> schemas.SandboxDetail:
     lifecycle = row.lifecycle or {}
-    return schemas.SandboxDetail(**_listed(row), envdAccessToken=row.envd_token, allowInternetAccess=row.internet,
+    return schemas.SandboxDetail(**_listed(row), envdAccessToken=envd_token_for(key, row),
+                                 allowInternetAccess=row.internet,
                                  domain=domain, network={**Ingress.from_record(row.ingress).as_read_back(),
                                                          **Egress.from_record(row.egress).as_read_back()},
                                  lifecycle=schemas.Lifecycle(autoResume=bool(lifecycle.get("autoResume")),
@@ -137,14 +139,15 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         refuse_iam(body.iam)
         ingress, egress = ingress_from_create(body.network), egress_from(body.network)
         template = body.templateID
+        check_template(key.limits, template)
         if plane.templates is not None:
-            template = await plane.templates.runtime_key(key.id, template) or template
-        row = await plane.sandboxes.create(key.id, template, timeout=body.timeout,
+            template = await plane.templates.runtime_key(key.owner, template) or template
+        row = await plane.sandboxes.create(key.owner, template, limits=key.limits, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle,
                                            ingress=ingress, egress=egress,
                                            volume_mounts=[m.model_dump() for m in body.volumeMounts or ()])
-        return sandbox_answer(row, plane.public_domain)
+        return sandbox_answer(row, key, plane.public_domain)
 
     @app.post("/v2/sandboxes", status_code=201, response_model=schemas.Sandbox, responses=ERRORS,
               tags=["sandboxes"])
@@ -158,10 +161,12 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
 
     async def _connect(key: ApiKey, sandbox_id: str, body: schemas.ConnectSandbox | None,
                        response: Response) -> schemas.Sandbox:
-        row, resumed = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+        if body and body.timeout is not None:
+            check_timeout(key.limits, body.timeout)
+        row, resumed = await plane.branching.resume(key.owner, sandbox_id, timeout=body.timeout if body else None,
                                                     memory=not (body and body.memory is False))
         response.status_code = 201 if resumed else 200
-        return sandbox_answer(row, plane.public_domain)
+        return sandbox_answer(row, key, plane.public_domain)
 
     @app.post("/v2/sandboxes/{sandbox_id}/connect", response_model=schemas.Sandbox,
               responses={**ERRORS, 201: {"model": schemas.Sandbox, "description": "resumed a paused sandbox"}},
@@ -180,11 +185,13 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model=schemas.Sandbox,
               responses={**ERRORS, 409: {"model": schemas.Error}}, tags=["sandboxes (legacy)"])
     async def resume_legacy(sandbox_id: str, key: Key, body: schemas.ConnectSandbox | None = None):
-        if (await plane.sandboxes.get(key.id, sandbox_id)).state == "running":
+        if (await plane.sandboxes.get(key.owner, sandbox_id)).state == "running":
             raise ApiError(409, f"sandbox {sandbox_id} is already running")
-        row, _ = await plane.branching.resume(key.id, sandbox_id, timeout=body.timeout if body else None,
+        if body and body.timeout is not None:
+            check_timeout(key.limits, body.timeout)
+        row, _ = await plane.branching.resume(key.owner, sandbox_id, timeout=body.timeout if body else None,
                                               memory=not (body and body.memory is False))
-        return sandbox_answer(row, plane.public_domain)
+        return sandbox_answer(row, key, plane.public_domain)
 
     async def _list(key: ApiKey, metadata: str | None, state: str | None, order: str | None,
                     started_after: str | None, template: str | None, limit: int | None,
@@ -197,7 +204,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
             raise ApiError(400, "order must be asc or desc")
         query = ListQuery(metadata=_parse_metadata(metadata), states=states, order=order or "desc",
                           started_after=_parse_time(started_after, "startedAfter"), template=template)
-        rows = await plane.sandboxes.list(key.id, query)
+        rows = await plane.sandboxes.list(key.owner, query)
         offset = page_offset(next_token)
         end = len(rows) if limit is None else offset + limit
         if end < len(rows):
@@ -235,29 +242,30 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     @app.get("/sandboxes/{sandbox_id}", response_model=schemas.SandboxDetail, responses=ERRORS,
              response_model_exclude_none=True, tags=["sandboxes"])
     async def get_sandbox(sandbox_id: str, key: Key) -> schemas.SandboxDetail:
-        return _detail(await plane.sandboxes.get(key.id, sandbox_id), plane.public_domain)
+        return _detail(await plane.sandboxes.get(key.owner, sandbox_id), key, plane.public_domain)
 
     @app.delete("/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def kill_sandbox(sandbox_id: str, key: Key) -> Response:
-        await plane.sandboxes.kill(key.id, sandbox_id)
+        await plane.sandboxes.kill(key.owner, sandbox_id)
         return Response(status_code=204)
 
     @app.put("/sandboxes/{sandbox_id}/network", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def update_network(sandbox_id: str, key: Key, body: dict = Body(default_factory=dict)) -> Response:
         """Replaces the sandbox's egress configuration (every omitted option is cleared): the internet
         switch and rules by address; rules by domain, header rules, DNS servers and proxies are refused."""
-        await plane.sandboxes.update_network(key.id, sandbox_id, body)
+        await plane.sandboxes.update_network(key.owner, sandbox_id, body)
         return Response(status_code=204)
 
     @app.post("/sandboxes/{sandbox_id}/timeout", status_code=204, responses=ERRORS, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: schemas.SetTimeout, key: Key) -> Response:
-        await plane.sandboxes.set_timeout(key.id, sandbox_id, body.timeout)
+        check_timeout(key.limits, body.timeout)
+        await plane.sandboxes.set_timeout(key.owner, sandbox_id, body.timeout)
         return Response(status_code=204)
 
     @app.get("/sandboxes/{sandbox_id}/metrics", response_model=list[schemas.SandboxMetric], responses=ERRORS,
              tags=["sandboxes"])
     async def metrics(sandbox_id: str, key: Key, start: int | None = None, end: int | None = None):
-        rows = await plane.sandboxes.metrics(key.id, sandbox_id, start, end)
+        rows = await plane.sandboxes.metrics(key.owner, sandbox_id, start, end)
         return [schemas.SandboxMetric(timestamp=iso(r.ts), timestampUnix=int(r.ts), cpuCount=r.cpu_count,
                                       cpuUsedPct=r.cpu_used_pct, memUsed=r.mem_used, memTotal=r.mem_total,
                                       memCache=r.mem_cache, diskUsed=r.disk_used, diskTotal=r.disk_total)

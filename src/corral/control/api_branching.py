@@ -11,6 +11,7 @@ from corral.control import schemas
 from corral.control.api_common import ERRORS, Key, page_offset, page_token, sandbox_answer
 from corral.control.db import CheckpointRow
 from corral.control.errors import HostPaths, to_http
+from corral.control.keys import ApiKey
 from corral.control.plane import ControlPlane
 from corral.control.tree import node_view
 
@@ -24,21 +25,21 @@ def _snapshot_info(node: CheckpointRow) -> schemas.SnapshotInfo:
 def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     router = APIRouter()
 
-    def fork_results(results) -> list[schemas.ForkResult]:
+    def fork_results(results, key: ApiKey) -> list[schemas.ForkResult]:
         answers = []
         for r in results:
             if isinstance(r, BaseException):
                 code, message = to_http(r, paths)
                 answers.append(schemas.ForkResult(error=schemas.Error(code=code, message=message)))
             else:
-                answers.append(schemas.ForkResult(sandbox=sandbox_answer(r, plane.public_domain)))
+                answers.append(schemas.ForkResult(sandbox=sandbox_answer(r, key, plane.public_domain)))
         return answers
 
     # --- E2B ---------------------------------------------------------------------------------------
 
     @router.post("/sandboxes/{sandbox_id}/pause", status_code=204, responses=_CONFLICT, tags=["sandboxes"])
     async def pause(sandbox_id: str, key: Key, body: schemas.PauseSandbox | None = None) -> Response:
-        await plane.branching.pause(key.id, sandbox_id, memory=not (body and body.memory is False))
+        await plane.branching.pause(key.owner, sandbox_id, memory=not (body and body.memory is False))
         return Response(status_code=204)
 
     @router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, response_model=schemas.SnapshotInfo,
@@ -46,7 +47,7 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     async def create_snapshot(sandbox_id: str, key: Key,
                               body: schemas.SnapshotRequest | None = None) -> schemas.SnapshotInfo:
         body = body or schemas.SnapshotRequest()
-        node = await plane.branching.snapshot(key.id, sandbox_id, name=body.name, memory=body.memory is not False,
+        node = await plane.branching.snapshot(key.owner, sandbox_id, name=body.name, memory=body.memory is not False,
                                               metadata=body.metadata)
         return _snapshot_info(node)
 
@@ -54,7 +55,7 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     async def list_snapshots(key: Key, response: Response, sandboxID: str | None = None, name: str | None = None,
                              limit: Annotated[int | None, Query(ge=1, le=100)] = None,
                              nextToken: str | None = None) -> list[schemas.SnapshotInfo]:
-        nodes = await plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds={"snapshot"})
+        nodes = await plane.tree.list_nodes(key.owner, sandbox_id=sandboxID, name=name, kinds={"snapshot"})
         offset = page_offset(nextToken)
         end = len(nodes) if limit is None else offset + limit
         if end < len(nodes):
@@ -64,9 +65,9 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     @router.delete("/templates/{snapshot_id:path}", status_code=204, responses=_CONFLICT, tags=["snapshots"])
     async def delete_snapshot(snapshot_id: str, key: Key) -> Response:
         # The SDK deletes templates and snapshots alike here (`delete_snapshot`); templates first.
-        if plane.templates is not None and await plane.templates.delete(key.id, snapshot_id, plane.template_in_use):
+        if plane.templates is not None and await plane.templates.delete(key.owner, snapshot_id, plane.template_in_use):
             return Response(status_code=204)
-        await plane.tree.delete(key.id, snapshot_id)
+        await plane.tree.delete(key.owner, snapshot_id)
         return Response(status_code=204)
 
     # Each result carries either `sandbox` or `error`, never the other as null (the SDK parses a null error).
@@ -74,7 +75,8 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
                  response_model_exclude_none=True, responses=_CONFLICT, tags=["sandboxes"])
     async def fork(sandbox_id: str, key: Key, body: schemas.ForkRequest | None = None) -> list[schemas.ForkResult]:
         body = body or schemas.ForkRequest()
-        return fork_results(await plane.branching.fork(key.id, sandbox_id, count=body.count, timeout=body.timeout))
+        results = await plane.branching.fork(key.owner, sandbox_id, count=body.count, timeout=body.timeout)
+        return fork_results(results, key)
 
     # --- the checkpoint tree (Corral) ----------------------------------------------------------------
 
@@ -83,40 +85,40 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
     async def list_nodes(key: Key, sandboxID: str | None = None, name: str | None = None,
                          kind: str | None = None) -> list[dict]:
         kinds = set(kind.split(",")) if kind else None
-        nodes = await plane.tree.list_nodes(key.id, sandbox_id=sandboxID, name=name, kinds=kinds)
+        nodes = await plane.tree.list_nodes(key.owner, sandbox_id=sandboxID, name=name, kinds=kinds)
         return [node_view(n) for n in nodes]
 
     @router.get("/checkpoints/{ref}", response_model=schemas.CheckpointNode, responses=ERRORS,
                 tags=["checkpoint tree"])
     async def get_node(ref: str, key: Key) -> dict:
-        return node_view(await plane.tree.node(key.id, ref))
+        return node_view(await plane.tree.node(key.owner, ref))
 
     @router.get("/checkpoints/{ref}/tree", response_model=schemas.Tree, responses=ERRORS,
                 tags=["checkpoint tree"])
     async def tree(ref: str, key: Key) -> dict:
         """The lineage of a checkpoint or a sandbox id, from its root."""
-        return await plane.tree.tree(key.id, ref)
+        return await plane.tree.tree(key.owner, ref)
 
     @router.patch("/checkpoints/{ref}", response_model=schemas.CheckpointNode, responses=ERRORS,
                   tags=["checkpoint tree"])
     async def set_metadata(ref: str, body: schemas.NodeMetadataPatch, key: Key) -> dict:
-        return node_view(await plane.tree.set_metadata(key.id, ref, body.metadata))
+        return node_view(await plane.tree.set_metadata(key.owner, ref, body.metadata))
 
     @router.post("/checkpoints/{ref}/sandboxes", status_code=201, response_model=list[schemas.ForkResult],
                  response_model_exclude_none=True, responses=_CONFLICT, tags=["checkpoint tree"])
     async def start_from(ref: str, key: Key, body: schemas.StartFromCheckpoint | None = None):
         body = body or schemas.StartFromCheckpoint()
-        node = await plane.tree.node(key.id, ref)
+        node = await plane.tree.node(key.owner, ref)
         results = await plane.branching.start_from(node, body.count,
                                                    timeout=plane.sandboxes.timeout_for(body.timeout),
                                                    metadata=body.metadata or {}, env_vars=body.envVars or node.env_vars,
                                                    lifecycle={}, internet=node.internet)
-        return fork_results(results)
+        return fork_results(results, key)
 
     @router.delete("/checkpoints/{ref}", response_model=schemas.DeletedNodes, responses=_CONFLICT,
                    tags=["checkpoint tree"])
     async def delete_node(ref: str, key: Key, subtree: bool = False) -> dict:
         """Deletes a node (its children move up to its parent) or, with subtree=true, the node and all below."""
-        return await plane.tree.delete(key.id, ref, subtree=subtree)
+        return await plane.tree.delete(key.owner, ref, subtree=subtree)
 
     return router

@@ -13,10 +13,12 @@ from corral.control import schemas
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError
 from corral.control.keys import ApiKey
+from corral.control.scopes import EXECUTE, ROUTE_SCOPES
 from corral.envd import ENVD_VERSION
 
 CLIENT_ID = "corral"
-ERRORS = {401: {"model": schemas.Error}, 404: {"model": schemas.Error}, 400: {"model": schemas.Error}}
+ERRORS = {401: {"model": schemas.Error}, 403: {"model": schemas.Error}, 404: {"model": schemas.Error},
+          400: {"model": schemas.Error}}
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -29,11 +31,17 @@ def iso(ts: float) -> str:
     return (_EPOCH + dt.timedelta(microseconds=micros)).isoformat().replace("+00:00", "Z")
 
 
-def sandbox_answer(row: SandboxRow, domain: str | None = None) -> schemas.Sandbox:
+def envd_token_for(key: ApiKey, row: SandboxRow) -> str | None:
+    """The sandbox's envd access token, which lets its holder run anything inside: only for keys with the
+    `execute` scope (without it the SDK's commands and files get 401 from envd)."""
+    return row.envd_token if key.allows(EXECUTE) else None
+
+
+def sandbox_answer(row: SandboxRow, key: ApiKey, domain: str | None = None) -> schemas.Sandbox:
     """`domain`: where the SDK reaches the sandbox (`https://<port>-<id>.<domain>`) when it was not told."""
     return schemas.Sandbox(templateID=row.template.partition(":")[0], sandboxID=row.id, alias=row.template,
                            clientID=CLIENT_ID,
-                           envdVersion=ENVD_VERSION, envdAccessToken=row.envd_token, domain=domain,
+                           envdVersion=ENVD_VERSION, envdAccessToken=envd_token_for(key, row), domain=domain,
                            trafficAccessToken=(row.ingress or {}).get("trafficToken"))
 
 
@@ -54,9 +62,18 @@ def page_offset(token: str | None) -> int:
 
 
 async def authenticated(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+    """The request's key, if it is valid and holds the scope its route needs (control/scopes.py): 401
+    without a valid key, 403 naming the missing scope. A route missing from the table is refused."""
     key = await request.app.state.keys.verify(x_api_key)
     if key is None:
         raise ApiError(401, "Invalid API key" if x_api_key else "Missing X-API-KEY header")
+    route = request.scope.get("route")
+    method = "GET" if request.method == "HEAD" else request.method
+    needed = ROUTE_SCOPES.get((method, getattr(route, "path_format", "")))  # the path without converters
+    if needed is None:
+        raise ApiError(403, "this route has no scope in the server's table: refused for every key")
+    if not key.allows(needed):
+        raise ApiError(403, f"this API key lacks the '{needed}' scope ({', '.join(sorted(key.scopes))} held)")
     return key
 
 

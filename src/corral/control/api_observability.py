@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from corral.control import sandbox_logs
 from corral.control.api_common import ERRORS, Key, iso
 from corral.control.errors import ApiError, HostPaths
+from corral.control.keys import Owner
 
 if TYPE_CHECKING:
     from corral.config import PlatformSettings
@@ -92,8 +93,8 @@ def observability_routes(plane: ControlPlane, paths: HostPaths | None = None) ->
             raise refusal
         return Response(await plane.metrics.render(plane), media_type=CONTENT_TYPE_LATEST)
 
-    async def read(key_id: str, sandbox_id: str) -> list[sandbox_logs.LogLine]:
-        await plane.sandboxes.get(key_id, sandbox_id)  # 404 unless it is the caller's
+    async def read(owner: Owner, sandbox_id: str) -> list[sandbox_logs.LogLine]:
+        await plane.sandboxes.get(owner, sandbox_id)  # 404 unless it is the caller's
         async with plane.sandboxes.locks[sandbox_id]:  # not paused or killed while it is read
             return await sandbox_logs.read_sandbox_logs(plane.orchestrator, sandbox_id, paths)
 
@@ -106,7 +107,7 @@ def observability_routes(plane: ControlPlane, paths: HostPaths | None = None) ->
                                                                              "oldest first.")] = 1000
                       ) -> SandboxLogs:
         """What envd and the template's start command printed, oldest first (a running sandbox's only)."""
-        lines = sandbox_logs.since(await read(key.id, sandbox_id), start)[:limit]
+        lines = sandbox_logs.since(await read(key.owner, sandbox_id), start)[:limit]
         return SandboxLogs(logs=[SandboxLog(timestamp=iso(line.timestamp), line=line.line) for line in lines],
                            logEntries=[_entry(line) for line in lines])
 
@@ -122,7 +123,7 @@ def observability_routes(plane: ControlPlane, paths: HostPaths | None = None) ->
                           description="The lowest level returned.")] = None,
                       search: Annotated[str | None, Query(max_length=256, description=(
                           "Only lines that contain this (case-sensitive)."))] = None) -> SandboxLogsV2:
-        lines = await read(key.id, sandbox_id)
+        lines = await read(key.owner, sandbox_id)
         if direction == "backward":
             lines = [line for line in reversed(lines) if cursor is None or line.timestamp * 1000 <= cursor]
         else:

@@ -90,40 +90,40 @@ def recording_routes(recordings: Callable[[], Recordings | None]) -> APIRouter:
         """Starts recording the sandbox's screen to an MP4 (ffmpeg x11grab inside the sandbox). 409 when the
         sandbox is paused, has no X display or no ffmpeg, or is being recorded already."""
         body = body or NewRecording()
-        return _answer(await service().start(key.id, sandbox_id, fps=body.fps, max_seconds=body.maxDurationSeconds,
+        return _answer(await service().start(key.owner, sandbox_id, fps=body.fps, max_seconds=body.maxDurationSeconds,
                                              max_bytes=body.maxBytes, keep=body.keep, display=body.display))
 
     @router.get("/sandboxes/{sandbox_id}/recordings", response_model=list[Recording], responses=ERRORS)
     async def sandbox_recordings(sandbox_id: str, key: Key) -> list[Recording]:
-        return [_answer(row) for row in await service().list(key.id, sandbox_id)]
+        return [_answer(row) for row in await service().list(key.owner, sandbox_id)]
 
     @router.get("/recordings", response_model=list[Recording], responses=ERRORS)
     async def all_recordings(key: Key) -> list[Recording]:
-        return [_answer(row) for row in await service().list(key.id)]
+        return [_answer(row) for row in await service().list(key.owner)]
 
     @router.get("/recordings/{recording_id}", response_model=Recording, responses=ERRORS)
     async def get_recording(recording_id: str, key: Key) -> Recording:
-        return _answer(await service().get(key.id, recording_id))
+        return _answer(await service().get(key.owner, recording_id))
 
     @router.post("/recordings/{recording_id}/stop", response_model=Recording, responses=_ERRORS)
     async def stop_recording(recording_id: str, key: Key) -> Recording:
         """Stops the recorder and copies the file to the server; stopping a stopped recording answers it as
         it is. 409 while its sandbox is paused."""
-        return _answer(await service().stop(key.id, recording_id))
+        return _answer(await service().stop(key.owner, recording_id))
 
     @router.get("/recordings/{recording_id}/file", response_class=FileResponse, responses={
         **_ERRORS, 200: {"content": {"video/mp4": {}}, "description": "The recording (MP4, H.264)"}})
     async def recording_file(recording_id: str, key: Key) -> FileResponse:
-        path = await service().file(key.id, recording_id)
+        path = await service().file(key.owner, recording_id)
         return FileResponse(path, media_type="video/mp4", filename=f"{recording_id}.mp4")
 
     @router.patch("/recordings/{recording_id}", response_model=Recording, responses=ERRORS)
     async def update_recording(recording_id: str, key: Key, body: RecordingUpdate) -> Recording:
-        return _answer(await service().set_keep(key.id, recording_id, body.keep))
+        return _answer(await service().set_keep(key.owner, recording_id, body.keep))
 
     @router.delete("/recordings/{recording_id}", status_code=204, responses=_ERRORS)
     async def delete_recording(recording_id: str, key: Key) -> Response:
-        await service().delete(key.id, recording_id)
+        await service().delete(key.owner, recording_id)
         return Response(status_code=204)
 
     return router

@@ -58,15 +58,15 @@ def secrets_routes(store: Callable[[], Secrets | None]) -> APIRouter:
 
     @router.post("/secrets", status_code=201, response_model=Secret, responses=_ERRORS)
     async def create(body: NewSecret, key: Key) -> Secret:
-        return _answer(await secrets_of().create(key.id, body.name, body.value, body.metadata))
+        return _answer(await secrets_of().create(key.owner, body.name, body.value, body.metadata))
 
     @router.post("/secrets/{secret}", response_model=Secret, responses=_ERRORS)
     async def update(secret: str, body: SecretUpdate, key: Key) -> Secret:
-        return _answer(await secrets_of().update(key.id, secret, body.value, body.metadata))
+        return _answer(await secrets_of().update(key.owner, secret, body.value, body.metadata))
 
     @router.get("/secrets/{secret}", response_model=Secret, responses=_ERRORS)
     async def get(secret: str, key: Key) -> Secret:
-        return _answer(await secrets_of().get(key.id, secret))
+        return _answer(await secrets_of().get(key.owner, secret))
 
     @router.get("/secrets", response_model=list[Secret], responses=_ERRORS)
     async def list_secrets(
@@ -74,7 +74,7 @@ def secrets_routes(store: Callable[[], Secrets | None]) -> APIRouter:
             limit: Annotated[int | None, Query(ge=1, le=100, description="Page size; all when omitted.")] = None,
             nextToken: Annotated[str | None, Query(description="The previous page's `X-Next-Token`.")] = None,
     ) -> list[Secret]:
-        rows = await secrets_of().list(key.id)
+        rows = await secrets_of().list(key.owner)
         offset = page_offset(nextToken)
         end = len(rows) if limit is None else offset + limit
         if end < len(rows):
@@ -83,7 +83,7 @@ def secrets_routes(store: Callable[[], Secrets | None]) -> APIRouter:
 
     @router.delete("/secrets/{secret}", status_code=204, responses=_ERRORS)
     async def delete(secret: str, key: Key) -> Response:
-        await secrets_of().delete(key.id, secret)
+        await secrets_of().delete(key.owner, secret)
         return Response(status_code=204)
 
     return router

@@ -122,7 +122,7 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
         name = body.name or body.alias
         if not name:
             raise ApiError(400, "name is required")
-        row, build = await of().request(key.id, name, body.tags, cpu_count=body.cpuCount,
+        row, build = await of().request(key.owner, name, body.tags, cpu_count=body.cpuCount,
                                                memory_mb=body.memoryMB)
         return TemplateRequested(templateID=row.id, buildID=build.id, public=row.public,
                                  names=[row.name], tags=list(build.tags), aliases=[row.name])
@@ -136,7 +136,7 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
     @router.get("/templates/{template_id}/files/{files_hash}", status_code=201, response_model=FileUpload,
                 response_model_exclude_none=True, responses=ERRORS)
     async def upload_slot(template_id: str, files_hash: str, key: Key, request: Request) -> FileUpload:
-        return FileUpload(**await of().upload_slot(key.id, template_id, files_hash, str(request.base_url)))
+        return FileUpload(**await of().upload_slot(key.owner, template_id, files_hash, str(request.base_url)))
 
     @router.put("/templates/{template_id}/files/{files_hash}/upload", status_code=201, responses=ERRORS,
                 description="The self-authorising upload URL `GET …/files/{hash}` hands out (no API key).")
@@ -148,7 +148,7 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
     @router.post("/v2/templates/{template_id}/builds/{build_id}", status_code=202, responses=ERRORS)
     async def trigger(template_id: str, build_id: str, key: Key, request: Request,
                       body: Annotated[dict[str, Any], Body()]) -> Response:
-        await of().trigger(key.id, template_id, build_id, body, client=request.headers.get("user-agent", ""))
+        await of().trigger(key.owner, template_id, build_id, body, client=request.headers.get("user-agent", ""))
         return Response(status_code=202)
 
     # Absent, never null: the SDK parses a present `reason` or `step` even when it is null.
@@ -158,37 +158,37 @@ def template_routes(templates: Callable[[], Templates]) -> APIRouter:
                            logsOffset: Annotated[int, Query(ge=0)] = 0,
                            limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                            level: Annotated[str | None, Query()] = None) -> BuildStatus:
-        build = await of().build_row(key.id, template_id, build_id)
+        build = await of().build_row(key.owner, template_id, build_id)
         answer = of().status(build, logsOffset, limit, level)
         answer["logEntries"] = _page(answer["logEntries"])
         return BuildStatus(**answer)
 
     @router.get("/templates/aliases/{alias:path}", response_model=AliasAnswer, responses=ERRORS)
     async def alias(alias: str, key: Key) -> AliasAnswer:
-        row = await of().exists(key.id, alias)
+        row = await of().exists(key.owner, alias)
         if row is None:
             return AliasAnswer(templateID=alias.partition(":")[0], public=True)
         return AliasAnswer(templateID=row.id, public=row.public)
 
     @router.post("/templates/tags", status_code=201, response_model=AssignedTags, responses=ERRORS)
     async def assign_tags(body: AssignTags, key: Key) -> AssignedTags:
-        tags, build_id = await of().assign_tags(key.id, body.target, body.tags)
+        tags, build_id = await of().assign_tags(key.owner, body.target, body.tags)
         return AssignedTags(tags=tags, buildID=build_id)
 
     @router.delete("/templates/tags", status_code=204, responses=ERRORS)
     async def remove_tags(body: RemoveTags, key: Key) -> Response:
-        await of().remove_tags(key.id, body.name, body.tags)
+        await of().remove_tags(key.owner, body.name, body.tags)
         return Response(status_code=204)
 
     @router.get("/templates/{ref:path}/tags", response_model=list[TemplateTag], responses=ERRORS)
     async def list_tags(ref: str, key: Key) -> list[TemplateTag]:
         return [TemplateTag(tag=t.tag, buildID=t.build_id, createdAt=iso(t.created_at))
-                for t in await of().tags(key.id, ref)]
+                for t in await of().tags(key.owner, ref)]
 
     @router.get("/templates", response_model=list[TemplateListed], responses=ERRORS)
     async def list_templates(key: Key) -> list[TemplateListed]:
         out = []
-        for row, builds, tags in await of().list(key.id):
+        for row, builds, tags in await of().list(key.owner):
             default = next((t.build_id for t in tags if t.tag == DEFAULT_TAG), None)
             current = next((b for b in builds if b.id == default), builds[-1] if builds else None)
             out.append(TemplateListed(

@@ -100,21 +100,21 @@ def volume_routes(store: Callable[[], Volumes | None], domain: Callable[[], str 
 
     @router.post("/volumes", status_code=201, response_model=VolumeAndToken, responses=_ERRORS)
     async def create(body: NewVolume, key: Key) -> VolumeAndToken:
-        return _answer(*await volumes_of().create(key.id, body.name, body.sizeMB), domain())
+        return _answer(*await volumes_of().create(key.owner, body.name, body.sizeMB), domain())
 
     @router.get("/volumes", response_model=list[Volume], responses=_ERRORS)
     async def list_volumes(key: Key) -> list[Volume]:
-        return [Volume(volumeID=v.id, name=v.name) for v in await volumes_of().list(key.id)]
+        return [Volume(volumeID=v.id, name=v.name) for v in await volumes_of().list(key.owner)]
 
     @router.get("/volumes/{volume}", response_model=VolumeAndToken, responses=_ERRORS)
     async def get(volume: str, key: Key) -> VolumeAndToken:
         """`volume`: its id or its name."""
-        return _answer(*await volumes_of().get(key.id, volume), domain())
+        return _answer(*await volumes_of().get(key.owner, volume), domain())
 
     @router.delete("/volumes/{volume}", status_code=204, responses=_ERRORS)
     async def delete(volume: str, key: Key) -> Response:
         """Deletes the volume and its files; 409 while a running or paused sandbox mounts it."""
-        await volumes_of().delete(key.id, volume)
+        await volumes_of().delete(key.owner, volume)
         return Response(status_code=204)
 
     # --- content ---------------------------------------------------------------------------------

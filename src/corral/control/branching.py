@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner, owner_of
 from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
@@ -47,9 +48,9 @@ class Branching:
 
     # --- pause and resume ------------------------------------------------------------------------
 
-    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool = True, reason: str = "request") -> None:
+    async def pause(self, owner: Owner, sandbox_id: str, *, memory: bool = True, reason: str = "request") -> None:
         async with self._sandboxes.locks[sandbox_id]:
-            row = await self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(owner, sandbox_id)
             if row.state == "paused":
                 raise ApiError(409, f"sandbox {sandbox_id} is already paused")
             node = await self._tree.record(row, "pause", memory=memory, metadata={"reason": reason})
@@ -81,14 +82,14 @@ class Branching:
             await self._db.write(stopped)
         log.info("paused %s into %s (%s)", sandbox_id, node.id, reason)
 
-    async def resume(self, key_id: str, sandbox_id: str, *, timeout: int | None,
+    async def resume(self, owner: Owner, sandbox_id: str, *, timeout: int | None,
                      memory: bool = True) -> tuple[SandboxRow, bool]:
         """Resumes a paused sandbox (True) or, if it runs, extends its timeout (False)."""
         started = time.perf_counter()
         async with self._sandboxes.locks[sandbox_id]:
-            row = await self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(owner, sandbox_id)
             if row.state == "running":
-                return await self._sandboxes.extend(key_id, sandbox_id, timeout), False
+                return await self._sandboxes.extend(owner, sandbox_id, timeout), False
             seconds = self._sandboxes.timeout_for(timeout if timeout is not None else row.timeout_s)
             node_id = row.paused_node
             node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
@@ -121,7 +122,7 @@ class Branching:
         if row is None or not (row.lifecycle or {}).get("autoResume"):
             return False
         try:
-            await self.resume(row.key_id, sandbox_id, timeout=row.timeout_s)
+            await self.resume(owner_of(row), sandbox_id, timeout=row.timeout_s)
         except Exception as e:
             log.warning("auto-resume of %s failed: %s", sandbox_id, e)
             return False
@@ -138,11 +139,11 @@ class Branching:
         if self._is_template(name):
             raise ApiError(400, f"snapshot name {name!r} is the name of a template")
 
-    async def snapshot(self, key_id: str, sandbox_id: str, *, name: str | None = None, memory: bool = True,
+    async def snapshot(self, owner: Owner, sandbox_id: str, *, name: str | None = None, memory: bool = True,
                        metadata: dict | None = None, kind: str = "snapshot", clones: int = 0) -> CheckpointRow:
         self._check_name(name)
         async with self._sandboxes.locks[sandbox_id]:
-            row = await self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(owner, sandbox_id)
             if row.state == "paused":
                 # The pause checkpoint already is this state: share its files.
                 node = await self._tree.record(row, kind, memory=row.pause_mode == "full", name=name,
@@ -162,32 +163,32 @@ class Branching:
                 raise
             return await self._tree.mark_ready(node, head_of=sandbox_id)
 
-    async def fork(self, key_id: str, sandbox_id: str, *, count: int,
+    async def fork(self, owner: Owner, sandbox_id: str, *, count: int,
                    timeout: int | None) -> list[SandboxRow | BaseException]:
         started = time.perf_counter()
-        results = await self._fork(key_id, sandbox_id, count=count, timeout=timeout)
+        results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
         self.metrics.fork_seconds.observe(time.perf_counter() - started)
         return results
 
-    async def _fork(self, key_id: str, sandbox_id: str, *, count: int,
+    async def _fork(self, owner: Owner, sandbox_id: str, *, count: int,
                     timeout: int | None) -> list[SandboxRow | BaseException]:
         if not 1 <= count <= MAX_FORKS:
             raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
-        row = await self._sandboxes.get(key_id, sandbox_id)
+        row = await self._sandboxes.get(owner, sandbox_id)
         seconds = self._sandboxes.timeout_for(timeout)
         if row.state == "paused":
             # From the pause checkpoint itself; the lock keeps a resume from dropping its image meanwhile.
             async with self._sandboxes.locks[sandbox_id]:
-                row = await self._sandboxes.get(key_id, sandbox_id)
+                row = await self._sandboxes.get(owner, sandbox_id)
                 if row.state == "paused":
-                    node = await self._tree.node(key_id, row.paused_node)
+                    node = await self._tree.node(owner, row.paused_node)
                     return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template,
                                                  ingress=Ingress.from_record(row.ingress),
                                                  egress=Egress.from_record(row.egress))
         began = time.perf_counter()
-        node = await self.snapshot(key_id, sandbox_id, kind="fork", clones=count)
+        node = await self.snapshot(owner, sandbox_id, kind="fork", clones=count)
         snapshotted = time.perf_counter()
         results = await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
                                         env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
@@ -224,7 +225,8 @@ class Branching:
                 self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
                 env_vars=env_vars, internet=internet, resources=_resources(node), volumes=volumes,
                 **_egress_args(egress.to_record()))
-            row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, template=template,
+            row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, team_id=node.team_id,
+                             template=template,
                              envd_token=token, sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus,
                              memory_mb=node.memory_mb, disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle,
                              head=node.id, ingress=ingress.to_record(), egress=egress.to_record(),
@@ -233,11 +235,11 @@ class Branching:
 
     # --- CheckpointHooks (for control/sandboxes.py) ----------------------------------------------
 
-    async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
+    async def start_from_snapshot(self, owner: Owner, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
                                   ingress: Ingress | None = None, egress: Egress | None = None,
                                   volume_mounts: list[dict] | None = None) -> SandboxRow | None:
-        node = await self._tree.find_node(key_id, ref)
+        node = await self._tree.find_node(owner, ref)
         if node is None:
             return None
         if volume_mounts:

@@ -37,6 +37,18 @@ class Base(DeclarativeBase):
     pass
 
 
+class TeamRow(Base):
+    """A team owns sandboxes, templates, volumes, secrets, checkpoints and recordings; each of its keys sees
+    and acts on all of them (within the key's scopes). A database from before teams gets one team per key,
+    with the key's id (`_migrate_to_teams`)."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
@@ -48,13 +60,21 @@ class ApiKeyRow(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Nullable only for databases from before teams, which the migration fills.
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)
+    # What the key may do (control/scopes.py); None: the default scopes (keys made before scopes).
+    scopes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Per-key limits on what it creates (control/keys.py `KeyLimits`); None: none.
+    limits: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class SandboxRow(Base):
     __tablename__ = "sandboxes"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     template: Mapped[str] = mapped_column(String(200))
     envd_token: Mapped[str] = mapped_column(String(128))
     sandbox_metadata: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -90,7 +110,8 @@ class CheckpointRow(Base):
     __tablename__ = "checkpoints"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     kind: Mapped[str] = mapped_column(String(16))  # snapshot | pause | fork
     parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     sandbox_id: Mapped[str] = mapped_column(String(64), index=True)  # the sandbox it was taken of
@@ -116,10 +137,11 @@ class SecretRow(Base):
     """A secret (control/secrets.py): its value sealed with the installation's key, never stored plain."""
 
     __tablename__ = "secrets"
-    __table_args__ = (UniqueConstraint("key_id", "name"),)
+    __table_args__ = (UniqueConstraint("team_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     name: Mapped[str] = mapped_column(String(128))
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
     version: Mapped[int] = mapped_column(Integer, default=1)
@@ -132,10 +154,11 @@ class TemplateRow(Base):
     """A template users build (control/templates.py); the built-in ones have no row."""
 
     __tablename__ = "templates"
-    __table_args__ = (UniqueConstraint("key_id", "name"),)
+    __table_args__ = (UniqueConstraint("team_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     name: Mapped[str] = mapped_column(String(200))  # `[namespace/]name`, without a tag
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
@@ -175,10 +198,11 @@ class VolumeRow(Base):
     to look it up, never stored plain."""
 
     __tablename__ = "volumes"
-    __table_args__ = (UniqueConstraint("key_id", "name"),)
+    __table_args__ = (UniqueConstraint("team_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     name: Mapped[str] = mapped_column(String(128))
     size_mb: Mapped[int] = mapped_column(Integer)
     token_digest: Mapped[str] = mapped_column(String(64))
@@ -193,7 +217,8 @@ class RecordingRow(Base):
     __tablename__ = "recordings"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)  # the key that made it
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)  # its owner
     sandbox_id: Mapped[str] = mapped_column(String(64), index=True)  # no foreign key: kept ones outlive it
     state: Mapped[str] = mapped_column(String(16))  # recording | ready | failed
     keep: Mapped[bool] = mapped_column(Boolean, default=False)  # outlives its sandbox
@@ -265,6 +290,7 @@ def open_database(url: str) -> Database:
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
+    _migrate_to_teams(engine)
     return Database(sessionmaker(engine, expire_on_commit=False))
 
 
@@ -282,6 +308,25 @@ def _add_missing_columns(engine: Engine) -> None:
                 default = column.default.arg if column.default is not None and column.default.is_scalar else None
                 clause = f" DEFAULT {_sql_literal(default)}" if default is not None else ""
                 connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
+
+
+def _migrate_to_teams(engine: Engine) -> None:
+    """Before teams each key owned what it made. Each such key becomes the only key of a team with its own
+    id (named after the key; the key's id if that name is taken), so that what it owned stays its team's;
+    rows get their maker's team. Idempotent: only rows without a team are touched."""
+    owned = [t.name for t in Base.metadata.sorted_tables if "team_id" in t.columns and "key_id" in t.columns]
+    with engine.begin() as connection:
+        orphans = connection.execute(text("SELECT id, name, created_at FROM api_keys WHERE team_id IS NULL")).all()
+        taken = {name for (name,) in connection.execute(text("SELECT name FROM teams"))}
+        for key_id, name, created_at in orphans:
+            team_name = name if name not in taken else key_id
+            taken.add(team_name)
+            connection.execute(text("INSERT INTO teams (id, name, created_at) VALUES (:id, :name, :at)"),
+                               {"id": key_id, "name": team_name, "at": created_at})
+            connection.execute(text("UPDATE api_keys SET team_id = :id WHERE id = :id"), {"id": key_id})
+        for table in owned:
+            connection.execute(text(f"UPDATE {table} SET team_id = (SELECT team_id FROM api_keys "
+                                    f"WHERE api_keys.id = {table}.key_id) WHERE team_id IS NULL"))
 
 
 def _sql_literal(value) -> str:
@@ -302,5 +347,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["ApiKeyRow", "CheckpointRow", "Database", "Engine", "MetricRow", "SandboxRow", "VolumeRow",
-           "open_database"]
+__all__ = [
+    "ApiKeyRow",
+    "CheckpointRow",
+    "Database",
+    "Engine",
+    "MetricRow",
+    "SandboxRow",
+    "TeamRow",
+    "VolumeRow",
+    "open_database",
+]

@@ -1,4 +1,6 @@
-"""API keys: `e2b_` + 40 hex characters (the shape older E2B SDKs check), stored only as SHA-256."""
+"""Teams and their API keys: `e2b_` + 40 hex characters (the shape older E2B SDKs check), stored only as
+SHA-256. A key belongs to one team, carries scopes (control/scopes.py), may expire, and may carry limits on
+what it creates."""
 
 from __future__ import annotations
 
@@ -6,13 +8,47 @@ import hashlib
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from corral.control.db import ApiKeyRow, Database
+from corral.control import scopes as scope_names
+from corral.control.db import ApiKeyRow, Database, TeamRow
+from corral.control.errors import ApiError
 
 KEY_SHAPE = re.compile(r"^e2b_[0-9a-f]{40}$")
+TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a request acts for: the key (recorded as the maker of what it creates) and its team (what it
+    can see and act on)."""
+
+    key_id: str
+    team_id: str
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """Limits on what one key creates; None: no limit of that kind."""
+
+    templates: tuple[str, ...] | None = None  # template names (without tag) it may create sandboxes from
+    max_timeout_s: int | None = None
+    max_vcpus: float | None = None
+    max_memory_mb: int | None = None
+    max_concurrent: int | None = None  # its running sandboxes
+
+    def to_record(self) -> dict | None:
+        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if v is not None}
+        return record or None
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> KeyLimits:
+        record = dict(record or {})
+        if record.get("templates") is not None:
+            record["templates"] = tuple(record["templates"])
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -22,9 +58,36 @@ class ApiKey:
     prefix: str
     created_at: float
     revoked_at: float | None
+    team_id: str = ""
+    scopes: frozenset[str] = field(default_factory=lambda: frozenset(scope_names.DEFAULT))
+    expires_at: float | None = None
+    limits: KeyLimits = field(default_factory=KeyLimits)
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.id, self.team_id)
+
+    def allows(self, scope: str) -> bool:
+        return scope_names.allows(self.scopes, scope)
+
+
+@dataclass(frozen=True)
+class Team:
+    id: str
+    name: str
+    created_at: float
+    keys: int = 0  # active keys
 
 
 class KeyNotFound(LookupError):
+    pass
+
+
+class TeamNotFound(LookupError):
+    pass
+
+
+class TeamExists(ValueError):
     pass
 
 
@@ -33,23 +96,52 @@ def _digest(key: str) -> str:
 
 
 def _public(row: ApiKeyRow) -> ApiKey:
-    return ApiKey(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at)
+    return ApiKey(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at,
+                  team_id=row.team_id or row.id, scopes=scope_names.normalize(row.scopes),
+                  expires_at=row.expires_at, limits=KeyLimits.from_record(row.limits))
+
+
+def _team_row(session, ref: str) -> TeamRow:
+    row = session.get(TeamRow, ref) or session.scalar(select(TeamRow).where(TeamRow.name == ref))
+    if row is None:
+        raise TeamNotFound(ref)
+    return row
 
 
 class ApiKeys:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def create(self, name: str) -> tuple[ApiKey, str]:
-        """Returns the key record and the key itself, which is shown once and never again."""
+    async def create(self, name: str, *, team: str | None = None, scopes: list[str] | None = None,
+                     expires_at: float | None = None, limits: KeyLimits | None = None) -> tuple[ApiKey, str]:
+        """Returns the key record and the key itself, which is shown once and never again. `team`: a team's
+        id or name; None makes a new team for the key alone (named after the key when that name is free)."""
+        held = scope_names.normalize(scopes)
+        if expires_at is not None and expires_at <= time.time():
+            raise ValueError("the expiry is in the past")
         secret = "e2b_" + secrets.token_hex(20)
-        row = ApiKeyRow(id=secrets.token_hex(8), name=name, prefix=secret[:10], digest=_digest(secret),
-                        created_at=time.time(), revoked_at=None)
-        await self._db.write(lambda session: session.add(row))
-        return _public(row), secret
+        key_id = secrets.token_hex(8)
+
+        def add(session) -> ApiKeyRow:
+            if team is None:
+                taken = session.scalar(select(TeamRow).where(TeamRow.name == name)) is not None
+                team_row = TeamRow(id=key_id, name=key_id if taken or not TEAM_NAME.match(name) else name,
+                                   created_at=time.time())
+                session.add(team_row)
+                session.flush()
+            else:
+                team_row = _team_row(session, team)
+            row = ApiKeyRow(id=key_id, name=name, prefix=secret[:10], digest=_digest(secret), created_at=time.time(),
+                            revoked_at=None, team_id=team_row.id, scopes=sorted(held), expires_at=expires_at,
+                            limits=(limits or KeyLimits()).to_record())
+            session.add(row)
+            return row
+
+        return _public(await self._db.write(add)), secret
 
     async def verify(self, presented: str | None) -> ApiKey | None:
-        """The key's record, if it is one of ours and not revoked (looked up on every API request)."""
+        """The key's record, if it is one of ours, not revoked and not expired (looked up on every API
+        request, so a revocation or an expiry applies to the next request)."""
         if not presented or not KEY_SHAPE.match(presented):
             return None
         digest = _digest(presented)
@@ -57,12 +149,18 @@ class ApiKeys:
             lambda session: session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest)))
         if row is None or row.revoked_at is not None:
             return None
+        if row.expires_at is not None and row.expires_at <= time.time():
+            return None
         return _public(row)
 
-    async def list(self) -> list[ApiKey]:
-        rows = await self._db.read(
-            lambda session: list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))))
-        return [_public(r) for r in rows]
+    async def list(self, team: str | None = None) -> list[ApiKey]:
+        def rows(session) -> list[ApiKeyRow]:
+            stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+            if team is not None:
+                stmt = stmt.where(ApiKeyRow.team_id == _team_row(session, team).id)
+            return list(session.scalars(stmt))
+
+        return [_public(r) for r in await self._db.read(rows)]
 
     async def revoke(self, key_id: str) -> ApiKey:
         def revoke(session) -> ApiKeyRow:
@@ -74,3 +172,52 @@ class ApiKeys:
             return row
 
         return _public(await self._db.write(revoke))
+
+    # --- teams -------------------------------------------------------------------------------------
+
+    async def create_team(self, name: str) -> Team:
+        if not TEAM_NAME.match(name):
+            raise ValueError("a team name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+        def add(session) -> TeamRow:
+            if session.scalar(select(TeamRow).where(TeamRow.name == name)) is not None:
+                raise TeamExists(name)
+            row = TeamRow(id="team_" + secrets.token_hex(6), name=name, created_at=time.time())
+            session.add(row)
+            return row
+
+        row = await self._db.write(add)
+        return Team(row.id, row.name, row.created_at)
+
+    async def teams(self) -> list[Team]:
+        def rows(session):
+            active = (select(ApiKeyRow.team_id, func.count().label("n")).where(ApiKeyRow.revoked_at.is_(None))
+                      .group_by(ApiKeyRow.team_id).subquery())
+            return list(session.execute(select(TeamRow, active.c.n).outerjoin(active, active.c.team_id == TeamRow.id)
+                                        .order_by(TeamRow.created_at)))
+
+        return [Team(t.id, t.name, t.created_at, n or 0) for t, n in await self._db.read(rows)]
+
+    async def team(self, ref: str) -> Team:
+        row = await self._db.read(lambda session: _team_row(session, ref))
+        return Team(row.id, row.name, row.created_at)
+
+
+def owner_of(row) -> Owner:
+    """Who a stored row (a sandbox, checkpoint, ...) acts for when the server acts on it by itself (a
+    timeout's pause, an automatic resume): its maker and its team."""
+    return Owner(row.key_id, row.team_id or row.key_id)
+
+
+def check_timeout(limits: KeyLimits, seconds: int) -> None:
+    """Refuses (400, as for the server's own maximum) a timeout above the key's maximum."""
+    if limits.max_timeout_s is not None and seconds > limits.max_timeout_s:
+        raise ApiError(400, f"timeout {seconds}s is above this API key's maximum of {limits.max_timeout_s}s")
+
+
+def check_template(limits: KeyLimits, ref: str) -> None:
+    """Refuses (403) a template outside the key's allowed ones; `ref` as the request names it (its tag aside)."""
+    name = ref.partition(":")[0]
+    if limits.templates is not None and name not in limits.templates:
+        allowed = ", ".join(limits.templates) or "none"
+        raise ApiError(403, f"this API key may not start sandboxes of {name!r} (allowed: {allowed})")

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import Database, RecordingRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner
 from corral.control.sandboxes import Sandboxes
 from corral.runtime.base import RuntimeError_
 
@@ -114,9 +115,9 @@ class Recordings:
 
     # --- start and stop --------------------------------------------------------------------------------
 
-    async def start(self, key_id: str, sandbox_id: str, *, fps: int = 10, max_seconds: int | None = None,
+    async def start(self, owner: Owner, sandbox_id: str, *, fps: int = 10, max_seconds: int | None = None,
                     max_bytes: int | None = None, keep: bool = False, display: str = ":0") -> RecordingRow:
-        row = await self._sandboxes.get(key_id, sandbox_id)
+        row = await self._sandboxes.get(owner, sandbox_id)
         if not 1 <= fps <= MAX_FPS:
             raise ApiError(400, f"fps must be between 1 and {MAX_FPS}, got {fps}")
         seconds = self._bounded("maxDurationSeconds", max_seconds, self.limits.max_seconds)
@@ -125,11 +126,11 @@ class Recordings:
             raise ApiError(400, f"display must look like ':0', got {display!r}")
         # The sandbox's lock: no pause, resume or kill while its recorder starts or stops.
         async with self._sandboxes.locks[sandbox_id]:
-            row = await self._sandboxes.get(key_id, sandbox_id)
+            row = await self._sandboxes.get(owner, sandbox_id)
             if row.state != "running" or self._orchestrator.runtime_id(sandbox_id) is None:
                 raise ApiError(409, f"sandbox {sandbox_id} is paused: resume it to record its screen")
             stored = await self._db.read(lambda session: list(session.scalars(
-                select(RecordingRow).where(RecordingRow.key_id == key_id))))
+                select(RecordingRow).where(RecordingRow.team_id == owner.team_id))))
             if any(r.sandbox_id == sandbox_id and r.state == "recording" for r in stored):
                 raise ApiError(409, f"sandbox {sandbox_id} is being recorded already: stop that recording first")
             if len(stored) >= self.limits.max_per_owner:
@@ -148,7 +149,8 @@ class Recordings:
                 detail = (result.stdout + result.stderr).decode(errors="replace").strip()[-500:]
                 raise ApiError(500, f"the recorder did not start: {detail or f'exit code {result.exit_code}'}")
             width, _, height = result.stdout.decode().strip().rpartition("\n")[2].partition("x")
-            recording = RecordingRow(id=recording_id, key_id=key_id, sandbox_id=sandbox_id, state="recording",
+            recording = RecordingRow(id=recording_id, key_id=owner.key_id, team_id=owner.team_id,
+                                     sandbox_id=sandbox_id, state="recording",
                                      keep=keep, fps=fps, max_seconds=seconds, max_bytes=size,
                                      width=int(width or 0), height=int(height or 0), started_at=time.time())
             await self._db.write(lambda session: session.add(recording))
@@ -162,10 +164,10 @@ class Recordings:
             raise ApiError(400, f"{name} must be between 1 and {limit} (this server's limit), got {asked}")
         return asked
 
-    async def stop(self, key_id: str, recording_id: str) -> RecordingRow:
-        row = await self.get(key_id, recording_id)
+    async def stop(self, owner: Owner, recording_id: str) -> RecordingRow:
+        row = await self.get(owner, recording_id)
         async with self._sandboxes.locks[row.sandbox_id]:
-            row = await self.get(key_id, recording_id)
+            row = await self.get(owner, recording_id)
             if row.state != "recording":
                 return row  # stopped already: stopping again changes nothing
             sandbox = await self._sandboxes.row(row.sandbox_id)
@@ -222,20 +224,20 @@ class Recordings:
 
     # --- reading and deleting --------------------------------------------------------------------------
 
-    async def get(self, key_id: str, recording_id: str) -> RecordingRow:
+    async def get(self, owner: Owner, recording_id: str) -> RecordingRow:
         row = await self._db.read(lambda session: session.get(RecordingRow, recording_id))
-        if row is None or row.key_id != key_id:
+        if row is None or row.team_id != owner.team_id:
             raise ApiError(404, f"recording {recording_id} not found")
         return row
 
-    async def list(self, key_id: str, sandbox_id: str | None = None) -> list[RecordingRow]:
-        stmt = select(RecordingRow).where(RecordingRow.key_id == key_id)
+    async def list(self, owner: Owner, sandbox_id: str | None = None) -> list[RecordingRow]:
+        stmt = select(RecordingRow).where(RecordingRow.team_id == owner.team_id)
         if sandbox_id is not None:
             stmt = stmt.where(RecordingRow.sandbox_id == sandbox_id)
         return await self._db.read(lambda session: list(session.scalars(stmt.order_by(RecordingRow.started_at))))
 
-    async def file(self, key_id: str, recording_id: str) -> Path:
-        row = await self.get(key_id, recording_id)
+    async def file(self, owner: Owner, recording_id: str) -> Path:
+        row = await self.get(owner, recording_id)
         if row.state == "recording":
             raise ApiError(409, f"recording {recording_id} is still running: stop it first")
         path = self.path_of(row)
@@ -243,8 +245,8 @@ class Recordings:
             raise ApiError(409, f"recording {recording_id} has no file: {row.error or 'it failed'}")
         return path
 
-    async def set_keep(self, key_id: str, recording_id: str, keep: bool) -> RecordingRow:
-        await self.get(key_id, recording_id)
+    async def set_keep(self, owner: Owner, recording_id: str, keep: bool) -> RecordingRow:
+        await self.get(owner, recording_id)
 
         def update(session: Session) -> RecordingRow:
             current = session.get(RecordingRow, recording_id)
@@ -253,8 +255,8 @@ class Recordings:
 
         return await self._db.write(update)
 
-    async def delete(self, key_id: str, recording_id: str) -> None:
-        row = await self.get(key_id, recording_id)
+    async def delete(self, owner: Owner, recording_id: str) -> None:
+        row = await self.get(owner, recording_id)
         if row.state == "recording":
             raise ApiError(409, f"recording {recording_id} is still running: stop it first")
         await self._db.write(lambda session: session.execute(delete(RecordingRow).where(RecordingRow.id == row.id)))

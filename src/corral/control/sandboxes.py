@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from corral.config import PlatformSettings
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
+from corral.control.keys import KeyLimits, Owner, check_timeout, owner_of
 from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
 from corral.control.volumes import Volumes
 from corral.observability.metrics import UNSCRAPED, ServerMetrics
@@ -48,14 +49,14 @@ class ListQuery:
 class CheckpointHooks(Protocol):
     """What sandboxes need from checkpoints (control/branching.py provides it)."""
 
-    async def start_from_snapshot(self, key_id: str, ref: str, *, timeout: int, metadata: dict[str, str],
+    async def start_from_snapshot(self, owner: Owner, ref: str, *, timeout: int, metadata: dict[str, str],
                                   env_vars: dict[str, str], internet: bool, lifecycle: dict,
                                   ingress: Ingress | None = None, egress: Egress | None = None,
                                   volume_mounts: list[dict] | None = None) -> SandboxRow | None:
         """A new sandbox from the snapshot `ref` names; None when it names none (it is a template).
         `volume_mounts`: asked for by the create (a snapshot mounts its own; asking for others is refused)."""
 
-    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
+    async def pause(self, owner: Owner, sandbox_id: str, *, memory: bool, reason: str) -> None:
         """Pauses a running sandbox (ApiError 409 if it is paused already)."""
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
@@ -78,10 +79,10 @@ class RecordingHooks(Protocol):
 class NoCheckpoints:
     """Sandboxes without branching: templates only, and a timeout always kills."""
 
-    async def start_from_snapshot(self, key_id: str, ref: str, **_) -> SandboxRow | None:
+    async def start_from_snapshot(self, owner: Owner, ref: str, **_) -> SandboxRow | None:
         return None
 
-    async def pause(self, key_id: str, sandbox_id: str, *, memory: bool, reason: str) -> None:
+    async def pause(self, owner: Owner, sandbox_id: str, *, memory: bool, reason: str) -> None:
         raise ApiError(501, "this server cannot pause sandboxes")
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
@@ -102,6 +103,7 @@ class Sandboxes:
         # Each recorded sandbox's ingress options, read by the proxy on every request: kept from its
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
+        self._starting: Counter[str] = Counter()  # creates under way, by key id
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
         self.recordings: RecordingHooks | None = None  # control/recordings.py
         # The server's Prometheus metrics, handed in by control/plane.py (`metrics()` is a sandbox's samples).
@@ -130,18 +132,46 @@ class Sandboxes:
             raise ApiError(400, f"timeout {timeout}s is above this server's maximum of {maximum}s")
         return timeout
 
-    async def create(self, key_id: str, template: str, **options) -> SandboxRow:
-        """A new sandbox of `template` (or from a snapshot of that name); its time and outcome are metered."""
+    async def create(self, owner: Owner, template: str, *, limits: KeyLimits | None = None,
+                     **options) -> SandboxRow:
+        """A new sandbox of `template` (or from a snapshot of that name), within the key's `limits`; its time
+        and outcome are metered."""
         started = time.perf_counter()
+        self._starting[owner.key_id] += 1  # counted against its concurrency limit until it is recorded
         try:
-            row = await self._create(key_id, template, **options)
+            await self._admit(owner, limits or KeyLimits(), template, options.get("timeout"))
+            row = await self._create(owner, template, **options)
         except Exception:
-            self.server_metrics.created(key_id, None)
+            self.server_metrics.created(owner.key_id, None)
             raise
-        self.server_metrics.created(key_id, time.perf_counter() - started)
+        finally:
+            self._starting[owner.key_id] -= 1
+            if not self._starting[owner.key_id]:
+                del self._starting[owner.key_id]
+        self.server_metrics.created(owner.key_id, time.perf_counter() - started)
         return row
 
-    async def _create(self, key_id: str, template: str, *, timeout: int | None, metadata: dict[str, str],
+    async def _admit(self, owner: Owner, limits: KeyLimits, template: str, timeout: int | None) -> None:
+        """Refuses a create outside the key's limits, saying which."""
+        name = template.partition(":")[0]
+        check_timeout(limits, self.timeout_for(timeout))
+        resources = self.orchestrator.resources_for(template)
+        if limits.max_vcpus is not None and resources.vcpus > limits.max_vcpus:
+            raise ApiError(403, f"{name!r} sandboxes have {resources.vcpus:g} vCPUs, above this API key's "
+                                f"maximum of {limits.max_vcpus:g}")
+        if limits.max_memory_mb is not None and resources.memory_mb > limits.max_memory_mb:
+            raise ApiError(403, f"{name!r} sandboxes have {resources.memory_mb} MB of memory, above this API "
+                                f"key's maximum of {limits.max_memory_mb} MB")
+        if limits.max_concurrent is not None:
+            running = await self._db.read(lambda session: session.scalar(
+                select(func.count()).select_from(SandboxRow).where(SandboxRow.key_id == owner.key_id,
+                                                                   SandboxRow.state == "running")))
+            # This create is one of those starting.
+            if running + self._starting[owner.key_id] > limits.max_concurrent:
+                raise ApiError(429, f"this API key may run at most {limits.max_concurrent} sandboxes at once "
+                                    f"({running} running); kill or pause one first")
+
+    async def _create(self, owner: Owner, template: str, *, timeout: int | None, metadata: dict[str, str],
                       env_vars: dict[str, str], internet: bool, lifecycle: dict,
                       ingress: Ingress | None = None, egress: Egress | None = None,
                       volume_mounts: list[dict] | None = None) -> SandboxRow:
@@ -150,8 +180,8 @@ class Sandboxes:
         ingress, egress = ingress or Ingress(), egress or Egress()
         if volume_mounts and self.volumes is None:
             raise ApiError(400, "this server keeps no volumes")
-        mounts = await self.volumes.resolve_mounts(key_id, volume_mounts) if volume_mounts else []
-        row = await self.checkpoints.start_from_snapshot(key_id, template, timeout=seconds, metadata=metadata,
+        mounts = await self.volumes.resolve_mounts(owner, volume_mounts) if volume_mounts else []
+        row = await self.checkpoints.start_from_snapshot(owner, template, timeout=seconds, metadata=metadata,
                                                          env_vars=env_vars, internet=internet, lifecycle=lifecycle,
                                                          ingress=ingress, egress=egress, volume_mounts=mounts)
         if row is not None:
@@ -163,7 +193,8 @@ class Sandboxes:
                                                      allow_domains=egress.domains, header_rules=egress.rules,
                                                      volumes=volumes)
             resources: Resources = sandbox.config.resources
-            row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=key_id, template=template,
+            row = SandboxRow(id=sandbox.id, runtime_id=sandbox.id, key_id=owner.key_id, team_id=owner.team_id,
+                             template=template,
                              envd_token=token, sandbox_metadata=metadata, env_vars=env_vars, vcpus=resources.vcpus,
                              memory_mb=resources.memory_mb, disk_mb=resources.disk_mb, internet=internet,
                              lifecycle=lifecycle, ingress=ingress.to_record(), egress=egress.to_record(),
@@ -211,7 +242,7 @@ class Sandboxes:
             known = self._ingress[sandbox_id] = Ingress.from_record(row.ingress)
         return known
 
-    async def update_network(self, key_id: str, sandbox_id: str, network: dict) -> None:
+    async def update_network(self, owner: Owner, sandbox_id: str, network: dict) -> None:
         """`PUT /sandboxes/{id}/network`: a full replacement of the egress options (what is left out is
         cleared: `{}` allows everything again), applied to the running sandbox's next connections and
         kept for its resumes. Validated whole before anything changes."""
@@ -224,7 +255,7 @@ class Sandboxes:
             raise ApiError(400, "allow_internet_access must be a boolean")
         internet = internet is not False
         async with self.locks[sandbox_id]:
-            row = await self.get(key_id, sandbox_id)
+            row = await self.get(owner, sandbox_id)
             if row.state == "running":
                 await self.orchestrator.set_egress(sandbox_id, internet=internet, allow_out=egress.allow,
                                                    deny_out=egress.deny, allow_domains=egress.domains,
@@ -241,16 +272,16 @@ class Sandboxes:
         """The sandbox's record, whoever owns it; None when there is none."""
         return await self._db.read(lambda session: session.get(SandboxRow, sandbox_id))
 
-    async def get(self, key_id: str, sandbox_id: str) -> SandboxRow:
+    async def get(self, owner: Owner, sandbox_id: str) -> SandboxRow:
         """The owner's sandbox, for any of the per-sandbox API calls (which count as interest in it)."""
         row = await self.row(sandbox_id)
-        if row is None or row.key_id != key_id:
+        if row is None or row.team_id != owner.team_id:
             raise not_found(sandbox_id)
         self.orchestrator.noticed(sandbox_id)
         return row
 
-    async def list(self, key_id: str, query: ListQuery) -> list[SandboxRow]:
-        stmt = select(SandboxRow).where(SandboxRow.key_id == key_id)
+    async def list(self, owner: Owner, query: ListQuery) -> list[SandboxRow]:
+        stmt = select(SandboxRow).where(SandboxRow.team_id == owner.team_id)
         if query.started_after is not None:
             stmt = stmt.where(SandboxRow.started_at >= query.started_after)  # "at or after"
         if query.template:
@@ -270,8 +301,8 @@ class Sandboxes:
             counts[key] = counts.get(key, 0) + count
         return counts
 
-    async def kill(self, key_id: str, sandbox_id: str) -> None:
-        await self.get(key_id, sandbox_id)
+    async def kill(self, owner: Owner, sandbox_id: str) -> None:
+        await self.get(owner, sandbox_id)
         await self._kill(sandbox_id)
 
     async def _kill(self, sandbox_id: str) -> None:
@@ -319,15 +350,15 @@ class Sandboxes:
 
     # --- timeouts --------------------------------------------------------------------------------
 
-    async def set_timeout(self, key_id: str, sandbox_id: str, timeout: int) -> SandboxRow:
+    async def set_timeout(self, owner: Owner, sandbox_id: str, timeout: int) -> SandboxRow:
         """The sandbox now ends `timeout` seconds from now (sooner or later than before)."""
-        await self.get(key_id, sandbox_id)
+        await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
         return await self._set_end(sandbox_id, lambda row: time.time() + seconds)
 
-    async def extend(self, key_id: str, sandbox_id: str, timeout: int | None) -> SandboxRow:
+    async def extend(self, owner: Owner, sandbox_id: str, timeout: int | None) -> SandboxRow:
         """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
-        await self.get(key_id, sandbox_id)
+        await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
         return await self._set_end(sandbox_id, lambda row: max(row.end_at, time.time() + seconds))
 
@@ -368,7 +399,7 @@ class Sandboxes:
         lifecycle = (row.lifecycle or {}) if row else {}
         if row is not None and lifecycle.get("onTimeout") == "pause":
             try:
-                await self.checkpoints.pause(row.key_id, sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
+                await self.checkpoints.pause(owner_of(row), sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
                                              reason="timeout")
                 return
             except ApiError as e:
@@ -381,9 +412,9 @@ class Sandboxes:
 
     # --- metrics ---------------------------------------------------------------------------------
 
-    async def metrics(self, key_id: str, sandbox_id: str, start: float | None,
+    async def metrics(self, owner: Owner, sandbox_id: str, start: float | None,
                       end: float | None) -> list[MetricRow]:
-        await self.get(key_id, sandbox_id)
+        await self.get(owner, sandbox_id)
         stmt = select(MetricRow).where(MetricRow.sandbox_id == sandbox_id)
         if start is not None:
             stmt = stmt.where(MetricRow.ts >= start)

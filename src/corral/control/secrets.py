@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import Database, SecretRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 MAX_VALUE_BYTES = 64 * 1024
@@ -86,7 +87,7 @@ class Secrets:
         self._db = database
         self._fernet = Fernet(key)
 
-    async def create(self, owner: str, name, value, metadata: dict | None) -> SecretInfo:
+    async def create(self, owner: Owner, name, value, metadata: dict | None) -> SecretInfo:
         if not isinstance(name, str) or not NAME.match(name):
             raise ApiError(400, "name must be 1-128 characters of letters, digits, '_' and '-'")
         name = name.lower()
@@ -97,16 +98,17 @@ class Secrets:
         now = time.time()
 
         def add(session: Session) -> SecretInfo:
-            if session.scalar(select(SecretRow).where(SecretRow.key_id == owner, SecretRow.name == name)):
+            if session.scalar(select(SecretRow).where(SecretRow.team_id == owner.team_id, SecretRow.name == name)):
                 raise ApiError(409, f"a secret named {name!r} exists already")
-            row = SecretRow(id="sec_" + random.token_hex(10), key_id=owner, name=name, sealed=sealed, version=1,
+            row = SecretRow(id="sec_" + random.token_hex(10), key_id=owner.key_id, team_id=owner.team_id,
+                            name=name, sealed=sealed, version=1,
                             secret_metadata=metadata, created_at=now, updated_at=now)
             session.add(row)
             return _info(row)
 
         return await self._db.write(add)
 
-    async def update(self, owner: str, ref: str, value, metadata: dict | None) -> SecretInfo:
+    async def update(self, owner: Owner, ref: str, value, metadata: dict | None) -> SecretInfo:
         """A new value (and version); metadata replaced when given, kept when not."""
         sealed = self._fernet.encrypt(_check_value(value).encode())
         metadata = None if metadata is None else _check_metadata(metadata)
@@ -120,21 +122,21 @@ class Secrets:
 
         return await self._db.write(change)
 
-    async def get(self, owner: str, ref: str) -> SecretInfo:
+    async def get(self, owner: Owner, ref: str) -> SecretInfo:
         return await self._db.read(lambda session: _info(self._find(session, owner, ref)))
 
-    async def list(self, owner: str) -> list[SecretInfo]:
-        stmt = select(SecretRow).where(SecretRow.key_id == owner).order_by(SecretRow.created_at, SecretRow.id)
+    async def list(self, owner: Owner) -> list[SecretInfo]:
+        stmt = select(SecretRow).where(SecretRow.team_id == owner.team_id).order_by(SecretRow.created_at, SecretRow.id)
         return await self._db.read(lambda session: [_info(r) for r in session.scalars(stmt)])
 
-    async def delete(self, owner: str, ref: str) -> None:
+    async def delete(self, owner: Owner, ref: str) -> None:
         await self._db.write(lambda session: session.delete(self._find(session, owner, ref)))
 
-    async def value(self, owner: str, name: str) -> str | None:
+    async def value(self, owner: Owner, name: str) -> str | None:
         """The current value of `owner`'s secret `name` (for the egress proxy only); None if there is none
         or it cannot be opened with this installation's key."""
         row = await self._db.read(lambda session: session.scalar(
-            select(SecretRow).where(SecretRow.key_id == owner, SecretRow.name == name.lower())))
+            select(SecretRow).where(SecretRow.team_id == owner.team_id, SecretRow.name == name.lower())))
         if row is None:
             return None
         try:
@@ -143,9 +145,9 @@ class Secrets:
             return None
 
     @staticmethod
-    def _find(session: Session, owner: str, ref: str) -> SecretRow:
+    def _find(session: Session, owner: Owner, ref: str) -> SecretRow:
         matches = SecretRow.id == ref if ref.startswith("sec_") else SecretRow.name == ref.lower()
-        row = session.scalar(select(SecretRow).where(SecretRow.key_id == owner, matches))
+        row = session.scalar(select(SecretRow).where(SecretRow.team_id == owner.team_id, matches))
         if row is None:
             raise ApiError(404, f"secret {ref} not found")
         return row

@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from corral.control.db import Database, TemplateBuildRow, TemplateRow, TemplateTagRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner
 from corral.observability.metrics import UNSCRAPED, ServerMetrics
 from corral.runtime.base import Resources, Runtime, TemplateNotFound
 from corral.templates import prune
@@ -188,32 +189,32 @@ class Templates:
 
     # --- names ------------------------------------------------------------------------------------
 
-    async def _find(self, key_id: str, ref: str) -> TemplateRow | None:
+    async def _find(self, owner: Owner, ref: str) -> TemplateRow | None:
         """The owner's template `ref` names (an id or a `[namespace/]name`); ApiError 403 for another's id."""
         def find(session) -> TemplateRow | None:
             row = session.get(TemplateRow, ref)
             if row is None:
-                row = session.scalar(select(TemplateRow).where(TemplateRow.key_id == key_id,
+                row = session.scalar(select(TemplateRow).where(TemplateRow.team_id == owner.team_id,
                                                                TemplateRow.name == ref))
             return row
         row = await self._db.read(find)
-        if row is not None and row.key_id != key_id and not row.public:
+        if row is not None and row.team_id != owner.team_id and not row.public:
             raise ApiError(403, f"template {ref!r} belongs to another team")
         return row
 
-    async def get(self, key_id: str, ref: str) -> TemplateRow:
+    async def get(self, owner: Owner, ref: str) -> TemplateRow:
         name = ref.partition(":")[0]
-        row = await self._find(key_id, name)
+        row = await self._find(owner, name)
         if row is None:
             raise ApiError(404, f"template {name!r} not found")
         return row
 
-    async def exists(self, key_id: str, raw: str) -> TemplateRow | None:
+    async def exists(self, owner: Owner, raw: str) -> TemplateRow | None:
         """For `GET /templates/aliases/{alias}`: the row, None for a built-in, ApiError 404/403 otherwise."""
         name = raw.partition(":")[0]
         if name in self.builtin():
             return None
-        row = await self._find(key_id, name)
+        row = await self._find(owner, name)
         if row is None:
             def other(session) -> bool:
                 return session.scalar(select(TemplateRow.id).where(TemplateRow.name == name)) is not None
@@ -222,7 +223,7 @@ class Templates:
             raise ApiError(404, f"template {name!r} not found")
         return row
 
-    async def runtime_key(self, key_id: str, ref: str) -> str | None:
+    async def runtime_key(self, owner: Owner, ref: str) -> str | None:
         """What the orchestrator calls the template `ref` names (`<id>` or `<id>:<tag>`); None when `ref`
         is not a built template of this owner (a built-in, or nothing: the caller decides)."""
         name, _, tag = ref.partition(":")
@@ -230,7 +231,7 @@ class Templates:
             return None
         if not (_IDENTIFIER.match(name.split("/")[-1]) and name.count("/") <= 1):
             return None
-        row = await self._find(key_id, name)
+        row = await self._find(owner, name)
         if row is None:
             return None
         tag = tag or DEFAULT_TAG
@@ -245,7 +246,7 @@ class Templates:
 
     # --- requesting a build ---------------------------------------------------------------------------
 
-    async def request(self, key_id: str, raw_name: str, tags: list[str] | None, *, cpu_count: int | None,
+    async def request(self, owner: Owner, raw_name: str, tags: list[str] | None, *, cpu_count: int | None,
                       memory_mb: int | None) -> tuple[TemplateRow, TemplateBuildRow]:
         parsed = parse_name(raw_name)
         if parsed.name in self.builtin():
@@ -262,10 +263,11 @@ class Templates:
         now = time.time()
 
         def create(session) -> tuple[TemplateRow, TemplateBuildRow]:
-            row = session.scalar(select(TemplateRow).where(TemplateRow.key_id == key_id,
+            row = session.scalar(select(TemplateRow).where(TemplateRow.team_id == owner.team_id,
                                                            TemplateRow.name == parsed.name))
             if row is None:
-                row = TemplateRow(id=_template_id(), key_id=key_id, name=parsed.name, public=False,
+                row = TemplateRow(id=_template_id(), key_id=owner.key_id, team_id=owner.team_id,
+                                  name=parsed.name, public=False,
                                   created_at=now, updated_at=now)
                 session.add(row)
                 session.flush()  # no relationship() tells the unit of work to insert the template first
@@ -277,8 +279,8 @@ class Templates:
             return row, build
         return await self._db.write(create)
 
-    async def build_row(self, key_id: str, template_id: str, build_id: str) -> TemplateBuildRow:
-        row = await self.get(key_id, template_id)
+    async def build_row(self, owner: Owner, template_id: str, build_id: str) -> TemplateBuildRow:
+        row = await self.get(owner, template_id)
 
         def find(session) -> TemplateBuildRow | None:
             build = session.get(TemplateBuildRow, build_id)
@@ -293,8 +295,8 @@ class Templates:
     def _archive_path(self, template_id: str, files_hash: str) -> Path:
         return self.files_dir / template_id / files_hash
 
-    async def upload_slot(self, key_id: str, template_id: str, files_hash: str, base_url: str) -> dict:
-        row = await self.get(key_id, template_id)
+    async def upload_slot(self, owner: Owner, template_id: str, files_hash: str, base_url: str) -> dict:
+        row = await self.get(owner, template_id)
         if not _HASH.match(files_hash):
             raise ApiError(400, f"files hash {files_hash!r} must be 64 lower-case hex digits (a SHA-256)")
         present = self._archive_path(row.id, files_hash).is_file()
@@ -338,13 +340,13 @@ class Templates:
 
     # --- running a build --------------------------------------------------------------------------------
 
-    async def trigger(self, key_id: str, template_id: str, build_id: str, body: dict, *,
+    async def trigger(self, owner: Owner, template_id: str, build_id: str, body: dict, *,
                       client: str = "") -> None:
         """`client`: the request's User-Agent. The JS SDK's filesHash also covers directories' sizes, which
         an archive does not record: its uploads cannot be checked against it (their layers are still keyed
         by the content the server hashes)."""
-        row = await self.get(key_id, template_id)
-        build = await self.build_row(key_id, row.id, build_id)
+        row = await self.get(owner, template_id)
+        build = await self.build_row(owner, row.id, build_id)
         if build.status != "waiting" or build.id in self._tasks or build.started_at is not None:
             raise ApiError(409, f"build {build_id} was already started")
         plan_inputs = self._validate(body)
@@ -370,7 +372,7 @@ class Templates:
             self._admitted -= 1
             raise
         self.logs.start(build.id)
-        task = asyncio.create_task(self._run(key_id, row, build, plan_inputs, credentials))
+        task = asyncio.create_task(self._run(owner, row, build, plan_inputs, credentials))
         self._tasks[build.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(build.id, None))
 
@@ -407,7 +409,7 @@ class Templates:
                 setattr(found, name, value)
         await self._db.write(update)
 
-    async def _run(self, key_id: str, row: TemplateRow, build: TemplateBuildRow, inputs: dict,
+    async def _run(self, owner: Owner, row: TemplateRow, build: TemplateBuildRow, inputs: dict,
                    credentials: dict | None) -> None:
         logs, bid = self.logs, build.id
 
@@ -425,7 +427,7 @@ class Templates:
                 await self._set(bid, status="building")
                 say("info", f"Building template {row.name} ({row.id}), build {bid}")
                 async with asyncio.timeout(self.limits.timeout_s):
-                    base = await self._base(key_id, inputs, credentials, say)
+                    base = await self._base(owner, inputs, credentials, say)
                     plan = BuildPlan(base_layers=base.layers, base_key=base.key, steps=inputs["steps"],
                                      start_cmd=inputs["start"], ready_cmd=inputs["ready"], force=inputs["force"],
                                      resources=Resources(vcpus=build.cpu_count, memory_mb=build.memory_mb),
@@ -481,10 +483,10 @@ class Templates:
         if freed:
             log.info("evicted %d MiB of unused build layers", freed // 1024**2)
 
-    async def _base(self, key_id: str, inputs: dict, credentials: dict | None, say) -> BaseImage:
+    async def _base(self, owner: Owner, inputs: dict, credentials: dict | None, say) -> BaseImage:
         if inputs["from_template"]:
             ref = inputs["from_template"]
-            key = await self.runtime_key(key_id, ref)
+            key = await self.runtime_key(owner, ref)
             if key is None and ref.partition(":")[0] not in self.builtin():
                 raise ApiError(404, f"base template {ref!r} not found")
             try:
@@ -542,9 +544,9 @@ class Templates:
 
     # --- tags, listing, deleting ----------------------------------------------------------------------
 
-    async def assign_tags(self, key_id: str, target: str, tags: list[str]) -> tuple[list[str], str]:
+    async def assign_tags(self, owner: Owner, target: str, tags: list[str]) -> tuple[list[str], str]:
         parsed = parse_name(target, what="target")
-        row = await self.get(key_id, parsed.name)
+        row = await self.get(owner, parsed.name)
         wanted = [check_tag(t) for t in tags]
         if not wanted:
             raise ApiError(400, "give at least one tag")
@@ -569,10 +571,10 @@ class Templates:
             self._link(row.id, name, build_id)
         return wanted, build_id
 
-    async def remove_tags(self, key_id: str, name: str, tags: list[str]) -> None:
+    async def remove_tags(self, owner: Owner, name: str, tags: list[str]) -> None:
         if ":" in (name or ""):
             raise ApiError(400, f"name {name!r} must not carry a tag; list the tags to remove in `tags`")
-        row = await self.get(key_id, parse_name(name).name)
+        row = await self.get(owner, parse_name(name).name)
         if not tags:
             raise ApiError(400, "give at least one tag to remove")
         if DEFAULT_TAG in tags:
@@ -589,15 +591,15 @@ class Templates:
         for tag in tags:
             (self.cache_dir / "templates" / row.id / f"tag-{tag}").unlink(missing_ok=True)
 
-    async def tags(self, key_id: str, ref: str) -> list[TemplateTagRow]:
-        row = await self.get(key_id, ref)
+    async def tags(self, owner: Owner, ref: str) -> list[TemplateTagRow]:
+        row = await self.get(owner, ref)
         return await self._db.read(lambda s: list(s.scalars(
             select(TemplateTagRow).where(TemplateTagRow.template_id == row.id).order_by(TemplateTagRow.created_at))))
 
-    async def list(self, key_id: str) -> list[tuple[TemplateRow, list[TemplateBuildRow], list[TemplateTagRow]]]:
+    async def list(self, owner: Owner) -> list[tuple[TemplateRow, list[TemplateBuildRow], list[TemplateTagRow]]]:
         def read(session):
             out = []
-            for row in session.scalars(select(TemplateRow).where(TemplateRow.key_id == key_id)
+            for row in session.scalars(select(TemplateRow).where(TemplateRow.team_id == owner.team_id)
                                        .order_by(TemplateRow.created_at)):
                 builds = list(session.scalars(select(TemplateBuildRow).where(TemplateBuildRow.template_id == row.id)
                                               .order_by(TemplateBuildRow.created_at)))
@@ -606,13 +608,13 @@ class Templates:
             return out
         return await self._db.read(read)
 
-    async def delete(self, key_id: str, ref: str, in_use: Callable[[str], Awaitable[bool]]) -> bool:
+    async def delete(self, owner: Owner, ref: str, in_use: Callable[[str], Awaitable[bool]]) -> bool:
         """Deletes the template `ref` names (False when it names none of the owner's). Refused (409) while
         a build runs or a sandbox runs from it."""
-        row = await self._find(key_id, ref.partition(":")[0])
+        row = await self._find(owner, ref.partition(":")[0])
         if row is None:
             return False
-        if row.key_id != key_id:
+        if row.team_id != owner.team_id:
             raise ApiError(403, f"template {ref!r} belongs to another team")
         builds = await self._db.read(lambda s: list(s.scalars(
             select(TemplateBuildRow).where(TemplateBuildRow.template_id == row.id))))

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
 
@@ -56,44 +57,44 @@ class CheckpointTree:
 
     # --- lookups ---------------------------------------------------------------------------------
 
-    async def _nodes(self, key_id: str) -> list[CheckpointRow]:
-        stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.ready.is_(True))
+    async def _nodes(self, owner: Owner) -> list[CheckpointRow]:
+        stmt = select(CheckpointRow).where(CheckpointRow.team_id == owner.team_id, CheckpointRow.ready.is_(True))
         return await self._db.read(
             lambda session: list(session.scalars(stmt.order_by(CheckpointRow.created_at, CheckpointRow.id))))
 
-    async def find_node(self, key_id: str, ref: str) -> CheckpointRow | None:
+    async def find_node(self, owner: Owner, ref: str) -> CheckpointRow | None:
         """The node `ref` names: its id or (the latest node with) its name."""
         def find(session: Session) -> CheckpointRow | None:
             node = session.get(CheckpointRow, ref)
-            if node is not None and node.key_id == key_id and node.ready:
+            if node is not None and node.team_id == owner.team_id and node.ready:
                 return node
-            stmt = select(CheckpointRow).where(CheckpointRow.key_id == key_id, CheckpointRow.name == ref,
+            stmt = select(CheckpointRow).where(CheckpointRow.team_id == owner.team_id, CheckpointRow.name == ref,
                                                CheckpointRow.ready.is_(True))
             return session.scalars(stmt.order_by(CheckpointRow.created_at.desc())).first()
 
         return await self._db.read(find)
 
-    async def node(self, key_id: str, ref: str) -> CheckpointRow:
-        node = await self.find_node(key_id, ref)
+    async def node(self, owner: Owner, ref: str) -> CheckpointRow:
+        node = await self.find_node(owner, ref)
         if node is None:
             raise ApiError(404, f"checkpoint {ref} not found")
         return node
 
-    async def list_nodes(self, key_id: str, *, sandbox_id: str | None = None, name: str | None = None,
+    async def list_nodes(self, owner: Owner, *, sandbox_id: str | None = None, name: str | None = None,
                          kinds: set[str] | None = None) -> list[CheckpointRow]:
-        nodes = await self._nodes(key_id)
+        nodes = await self._nodes(owner)
         return [n for n in reversed(nodes)
                 if (sandbox_id is None or n.sandbox_id == sandbox_id)
                 and (name is None or name in (n.name, n.id))
                 and (kinds is None or n.kind in kinds)]
 
-    async def tree(self, key_id: str, ref: str) -> dict:
+    async def tree(self, owner: Owner, ref: str) -> dict:
         """The whole lineage `ref` (a node or a sandbox) belongs to, from its root down."""
-        nodes = {n.id: n for n in await self._nodes(key_id)}
-        start = await self.find_node(key_id, ref)
+        nodes = {n.id: n for n in await self._nodes(owner)}
+        start = await self.find_node(owner, ref)
         if start is None:
             sandbox = await self._db.read(lambda session: session.get(SandboxRow, ref))
-            if sandbox is None or sandbox.key_id != key_id:
+            if sandbox is None or sandbox.team_id != owner.team_id:
                 raise ApiError(404, f"no checkpoint or sandbox {ref}")
             if sandbox.head is None or sandbox.head not in nodes:
                 return {"roots": [], "totalBytes": 0}
@@ -105,7 +106,7 @@ class CheckpointTree:
         for n in nodes.values():
             children.setdefault(n.parent_id, []).append(n)
         sandboxes = await self._db.read(
-            lambda session: list(session.scalars(select(SandboxRow).where(SandboxRow.key_id == key_id))))
+            lambda session: list(session.scalars(select(SandboxRow).where(SandboxRow.team_id == owner.team_id))))
         on_node: dict[str, list[dict]] = {}
         for s in sandboxes:
             at = s.paused_node if s.state == "paused" else s.head
@@ -126,7 +127,8 @@ class CheckpointTree:
     async def record(self, row: SandboxRow, kind: str, *, memory: bool, name: str | None = None,
                      metadata: dict | None = None, parent: str | None = None) -> CheckpointRow:
         """A node of `row`'s state, not ready yet: its files are about to be written."""
-        node = CheckpointRow(id=new_node_id(), key_id=row.key_id, kind=kind, parent_id=parent or row.head,
+        node = CheckpointRow(id=new_node_id(), key_id=row.key_id, team_id=row.team_id,
+                             kind=kind, parent_id=parent or row.head,
                              sandbox_id=row.id, template=row.template, name=name, node_metadata=metadata or {},
                              env_vars=row.env_vars or {}, envd_token=row.envd_token, memory=memory,
                              vcpus=row.vcpus, memory_mb=row.memory_mb, disk_mb=row.disk_mb, internet=row.internet,
@@ -147,7 +149,7 @@ class CheckpointTree:
             stored.ready, stored.memory, stored.size_bytes = True, memory, size
             if stored.name:  # a name moves to its newest snapshot
                 for other in session.scalars(select(CheckpointRow).where(
-                        CheckpointRow.key_id == node.key_id, CheckpointRow.name == stored.name,
+                        CheckpointRow.team_id == node.team_id, CheckpointRow.name == stored.name,
                         CheckpointRow.id != node.id)):
                     other.name = None
             if head_of is not None and (sandbox := session.get(SandboxRow, head_of)) is not None:
@@ -178,8 +180,8 @@ class CheckpointTree:
 
         await self._db.write(mark)
 
-    async def set_metadata(self, key_id: str, ref: str, patch: dict) -> CheckpointRow:
-        node = await self.node(key_id, ref)
+    async def set_metadata(self, owner: Owner, ref: str, patch: dict) -> CheckpointRow:
+        node = await self.node(owner, ref)
 
         def merge(session: Session) -> CheckpointRow:
             stored = session.get(CheckpointRow, node.id)
@@ -196,11 +198,11 @@ class CheckpointTree:
 
     # --- deleting and reclaiming -----------------------------------------------------------------
 
-    async def delete(self, key_id: str, ref: str, *, subtree: bool = False) -> dict:
+    async def delete(self, owner: Owner, ref: str, *, subtree: bool = False) -> dict:
         """Deletes a node (its children move up to its parent) or its whole subtree. Storage that running
         sandboxes or remaining nodes stand on is kept until they are gone; the rest is freed now."""
-        node = await self.node(key_id, ref)
-        nodes = {n.id: n for n in await self._nodes(key_id)}
+        node = await self.node(owner, ref)
+        nodes = {n.id: n for n in await self._nodes(owner)}
         doomed = [node.id]
         if subtree:
             frontier = [node.id]

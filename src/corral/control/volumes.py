@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import Database, SandboxRow, VolumeRow
 from corral.control.errors import ApiError
+from corral.control.keys import Owner
 from corral.runtime.base import VolumeMount
 from corral.storage.volume_files import VolumeFiles, VolumePathError
 from corral.storage.volumes import VolumeStore
@@ -89,7 +90,7 @@ class Volumes:
 
     # --- the control plane -------------------------------------------------------------------------
 
-    async def create(self, owner: str, name, size_mb: int | None = None) -> tuple[VolumeInfo, str]:
+    async def create(self, owner: Owner, name, size_mb: int | None = None) -> tuple[VolumeInfo, str]:
         if not isinstance(name, str) or not NAME.match(name):
             raise ApiError(400, f"volume name {name!r} must be 1-128 characters of letters, digits, '_' and '-'")
         size_mb = self.default_mb if size_mb is None else size_mb
@@ -100,9 +101,10 @@ class Volumes:
         volume_id = "vol_" + random.token_hex(10)
 
         def add(session: Session) -> VolumeInfo:
-            if session.scalar(select(VolumeRow).where(VolumeRow.key_id == owner, VolumeRow.name == name)):
+            if session.scalar(select(VolumeRow).where(VolumeRow.team_id == owner.team_id, VolumeRow.name == name)):
                 raise ApiError(409, f"a volume named {name!r} exists already")
-            row = VolumeRow(id=volume_id, key_id=owner, name=name, size_mb=size_mb, token_digest=_digest(token),
+            row = VolumeRow(id=volume_id, key_id=owner.key_id, team_id=owner.team_id,
+                            name=name, size_mb=size_mb, token_digest=_digest(token),
                             token_sealed=self._fernet.encrypt(token.encode()), created_at=time.time())
             session.add(row)
             return _info(row)
@@ -115,19 +117,19 @@ class Volumes:
             raise
         return info, token
 
-    async def get(self, owner: str, ref: str) -> tuple[VolumeInfo, str]:
+    async def get(self, owner: Owner, ref: str) -> tuple[VolumeInfo, str]:
         row = await self._db.read(lambda session: self._find(session, owner, ref))
         return _info(row), self._fernet.decrypt(row.token_sealed).decode()
 
-    async def list(self, owner: str) -> list[VolumeInfo]:
-        stmt = select(VolumeRow).where(VolumeRow.key_id == owner).order_by(VolumeRow.created_at, VolumeRow.id)
+    async def list(self, owner: Owner) -> list[VolumeInfo]:
+        stmt = select(VolumeRow).where(VolumeRow.team_id == owner.team_id).order_by(VolumeRow.created_at, VolumeRow.id)
         return await self._db.read(lambda session: [_info(r) for r in session.scalars(stmt)])
 
-    async def delete(self, owner: str, ref: str) -> None:
+    async def delete(self, owner: Owner, ref: str) -> None:
         def remove(session: Session) -> str:
             row = self._find(session, owner, ref)
             users = sorted(s.id for s in session.scalars(select(SandboxRow).where(
-                SandboxRow.key_id == owner, SandboxRow.volume_mounts.is_not(None)))
+                SandboxRow.team_id == owner.team_id, SandboxRow.volume_mounts.is_not(None)))
                 if any(m.get("id") == row.id for m in s.volume_mounts or ()))
             if users or self._attaching[row.id]:
                 which = ", ".join(users) or "a sandbox being created"
@@ -139,8 +141,8 @@ class Volumes:
         await self.store.delete(volume_id)
 
     @staticmethod
-    def _find(session: Session, owner: str, ref: str) -> VolumeRow:
-        row = session.scalar(select(VolumeRow).where(VolumeRow.key_id == owner,
+    def _find(session: Session, owner: Owner, ref: str) -> VolumeRow:
+        row = session.scalar(select(VolumeRow).where(VolumeRow.team_id == owner.team_id,
                                                      or_(VolumeRow.id == ref, VolumeRow.name == ref)))
         if row is None:
             raise ApiError(404, f"volume {ref} not found")
@@ -162,7 +164,7 @@ class Volumes:
 
     # --- mounts in sandboxes -----------------------------------------------------------------------
 
-    async def resolve_mounts(self, owner: str, requested: list[dict] | None) -> list[dict]:
+    async def resolve_mounts(self, owner: Owner, requested: list[dict] | None) -> list[dict]:
         """`volumeMounts` of a create: [{"id", "name", "path"}], every name the owner's and every path
         allowed (ApiError 400 otherwise)."""
         if not requested:
@@ -171,7 +173,7 @@ class Volumes:
             raise ApiError(400, f"at most {MAX_MOUNTS} volume mounts are allowed, got {len(requested)}")
         names = {m["name"] for m in requested}
         rows = await self._db.read(lambda session: {r.name: r for r in session.scalars(
-            select(VolumeRow).where(VolumeRow.key_id == owner, VolumeRow.name.in_(names)))})
+            select(VolumeRow).where(VolumeRow.team_id == owner.team_id, VolumeRow.name.in_(names)))})
         mounts, paths = [], set()
         for mount in requested:
             path = check_mount_path(mount["path"])

@@ -66,6 +66,10 @@ class Orchestrator:
         self.trusted_certificates: str | None = None
         self.intercept_certificates: str | None = None
 
+    def resources_for(self, template: str) -> Resources:
+        """What a new sandbox of `template` gets."""
+        return self._template_resources.get(template, Resources())
+
     def template_snapshot(self, template: str) -> Snapshot:
         """The snapshot sandboxes of `template` start from (TemplateNotFound when it is not built). When a
         template is rebuilt, what was kept ready for its old snapshot is released."""
@@ -187,7 +191,7 @@ class Orchestrator:
                 log.warning("ready sandbox %s of %s does not answer (%s); starting a new one", ready.id,
                             template, exc)
         snapshot = self.template_snapshot(template)
-        config = SandboxConfig(resources=self._template_resources.get(template, Resources()), internet=internet,
+        config = SandboxConfig(resources=self.resources_for(template), internet=internet,
                                egress_allow=allow_out, egress_deny=deny_out, egress_domains=allow_domains,
                                egress_rules=header_rules or {}, volumes=volumes)
         sandbox = await self.capacity.start(snapshot, config, stock=True)

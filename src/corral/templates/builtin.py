@@ -324,8 +324,9 @@ DESKTOP = Recipe(
                    + " ".join(ENVD_START) + " --default-user user --workdir /home/user"),
     ready=ReadyCheck(command=("/bin/sh", "-c", _DESKTOP_DRAWN), timeout_s=180, interval_s=0.5),
     # The SDK's start-up checks and a screenshot, so a pooled desktop has their programs' pages in memory.
-    warm_up_command=(f"DISPLAY={DESKTOP_DISPLAY}; export DISPLAY; xdpyinfo >/dev/null; pgrep -x xfce4-session >/dev/null; "
-                     "scrot -p /tmp/.corral-warm-up.png; rm -f /tmp/.corral-warm-up.png"),
+    warm_up_command=(f"DISPLAY={DESKTOP_DISPLAY}; export DISPLAY; xdpyinfo >/dev/null; "
+                     "pgrep -x xfce4-session >/dev/null; scrot -p /tmp/.corral-warm-up.png; "
+                     "rm -f /tmp/.corral-warm-up.png"),
     workdir="/home/user",
     # The session uses ~350 MB and Firefox as much again per page or more: with the default 512 MB, envd's
     # OOM guard killed Firefox as it started. Memory is a limit, not a reservation (an idle desktop uses
