@@ -149,16 +149,20 @@ _XVFB_WRAPPER = r"""#!/bin/sh
 # The desktop template's snapshot has an X server running already (corral/templates/builtin.py). When the
 # e2b-desktop SDK starts one on the same display: with the same arguments, the running one is kept; with
 # others (another resolution or DPI), the running one and its session are stopped and a new one started.
+# The common case spawns no process (each costs ~25 ms under gVisor, and the SDK waits on this display).
 SESSION="xfce4-session xfwm4 xfdesktop xfce4-panel"
 session_running() {
     for name in $SESSION; do pgrep -x "$name" >/dev/null && return 0; done
     return 1
 }
 lock="/tmp/.X${1#:}-lock"
-pid=$(tr -d ' ' < "$lock" 2>/dev/null)
+args="/tmp/.X${1#:}-args"  # what the display's server was started with: written below and by the session
+pid=
+{ read -r pid < "$lock"; } 2>/dev/null
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -d' ' -f2-)
-    if [ "$running" = "$* " ]; then
+    running=
+    { read -r running < "$args"; } 2>/dev/null
+    if [ "$running" = "$*" ]; then
         exit 0
     fi
     # Everything is gone before the new server starts, or the SDK's `startxfce4` right after would find
@@ -173,18 +177,31 @@ if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         done
     done
 fi
+echo "$*" > "$args"
 exec /usr/bin/Xvfb "$@"
 """
 
 # /usr/local/bin/startxfce4: a second session on a display that has one would start a second window
 # manager and desktop fighting the first.
 _STARTXFCE4_WRAPPER = r"""#!/bin/sh
-# A session counts only if it runs on this display's current server: started after it (in clock ticks), or
-# its parent (the snapshot's session started the server, then became the session). One left from a server
-# the Xvfb wrapper replaced is on its way out.
-field() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f"$2"; }  # after the name: 1 is field 3
+# The session on a display notes "<server pid> <its pid>" in /tmp/.X<n>-session as it starts (below; its pid
+# stays the session's through the exec chain to xfce4-session). While that server and session live, there
+# is nothing to do, and finding that out spawns no process.
 display=${DISPLAY#:}
-server=$(tr -d ' ' < "/tmp/.X${display%%.*}-lock" 2>/dev/null)
+display=${display%%.*}
+marker="/tmp/.X$display-session"
+server=
+{ read -r server < "/tmp/.X$display-lock"; } 2>/dev/null
+noted_server= noted_session=
+{ read -r noted_server noted_session < "$marker"; } 2>/dev/null
+if [ -n "$server" ] && [ "$noted_server" = "$server" ] && [ -n "$noted_session" ] \
+    && kill -0 "$noted_session" 2>/dev/null; then
+    exit 0
+fi
+# Otherwise (no note, or another user's session): a session counts only if it runs on this display's current
+# server: started after it (in clock ticks), or its parent (the snapshot's session started the server, then
+# became the session). One left from a server the Xvfb wrapper replaced is on its way out.
+field() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f"$2"; }  # after the name: 1 is field 3
 server_start=$(field "${server:-0}" 20)
 server_parent=$(field "${server:-0}" 2)
 for pid in $(pgrep -x xfce4-session); do
@@ -194,12 +211,14 @@ for pid in $(pgrep -x xfce4-session); do
         exit 0
     fi
 done
+echo "$server $$" > "$marker"
 exec /usr/bin/startxfce4 "$@"
 """
 
 # Run as `user` by the template's start command: the X server as the SDK starts it, then the session.
 _DESKTOP_SESSION = f"""#!/bin/sh
 export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1 GSETTINGS_BACKEND=memory
+echo "{DESKTOP_XVFB_ARGS}" > /tmp/.X0-args  # as the Xvfb wrapper notes it
 /usr/bin/Xvfb {DESKTOP_XVFB_ARGS} &
 until xdpyinfo -display "$DISPLAY" >/dev/null 2>&1; do sleep 0.05; done
 # Xvfb blanks its screen after ten idle minutes unless told not to.
