@@ -207,9 +207,9 @@ class Sandboxes:
 
 
 def make_server(name: str, idle_policy: bool, pool: int = 0) -> ServerProcess:
-    """By default no warm pool: pooled sandboxes start with the default resources, not the desktop recipe's
-    (docs/desktop.md), so each create restores the template's snapshot into a prepared container. With
-    `pool`, the server keeps that many desktops ready (CORRAL_POOL_TEMPLATES=desktop)."""
+    """By default no warm pool: each create restores the template's snapshot into a prepared container. With
+    `pool`, the server keeps that many desktops ready (CORRAL_POOL_TEMPLATES=desktop), restored and warmed up
+    (the recipe's warm-up command) ahead."""
     env = {"CORRAL_METRICS_INTERVAL_S": "30", "CORRAL_IDLE_FREEZE_S": str(IDLE_S if idle_policy else 0)}
     if pool:
         env["CORRAL_POOL_TEMPLATES"] = TEMPLATE
@@ -651,8 +651,8 @@ def render(args, r: Results) -> str:
         "The unmodified `e2b-desktop` SDK (2.7.2) against `corral serve` "
         + ("with no warm pool: each create restores the `desktop` snapshot (X and the XFCE session running) into a "
            "prepared container." if not args.pool else
-           f"with a warm pool of {args.pool} desktops (CORRAL_POOL_TEMPLATES=desktop; pooled desktops get the "
-           "default resources), each create waiting for a full pool.")
+           f"with a warm pool of {args.pool} desktops (CORRAL_POOL_TEMPLATES=desktop: restored with the recipe's "
+           "resources and warmed up ahead), each create waiting for a full pool.")
         + " Baselines: the same step inside one running desktop, timed there in one `commands.run` of a bash loop "
         "(`$EPOCHREALTIME`).",
         "",

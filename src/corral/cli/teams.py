@@ -155,14 +155,70 @@ def teams_create(name: str = typer.Argument(..., help="The team's name (letters,
     print(json.dumps({"id": team.id, "name": team.name}) if as_json else team.id)
 
 
+_SETTINGS = ("max_concurrent", "max_vcpus", "max_memory_mb", "max_lifetime_s", "creates_per_s", "budget", "warn_at",
+             "cap_policy")
+
+
+@teams_app.command("set")
+def teams_set(
+    team: str = typer.Argument(..., help="The team's id or name."),
+    max_concurrent: int = typer.Option(None, help="Most sandboxes running at once."),
+    max_vcpus: float = typer.Option(None, help="Most vCPUs of its running sandboxes together."),
+    max_memory_mb: int = typer.Option(None, help="Most memory (MB) of its running sandboxes together."),
+    max_lifetime: str = typer.Option(None, help="Longest a sandbox may live from its start (90m, 12h, 2d)."),
+    creates_per_second: float = typer.Option(None, help="Sandbox creates per second (429 with Retry-After above)."),
+    budget: float = typer.Option(None, help="Monthly budget, in the price table's currency (docs/operations.md)."),
+    warn_at: str = typer.Option(None, help="Comma-separated percentages of the budget that raise a warning "
+                                           "(default 50,80,100)."),
+    cap_policy: str = typer.Option(None, help="At the cap, running sandboxes 'finish' (default) or 'pause'."),
+    unset: list[str] = typer.Option(None, "--unset", help="Remove a setting (e.g. --unset max_concurrent); repeat "
+                                                          "for several."),
+) -> None:
+    """Set a team's quotas and spending cap; they apply from the next request on."""
+    from corral.control.keys import TeamNotFound
+
+    changes: dict = {}
+    for name, value in (("max_concurrent", max_concurrent), ("max_vcpus", max_vcpus),
+                        ("max_memory_mb", max_memory_mb), ("creates_per_s", creates_per_second), ("budget", budget),
+                        ("cap_policy", cap_policy)):
+        if value is not None:
+            changes[name] = value
+    if max_lifetime is not None:
+        changes["max_lifetime_s"] = parse_duration(max_lifetime)
+    if warn_at is not None:
+        try:
+            changes["warn_at"] = [float(p) for p in warn_at.split(",") if p.strip()]
+        except ValueError:
+            raise _fail(f"--warn-at takes percentages like 50,80,100, not {warn_at!r}") from None
+    for name in unset or ():
+        if name not in _SETTINGS:
+            raise _fail(f"--unset takes one of {', '.join(_SETTINGS)}, not {name!r}")
+        changes[name] = None
+    if not changes:
+        raise _fail("nothing to set (see --help)")
+    try:
+        row = asyncio.run(_keys().update_team(team, **changes))
+    except TeamNotFound:
+        raise _fail(f"no team {team!r} (see `corral teams ls`)") from None
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    print(json.dumps({"id": row.id, "name": row.name, **{name: getattr(row, name) for name in _SETTINGS}}))
+
+
 @teams_app.command("ls")
 def teams_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List teams with their number of active keys."""
-    teams = asyncio.run(_keys().teams())
+    """List teams with their number of active keys, quotas and budget."""
+    keys = _keys()
+    teams = asyncio.run(keys.teams())
+    rows = {t.id: asyncio.run(keys.team_row(t.id)) for t in teams}
     if as_json:
-        print(json.dumps([{"id": t.id, "name": t.name, "created_at": t.created_at, "keys": t.keys} for t in teams]))
+        print(json.dumps([{"id": t.id, "name": t.name, "created_at": t.created_at, "keys": t.keys,
+                           **{name: getattr(rows[t.id], name) for name in _SETTINGS}} for t in teams]))
         return
-    table = Table("id", "name", "keys", "created")
+    table = Table("id", "name", "keys", "quotas", "budget", "created")
     for t in teams:
-        table.add_row(t.id, t.name, str(t.keys), _when(t.created_at))
+        row = rows[t.id]
+        quotas = ", ".join(f"{name}={getattr(row, name):g}" for name in _SETTINGS[:5] if getattr(row, name) is not None)
+        budget = "" if row.budget is None else f"{row.budget:g} ({row.cap_policy or 'finish'} at the cap)"
+        table.add_row(t.id, t.name, str(t.keys), quotas, budget, _when(t.created_at))
     console.print(table)

@@ -110,7 +110,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         status, message = to_http(exc, paths)
         if status >= 500 and not isinstance(exc, ApiError):
             log.warning("%s %s: %s", request.method, request.url.path, exc)  # with the paths the client is not shown
-        return error_body(status, message)
+        return error_body(status, message, getattr(exc, "headers", None))
 
     # Exception last: what nothing else answers is a 500 in the same shape (Starlette still logs it).
     for kind in (ApiError, RuntimeError_, EnvdUnavailable, Exception):
@@ -142,7 +142,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         check_template(key.limits, template)
         if plane.templates is not None:
             template = await plane.templates.runtime_key(key.owner, template) or template
-        row = await plane.sandboxes.create(key.owner, template, limits=key.limits, timeout=body.timeout,
+        row = await plane.sandboxes.create(key.owner, template, timeout=body.timeout,
                                            metadata=body.metadata or {}, env_vars=body.envVars or {},
                                            internet=body.allow_internet_access is not False, lifecycle=lifecycle,
                                            ingress=ingress, egress=egress,

@@ -108,11 +108,8 @@ def branching_routes(plane: ControlPlane, paths: HostPaths | None) -> APIRouter:
                  response_model_exclude_none=True, responses=_CONFLICT, tags=["checkpoint tree"])
     async def start_from(ref: str, key: Key, body: schemas.StartFromCheckpoint | None = None):
         body = body or schemas.StartFromCheckpoint()
-        node = await plane.tree.node(key.owner, ref)
-        results = await plane.branching.start_from(node, body.count,
-                                                   timeout=plane.sandboxes.timeout_for(body.timeout),
-                                                   metadata=body.metadata or {}, env_vars=body.envVars or node.env_vars,
-                                                   lifecycle={}, internet=node.internet)
+        results = await plane.branching.start_from_node(key.owner, ref, body.count, timeout=body.timeout,
+                                                        metadata=body.metadata or {}, env_vars=body.envVars)
         return fork_results(results, key)
 
     @router.delete("/checkpoints/{ref}", response_model=schemas.DeletedNodes, responses=_CONFLICT,

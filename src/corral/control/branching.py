@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
-from corral.control.keys import Owner, owner_of
+from corral.control.keys import Owner, check_timeout, owner_of
 from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
@@ -93,21 +93,22 @@ class Branching:
             seconds = self._sandboxes.timeout_for(timeout if timeout is not None else row.timeout_s)
             node_id = row.paused_node
             node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
-            with self._tree.reading(node_id):
-                async with self._sandboxes.attaching(row.volume_mounts) as volumes:
-                    _, sandbox = await self._orchestrator.start_from(
-                        self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
-                        current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
-                        resources=_resources(row), memory=memory and row.pause_mode == "full",
-                        volumes=volumes, **_egress_args(row.egress))
-            def resumed(session: Session) -> SandboxRow:
-                stored = session.get(SandboxRow, sandbox_id)
-                stored.state, stored.runtime_id = "running", sandbox.id
-                stored.paused_node, stored.pause_mode = None, None
-                stored.end_at, stored.timeout_s = time.time() + seconds, seconds
-                return stored
+            async with self._sandboxes.admission.starting(owner, _resources(row), timeout_s=seconds):
+                with self._tree.reading(node_id):
+                    async with self._sandboxes.attaching(row.volume_mounts) as volumes:
+                        _, sandbox = await self._orchestrator.start_from(
+                            self._tree.files.snapshot(node_id), sandbox_id=sandbox_id, token=row.envd_token,
+                            current_token=row.envd_token, env_vars=row.env_vars or {}, internet=row.internet,
+                            resources=_resources(row), memory=memory and row.pause_mode == "full",
+                            volumes=volumes, **_egress_args(row.egress))
+                def resumed(session: Session) -> SandboxRow:
+                    stored = session.get(SandboxRow, sandbox_id)
+                    stored.state, stored.runtime_id = "running", sandbox.id
+                    stored.paused_node, stored.pause_mode = None, None
+                    stored.end_at, stored.timeout_s = time.time() + seconds, seconds
+                    return stored
 
-            stored = await self._db.write(resumed)
+                stored = await self._db.write(resumed)
             # The sandbox runs on from this point; its memory image would only be a copy of the past. The
             # layer stays: the sandbox stands on it.
             if node is not None:
@@ -166,9 +167,26 @@ class Branching:
     async def fork(self, owner: Owner, sandbox_id: str, *, count: int,
                    timeout: int | None) -> list[SandboxRow | BaseException]:
         started = time.perf_counter()
-        results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
+        if not 1 <= count <= MAX_FORKS:
+            raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
+        row = await self._sandboxes.get(owner, sandbox_id)
+        seconds = self._sandboxes.timeout_for(timeout)
+        check_timeout(owner.limits, seconds)
+        async with self._sandboxes.admission.starting(owner, _resources(row), count, timeout_s=seconds):
+            results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
         self.metrics.fork_seconds.observe(time.perf_counter() - started)
         return results
+
+    async def start_from_node(self, owner: Owner, ref: str, count: int, *, timeout: int | None,
+                              metadata: dict[str, str], env_vars: dict[str, str] | None) -> list:
+        """`POST /checkpoints/{ref}/sandboxes`: `count` new sandboxes from the node, within the key's limits
+        and the team's quota."""
+        node = await self._tree.node(owner, ref)
+        seconds = self._sandboxes.timeout_for(timeout)
+        check_timeout(owner.limits, seconds)
+        async with self._sandboxes.admission.starting(owner, _resources(node), count, timeout_s=seconds):
+            return await self.start_from(node, count, timeout=seconds, metadata=metadata,
+                                         env_vars=env_vars or node.env_vars, lifecycle={}, internet=node.internet)
 
     async def _fork(self, owner: Owner, sandbox_id: str, *, count: int,
                     timeout: int | None) -> list[SandboxRow | BaseException]:

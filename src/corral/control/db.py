@@ -47,6 +47,19 @@ class TeamRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # Quotas (control/keys.py `TeamQuota`); None: no limit of that kind.
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_vcpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_lifetime_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    creates_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Spending (control/metering.py): a monthly budget in the price table's currency, the percentages of it
+    # that raise a warning, what happens to running sandboxes at the cap ("finish" or "pause").
+    budget: Mapped[float | None] = mapped_column(Float, nullable=True)
+    warn_at: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    cap_policy: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # {"month": "2026-12", "sent": [50, 80]}: the warnings already raised this month.
+    warned: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ApiKeyRow(Base):

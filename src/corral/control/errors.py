@@ -20,10 +20,11 @@ from corral.runtime.base import RuntimeError_
 class ApiError(Exception):
     """An answer meant for the client: its HTTP status and message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
 
 def not_found(sandbox_id: str) -> ApiError:

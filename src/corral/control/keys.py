@@ -17,16 +17,9 @@ from corral.control.db import ApiKeyRow, Database, TeamRow
 from corral.control.errors import ApiError
 
 KEY_SHAPE = re.compile(r"^e2b_[0-9a-f]{40}$")
+# At a team's spending cap: running sandboxes run on to their end, or are paused (with their memory).
+CAP_POLICIES = ("finish", "pause")
 TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who a request acts for: the key (recorded as the maker of what it creates) and its team (what it
-    can see and act on)."""
-
-    key_id: str
-    team_id: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +45,34 @@ class KeyLimits:
 
 
 @dataclass(frozen=True)
+class TeamQuota:
+    """Limits on what one team runs; None: no limit of that kind."""
+
+    max_concurrent: int | None = None  # running sandboxes
+    max_vcpus: float | None = None  # of its running sandboxes together
+    max_memory_mb: int | None = None  # of its running sandboxes together
+    max_lifetime_s: int | None = None  # from a sandbox's start to its end, timeouts and extensions included
+    creates_per_s: float | None = None  # sandbox creates (forks count each sandbox), a burst of up to 1 s of it
+
+    FIELDS = ("max_concurrent", "max_vcpus", "max_memory_mb", "max_lifetime_s", "creates_per_s")
+
+    @classmethod
+    def of(cls, row) -> TeamQuota:
+        return cls(**{name: getattr(row, name) for name in cls.FIELDS}) if row is not None else cls()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a request acts for: the key (recorded as the maker of what it creates) and its team (what it
+    can see and act on), with the key's limits and the team's quota (none when the server acts by itself)."""
+
+    key_id: str
+    team_id: str
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    quota: TeamQuota = field(default_factory=TeamQuota)
+
+
+@dataclass(frozen=True)
 class ApiKey:
     id: str
     name: str
@@ -62,10 +83,11 @@ class ApiKey:
     scopes: frozenset[str] = field(default_factory=lambda: frozenset(scope_names.DEFAULT))
     expires_at: float | None = None
     limits: KeyLimits = field(default_factory=KeyLimits)
+    quota: TeamQuota = field(default_factory=TeamQuota)
 
     @property
     def owner(self) -> Owner:
-        return Owner(self.id, self.team_id)
+        return Owner(self.id, self.team_id, self.limits, self.quota)
 
     def allows(self, scope: str) -> bool:
         return scope_names.allows(self.scopes, scope)
@@ -95,10 +117,10 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _public(row: ApiKeyRow) -> ApiKey:
+def _public(row: ApiKeyRow, team: TeamRow | None = None) -> ApiKey:
     return ApiKey(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at,
                   team_id=row.team_id or row.id, scopes=scope_names.normalize(row.scopes),
-                  expires_at=row.expires_at, limits=KeyLimits.from_record(row.limits))
+                  expires_at=row.expires_at, limits=KeyLimits.from_record(row.limits), quota=TeamQuota.of(team))
 
 
 def _team_row(session, ref: str) -> TeamRow:
@@ -145,13 +167,17 @@ class ApiKeys:
         if not presented or not KEY_SHAPE.match(presented):
             return None
         digest = _digest(presented)
-        row = await self._db.read(
-            lambda session: session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest)))
+
+        def lookup(session) -> tuple[ApiKeyRow | None, TeamRow | None]:
+            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest))
+            return row, (session.get(TeamRow, row.team_id) if row is not None and row.team_id else None)
+
+        row, team = await self._db.read(lookup)
         if row is None or row.revoked_at is not None:
             return None
         if row.expires_at is not None and row.expires_at <= time.time():
             return None
-        return _public(row)
+        return _public(row, team)
 
     async def list(self, team: str | None = None) -> list[ApiKey]:
         def rows(session) -> list[ApiKeyRow]:
@@ -198,6 +224,36 @@ class ApiKeys:
 
         return [Team(t.id, t.name, t.created_at, n or 0) for t, n in await self._db.read(rows)]
 
+    async def update_team(self, ref: str, **changes) -> TeamRow:
+        """Sets a team's quota and spending fields (`TeamQuota.FIELDS`, budget, warn_at, cap_policy); a value of
+        None removes that limit. Takes effect on the next request."""
+        allowed = {*TeamQuota.FIELDS, "budget", "warn_at", "cap_policy"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"unknown team setting(s): {', '.join(sorted(unknown))}")
+        for name, value in changes.items():
+            if value is None:
+                continue
+            if name == "cap_policy":
+                if value not in CAP_POLICIES:
+                    raise ValueError(f"cap_policy is one of {', '.join(CAP_POLICIES)}, not {value!r}")
+            elif name == "warn_at":
+                if not value or any(not 0 < p <= 100 for p in value):
+                    raise ValueError("warn_at are percentages above 0 and at most 100")
+            elif value <= 0:
+                raise ValueError(f"{name} must be above 0 (or removed)")
+
+        def update(session) -> TeamRow:
+            row = _team_row(session, ref)
+            for name, value in changes.items():
+                setattr(row, name, sorted(set(value)) if name == "warn_at" and value is not None else value)
+            return row
+
+        return await self._db.write(update)
+
+    async def team_row(self, ref: str) -> TeamRow:
+        return await self._db.read(lambda session: _team_row(session, ref))
+
     async def team(self, ref: str) -> Team:
         row = await self._db.read(lambda session: _team_row(session, ref))
         return Team(row.id, row.name, row.created_at)
@@ -221,3 +277,14 @@ def check_template(limits: KeyLimits, ref: str) -> None:
     if limits.templates is not None and name not in limits.templates:
         allowed = ", ".join(limits.templates) or "none"
         raise ApiError(403, f"this API key may not start sandboxes of {name!r} (allowed: {allowed})")
+
+
+def check_resources(limits: KeyLimits, template: str, resources) -> None:
+    """Refuses (403) a template whose sandboxes are bigger than the key may start."""
+    name = template.partition(":")[0]
+    if limits.max_vcpus is not None and resources.vcpus > limits.max_vcpus:
+        raise ApiError(403, f"{name!r} sandboxes have {resources.vcpus:g} vCPUs, above this API key's "
+                            f"maximum of {limits.max_vcpus:g}")
+    if limits.max_memory_mb is not None and resources.memory_mb > limits.max_memory_mb:
+        raise ApiError(403, f"{name!r} sandboxes have {resources.memory_mb} MB of memory, above this API "
+                            f"key's maximum of {limits.max_memory_mb} MB")

@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 from corral.config import PlatformSettings
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
-from corral.control.keys import KeyLimits, Owner, check_timeout, owner_of
+from corral.control.keys import Owner, check_resources, check_timeout, owner_of
 from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
+from corral.control.quotas import Admission
 from corral.control.volumes import Volumes
 from corral.observability.metrics import UNSCRAPED, ServerMetrics
 from corral.orchestrator.envd_link import EnvdUnavailable
@@ -103,7 +104,7 @@ class Sandboxes:
         # Each recorded sandbox's ingress options, read by the proxy on every request: kept from its
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
-        self._starting: Counter[str] = Counter()  # creates under way, by key id
+        self.admission = Admission(database)  # key limits and team quotas (control/quotas.py)
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
         self.recordings: RecordingHooks | None = None  # control/recordings.py
         # The server's Prometheus metrics, handed in by control/plane.py (`metrics()` is a sandbox's samples).
@@ -132,44 +133,22 @@ class Sandboxes:
             raise ApiError(400, f"timeout {timeout}s is above this server's maximum of {maximum}s")
         return timeout
 
-    async def create(self, owner: Owner, template: str, *, limits: KeyLimits | None = None,
-                     **options) -> SandboxRow:
-        """A new sandbox of `template` (or from a snapshot of that name), within the key's `limits`; its time
-        and outcome are metered."""
+    async def create(self, owner: Owner, template: str, **options) -> SandboxRow:
+        """A new sandbox of `template` (or from a snapshot of that name), within the key's limits and the
+        team's quota; its time and outcome are metered."""
         started = time.perf_counter()
-        self._starting[owner.key_id] += 1  # counted against its concurrency limit until it is recorded
         try:
-            await self._admit(owner, limits or KeyLimits(), template, options.get("timeout"))
-            row = await self._create(owner, template, **options)
+            seconds = self.timeout_for(options.get("timeout"))
+            check_timeout(owner.limits, seconds)
+            resources = self.orchestrator.resources_for(template)
+            check_resources(owner.limits, template, resources)
+            async with self.admission.starting(owner, resources, timeout_s=seconds):
+                row = await self._create(owner, template, **options)
         except Exception:
             self.server_metrics.created(owner.key_id, None)
             raise
-        finally:
-            self._starting[owner.key_id] -= 1
-            if not self._starting[owner.key_id]:
-                del self._starting[owner.key_id]
         self.server_metrics.created(owner.key_id, time.perf_counter() - started)
         return row
-
-    async def _admit(self, owner: Owner, limits: KeyLimits, template: str, timeout: int | None) -> None:
-        """Refuses a create outside the key's limits, saying which."""
-        name = template.partition(":")[0]
-        check_timeout(limits, self.timeout_for(timeout))
-        resources = self.orchestrator.resources_for(template)
-        if limits.max_vcpus is not None and resources.vcpus > limits.max_vcpus:
-            raise ApiError(403, f"{name!r} sandboxes have {resources.vcpus:g} vCPUs, above this API key's "
-                                f"maximum of {limits.max_vcpus:g}")
-        if limits.max_memory_mb is not None and resources.memory_mb > limits.max_memory_mb:
-            raise ApiError(403, f"{name!r} sandboxes have {resources.memory_mb} MB of memory, above this API "
-                                f"key's maximum of {limits.max_memory_mb} MB")
-        if limits.max_concurrent is not None:
-            running = await self._db.read(lambda session: session.scalar(
-                select(func.count()).select_from(SandboxRow).where(SandboxRow.key_id == owner.key_id,
-                                                                   SandboxRow.state == "running")))
-            # This create is one of those starting.
-            if running + self._starting[owner.key_id] > limits.max_concurrent:
-                raise ApiError(429, f"this API key may run at most {limits.max_concurrent} sandboxes at once "
-                                    f"({running} running); kill or pause one first")
 
     async def _create(self, owner: Owner, template: str, *, timeout: int | None, metadata: dict[str, str],
                       env_vars: dict[str, str], internet: bool, lifecycle: dict,
@@ -352,14 +331,16 @@ class Sandboxes:
 
     async def set_timeout(self, owner: Owner, sandbox_id: str, timeout: int) -> SandboxRow:
         """The sandbox now ends `timeout` seconds from now (sooner or later than before)."""
-        await self.get(owner, sandbox_id)
+        row = await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
+        self.admission.check_lifetime(owner, time.time() + seconds - row.started_at)
         return await self._set_end(sandbox_id, lambda row: time.time() + seconds)
 
     async def extend(self, owner: Owner, sandbox_id: str, timeout: int | None) -> SandboxRow:
         """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
-        await self.get(owner, sandbox_id)
+        row = await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
+        self.admission.check_lifetime(owner, max(row.end_at, time.time() + seconds) - row.started_at)
         return await self._set_end(sandbox_id, lambda row: max(row.end_at, time.time() + seconds))
 
     async def _set_end(self, sandbox_id: str, end_at: Callable[[SandboxRow], float]) -> SandboxRow:
