@@ -136,6 +136,11 @@ class PlatformSettings:
     recording_max_mb: int = field(default_factory=lambda: _env_int("CORRAL_RECORDING_MAX_MB", 512))
     recordings_per_key: int = field(default_factory=lambda: _env_int("CORRAL_RECORDINGS_PER_KEY", 100))
 
+    # Usage metering (docs/operations.md): how often running sandboxes' and checkpoints' usage is recorded
+    # (what a crash can leave to the next server, never lose); prices come from CORRAL_PRICES.
+    metering_interval_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_METERING_INTERVAL_S",
+                                                                                    "10")))
+
     # Who may scrape GET /metrics (docs/operations.md): with a token, scrapes that send it as a bearer token;
     # public, anyone who reaches the listener; neither, clients on loopback only.
     metrics_token: str = field(default_factory=lambda: os.environ.get("CORRAL_METRICS_TOKEN", ""))

@@ -120,6 +120,7 @@ class CorralServer:
         self.control.public_domain = domain if public else None
         self.control.templates = _templates(self.database, runtime, store, settings, platform)
         self.control.templates.metrics = self.control.metrics
+        self.control.templates.events = self.control.events
         # While public URLs are served, sandboxes resolve them through our DNS server (network/sandbox_dns.py).
         self.resolver = None
         if public and domain and settings.service_address is not None:

@@ -30,6 +30,7 @@ from corral.control.api_observability import observability_routes
 from corral.control.api_recordings import recording_routes
 from corral.control.api_secrets import secrets_routes
 from corral.control.api_templates import template_routes
+from corral.control.api_usage import usage_routes
 from corral.control.api_volumes import volume_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
@@ -278,4 +279,5 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     app.include_router(volume_routes(lambda: getattr(plane, "volumes", None), lambda: plane.public_domain))
     app.include_router(recording_routes(lambda: getattr(plane, "recordings", None)))
+    app.include_router(usage_routes(lambda: plane.meter))
     return app

@@ -19,9 +19,11 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
+from corral.control import events
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
 from corral.control.keys import Owner, check_timeout, owner_of
+from corral.control.metering import settle_sandbox
 from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
 from corral.control.tree import CheckpointTree
@@ -57,6 +59,7 @@ class Branching:
 
             def paused(session: Session) -> None:
                 stored = session.get(SandboxRow, sandbox_id)
+                settle_sandbox(session, stored, time.time())  # a paused sandbox holds no CPU or memory
                 stored.state, stored.paused_node = "paused", node.id
                 stored.pause_mode = "full" if memory else "filesystem"
 
@@ -81,6 +84,7 @@ class Branching:
             await self._tree.mark_ready(node, head_of=sandbox_id)
             await self._db.write(stopped)
         log.info("paused %s into %s (%s)", sandbox_id, node.id, reason)
+        await self._sandboxes.announce(row, events.PAUSED, reason=reason, memory=memory)
 
     async def resume(self, owner: Owner, sandbox_id: str, *, timeout: int | None,
                      memory: bool = True) -> tuple[SandboxRow, bool]:
@@ -105,6 +109,7 @@ class Branching:
                     stored = session.get(SandboxRow, sandbox_id)
                     stored.state, stored.runtime_id = "running", sandbox.id
                     stored.paused_node, stored.pause_mode = None, None
+                    stored.metered_at = time.time()  # metered again from here
                     stored.end_at, stored.timeout_s = time.time() + seconds, seconds
                     return stored
 
@@ -115,7 +120,8 @@ class Branching:
                 await self._tree.drop_memory(node_id)
             self._sandboxes.came_online(stored)
             self.metrics.resume_seconds.observe(time.perf_counter() - started)
-            return stored, True
+        await self._sandboxes.announce(stored, events.RESUMED)
+        return stored, True
 
     async def auto_resume(self, sandbox_id: str) -> bool:
         """For the proxy: resumes a paused sandbox created with autoResume; False if it may not."""
@@ -142,6 +148,15 @@ class Branching:
 
     async def snapshot(self, owner: Owner, sandbox_id: str, *, name: str | None = None, memory: bool = True,
                        metadata: dict | None = None, kind: str = "snapshot", clones: int = 0) -> CheckpointRow:
+        node = await self._snapshot(owner, sandbox_id, name=name, memory=memory, metadata=metadata, kind=kind,
+                                    clones=clones)
+        if kind == "snapshot":
+            await self._sandboxes.announce_of(node.team_id or node.key_id, sandbox_id, events.CHECKPOINTED,
+                                              snapshotID=node.id, name=node.name, memory=node.memory)
+        return node
+
+    async def _snapshot(self, owner: Owner, sandbox_id: str, *, name: str | None, memory: bool,
+                        metadata: dict | None, kind: str, clones: int) -> CheckpointRow:
         self._check_name(name)
         async with self._sandboxes.locks[sandbox_id]:
             row = await self._sandboxes.get(owner, sandbox_id)
@@ -175,6 +190,8 @@ class Branching:
         async with self._sandboxes.admission.starting(owner, _resources(row), count, timeout_s=seconds):
             results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
         self.metrics.fork_seconds.observe(time.perf_counter() - started)
+        children = [r.id for r in results if isinstance(r, SandboxRow)]
+        await self._sandboxes.announce(row, events.FORKED, children=children, failed=len(results) - len(children))
         return results
 
     async def start_from_node(self, owner: Owner, ref: str, count: int, *, timeout: int | None,

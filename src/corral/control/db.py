@@ -115,6 +115,8 @@ class SandboxRow(Base):
     egress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # Volumes mounted in it: [{"id", "name", "path"}] (control/volumes.py).
     volume_mounts: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # While running: the time up to which its usage is recorded (control/metering.py); None: its start.
+    metered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class CheckpointRow(Base):
@@ -144,6 +146,8 @@ class CheckpointRow(Base):
     ready: Mapped[bool] = mapped_column(Boolean, default=False)
     # The volumes its sandbox had mounted; sandboxes started from it mount them again.
     volume_mounts: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # The time up to which its storage is metered (control/metering.py); None: since it was made.
+    metered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class SecretRow(Base):
@@ -193,6 +197,7 @@ class TemplateBuildRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metered: Mapped[bool] = mapped_column(Boolean, default=False)  # its minutes are in the usage
 
 
 class TemplateTagRow(Base):
@@ -260,6 +265,58 @@ class MetricRow(Base):
     mem_cache: Mapped[int] = mapped_column(Integer)
     disk_used: Mapped[int] = mapped_column(Integer)
     disk_total: Mapped[int] = mapped_column(Integer)
+
+
+class UsageDayRow(Base):
+    """What a team's key used of a template on one UTC day (control/metering.py)."""
+
+    __tablename__ = "usage_days"
+    __table_args__ = (UniqueConstraint("team_id", "key_id", "template", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(String(32), index=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    template: Mapped[str] = mapped_column(String(200))
+    day: Mapped[str] = mapped_column(String(10), index=True)  # YYYY-MM-DD, UTC
+    vcpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_gib_s: Mapped[float] = mapped_column(Float, default=0.0)
+    disk_gib_h: Mapped[float] = mapped_column(Float, default=0.0)
+    snapshot_gib_h: Mapped[float] = mapped_column(Float, default=0.0)
+    build_min: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class SandboxUsageRow(Base):
+    """One sandbox's usage over its life; kept after it ends (its sandbox row is not)."""
+
+    __tablename__ = "sandbox_usage"
+
+    sandbox_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(32), index=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    template: Mapped[str] = mapped_column(String(200))
+    vcpus: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    first_at: Mapped[float] = mapped_column(Float)
+    last_at: Mapped[float] = mapped_column(Float)
+    running_s: Mapped[float] = mapped_column(Float, default=0.0)
+    vcpu_s: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_gib_s: Mapped[float] = mapped_column(Float, default=0.0)
+    disk_gib_h: Mapped[float] = mapped_column(Float, default=0.0)
+    snapshot_gib_h: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class EventRow(Base):
+    """A lifecycle or operations event of a team (control/events.py)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)  # a UUID, as clients see it
+    team_id: Mapped[str] = mapped_column(String(32), index=True)
+    sandbox_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    type: Mapped[str] = mapped_column(String(64), index=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Database:

@@ -53,12 +53,15 @@ class TeamQuota:
     max_memory_mb: int | None = None  # of its running sandboxes together
     max_lifetime_s: int | None = None  # from a sandbox's start to its end, timeouts and extensions included
     creates_per_s: float | None = None  # sandbox creates (forks count each sandbox), a burst of up to 1 s of it
+    budget: float | None = None  # monthly spending cap (control/metering.py): no new sandboxes once reached
 
     FIELDS = ("max_concurrent", "max_vcpus", "max_memory_mb", "max_lifetime_s", "creates_per_s")
 
     @classmethod
     def of(cls, row) -> TeamQuota:
-        return cls(**{name: getattr(row, name) for name in cls.FIELDS}) if row is not None else cls()
+        if row is None:
+            return cls()
+        return cls(**{name: getattr(row, name) for name in cls.FIELDS}, budget=row.budget)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from sqlalchemy import select
 from corral.config import PlatformSettings
 from corral.control.branching import Branching
 from corral.control.db import CheckpointRow, Database, SandboxRow
+from corral.control.events import Events
+from corral.control.keys import owner_of
+from corral.control.metering import Meter, Prices
 from corral.control.recordings import RecordingLimits, Recordings
 from corral.control.recovery import recover
 from corral.control.sandboxes import Sandboxes
@@ -27,12 +31,15 @@ from corral.observability.metrics import ServerMetrics
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
 
+log = logging.getLogger("corral.plane")
+
 
 class ControlPlane:
     def __init__(self, database: Database, orchestrator: Orchestrator, settings: PlatformSettings, *,
                  checkpoint_dir: Path, recordings_dir: Path | None = None,
                  is_template: Callable[[str], bool], secrets: Secrets | None = None,
-                 volumes: Volumes | None = None, metrics: ServerMetrics | None = None) -> None:
+                 volumes: Volumes | None = None, metrics: ServerMetrics | None = None,
+                 prices: Prices | None = None) -> None:
         self._db = database
         self.settings = settings
         self.orchestrator = orchestrator
@@ -51,6 +58,22 @@ class ControlPlane:
                             max_per_owner=settings.recordings_per_key))
         # Templates users build (control/templates.py); None on a server that builds none.
         self.templates: Templates | None = None
+        self.events = self.sandboxes.events = Events(database)
+        self.meter = Meter(database, prices or Prices(), interval_s=settings.metering_interval_s)
+        self.meter.announce = lambda team_id, type, data: self.events.emit_quietly(team_id, type, data=data)
+        self.meter.pause_team = self._pause_team_at_cap
+        self.sandboxes.admission.spent = self.meter.spent
+
+    async def _pause_team_at_cap(self, team_id: str) -> None:
+        """The "pause" cap policy: the team's running sandboxes are paused with their memory (resumable once
+        the cap is raised or the month turns)."""
+        running = await self._db.read(lambda session: list(session.scalars(
+            select(SandboxRow).where(SandboxRow.team_id == team_id, SandboxRow.state == "running"))))
+        for row in running:
+            try:
+                await self.branching.pause(owner_of(row), row.id, memory=True, reason="spending cap")
+            except Exception as e:  # killed or paused meanwhile, or a pause that failed: the others go on
+                log.warning("pausing %s at its team's spending cap failed: %s", row.id, e)
 
     async def template_in_use(self, template_id: str) -> bool:
         """Whether a sandbox (running or paused) or a checkpoint stands on a build of the template."""
@@ -68,8 +91,11 @@ class ControlPlane:
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
         await self.recordings.open()
         self.sandboxes.start_sampling()
+        await self.meter.flush()  # what ran while no server did (adopted sandboxes), and the spending
+        self.meter.start()
 
     async def close(self) -> None:
         """Stops timers and sampling; live sandboxes keep running so a restarted server finds them again."""
+        await self.meter.close()
         await self.sandboxes.close()
         await self.orchestrator.close()

@@ -47,6 +47,8 @@ class Admission:
         # Creates under way: by key (sandboxes) and by team (sandboxes, vCPUs, memory).
         self._key_starting: Counter[str] = Counter()
         self._team_starting: dict[str, _Usage] = {}
+        # This month's spending of a team (control/metering.py `Meter.spent`), for its cap.
+        self.spent: Callable[[str], float] = lambda team_id: 0.0
 
     @contextlib.asynccontextmanager
     async def starting(self, owner: Owner, resources: Resources, count: int = 1,
@@ -54,6 +56,10 @@ class Admission:
         """Around starting `count` sandboxes of `resources` each for `owner`: refuses (ApiError) what its
         key's limits or its team's quota do not allow; counts them as running until the block ends."""
         self.check_lifetime(owner, timeout_s or 0)
+        budget = owner.quota.budget
+        if budget is not None and (spent := self.spent(owner.team_id)) >= budget:
+            raise ApiError(403, f"this team has reached its monthly spending cap ({spent:.2f} of {budget:g}); no new "
+                                "sandboxes until the cap is raised or the month ends", _NO_RETRY)
         if owner.limits.max_concurrent is not None or _bounds_running(owner):
             await self._check_running(owner, resources, count)
         self._take_tokens(owner, count)

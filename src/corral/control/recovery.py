@@ -27,7 +27,7 @@ async def recover(database: Database, orchestrator: Orchestrator, sandboxes: San
     gone = [r.id for r in rows if r.state == "running" and r.id not in live]
     if gone:
         log.warning("%d sandboxes from the database no longer exist: %s", len(gone), ", ".join(gone))
-        await sandboxes.forget(gone)
+        await sandboxes.forget(gone, meter=False)  # when they ended is unknown: metered to their last flush
     for row in rows:
         if row.id in live:
             sandboxes.came_online(row)

@@ -24,9 +24,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from corral.config import PlatformSettings
+from corral.control import events
 from corral.control.db import Database, MetricRow, SandboxRow
 from corral.control.errors import ApiError, not_found
+from corral.control.events import Events
 from corral.control.keys import Owner, check_resources, check_timeout, owner_of
+from corral.control.metering import settle_sandbox
 from corral.control.network import Egress, Ingress, egress_from, refuse_egress_options
 from corral.control.quotas import Admission
 from corral.control.volumes import Volumes
@@ -105,6 +108,7 @@ class Sandboxes:
         # record (loaded on first use, e.g. after a restart), dropped with it.
         self._ingress: dict[str, Ingress] = {}
         self.admission = Admission(database)  # key limits and team quotas (control/quotas.py)
+        self.events: Events | None = None  # lifecycle events (control/events.py), set by control/plane.py
         self.volumes: Volumes | None = None  # a server without volumes refuses volumeMounts
         self.recordings: RecordingHooks | None = None  # control/recordings.py
         # The server's Prometheus metrics, handed in by control/plane.py (`metrics()` is a sandbox's samples).
@@ -209,7 +213,17 @@ class Sandboxes:
             raise
         self._arm(row.id, row.end_at)
         self._ingress[row.id] = Ingress.from_record(row.ingress)
+        await self.announce(row, events.CREATED, templateID=row.template, keyID=row.key_id,
+                            **({"fromCheckpoint": row.head} if row.head else {}))
         return row
+
+    async def announce(self, row: SandboxRow, type: str, **data) -> None:
+        """Records a lifecycle event of the sandbox (control/events.py), never failing the caller."""
+        await self.announce_of(row.team_id or row.key_id, row.id, type, **data)
+
+    async def announce_of(self, team_id: str, sandbox_id: str, type: str, **data) -> None:
+        if self.events is not None:
+            await self.events.emit_quietly(team_id, type, sandbox_id=sandbox_id, data=data)
 
     async def ingress(self, sandbox_id: str) -> Ingress | None:
         """How the proxy treats requests to the sandbox's ports; None when there is no such sandbox."""
@@ -284,9 +298,9 @@ class Sandboxes:
         await self.get(owner, sandbox_id)
         await self._kill(sandbox_id)
 
-    async def _kill(self, sandbox_id: str) -> None:
+    async def _kill(self, sandbox_id: str, reason: str = "request") -> None:
         async with self.locks[sandbox_id]:
-            if await self.row(sandbox_id) is None:
+            if (row := await self.row(sandbox_id)) is None:
                 return  # killed while we waited for the lock
             # Gone for the API and the proxy at once; the runtime's teardown (about a second) follows.
             self._disarm(sandbox_id)
@@ -296,6 +310,7 @@ class Sandboxes:
             await self.orchestrator.kill(sandbox_id)
             await self.checkpoints.forget_sandbox(sandbox_id)
         self.locks.pop(sandbox_id, None)
+        await self.announce(row, events.KILLED, reason=reason)
 
     def went_offline(self, sandbox_id: str) -> None:
         """Paused: no timer (the registry no longer lists it, so signed file URLs no longer lead to it)."""
@@ -305,11 +320,18 @@ class Sandboxes:
         """Running (again, after a resume or a restart of the server): its timer counts to `row.end_at`."""
         self._arm(row.id, row.end_at)
 
-    async def forget(self, ids: list[str]) -> None:
+    async def forget(self, ids: list[str], *, meter: bool = True) -> None:
+        """Drops the sandboxes' records; a running one's usage is recorded up to now first, in the same
+        transaction (`meter=False`: only up to its last flush, for sandboxes whose end is unknown)."""
         for sandbox_id in ids:
             self._ingress.pop(sandbox_id, None)
 
         def forget(session: Session) -> None:
+            if meter:
+                now = time.time()
+                for row in session.scalars(select(SandboxRow).where(SandboxRow.id.in_(ids),
+                                                                    SandboxRow.state == "running")):
+                    settle_sandbox(session, row, now)
             session.execute(delete(SandboxRow).where(SandboxRow.id.in_(ids)))
             session.execute(delete(MetricRow).where(MetricRow.sandbox_id.in_(ids)))
 
@@ -334,7 +356,9 @@ class Sandboxes:
         row = await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
         self.admission.check_lifetime(owner, time.time() + seconds - row.started_at)
-        return await self._set_end(sandbox_id, lambda row: time.time() + seconds)
+        updated = await self._set_end(sandbox_id, lambda row: time.time() + seconds)
+        await self.announce(updated, events.UPDATED, timeout=seconds)
+        return updated
 
     async def extend(self, owner: Owner, sandbox_id: str, timeout: int | None) -> SandboxRow:
         """Connect: the sandbox lives at least `timeout` more seconds; a later end stays."""
@@ -378,6 +402,8 @@ class Sandboxes:
     async def _on_timeout(self, sandbox_id: str) -> None:
         row = await self.row(sandbox_id)
         lifecycle = (row.lifecycle or {}) if row else {}
+        if row is not None:
+            await self.announce(row, events.TIMED_OUT, then=lifecycle.get("onTimeout", "kill"))
         if row is not None and lifecycle.get("onTimeout") == "pause":
             try:
                 await self.checkpoints.pause(owner_of(row), sandbox_id, memory=lifecycle.get("autoPauseMemory", True),
@@ -389,7 +415,7 @@ class Sandboxes:
                 log.warning("auto-pause of %s failed (%s); killing it instead", sandbox_id, e.message)
             except Exception:
                 log.exception("auto-pause of %s failed; killing it instead", sandbox_id)
-        await self._kill(sandbox_id)
+        await self._kill(sandbox_id, reason="timeout")
 
     # --- metrics ---------------------------------------------------------------------------------
 

@@ -107,6 +107,10 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", "/templates/tags"): _T,
     ("DELETE", "/templates/tags"): _T,
     ("GET", "/templates/{ref}/tags"): _R,
+    # usage and spending
+    ("GET", "/usage"): _R,
+    ("GET", "/usage/spending"): _R,
+    ("GET", "/sandboxes/{sandbox_id}/usage"): _R,
     # volumes (their content is reached with each volume's own token, not a key)
     ("POST", "/volumes"): _V,
     ("GET", "/volumes"): _R,

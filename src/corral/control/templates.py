@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from corral.control import events
 from corral.control.db import Database, TemplateBuildRow, TemplateRow, TemplateTagRow
 from corral.control.errors import ApiError
 from corral.control.keys import Owner
@@ -163,6 +164,7 @@ class Templates:
         self._slots = asyncio.Semaphore(self.limits.max_concurrent)
         self._tasks: dict[str, asyncio.Task] = {}
         self._admitted = 0  # builds triggered and not finished
+        self.events: events.Events | None = None  # build finished/failed events, set by the server
         self._eviction: asyncio.Task | None = None  # of the step-layer cache, after a build
         self._upload_key = _load_key(data_dir / "template-uploads.key")
         self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by server.py
@@ -461,6 +463,11 @@ class Templates:
             logs.finish(bid)
             if began is not None:
                 self.metrics.build_finished(status == "ready", time.monotonic() - began)
+            if self.events is not None:
+                await self.events.emit_quietly(
+                    owner.team_id, events.BUILD_FINISHED if status == "ready" else events.BUILD_FAILED,
+                    data={"templateID": row.id, "name": row.name, "buildID": bid,
+                          **({"reason": reason} if reason else {})})
             self._admitted -= 1
             self._tasks.pop(bid, None)  # finished as far as anyone asks (deleting the template, say)
             if self._eviction is None or self._eviction.done():

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.errors import ApiError
 from corral.control.keys import Owner
+from corral.control.metering import settle_checkpoint
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
 
@@ -225,6 +226,8 @@ class CheckpointTree:
                 sandbox.head = survivor
             for node_id in doomed:
                 if (stored := session.get(CheckpointRow, node_id)) is not None:
+                    if stored.ready:
+                        settle_checkpoint(session, stored, time.time())
                     session.delete(stored)
 
         busy = [n for n in doomed if self._in_use[n]]
@@ -250,6 +253,8 @@ class CheckpointTree:
                 has_sandboxes = session.scalars(select(SandboxRow.id).where(
                     SandboxRow.head == node.id)).first() is not None
                 if not has_children and not has_sandboxes and node.id not in in_use:
+                    if node.ready:
+                        settle_checkpoint(session, node, time.time())
                     session.delete(node)
 
         await self._db.write(forget)
