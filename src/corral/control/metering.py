@@ -232,7 +232,7 @@ class Meter:
         self._db = database
         self.prices = prices
         self._interval_s = interval_s
-        self._clock = clock
+        self.clock = clock
         self._spent: dict[str, float] = {}  # team -> this month's cost at the last flush
         self._task: asyncio.Task | None = None
         # Set by the control plane: announce(team_id, type, data) and pause_team(team_id, reason).
@@ -255,7 +255,7 @@ class Meter:
         return self._spent.get(team_id, 0.0)
 
     async def flush(self) -> None:
-        now = self._clock()
+        now = self.clock()
         crossings = await self._db.write(lambda session: self._flush(session, now))
         for spending, percent in crossings.warnings:
             await self._announce(spending, "team.spending.warning", percent)
@@ -340,7 +340,7 @@ class Meter:
         return answer
 
     async def spending(self, team_id: str) -> Spending:
-        now = self._clock()
+        now = self.clock()
         month = month_of(now)
 
         def read(session: Session) -> Spending:
