@@ -269,3 +269,30 @@ async def test_lifecycle_events_are_recorded_for_the_team(tmp_path):
                                               events.FORKED, events.KILLED]
         assert recorded[-2].data["children"] == [forked.json()[0]["sandbox"]["sandboxID"]]
         assert recorded[-1].data["reason"] == "request"
+
+
+def test_corral_usage_prints_a_table_or_csv_and_records_running_sandboxes_first(tmp_path, monkeypatch):
+    import csv
+    import io
+
+    from typer.testing import CliRunner
+
+    from corral.cli.main import app
+
+    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CORRAL_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CORRAL_PRICES", '{"vcpu_hour": 36, "memory_gib_hour": 0}')  # 0.01 per vCPU-second, only
+    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
+    asyncio.run(_team_and_key(database))
+    started = time.time() - 100
+    asyncio.run(database.write(lambda s: s.add(_running_row(started))))
+    database.close()
+    result = CliRunner().invoke(app, ["usage", "--by", "team,template", "--csv"])
+    assert result.exit_code == 0, result.output
+    [row] = list(csv.DictReader(io.StringIO(result.output)))
+    assert (row["team"], row["template"]) == ("team-a", "base")
+    assert 200 <= float(row["vcpu_s"]) < 210 and float(row["cost_usd"]) == pytest.approx(float(row["vcpu_s"]) * 0.01)
+    table = CliRunner().invoke(app, ["usage", "--team", "a"])
+    assert table.exit_code == 0 and "total" in table.output and "USD" in table.output
+    assert CliRunner().invoke(app, ["usage", "--from", "last week"]).exit_code == 1
+    assert CliRunner().invoke(app, ["usage", "--team", "nobody"]).exit_code == 1

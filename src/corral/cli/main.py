@@ -20,7 +20,7 @@ from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime, start_template
 from corral.cli.record import record_app
 from corral.cli.serve import serve_command
-from corral.cli.teams import keys_app, teams_app
+from corral.cli.teams import keys_app, teams_app, usage_command
 from corral.cli.tree import sandbox_fork, sandbox_pause, sandbox_resume, sandbox_snapshot, tree_app
 from corral.cli.user_templates import build_from_dockerfile, template_logs, template_ls_server, template_rm
 from corral.runtime.base import Resources, RuntimeError_, SandboxConfig
@@ -40,6 +40,7 @@ app.command("doctor")(doctor_command)
 app.command("serve")(serve_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(teams_app, name="teams")
+app.command("usage")(usage_command)
 app.add_typer(tree_app, name="tree")
 for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_create), ("info", remote.sandbox_info),
                         ("kill", remote.sandbox_kill), ("pause", sandbox_pause), ("resume", sandbox_resume),

@@ -25,13 +25,18 @@ _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _keys():
+def _database():
     from corral.control.db import open_database
-    from corral.control.keys import ApiKeys
 
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return ApiKeys(open_database(PlatformSettings().resolved_database_url(settings)))
+    return open_database(PlatformSettings().resolved_database_url(settings))
+
+
+def _keys():
+    from corral.control.keys import ApiKeys
+
+    return ApiKeys(_database())
 
 
 def _fail(message: str) -> typer.Exit:
@@ -221,4 +226,67 @@ def teams_ls(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         quotas = ", ".join(f"{name}={getattr(row, name):g}" for name in _SETTINGS[:5] if getattr(row, name) is not None)
         budget = "" if row.budget is None else f"{row.budget:g} ({row.cap_policy or 'finish'} at the cap)"
         table.add_row(t.id, t.name, str(t.keys), quotas, budget, _when(t.created_at))
+    console.print(table)
+
+
+def usage_command(
+    team: str = typer.Option(None, help="Only this team (id or name); default: every team."),
+    start: str = typer.Option(None, "--from", help="First UTC day, YYYY-MM-DD (default: the first of this month)."),
+    end: str = typer.Option(None, "--to", help="Last UTC day, YYYY-MM-DD (included; default: today)."),
+    by: str = typer.Option("day", help="Comma-separated groups: day, month, template, key, team ('' for one total)."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print CSV (for spreadsheets) instead of a table."),
+) -> None:
+    """Usage and its cost from this installation's database (run on the server's machine): vCPU-seconds,
+    memory GiB-seconds, disk and snapshot GiB-hours, build minutes, priced with CORRAL_PRICES. Records the
+    usage of running sandboxes up to now first (safe beside a running server: each second counts once)."""
+    import csv
+    import datetime as dt
+    import sys
+
+    from corral.control.keys import ApiKeys, TeamNotFound
+    from corral.control.metering import QUANTITIES, Meter, Prices, Usage
+
+    database = _database()
+    keys = ApiKeys(database)
+    try:
+        prices = Prices.from_env()
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    groups = tuple(g.strip() for g in by.split(",") if g.strip())
+    today = dt.datetime.now(dt.UTC).date()
+    for value, option in ((start, "--from"), (end, "--to")):
+        if value is not None:
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise _fail(f"{option} takes a day such as {today.isoformat()}, not {value!r}") from None
+    first, last = start or today.replace(day=1).isoformat(), end or today.isoformat()
+    meter = Meter(database, prices, interval_s=0)
+
+    async def report():
+        team_id = (await keys.team(team)).id if team else None
+        await meter.flush()
+        return await meter.usage(team_id, start_day=first, end_day=last, group_by=groups)
+
+    try:
+        rows = asyncio.run(report())
+    except TeamNotFound:
+        raise _fail(f"no team {team!r} (see `corral teams ls`)") from None
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    columns = [*groups, *QUANTITIES, f"cost_{prices.currency.lower()}"]
+    if csv_out:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row[g] for g in groups] + [f"{row[q]:.6f}" for q in QUANTITIES] + [f"{row['cost']:.6f}"])
+        return
+    table = Table(*groups, "vCPU-s", "memory GiB-s", "disk GiB-h", "snapshot GiB-h", "build min",
+                  f"cost ({prices.currency})", title=f"usage {first} .. {last}")
+    total = Usage()
+    for row in rows:
+        total.add(Usage(*(row[q] for q in QUANTITIES)))
+        table.add_row(*(str(row[g]) for g in groups), *(f"{row[q]:.2f}" for q in QUANTITIES), f"{row['cost']:.4f}")
+    table.add_row(*(["total"] + [""] * (len(groups) - 1) if groups else []),
+                  *(f"{getattr(total, q):.2f}" for q in QUANTITIES), f"{prices.cost(total):.4f}", style="bold")
     console.print(table)
