@@ -296,3 +296,20 @@ def test_corral_usage_prints_a_table_or_csv_and_records_running_sandboxes_first(
     assert table.exit_code == 0 and "total" in table.output and "USD" in table.output
     assert CliRunner().invoke(app, ["usage", "--from", "last week"]).exit_code == 1
     assert CliRunner().invoke(app, ["usage", "--team", "nobody"]).exit_code == 1
+
+
+async def test_metrics_show_each_teams_usage_and_cost_as_counters(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with served(tmp_path) as (http, _, keys, headers):
+        team_id = (await keys.list())[0].team_id
+        sandbox_id = (await http.post("/sandboxes", headers=headers, json=NEW_SANDBOX)).json()["sandboxID"]
+        await asyncio.sleep(0.2)
+        await http.delete(f"/sandboxes/{sandbox_id}", headers=headers)
+        recorded = await total(http, headers)
+        samples = {(s.name, s.labels.get("team_id")): s.value
+                   for f in text_string_to_metric_families((await http.get("/metrics")).text) for s in f.samples}
+        assert samples[("corral_team_vcpu_seconds_total", team_id)] == pytest.approx(recorded["vcpuSeconds"])
+        assert samples[("corral_team_memory_gib_seconds_total", team_id)] == pytest.approx(recorded["memoryGiBSeconds"])
+        assert samples[("corral_team_cost_total", team_id)] == pytest.approx(recorded["cost"])
+        assert recorded["vcpuSeconds"] > 0

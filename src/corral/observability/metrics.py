@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BUILD_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Per-team usage counters (all time, as of the last metering flush) and what each is read from.
+TEAM_USAGE = {
+    "vcpu_seconds": "vCPU-seconds of the team's running sandboxes.",
+    "memory_gib_seconds": "Memory GiB-seconds (allocated) of the team's running sandboxes.",
+    "disk_gib_hours": "Disk GiB-hours (allocated) of the team's running sandboxes.",
+    "snapshot_gib_hours": "GiB-hours of the team's checkpoints (pauses, snapshots, fork points).",
+    "build_minutes": "Minutes of the team's template builds.",
+    "cost": "Cost of the team's usage by the price table (CORRAL_PRICES), in its currency.",
+}
+TEAM_USAGE_SOURCE = {"vcpu_seconds": "vcpu_s", "memory_gib_seconds": "memory_gib_s", "disk_gib_hours": "disk_gib_h",
+                     "snapshot_gib_hours": "snapshot_gib_h", "build_minutes": "build_min", "cost": "cost"}
 
 
 @dataclass
@@ -43,6 +54,9 @@ class ServerState:
     proxy_responses: Sequence[int] = (0,) * 6  # by status class, index 1..5
     proxy_bytes_in: int = 0
     proxy_bytes_out: int = 0
+    # Each team's usage so far, as recorded by the last metering flush: team id -> the usage row (quantities and
+    # cost), from control/metering.py.
+    team_usage: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 class _StateCollector:
@@ -91,6 +105,11 @@ class _StateCollector:
         yield CounterMetricFamily("corral_proxy_sent_bytes",
                                   "Body bytes the proxy sent to clients from sandboxes (responses and WebSocket "
                                   "messages).", value=state.proxy_bytes_out)
+        for quantity, help_text in TEAM_USAGE.items():
+            family = CounterMetricFamily(f"corral_team_{quantity}", help_text, labels=["team_id"])
+            for team_id, usage in sorted(state.team_usage.items()):
+                family.add_metric([team_id], usage.get(TEAM_USAGE_SOURCE[quantity], 0.0))
+            yield family
 
 
 class ServerMetrics:
@@ -140,14 +159,18 @@ class ServerMetrics:
 
 async def gather_state(plane: ControlPlane, proxy: ProxyTraffic | None) -> ServerState:
     capacity = plane.orchestrator.capacity
-    return ServerState(
-        sandboxes=await plane.sandboxes.count_by_state_and_template(),
+    # What the capacity manager holds is read before any await: a refill finishing meanwhile would hide a claim.
+    state = ServerState(
         pool_ready={template: capacity.ready(template) for template in capacity.ready_templates},
         prepared_containers=len(capacity.prepared_ids()), resume_ready=capacity.resume_ready(),
         restore_failures=Tally(capacity.restore_failures),
         proxy_responses=tuple(proxy.responses) if proxy is not None else (0,) * 6,
         proxy_bytes_in=proxy.bytes_in if proxy is not None else 0,
         proxy_bytes_out=proxy.bytes_out if proxy is not None else 0)
+    state.sandboxes = await plane.sandboxes.count_by_state_and_template()
+    if (meter := getattr(plane, "meter", None)) is not None:
+        state.team_usage = {row["team"]: row for row in await meter.usage(None, group_by=("team",))}
+    return state
 
 
 # Where components not part of a server (tools, tests) record: nobody scrapes it.
