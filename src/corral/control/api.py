@@ -32,6 +32,7 @@ from corral.control.api_secrets import secrets_routes
 from corral.control.api_templates import template_routes
 from corral.control.api_usage import usage_routes
 from corral.control.api_volumes import volume_routes
+from corral.control.api_webhooks import webhook_routes
 from corral.control.db import SandboxRow
 from corral.control.errors import ApiError, HostPaths, to_http
 from corral.control.keys import ApiKey, ApiKeys, check_template, check_timeout
@@ -279,5 +280,6 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app.include_router(secrets_routes(lambda: getattr(plane, "secrets", None)))
     app.include_router(volume_routes(lambda: getattr(plane, "volumes", None), lambda: plane.public_domain))
     app.include_router(recording_routes(lambda: getattr(plane, "recordings", None)))
+    app.include_router(webhook_routes(lambda: plane))
     app.include_router(usage_routes(lambda: plane.meter))
     return app

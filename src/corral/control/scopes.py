@@ -116,4 +116,15 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/volumes"): _R,
     ("GET", "/volumes/{volume}"): _R,
     ("DELETE", "/volumes/{volume}"): _V,
+    # events and webhooks (webhooks send the team's events elsewhere: only admin keys change them)
+    ("GET", "/events"): _R,
+    ("GET", "/events/sandboxes"): _R,
+    ("GET", "/events/sandboxes/{sandbox_id}"): _R,
+    ("POST", "/events/webhooks"): ADMIN,
+    ("GET", "/events/webhooks"): _R,
+    ("GET", "/events/webhooks/{webhook_id}"): _R,
+    ("PATCH", "/events/webhooks/{webhook_id}"): ADMIN,
+    ("DELETE", "/events/webhooks/{webhook_id}"): ADMIN,
+    ("GET", "/events/webhooks/{webhook_id}/deliveries"): _R,
+    ("POST", "/events/webhooks/{webhook_id}/test"): ADMIN,
 }

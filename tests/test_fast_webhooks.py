@@ -1,0 +1,574 @@
+"""Lifecycle events and webhooks, on the fake runtime without root: a real receiver on loopback checks both
+signatures of every delivery; retries with backoff until a failing receiver takes the event, all attempts in
+the delivery log; a slow receiver holds back neither the API nor other webhooks; order; type filters;
+another team's 404s; bad input; the test delivery; deliveries across restarts; the events API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+
+import httpx
+import pytest
+from aiohttp import web
+from cryptography.fernet import Fernet
+from helpers.fast import TEMPLATE, fake_orchestrator, until
+from sqlalchemy import select
+
+from corral.control import events
+from corral.control.api import create_api
+from corral.control.db import open_database
+from corral.control.events import Events
+from corral.control.keys import ApiKeys
+from corral.control.plane import ControlPlane
+from corral.control.webhooks import RetryPolicy, WebhookRow, Webhooks
+from corral.observability.metrics import ServerMetrics
+from corral.orchestrator import capacity
+
+from test_fast_scopes import NEW_SANDBOX, SETTINGS  # isort: skip
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "a-secret-of-the-receiver-0123456789"
+QUICK = RetryPolicy(max_attempts=5, first_delay_s=0.05, factor=2.0)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def quick_refills(monkeypatch):
+    monkeypatch.setattr(capacity, "REFILL_DELAY_S", 0.01)
+
+
+# ------------------------------------------------------------------------------------------ the receiver
+
+
+def e2b_signature_ok(secret: str, body: bytes, header: str) -> bool:
+    """As E2B's documentation verifies `e2b-signature`."""
+    expected = base64.b64encode(hashlib.sha256(secret.encode() + body).digest()).decode()
+    return hmac.compare_digest(expected.replace("+", "-").replace("/", "_").rstrip("="), header)
+
+
+def corral_signature_ok(secret: str, body: bytes, header: str) -> bool:
+    """As docs/operations.md verifies `X-Corral-Signature: t=<unix seconds>,v1=<hex>`."""
+    fields = dict(part.split("=", 1) for part in header.split(","))
+    expected = hmac.new(secret.encode(), fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, fields["v1"]) and abs(time.time() - int(fields["t"])) < 300
+
+
+@dataclasses.dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic() when it came in
+
+    @property
+    def event(self) -> dict:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every request and checks its signatures. `failures`: how many
+    requests it answers with 500 before it takes one; while `held` is cleared, requests wait for it to be set."""
+
+    def __init__(self, secret: str = SECRET) -> None:
+        self.secret = secret
+        self.received: list[Received] = []
+        self.answered = 0
+        self.failures = 0
+        self.held = asyncio.Event()
+        self.held.set()  # set: answer at once
+        self.bad_signatures: list[Received] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        got = Received(dict(request.headers), await request.read(), time.monotonic())
+        self.received.append(got)
+        if not (e2b_signature_ok(self.secret, got.body, got.headers.get("e2b-signature", ""))
+                and corral_signature_ok(self.secret, got.body, got.headers.get("X-Corral-Signature", "t=0,v1="))):
+            self.bad_signatures.append(got)
+        await self.held.wait()
+        self.answered += 1
+        if self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=500, text="not now")
+        return web.Response(status=204)
+
+    def events(self, type: str | None = None) -> list[dict]:
+        return [r.event for r in self.received if type is None or r.event["type"] == type]
+
+
+@contextlib.asynccontextmanager
+async def receiver(secret: str = SECRET):
+    found = Receiver(secret)
+    app = web.Application()
+    app.router.add_post("/hook", found.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    found.url = f"http://127.0.0.1:{port}/hook"
+    try:
+        yield found
+    finally:
+        found.held.set()
+        await runner.cleanup()
+    assert found.bad_signatures == [], "deliveries whose signatures did not verify"
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+@dataclasses.dataclass
+class Served:
+    http: httpx.AsyncClient
+    plane: ControlPlane
+    keys: ApiKeys
+    webhooks: Webhooks
+    admin: dict[str, str]  # an admin key of the team
+    reader: dict[str, str]  # a read-only key of the same team
+    team_id: str
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path, retry: RetryPolicy = QUICK):
+    orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
+    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
+    keys = ApiKeys(database)
+    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
+                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics())
+    webhooks = Webhooks(database, Fernet.generate_key(), retry=retry)
+    plane.webhooks = webhooks
+    plane.events.subscribe(webhooks.listener)
+    await plane.start()
+    await webhooks.start()
+    admin, secret = await keys.create("admin", scopes=["admin"])
+    _, read_secret = await keys.create("reader", team=admin.team_id, scopes=["read"])
+    transport = httpx.ASGITransport(app=create_api(plane, keys), client=("127.0.0.1", 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
+            yield Served(http, plane, keys, webhooks, {"X-API-KEY": secret}, {"X-API-KEY": read_secret},
+                         admin.team_id)
+    finally:
+        await webhooks.close()
+        await plane.close()
+
+
+async def register(s: Served, url: str, **fields) -> dict:
+    answer = await s.http.post("/events/webhooks", headers=s.admin,
+                               json={"name": "hook", "url": url, "signatureSecret": SECRET, **fields})
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+async def deliveries(s: Served, webhook_id: str) -> list[dict]:
+    answer = await s.http.get(f"/events/webhooks/{webhook_id}/deliveries", headers=s.reader)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+# ------------------------------------------------------------------------------------------ deliveries
+
+
+async def test_a_delivery_carries_the_event_in_e2bs_shape_with_both_signatures(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        hook = await register(s, r.url)
+        created = await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)
+        sandbox_id = created.json()["sandboxID"]
+        await until(lambda: r.events(events.CREATED), what="the created event at the receiver")
+        got = r.received[0]
+        event = got.event
+        assert event["version"] == "v1" and event["type"] == events.CREATED
+        assert event["sandboxId"] == sandbox_id and event["sandboxTeamId"] == s.team_id
+        assert event["sandboxTemplateId"] == TEMPLATE
+        assert event["id"] and event["timestamp"].endswith("Z")
+        assert got.headers["e2b-webhook-id"] == hook["id"]
+        assert got.headers["e2b-signature-version"] == "v1"
+        assert got.headers["Content-Type"] == "application/json"
+        assert got.headers["e2b-delivery-id"] == (await deliveries(s, hook["id"]))[0]["id"]
+        # Both signatures verify (checked by the receiver for every request), and a wrong secret fails them.
+        assert not e2b_signature_ok("another-secret-0123456789", got.body, got.headers["e2b-signature"])
+        assert not corral_signature_ok("another-secret-0123456789", got.body, got.headers["X-Corral-Signature"])
+
+
+async def test_a_failing_receiver_gets_retries_with_backoff_until_it_takes_the_event(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        r.failures = 3
+        hook = await register(s, r.url)
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": 50})
+        await until(lambda: r.answered == 4, what="four attempts")
+        await until(lambda: _settled(s, hook["id"]), what="the last attempt recorded")
+        log = sorted(await deliveries(s, hook["id"]), key=lambda d: d["attempt"])
+        assert [(d["attempt"], d["status"], d["responseStatus"]) for d in log] == [
+            (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "delivered", 204)]
+        assert log[0]["error"] == "HTTP 500: not now" and log[3]["deliveredAt"]
+        assert len({d["eventID"] for d in log}) == 1
+        assert [x.headers["X-Corral-Attempt"] for x in r.received] == ["1", "2", "3", "4"]
+        assert len({x.body for x in r.received}) == 1  # the same event, byte for byte
+        gaps = [b.at - a.at for a, b in zip(r.received, r.received[1:], strict=False)]
+        for attempt, gap in enumerate(gaps, start=1):  # each wait at least the backoff after that attempt
+            assert gap >= QUICK.delay_after(attempt) * 0.9, (attempt, gaps)
+
+
+async def _settled(s: Served, webhook_id: str) -> bool:
+    return all(d["status"] != "pending" for d in await deliveries(s, webhook_id))
+
+
+async def test_a_receiver_that_keeps_failing_gets_the_most_attempts_and_then_the_delivery_failed(tmp_path):
+    async with served(tmp_path, retry=RetryPolicy(max_attempts=3, first_delay_s=0.02)) as s, receiver() as r:
+        r.failures = 1000
+        hook = await register(s, r.url)
+        await s.plane.events.emit(s.team_id, events.CAP_REACHED)
+        await until(lambda: r.answered == 3, what="three attempts")
+        await until(lambda: _settled(s, hook["id"]), what="the last attempt recorded")
+        log = await deliveries(s, hook["id"])
+        assert sorted((d["attempt"], d["status"]) for d in log) == [(1, "failed"), (2, "failed"), (3, "failed")]
+        assert all(d["nextAttemptAt"] is None for d in log)
+        failed = await s.http.get(f"/events/webhooks/{hook['id']}/deliveries", headers=s.reader,
+                                  params={"status": "failed"})
+        assert len(failed.json()) == 3
+
+
+async def test_an_unreachable_receiver_is_logged_with_the_connection_error(tmp_path):
+    async with receiver() as r:
+        url = r.url
+    async with served(tmp_path, retry=RetryPolicy(max_attempts=1)) as s:
+        hook = await register(s, url)  # its server is gone: the port refuses connections
+        await s.plane.events.emit(s.team_id, events.CAP_REACHED)
+        await until(lambda: _settled_with_log(s, hook["id"]), what="the attempt recorded")
+        [attempt] = await deliveries(s, hook["id"])
+        assert attempt["status"] == "failed" and attempt["responseStatus"] is None
+        assert attempt["error"].startswith("ConnectError")
+
+
+async def _settled_with_log(s: Served, webhook_id: str) -> bool:
+    log = await deliveries(s, webhook_id)
+    return bool(log) and all(d["status"] != "pending" for d in log)
+
+
+async def test_a_slow_receiver_does_not_slow_the_api(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        r.held.clear()  # the receiver takes requests but answers none until released
+        await register(s, r.url)
+        async with asyncio.timeout(60):  # a hang (an API call waiting for the receiver) fails, not stalls
+            first = await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)
+            await until(lambda: len(r.received) == 1, what="the created event at the receiver")
+            # While the receiver sits on that delivery, the API answers creates, kills and event queries.
+            second = await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)
+            for created in (first, second):
+                assert created.status_code == 201
+                assert (await s.http.delete(f"/sandboxes/{created.json()['sandboxID']}",
+                                            headers=s.admin)).status_code == 204
+            listed = await s.http.get("/events/sandboxes", headers=s.reader, params={"limit": 100})
+        assert len(listed.json()) == 4
+        assert r.answered == 0 and len(r.received) == 1  # all of that before the receiver answered anything
+        r.held.set()
+        await until(lambda: len(r.events()) == 4, what="the other three events after the release")
+
+
+async def test_a_slow_receiver_holds_back_only_its_own_webhook(tmp_path):
+    async with served(tmp_path) as s, receiver() as slow, receiver() as quick:
+        slow.held.clear()
+        await register(s, slow.url)
+        await register(s, quick.url)
+        for percent in (50, 80, 100):
+            await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": percent})
+        await until(lambda: len(quick.events()) == 3, what="three events at the quick receiver")
+        assert len(slow.received) == 1 and slow.answered == 0
+
+
+async def test_events_arrive_in_the_order_they_happened_also_when_one_is_retried(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        r.failures = 2  # the first event needs three attempts; the ones after it wait for it
+        await register(s, r.url)
+        emitted = []
+        for type in (events.CREATED, events.UPDATED, events.PAUSED, events.RESUMED, events.KILLED):
+            emitted.append((await s.plane.events.emit(s.team_id, type, sandbox_id="sbx1")).event_id)
+        await until(lambda: len(r.received) == 7, what="seven requests (two failed)")
+        assert [e["id"] for e in r.events()] == [emitted[0]] * 3 + emitted[1:]
+
+
+async def test_a_webhook_receives_only_the_types_it_asked_for(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        hook = await register(s, r.url, events=[events.KILLED])
+        created = await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)
+        await s.http.delete(f"/sandboxes/{created.json()['sandboxID']}", headers=s.admin)
+        # Deliveries go out in event order, so had the created event been queued it would be here first.
+        await until(r.events, what="the killed event at the receiver")
+        assert [e["type"] for e in r.events()] == [events.KILLED]
+        assert [d["eventType"] for d in await deliveries(s, hook["id"])] == [events.KILLED]
+
+
+async def test_a_webhook_receives_nothing_of_another_team(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        hook = await register(s, r.url)
+        other, _ = await s.keys.create("other team")
+        await s.plane.events.emit(other.team_id, events.CAP_REACHED)
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING)
+        await until(r.events, what="the team's own event at the receiver")
+        assert [e["sandboxTeamId"] for e in r.events()] == [s.team_id]
+        assert len(await deliveries(s, hook["id"])) == 1
+
+
+async def test_a_disabled_webhook_receives_nothing(tmp_path):
+    async with served(tmp_path) as s, receiver() as r, receiver() as control:
+        hook = await register(s, r.url, enabled=False)
+        await register(s, control.url)
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING)
+        await until(control.events, what="the event at the enabled webhook")
+        assert r.received == [] and await deliveries(s, hook["id"]) == []
+
+
+async def test_a_webhook_gets_the_events_after_its_registration_only(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": 50})
+        await register(s, r.url)
+        later = await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": 80})
+        await until(r.events, what="the later event")
+        assert [e["id"] for e in r.events()] == [later.event_id]
+
+
+# ------------------------------------------------------------------------------------------ restarts
+
+
+@contextlib.asynccontextmanager
+async def service(database, key: bytes, retry: RetryPolicy = QUICK):
+    """Events and a started webhooks service over `database`, as one server process has them."""
+    recorded = Events(database)
+    webhooks = Webhooks(database, key, retry=retry)
+    recorded.subscribe(webhooks.listener)
+    await webhooks.start()
+    try:
+        yield recorded, webhooks
+    finally:
+        await webhooks.close()
+
+
+async def new_team_webhook(database, key: bytes, url: str) -> tuple[str, str]:
+    """(team id, webhook id) of a new team's webhook to `url`."""
+    keys = ApiKeys(database)
+    admin, _ = await keys.create("admin", scopes=["admin"])
+    async with service(database, key) as (_, webhooks):
+        info, _ = await webhooks.create(admin.owner, url=url, secret=SECRET)
+    return admin.team_id, info.id
+
+
+async def test_a_pending_delivery_is_made_after_a_restart(tmp_path):
+    database, key = open_database(f"sqlite:///{tmp_path / 'corral.db'}"), Fernet.generate_key()
+    async with receiver() as r:
+        team_id, webhook_id = await new_team_webhook(database, key, r.url)
+        r.held.clear()
+        async with service(database, key) as (recorded, _):
+            event = await recorded.emit(team_id, events.CAP_REACHED)
+            await until(lambda: len(r.received) == 1, what="the first attempt under way")
+        # That server stopped in the middle of the attempt; the receiver never got to answer it.
+        r.held.set()
+        async with service(database, key) as (_, webhooks):
+            await until(lambda: r.answered == 2, what="the attempt made again by the next server")
+            owner = (await ApiKeys(database).list())[0].owner
+            await until(lambda: _all_delivered(webhooks, owner, webhook_id), what="the attempt recorded")
+        assert [e["id"] for e in r.events()] == [event.event_id, event.event_id]
+
+
+async def _all_delivered(webhooks: Webhooks, owner, webhook_id: str) -> bool:
+    return [d.status for d in await webhooks.deliveries(owner, webhook_id)] == ["delivered"]
+
+
+async def test_events_recorded_while_no_deliveries_ran_are_delivered_on_start(tmp_path):
+    database, key = open_database(f"sqlite:///{tmp_path / 'corral.db'}"), Fernet.generate_key()
+    async with receiver() as r:
+        team_id, _ = await new_team_webhook(database, key, r.url)
+        # Recorded, but the process stopped before it queued their deliveries (no service listens).
+        emitted = [(await Events(database).emit(team_id, events.SPENDING_WARNING, data={"percent": p})).event_id
+                   for p in (50, 80)]
+        async with service(database, key):
+            await until(lambda: len(r.events()) == 2, what="both events after the start")
+        assert [e["id"] for e in r.events()] == emitted
+
+
+async def test_a_secret_sealed_under_another_installation_key_is_logged_and_not_retried(tmp_path):
+    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
+    async with receiver() as r:
+        team_id, webhook_id = await new_team_webhook(database, Fernet.generate_key(), r.url)
+        async with service(database, Fernet.generate_key()) as (recorded, webhooks):  # the key was replaced
+            await recorded.emit(team_id, events.CAP_REACHED)
+            owner = (await ApiKeys(database).list())[0].owner
+            await until(lambda: _has_log(webhooks, owner, webhook_id), what="the attempt logged")
+            [attempt] = await webhooks.deliveries(owner, webhook_id)
+        assert attempt.status == "failed" and "cannot be opened with this installation's key" in attempt.error
+        assert r.received == []
+
+
+async def _has_log(webhooks: Webhooks, owner, webhook_id: str) -> bool:
+    return any(d.status == "failed" for d in await webhooks.deliveries(owner, webhook_id))
+
+
+# ------------------------------------------------------------------------------------------ the API
+
+
+async def test_webhooks_are_created_read_listed_changed_and_deleted(tmp_path):
+    async with served(tmp_path) as s:
+        created = await register(s, "https://hooks.example/corral", events=[events.CREATED])
+        assert created["teamID"] == s.team_id and created["enabled"] is True
+        assert created["events"] == [events.CREATED] and created["name"] == "hook"
+        url = f"/events/webhooks/{created['id']}"
+        got = (await s.http.get(url, headers=s.reader)).json()
+        assert got == {k: v for k, v in created.items() if k != "signatureSecret"}
+        changed = await s.http.patch(url, headers=s.admin, json={"enabled": False, "events": None,
+                                                                 "url": "http://hooks.example/v2"})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["enabled"] is False and changed.json()["url"] == "http://hooks.example/v2"
+        assert changed.json()["events"] == list(events.TYPES) and changed.json()["name"] == "hook"
+        assert [w["id"] for w in (await s.http.get("/events/webhooks", headers=s.reader)).json()] == [created["id"]]
+        assert (await s.http.delete(url, headers=s.admin)).status_code == 200
+        gone = await s.http.get(url, headers=s.reader)
+        assert gone.status_code == 404 and gone.json()["message"] == f"webhook {created['id']} not found"
+
+
+async def test_the_signing_secret_is_answered_only_on_create_and_stored_sealed(tmp_path):
+    async with served(tmp_path) as s:
+        made = await s.http.post("/events/webhooks", headers=s.admin, json={"url": "https://hooks.example/x"})
+        secret = made.json()["signatureSecret"]
+        assert len(secret) >= 32 and made.json()["name"] == "hooks.example"
+        url = f"/events/webhooks/{made.json()['id']}"
+        for answer in (await s.http.get(url, headers=s.reader),
+                       await s.http.patch(url, headers=s.admin, json={"signatureSecret": "b" * 20}),
+                       await s.http.get("/events/webhooks", headers=s.reader)):
+            assert "signatureSecret" not in answer.text and secret not in answer.text
+        sealed = await s.plane._db.read(lambda session: session.scalar(select(WebhookRow.sealed_secret)))
+        assert secret.encode() not in sealed and b"b" * 20 not in sealed
+
+
+async def test_another_teams_key_gets_404_on_a_webhook(tmp_path):
+    async with served(tmp_path) as s:
+        hook = await register(s, "https://hooks.example/corral")
+        _, stranger = await s.keys.create("stranger", scopes=["admin"])
+        headers = {"X-API-KEY": stranger}
+        base = f"/events/webhooks/{hook['id']}"
+        for method, path in (("GET", base), ("PATCH", base), ("DELETE", base), ("GET", f"{base}/deliveries"),
+                             ("POST", f"{base}/test")):
+            answer = await s.http.request(method, path, headers=headers, json={"enabled": False})
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert answer.json()["message"] == f"webhook {hook['id']} not found"
+        assert (await s.http.get("/events/webhooks", headers=headers)).json() == []
+        assert (await s.http.get(base, headers=s.reader)).json()["enabled"] is True
+
+
+BAD_WEBHOOKS = [
+    ({"url": "ftp://hooks.example/x"}, "url must be an http:// or https:// URL, got 'ftp://hooks.example/x'"),
+    ({"url": "https://"}, "names no host"),
+    ({"url": "https://hooks.example/" + "x" * 2048}, "at most 2048 are allowed"),
+    ({}, "url: Field required"),
+    ({"url": "https://hooks.example", "events": ["sandbox.exploded"]},
+     "unknown event type(s) sandbox.exploded; known: sandbox.lifecycle.created"),
+    ({"url": "https://hooks.example", "events": []}, "events must name at least one event type"),
+    ({"url": "https://hooks.example", "signatureSecret": "short"}, "signatureSecret must be a string of 16-512"),
+    ({"url": "https://hooks.example", "name": ""}, "name must be a string of 1-200 characters"),
+    ({"url": "https://hooks.example", "enabled": "sometimes"}, "enabled: Input should be a valid boolean"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_WEBHOOKS, ids=[m[:30] for _, m in BAD_WEBHOOKS])
+async def test_a_bad_webhook_is_refused_with_400_saying_what_is_wrong(tmp_path, body, message):
+    async with served(tmp_path) as s:
+        answer = await s.http.post("/events/webhooks", headers=s.admin, json=body)
+        assert answer.status_code == 400, answer.text
+        assert message in answer.json()["message"]
+        assert (await s.http.get("/events/webhooks", headers=s.reader)).json() == []
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"url": None}, "url cannot be null (leave it out to keep it)"),
+    ({"url": "file:///etc/passwd"}, "url must be an http:// or https:// URL"),
+    ({"events": ["nope"]}, "unknown event type(s) nope"),
+])
+async def test_a_bad_change_is_refused_with_400_and_changes_nothing(tmp_path, body, message):
+    async with served(tmp_path) as s:
+        hook = await register(s, "https://hooks.example/corral")
+        answer = await s.http.patch(f"/events/webhooks/{hook['id']}", headers=s.admin, json=body)
+        assert answer.status_code == 400 and message in answer.json()["message"]
+        kept = (await s.http.get(f"/events/webhooks/{hook['id']}", headers=s.reader)).json()
+        assert kept["url"] == hook["url"] and kept["events"] == hook["events"]
+
+
+async def test_a_read_key_cannot_create_a_webhook(tmp_path):
+    async with served(tmp_path) as s:
+        answer = await s.http.post("/events/webhooks", headers=s.reader, json={"url": "https://hooks.example"})
+        assert answer.status_code == 403 and "lacks the 'admin' scope" in answer.json()["message"]
+
+
+async def test_the_test_endpoint_sends_a_signed_test_event_and_answers_how_it_went(tmp_path):
+    async with served(tmp_path) as s, receiver() as r:
+        hook = await register(s, r.url, enabled=False)  # a test goes out also while disabled
+        tested = await s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin)
+        assert tested.status_code == 200, tested.text
+        assert tested.json()["status"] == "delivered" and tested.json()["responseStatus"] == 204
+        assert [e["type"] for e in r.events()] == ["webhook.test"]
+        r.failures = 1
+        failed = (await s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin)).json()
+        assert failed["status"] == "failed" and failed["error"] == "HTTP 500: not now"
+        assert [d["id"] for d in await deliveries(s, hook["id"])] == [failed["id"], tested.json()["id"]]
+
+
+# ------------------------------------------------------------------------------------------ events API
+
+
+async def test_a_sandboxs_created_and_killed_events_are_listed_for_it(tmp_path):
+    async with served(tmp_path) as s:
+        sandbox_id = (await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)).json()["sandboxID"]
+        await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)  # another sandbox's events
+        assert (await s.http.delete(f"/sandboxes/{sandbox_id}", headers=s.admin)).status_code == 204
+        url = f"/events/sandboxes/{sandbox_id}"
+        newest_first = (await s.http.get(url, headers=s.reader)).json()
+        assert [e["type"] for e in newest_first] == [events.KILLED, events.CREATED]
+        assert {e["sandboxId"] for e in newest_first} == {sandbox_id}
+        oldest_first = (await s.http.get(url, headers=s.reader, params={"orderAsc": "true"})).json()
+        assert oldest_first == newest_first[::-1]
+        _, stranger = await s.keys.create("stranger")
+        assert (await s.http.get(url, headers={"X-API-KEY": stranger})).json() == []
+
+
+async def test_team_events_include_spending_and_the_sandbox_events_do_not(tmp_path):
+    async with served(tmp_path) as s:
+        await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": 80})
+        every = (await s.http.get("/events", headers=s.reader)).json()
+        assert [e["type"] for e in every] == [events.SPENDING_WARNING, events.CREATED]
+        assert every[0]["eventData"] == {"percent": 80} and every[0]["sandboxId"] is None
+        sandboxes = (await s.http.get("/events/sandboxes", headers=s.reader)).json()
+        assert [e["type"] for e in sandboxes] == [events.CREATED]
+
+
+async def test_events_are_filtered_by_type_and_paged(tmp_path):
+    async with served(tmp_path) as s:
+        for percent in (50, 80, 100):
+            await s.plane.events.emit(s.team_id, events.SPENDING_WARNING, data={"percent": percent})
+        await s.plane.events.emit(s.team_id, events.CAP_REACHED)
+        page = await s.http.get("/events", headers=s.reader, params={
+            "types": events.SPENDING_WARNING, "orderAsc": "true", "offset": 1, "limit": 1})
+        assert [e["eventData"]["percent"] for e in page.json()] == [80]
+        both = await s.http.get("/events", headers=s.reader,
+                                params=[("types", events.CAP_REACHED), ("types", events.SPENDING_WARNING)])
+        assert len(both.json()) == 4
+
+
+@pytest.mark.parametrize(("path", "params", "message"), [
+    ("/events", {"types": "sandbox.exploded"}, "unknown event type(s) sandbox.exploded"),
+    ("/events/sandboxes", {"types": events.SPENDING_WARNING}, "not sandbox event types"),
+    ("/events", {"limit": 101}, "limit: Input should be less than or equal to 100"),
+    ("/events", {"since": "yesterday"}, "since: Input should be a valid datetime"),
+])
+async def test_a_bad_events_query_is_refused_with_400_saying_what_is_wrong(tmp_path, path, params, message):
+    async with served(tmp_path) as s:
+        answer = await s.http.get(path, headers=s.reader, params=params)
+        assert answer.status_code == 400 and message in answer.json()["message"], answer.text
