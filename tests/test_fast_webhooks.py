@@ -145,13 +145,10 @@ async def served(tmp_path, retry: RetryPolicy = QUICK):
     orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
     database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
     keys = ApiKeys(database)
-    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics())
     webhooks = Webhooks(database, Fernet.generate_key(), retry=retry)
-    plane.webhooks = webhooks
-    plane.events.subscribe(webhooks.listener)
+    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
+                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(), webhooks=webhooks)
     await plane.start()
-    await webhooks.start()
     admin, secret = await keys.create("admin", scopes=["admin"])
     _, read_secret = await keys.create("reader", team=admin.team_id, scopes=["read"])
     transport = httpx.ASGITransport(app=create_api(plane, keys), client=("127.0.0.1", 40000))
@@ -160,7 +157,6 @@ async def served(tmp_path, retry: RetryPolicy = QUICK):
             yield Served(http, plane, keys, webhooks, {"X-API-KEY": secret}, {"X-API-KEY": read_secret},
                          admin.team_id)
     finally:
-        await webhooks.close()
         await plane.close()
 
 

@@ -17,10 +17,12 @@ from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.errors import ApiError, HostPaths
 from corral.control.keys import ApiKeys, owner_of
+from corral.control.metering import Prices
 from corral.control.plane import ControlPlane
 from corral.control.secrets import Secrets, load_key
 from corral.control.templates import BaseImage, BuildLimits, Templates
 from corral.control.volumes import Volumes
+from corral.control.webhooks import Webhooks
 from corral.envd import DEFAULT_PORT as ENVD_PORT
 from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
@@ -116,7 +118,9 @@ class CorralServer:
                                     volumes=Volumes(self.database, VolumeStore(settings.data_dir / "volumes"),
                                                     load_key(platform.secrets_key_file(settings)),
                                                     default_mb=platform.volume_default_mb,
-                                                    max_mb=platform.volume_max_mb))
+                                                    max_mb=platform.volume_max_mb),
+                                    webhooks=Webhooks(self.database, load_key(platform.secrets_key_file(settings))),
+                                    prices=Prices.from_env())
         self.control.public_domain = domain if public else None
         self.control.templates = _templates(self.database, runtime, store, settings, platform)
         self.control.templates.metrics = self.control.metrics

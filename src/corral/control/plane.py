@@ -27,6 +27,7 @@ from corral.control.secrets import Secrets
 from corral.control.templates import Templates
 from corral.control.tree import CheckpointTree
 from corral.control.volumes import Volumes
+from corral.control.webhooks import Webhooks
 from corral.observability.metrics import ServerMetrics
 from corral.orchestrator.checkpoints import CheckpointFiles
 from corral.orchestrator.sandboxes import Orchestrator
@@ -39,7 +40,7 @@ class ControlPlane:
                  checkpoint_dir: Path, recordings_dir: Path | None = None,
                  is_template: Callable[[str], bool], secrets: Secrets | None = None,
                  volumes: Volumes | None = None, metrics: ServerMetrics | None = None,
-                 prices: Prices | None = None) -> None:
+                 prices: Prices | None = None, webhooks: Webhooks | None = None) -> None:
         self._db = database
         self.settings = settings
         self.orchestrator = orchestrator
@@ -59,6 +60,10 @@ class ControlPlane:
         # Templates users build (control/templates.py); None on a server that builds none.
         self.templates: Templates | None = None
         self.events = self.sandboxes.events = Events(database)
+        # Deliveries of the events to the teams' webhooks (control/webhooks.py); None on a server without them.
+        self.webhooks = webhooks
+        if webhooks is not None:
+            self.events.subscribe(webhooks.listener)
         self.meter = Meter(database, prices or Prices(), interval_s=settings.metering_interval_s)
         self.meter.announce = lambda team_id, type, data: self.events.emit_quietly(team_id, type, data=data)
         self.meter.pause_team = self._pause_team_at_cap
@@ -89,6 +94,8 @@ class ControlPlane:
         if self.volumes is not None:  # mounted before the sandboxes that use them are adopted or resumed
             await self.volumes.open()
         await recover(self._db, self.orchestrator, self.sandboxes, self.tree)
+        if self.webhooks is not None:
+            await self.webhooks.start()
         await self.recordings.open()
         self.sandboxes.start_sampling()
         await self.meter.flush()  # what ran while no server did (adopted sandboxes), and the spending
@@ -96,6 +103,8 @@ class ControlPlane:
 
     async def close(self) -> None:
         """Stops timers and sampling; live sandboxes keep running so a restarted server finds them again."""
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.meter.close()
         await self.sandboxes.close()
         await self.orchestrator.close()
