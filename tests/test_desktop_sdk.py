@@ -253,7 +253,7 @@ def rfb_handshake(ws, password: str | None) -> tuple[int, int]:
 
     def read(n: int) -> bytes:
         while len(buffer) < n:
-            buffer.extend(ws.recv(timeout=10))
+            buffer.extend(ws.recv(timeout=30))  # x11vnc answers slowly while the host is busy
         data = bytes(buffer[:n])
         del buffer[:n]
         return data

@@ -75,7 +75,7 @@ async def test_a_sandbox_is_metered_for_the_time_it_ran_within_2_percent(tmp_pat
         assert (await http.delete(f"/sandboxes/{created.json()['sandboxID']}", headers=headers)).status_code == 204
         after = time.time()
         # It ran at least from the end of the create to the start of the kill, at most the whole span; the
-        # test's own measure is from the create's answer to the kill's.
+        # test's own measure is from the create's answer to the kill's (the fake runtime's teardown is instant).
         usage = await total(http, headers)
         vcpus, memory_gib = 2, 512 / 1024  # `base` on the fake runtime: the default resources
         assert vcpus * (before_kill - after_create) <= usage["vcpuSeconds"] <= vcpus * (after - before)
@@ -228,14 +228,17 @@ async def test_spending_warnings_come_in_order_and_the_cap_refuses_creates_until
         team_id = (await keys.list())[0].team_id
         await keys.update_team(team_id, budget=2.0, warn_at=[50, 80], cap_policy="pause")
         sandbox_id = (await http.post("/sandboxes", headers=headers, json=NEW_SANDBOX)).json()["sandboxID"]
+        await plane.events.settled()  # the create's own event comes before the subscription
         received = []
         plane.events.subscribe(received.append)
         started = (await plane.sandboxes.row(sandbox_id)).started_at
         plane.meter.clock = lambda: started + 0.6  # 2 vCPUs for 0.6 s: 1.2 spent, 60 %
         await plane.meter.flush()
+        await plane.events.settled()
         assert [(e.type, e.data["percent"]) for e in received] == [(events.SPENDING_WARNING, 50)]
         plane.meter.clock = lambda: started + 1.1  # 2.2 spent: past 80 % and the cap
         await plane.meter.flush()
+        await plane.events.settled()
         types = [(e.type, e.data.get("percent")) for e in received]
         assert types[:3] == [(events.SPENDING_WARNING, 50), (events.SPENDING_WARNING, 80),
                              (events.CAP_REACHED, 100)]
@@ -249,6 +252,7 @@ async def test_spending_warnings_come_in_order_and_the_cap_refuses_creates_until
         # A flush later announces nothing again this month.
         count = len(received)
         await plane.meter.flush()
+        await plane.events.settled()
         assert len(received) == count
         # Raising the cap lets creates through at once.
         await keys.update_team(team_id, budget=1000.0)

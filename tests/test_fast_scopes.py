@@ -182,6 +182,12 @@ async def test_the_envd_token_goes_only_to_keys_that_may_execute(tmp_path):
         assert (await http.get(f"/sandboxes/{sandbox_id}", headers=manager)).json().get("envdAccessToken") is None
         connected = await http.post(f"/sandboxes/{sandbox_id}/connect", headers=runner, json={"timeout": 60})
         assert connected.json()["envdAccessToken"]
+        # The token that opens a private sandbox's ports goes the same way.
+        private = {**NEW_SANDBOX, "network": {"allowPublicTraffic": False}}
+        made = await http.post("/sandboxes", headers=runner, json=private)
+        assert made.status_code == 201 and made.json()["trafficAccessToken"]
+        assert (await http.post(f"/sandboxes/{made.json()['sandboxID']}/connect", headers=manager,
+                                json={"timeout": 60})).json().get("trafficAccessToken") is None
 
 
 async def test_unknown_scopes_and_teams_are_refused(tmp_path):

@@ -37,12 +37,18 @@ def envd_token_for(key: ApiKey, row: SandboxRow) -> str | None:
     return row.envd_token if key.allows(EXECUTE) else None
 
 
+def traffic_token_for(key: ApiKey, row: SandboxRow) -> str | None:
+    """The token that opens the sandbox's private ports through the proxy: like the envd token, only for
+    keys with the `execute` scope."""
+    return (row.ingress or {}).get("trafficToken") if key.allows(EXECUTE) else None
+
+
 def sandbox_answer(row: SandboxRow, key: ApiKey, domain: str | None = None) -> schemas.Sandbox:
     """`domain`: where the SDK reaches the sandbox (`https://<port>-<id>.<domain>`) when it was not told."""
     return schemas.Sandbox(templateID=row.template.partition(":")[0], sandboxID=row.id, alias=row.template,
                            clientID=CLIENT_ID,
                            envdVersion=ENVD_VERSION, envdAccessToken=envd_token_for(key, row), domain=domain,
-                           trafficAccessToken=(row.ingress or {}).get("trafficToken"))
+                           trafficAccessToken=traffic_token_for(key, row))
 
 
 def page_token(offset: int) -> str:

@@ -328,8 +328,10 @@ class Database:
     A unit that has begun runs to its end even if the coroutine awaiting it is cancelled; one that has
     not begun is dropped."""
 
-    def __init__(self, sessions: sessionmaker) -> None:
+    def __init__(self, sessions: sessionmaker, writing: sessionmaker | None = None) -> None:
+        """`writing`: sessions for `write` units, when they must begin differently (SQLite: BEGIN IMMEDIATE)."""
         self._sessions = sessions
+        self._writing = writing or sessions
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-db")
 
     async def read(self, work: Callable[[Session], T]) -> T:
@@ -346,7 +348,7 @@ class Database:
             return work(session)
 
     def _write(self, work: Callable[[Session], T]) -> T:
-        with self._sessions.begin() as session:
+        with self._writing.begin() as session:
             return work(session)
 
     def close(self) -> None:
@@ -355,13 +357,33 @@ class Database:
 
 
 def open_database(url: str) -> Database:
-    engine = create_engine(url, connect_args={"check_same_thread": False} if url.startswith("sqlite") else {})
-    if url.startswith("sqlite"):
+    if not url.startswith("sqlite"):
+        engine = create_engine(url)
+        _prepare(engine)
+        return Database(sessionmaker(engine, expire_on_commit=False))
+    # Python's sqlite3 begins a transaction only at the first write, so a unit's reads before it would see
+    # the database outside any transaction, and another process (`corral usage`, `corral keys`, a second
+    # server) could commit in between: a read-modify-write (metering's `metered_at`) would then count twice.
+    # Corral begins transactions itself: reads with BEGIN (a consistent snapshot), write units with BEGIN
+    # IMMEDIATE (the write lock from their first read on, so they serialize across processes).
+    setup = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    event.listen(setup, "connect", _sqlite_pragmas)
+    _prepare(setup)
+    setup.dispose()
+    engines = []
+    for begin in ("BEGIN", "BEGIN IMMEDIATE"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None,
+                                                  "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", lambda connection, begin=begin: connection.exec_driver_sql(begin))
+        engines.append(engine)
+    return Database(sessionmaker(engines[0], expire_on_commit=False), sessionmaker(engines[1], expire_on_commit=False))
+
+
+def _prepare(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
     _migrate_to_teams(engine)
-    return Database(sessionmaker(engine, expire_on_commit=False))
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -5,6 +5,7 @@ Types follow E2B's lifecycle event names where E2B has one; the others are Corra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -37,41 +38,73 @@ Listener = Callable[[EventRow], None]
 
 
 class Events:
+    """Events are queued by whoever reports them and written in order, a batch per database unit, by one
+    writer task, so a sandbox operation does not wait for its event's write (a create would pay a commit).
+    Listeners get each event once it is written. Reading (`list`) first waits for what is queued."""
+
     def __init__(self, database: Database) -> None:
         self._db = database
         self._listeners: list[Listener] = []
+        self._pending: list[EventRow] = []
+        self._writer: asyncio.Task | None = None
 
     def subscribe(self, listener: Listener) -> None:
         """`listener(row)` is called (on the event loop, must not block) with each event once it is recorded."""
         self._listeners.append(listener)
 
-    async def emit(self, team_id: str, type: str, *, sandbox_id: str | None = None,
-                   data: dict | None = None) -> EventRow:
+    def record(self, team_id: str, type: str, *, sandbox_id: str | None = None,
+               data: dict | None = None) -> EventRow:
+        """Queues the event for writing and returns it (without its database id until written)."""
         if type not in TYPES:
             raise ValueError(f"unknown event type {type!r}")
         row = EventRow(event_id=str(uuid.uuid4()), team_id=team_id, sandbox_id=sandbox_id, type=type,
                        ts=time.time(), data=data or {})
-        await self._db.write(lambda session: session.add(row))
-        for listener in self._listeners:
-            try:
-                listener(row)
-            except Exception:  # a listener's failure never fails what emitted the event
-                log.exception("event listener failed on %s", row.type)
+        self._pending.append(row)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return row
+
+    async def emit(self, team_id: str, type: str, *, sandbox_id: str | None = None,
+                   data: dict | None = None) -> EventRow:
+        """`record`, and wait until it is written."""
+        row = self.record(team_id, type, sandbox_id=sandbox_id, data=data)
+        await self.settled()
         return row
 
     async def emit_quietly(self, team_id: str | None, type: str, **details) -> None:
-        """`emit`, for call sites where the event is a by-product: a failure to record it is logged, not
-        raised (the sandbox operation it reports has already happened)."""
+        """`record`, for call sites where the event is a by-product of an operation that has happened: it
+        does not wait for the write, and a failure is logged, not raised."""
         if not team_id:
             return
         try:
-            await self.emit(team_id, type, **details)
+            self.record(team_id, type, **details)
         except Exception:
             log.exception("recording event %s failed", type)
+
+    async def settled(self) -> None:
+        """Returns once every event queued so far is written (or its write failed and was logged)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._db.write(lambda session, batch=batch: session.add_all(batch))
+            except Exception:
+                log.exception("writing %d event(s) failed; they are lost", len(batch))
+                continue
+            for row in batch:
+                for listener in self._listeners:
+                    try:
+                        listener(row)
+                    except Exception:  # a listener's failure never fails what emitted the event
+                        log.exception("event listener failed on %s", row.type)
 
     async def list(self, team_id: str, *, sandbox_id: str | None = None, types: list[str] | None = None,
                    since: float | None = None, limit: int = 100, offset: int = 0,
                    newest_first: bool = False) -> list[EventRow]:
+        await self.settled()
         stmt = select(EventRow).where(EventRow.team_id == team_id)
         if sandbox_id is not None:
             stmt = stmt.where(EventRow.sandbox_id == sandbox_id)

@@ -103,6 +103,7 @@ class ControlPlane:
 
     async def close(self) -> None:
         """Stops timers and sampling; live sandboxes keep running so a restarted server finds them again."""
+        await self.events.settled()
         if self.webhooks is not None:
             await self.webhooks.close()
         await self.meter.close()

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from corral.control.db import Database, SandboxRow
 from corral.control.errors import ApiError
@@ -91,16 +91,14 @@ class Admission:
     async def _check_running(self, owner: Owner, resources: Resources, count: int) -> None:
         quota, limits = owner.quota, owner.limits
 
-        def running(session) -> tuple[int, int, float, int]:
-            team = session.execute(
-                select(func.count(), func.coalesce(func.sum(SandboxRow.vcpus), 0.0),
+        # One statement: the key's sandboxes are among its team's.
+        stmt = (select(func.coalesce(func.sum(case((SandboxRow.key_id == owner.key_id, 1), else_=0)), 0),
+                       func.count(), func.coalesce(func.sum(SandboxRow.vcpus), 0.0),
                        func.coalesce(func.sum(SandboxRow.memory_mb), 0))
-                .where(SandboxRow.team_id == owner.team_id, SandboxRow.state == "running")).one()
-            key = session.scalar(select(func.count()).select_from(SandboxRow)
-                                 .where(SandboxRow.key_id == owner.key_id, SandboxRow.state == "running"))
-            return key, team[0], float(team[1]), int(team[2])
-
-        key_running, team_running, team_vcpus, team_memory = await self._db.read(running)
+                .where(SandboxRow.team_id == owner.team_id, SandboxRow.state == "running"))
+        key_running, team_running, team_vcpus, team_memory = await self._db.read(
+            lambda session: session.execute(stmt).one())
+        team_vcpus, team_memory = float(team_vcpus), int(team_memory)
         starting = self._team_starting.get(owner.team_id, _Usage())
         key_total = key_running + self._key_starting[owner.key_id] + count
         if limits.max_concurrent is not None and key_total > limits.max_concurrent:

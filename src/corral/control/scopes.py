@@ -114,7 +114,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     # volumes (their content is reached with each volume's own token, not a key)
     ("POST", "/volumes"): _V,
     ("GET", "/volumes"): _R,
-    ("GET", "/volumes/{volume}"): _R,
+    ("GET", "/volumes/{volume}"): _V,  # the answer carries the volume's token, which opens its content
     ("DELETE", "/volumes/{volume}"): _V,
     # events and webhooks (webhooks send the team's events elsewhere: only admin keys change them)
     ("GET", "/events"): _R,
