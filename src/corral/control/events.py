@@ -35,6 +35,7 @@ TYPES = (CREATED, KILLED, UPDATED, PAUSED, RESUMED, CHECKPOINTED, TIMED_OUT, FOR
          BUILD_FAILED, SPENDING_WARNING, CAP_REACHED)
 
 Listener = Callable[[EventRow], None]
+BATCH_DELAY_S = 0.05
 
 
 class Events:
@@ -87,6 +88,9 @@ class Events:
             await asyncio.shield(self._writer)
 
     async def _write(self) -> None:
+        # Events come in bursts (a create, a fork of many, a kill): written a moment later in one unit, they
+        # do not take the database's worker between the API's own units of work.
+        await asyncio.sleep(BATCH_DELAY_S)
         while self._pending:
             batch, self._pending = self._pending, []
             try:
