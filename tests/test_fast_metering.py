@@ -317,3 +317,19 @@ async def test_metrics_show_each_teams_usage_and_cost_as_counters(tmp_path):
         assert samples[("corral_team_memory_gib_seconds_total", team_id)] == pytest.approx(recorded["memoryGiBSeconds"])
         assert samples[("corral_team_cost_total", team_id)] == pytest.approx(recorded["cost"])
         assert recorded["vcpuSeconds"] > 0
+
+
+async def test_an_oom_kill_in_a_sandbox_is_an_event_once(tmp_path):
+    async with served(tmp_path) as (http, plane, keys, headers):
+        team_id = (await keys.list())[0].team_id
+        sandbox_id = (await http.post("/sandboxes", headers=headers, json=NEW_SANDBOX)).json()["sandboxID"]
+        address = await plane.orchestrator.reachable_address(sandbox_id)
+        envd = plane.orchestrator.envd
+        last = {"pid": 42, "command": "python3 hog.py", "rss_mib": 480}
+        envd.oom[address] = {"oom_kills": 1, "oom_last": last}
+        await plane.sandboxes.sample_once()
+        await plane.sandboxes.sample_once()  # nothing new: no second event
+        envd.oom[address] = {"oom_kills": 3, "oom_last": {**last, "pid": 43}}
+        await plane.sandboxes.sample_once()
+        recorded = await plane.events.list(team_id, sandbox_id=sandbox_id, types=[events.OUT_OF_MEMORY])
+        assert [(e.data["killed"], e.data["last"]["pid"]) for e in recorded] == [(1, 42), (2, 43)]

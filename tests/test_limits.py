@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import httpx
+
 from corral.runtime.base import Resources, SandboxConfig
 
 
@@ -60,6 +62,13 @@ def test_memory_hog_is_killed_inside_and_the_sandbox_and_neighbours_live_on(harn
     assert again.stdout.strip() == str(64 * 1024 * 1024).encode()
     ok = harness.run(runtime.exec(neighbour.id, ["python3", "-c", "print(len(bytearray(200 * 1024 * 1024)))"]))
     assert ok.stdout.strip() == str(200 * 1024 * 1024).encode()
+    # envd reports the kills (the control plane turns them into sandbox.out_of_memory events); a new /init
+    # (the start of another identity: a resume, a fork) counts from none.
+    envd = f"http://{hog.address}:49983"
+    reported = httpx.get(f"{envd}/metrics", timeout=20).json()
+    assert reported["oom_kills"] == 2 and reported["oom_last"]["command"].startswith("python3")
+    assert httpx.post(f"{envd}/init", json={}, timeout=20).status_code == 204
+    assert httpx.get(f"{envd}/metrics", timeout=20).json()["oom_kills"] == 0
 
 
 def test_memory_limit_is_what_the_sandbox_sees(harness, runtime, sandbox_factory):

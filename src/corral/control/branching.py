@@ -110,6 +110,7 @@ class Branching:
                     stored.state, stored.runtime_id = "running", sandbox.id
                     stored.paused_node, stored.pause_mode = None, None
                     stored.metered_at = time.time()  # metered again from here
+                    stored.oom_kills = 0  # envd counts them anew from its /init
                     stored.end_at, stored.timeout_s = time.time() + seconds, seconds
                     return stored
 

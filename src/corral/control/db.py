@@ -117,6 +117,8 @@ class SandboxRow(Base):
     volume_mounts: Mapped[list | None] = mapped_column(JSON, nullable=True)
     # While running: the time up to which its usage is recorded (control/metering.py); None: its start.
     metered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Processes envd's OOM guard killed since the sandbox's start or resume, as last sampled (its events).
+    oom_kills: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class CheckpointRow(Base):

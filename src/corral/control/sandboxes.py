@@ -438,11 +438,18 @@ class Sandboxes:
             except EnvdUnavailable:
                 continue
             if data is not None:
-                await self._db.write(functools.partial(self._add_sample, sandbox_id=row.id, data=data))
+                killed = await self._db.write(functools.partial(self._add_sample, sandbox_id=row.id, data=data))
+                if killed:
+                    await self.announce(row, events.OUT_OF_MEMORY, killed=killed, last=data.get("oom_last"))
 
-    def _add_sample(self, session: Session, sandbox_id: str, data: dict) -> None:
-        if session.get(SandboxRow, sandbox_id) is None:
-            return  # killed while we were asking
+    def _add_sample(self, session: Session, sandbox_id: str, data: dict) -> int:
+        """Stores the sample; returns how many processes envd's OOM guard killed since the last sample."""
+        stored = session.get(SandboxRow, sandbox_id)
+        if stored is None:
+            return 0  # killed while we were asking
+        kills = int(data.get("oom_kills") or 0)  # since the sandbox's last /init (its start or resume)
+        new_kills = max(0, kills - (stored.oom_kills or 0))
+        stored.oom_kills = kills
         session.add(MetricRow(sandbox_id=sandbox_id, ts=float(data.get("ts", time.time())),
                               cpu_count=int(data["cpu_count"]), cpu_used_pct=float(data["cpu_used_pct"]),
                               mem_used=int(data["mem_used"]), mem_total=int(data["mem_total"]),
@@ -451,6 +458,7 @@ class Sandboxes:
         kept = select(MetricRow.id).where(MetricRow.sandbox_id == sandbox_id).order_by(
             MetricRow.ts.desc()).limit(self._settings.metrics_kept)
         session.execute(delete(MetricRow).where(MetricRow.sandbox_id == sandbox_id, MetricRow.id.not_in(kept)))
+        return new_kills
 
     async def _sample_forever(self) -> None:
         while True:

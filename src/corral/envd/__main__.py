@@ -31,10 +31,12 @@ def main() -> None:
                         help="kill the largest process when the sandbox runs out of memory (inside a sandbox "
                              "only: it reads the sandbox's limit from /proc/meminfo)")
     args = parser.parse_args()
+    guard = None
     if args.oom_guard:
-        OomGuard().start()
+        guard = OomGuard()
+        guard.start()
     state = SandboxState(default_user=args.default_user, default_workdir=args.workdir)
-    uvicorn.run(EnvdApp(state), host=args.host, port=args.port, log_level="warning", access_log=False,
+    uvicorn.run(EnvdApp(state, oom_guard=guard), host=args.host, port=args.port, log_level="warning", access_log=False,
                 # SDK clients keep connections pooled for up to 300 s; do not drop them sooner.
                 timeout_keep_alive=300, lifespan="on")
 

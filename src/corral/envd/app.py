@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from corral.envd import files, metrics
 from corral.envd.filesystem_service import FilesystemService
+from corral.envd.oom import OomGuard
 from corral.envd.process_service import ProcessService
 from corral.envd.processes import ProcessTable
 from corral.envd.rpc import FILESYSTEM_METHODS, PROCESS_METHODS, ServiceApplication
@@ -36,8 +37,10 @@ _OPEN = {("GET", "/health"), ("GET", "/files"), ("POST", "/files"), ("POST", "/i
 
 
 class EnvdApp:
-    def __init__(self, state: SandboxState | None = None) -> None:
+    def __init__(self, state: SandboxState | None = None, oom_guard: OomGuard | None = None) -> None:
         self.state = state or SandboxState()
+        self._oom_guard = oom_guard
+        self._oom_seen = 0  # the guard's kills before the last /init: a new identity starts from none
         self.processes = ProcessTable(lambda: self.state.env_vars)
         self.filesystem = FilesystemService(self.state)
         self._rpc = {
@@ -97,7 +100,14 @@ class EnvdApp:
         return JSONResponse(self.state.env_vars)
 
     async def metrics(self, request: Request) -> Response:
-        return JSONResponse(metrics.snapshot(self._cpu))
+        answer = metrics.snapshot(self._cpu)
+        if self._oom_guard is not None:  # Corral's addition: what the OOM guard killed since the last /init
+            kills = self._oom_guard.kills[self._oom_seen:]
+            answer["oom_kills"] = len(kills)
+            if kills:
+                pid, resident_kib, command = kills[-1]
+                answer["oom_last"] = {"pid": pid, "command": command, "rss_mib": resident_kib // 1024}
+        return JSONResponse(answer)
 
     async def init(self, request: Request) -> Response:
         """The host's handover after every start or restore: identity, env vars, defaults."""
@@ -130,6 +140,8 @@ class EnvdApp:
                 self.processes.prepare_user(lookup(user))
         if body.get("defaultWorkdir"):
             self.state.default_workdir = body["defaultWorkdir"]
+        if self._oom_guard is not None:
+            self._oom_seen = len(self._oom_guard.kills)
         if isinstance(body.get("hostname"), str) and body["hostname"]:
             # Corral's extension: a sandbox restored from a snapshot would keep the snapshot's hostname.
             try:

@@ -507,6 +507,8 @@ class FakeEnvd(Injectable):
         self._runtime = runtime
         self.tokens: dict[str, str] = {}  # address -> the token its last /init handed over
         self.volumes: dict[str, list[dict]] = {}  # address -> the volume mounts its last /init handed over
+        # address -> what its OOM guard reports in /metrics (`oom_kills`, `oom_last`), set by tests
+        self.oom: dict[str, dict] = {}
 
     async def _answer(self, operation: str, address: str) -> None:
         async with self.operation(operation):
@@ -542,4 +544,4 @@ class FakeEnvd(Injectable):
     async def metrics(self, address: str, token: str) -> dict:
         await self._answer("metrics", address)
         return {"ts": time.time(), "cpu_count": 2, "cpu_used_pct": 0.0, "mem_used": 0, "mem_total": 2**29,
-                "mem_cache": 0, "disk_used": 0, "disk_total": 2**31}
+                "mem_cache": 0, "disk_used": 0, "disk_total": 2**31, **self.oom.get(address, {})}
