@@ -333,3 +333,52 @@ async def test_an_oom_kill_in_a_sandbox_is_an_event_once(tmp_path):
         await plane.sandboxes.sample_once()
         recorded = await plane.events.list(team_id, sandbox_id=sandbox_id, types=[events.OUT_OF_MEMORY])
         assert [(e.data["killed"], e.data["last"]["pid"]) for e in recorded] == [(1, 42), (2, 43)]
+
+
+async def test_usage_answers_do_not_swallow_the_servers_spending_events_and_a_new_budget_rearms_them(tmp_path):
+    prices = Prices(vcpu_hour=3600.0, memory_gib_hour=0.0, disk_gib_hour=0.0, snapshot_gib_hour=0.0)  # 1/vCPU-s
+    async with served(tmp_path, prices) as (http, plane, keys, headers):
+        team_id = (await keys.list())[0].team_id
+        await keys.update_team(team_id, budget=2.0, warn_at=[50])
+        sandbox_id = (await http.post("/sandboxes", headers=headers, json=NEW_SANDBOX)).json()["sandboxID"]
+        started = (await plane.sandboxes.row(sandbox_id)).started_at
+        await plane.events.settled()
+        received = []
+        plane.events.subscribe(received.append)
+        await asyncio.sleep(1.1)  # real time: 2 vCPUs past the cap
+        assert (await http.get("/usage/spending", headers=headers)).json()["spent"] > 2.0  # a usage answer's flush
+        assert received == []  # announces nothing: the server's own flush does
+        plane.meter.clock = lambda: started + 1.2
+        await plane.meter.flush()
+        assert [(e.type, e.data["percent"]) for e in received] == [(events.SPENDING_WARNING, 50),
+                                                                   (events.CAP_REACHED, 100)]
+        # Raising the budget re-arms its thresholds: crossing them again announces again.
+        await keys.update_team(team_id, budget=3.0)
+        plane.meter.clock = lambda: started + 1.6  # 3.2 spent of 3
+        await plane.meter.flush()
+        assert [(e.type, e.data["budget"]) for e in received[2:]] == [(events.SPENDING_WARNING, 3.0),
+                                                                       (events.CAP_REACHED, 3.0)]
+
+
+async def test_at_the_cap_sandboxes_are_not_extended_nor_resumed_by_traffic(tmp_path):
+    prices = Prices(vcpu_hour=3600.0, memory_gib_hour=0.0, disk_gib_hour=0.0, snapshot_gib_hour=0.0)
+    async with served(tmp_path, prices) as (http, plane, keys, headers):
+        team_id = (await keys.list())[0].team_id
+        running = (await http.post("/sandboxes", headers=headers, json=NEW_SANDBOX)).json()["sandboxID"]
+        lifecycle = {**NEW_SANDBOX, "autoPause": True, "autoResume": {"enabled": True}}
+        paused = (await http.post("/sandboxes", headers=headers, json=lifecycle)).json()["sandboxID"]
+        assert (await http.post(f"/sandboxes/{paused}/pause", headers=headers)).status_code == 204
+        await keys.update_team(team_id, budget=0.5, cap_policy="finish")
+        await asyncio.sleep(0.3)
+        await plane.meter.flush()  # 2 vCPUs for 0.3 s: past the cap
+        end = (await plane.sandboxes.row(running)).end_at
+        longer = await http.post(f"/sandboxes/{running}/timeout", headers=headers, json={"timeout": 3600})
+        assert longer.status_code == 403 and "spending cap" in longer.json()["message"]
+        connected = await http.post(f"/sandboxes/{running}/connect", headers=headers, json={"timeout": 3600})
+        assert connected.status_code in (200, 201)  # a connect still connects, without extending
+        assert (await plane.sandboxes.row(running)).end_at == end
+        assert await plane.branching.auto_resume(paused) is False
+        assert (await plane.sandboxes.row(paused)).state == "paused"
+        await keys.update_team(team_id, budget=1000.0)
+        await plane.meter.flush()
+        assert await plane.branching.auto_resume(paused) is True

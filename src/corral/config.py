@@ -141,6 +141,9 @@ class PlatformSettings:
     metering_interval_s: float = field(default_factory=lambda: float(os.environ.get("CORRAL_METERING_INTERVAL_S",
                                                                                     "10")))
 
+    # Lifecycle and operations events (docs/operations.md) older than this are deleted (0: kept forever).
+    events_keep_days: float = field(default_factory=lambda: float(os.environ.get("CORRAL_EVENTS_KEEP_DAYS", "30")))
+
     # Who may scrape GET /metrics (docs/operations.md): with a token, scrapes that send it as a bearer token;
     # public, anyone who reaches the listener; neither, clients on loopback only.
     metrics_token: str = field(default_factory=lambda: os.environ.get("CORRAL_METRICS_TOKEN", ""))

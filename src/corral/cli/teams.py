@@ -265,7 +265,7 @@ def usage_command(
 
     async def report():
         team_id = (await keys.team(team)).id if team else None
-        await meter.flush()
+        await meter.flush(record_only=True)  # usage only: the server announces and enforces spending
         return await meter.usage(team_id, start_day=first, end_day=last, group_by=groups)
 
     try:

@@ -4,6 +4,7 @@ parse nothing else (errors also name the request's id, `requestID`, which the SD
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from typing import Annotated
 from urllib.parse import parse_qsl, unquote
@@ -39,6 +40,7 @@ from corral.control.keys import ApiKey, ApiKeys, check_template, check_timeout
 from corral.control.network import Egress, Ingress, egress_from, ingress_from_create, refuse_iam
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
+from corral.control.scopes import SECRETS, VOLUMES
 from corral.envd import ENVD_VERSION
 from corral.observability.logs import REQUEST_ID_HEADER, RequestIds, request_id
 from corral.orchestrator.envd_link import EnvdUnavailable
@@ -142,6 +144,12 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         ingress, egress = ingress_from_create(body.network), egress_from(body.network)
         template = body.templateID
         check_template(key.limits, template)
+        # A create can reach a team's secrets (header rules send them, `${e2b.secrets.<name>}`) and volumes
+        # (mounts): those need the scopes that guard them, not only `sandboxes`.
+        if body.network and "${e2b.secrets." in json.dumps(body.network, default=str) and not key.allows(SECRETS):
+            raise ApiError(403, "this API key lacks the 'secrets' scope its header rules' secrets need")
+        if body.volumeMounts and not key.allows(VOLUMES):
+            raise ApiError(403, "this API key lacks the 'volumes' scope that mounting volumes needs")
         if plane.templates is not None:
             template = await plane.templates.runtime_key(key.owner, template) or template
         row = await plane.sandboxes.create(key.owner, template, timeout=body.timeout,

@@ -102,7 +102,7 @@ def usage_routes(meter_of) -> APIRouter:
         if first and last and first > last:
             raise ApiError(400, f"start {first} is after end {last}")
         meter: Meter = meter_of()
-        await meter.flush()
+        await meter.flush(record_only=True)
         rows = await meter.usage(key.team_id, start_day=first, end_day=last,
                                  group_by=tuple("key" if g == "key" else g for g in groups), key_id=keyID,
                                  template=template)
@@ -119,7 +119,7 @@ def usage_routes(meter_of) -> APIRouter:
     @router.get("/usage/spending", response_model=SpendingReport, responses=ERRORS)
     async def spending(key: Key) -> SpendingReport:
         meter: Meter = meter_of()
-        await meter.flush()
+        await meter.flush(record_only=True)
         found = await meter.spending(key.team_id)
         return SpendingReport(month=found.month, spent=found.spent, currency=meter.prices.currency,
                               budget=found.budget, percent=found.percent, warnAt=list(found.warn_at),
@@ -128,7 +128,7 @@ def usage_routes(meter_of) -> APIRouter:
     @router.get("/sandboxes/{sandbox_id}/usage", response_model=SandboxUsage, responses=ERRORS)
     async def sandbox_usage(sandbox_id: str, key: Key) -> SandboxUsage:
         meter: Meter = meter_of()
-        await meter.flush()
+        await meter.flush(record_only=True)
         row = await meter.sandbox_usage(sandbox_id)
         if row is None or row.team_id != key.team_id:
             raise ApiError(404, f"no usage of a sandbox {sandbox_id} of this team")

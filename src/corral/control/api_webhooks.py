@@ -1,19 +1,26 @@
 """Routes for a team's events and webhooks, in E2B's shapes where E2B has them: the lifecycle events API
 (`GET /events/sandboxes`, `GET /events/sandboxes/{id}`) and webhooks (`/events/webhooks`, `/{id}`).
 Corral's own: `GET /events` (every event of the team: also builds and spending), a webhook's delivery log
-(`GET /events/webhooks/{id}/deliveries`) and a test delivery (`POST /events/webhooks/{id}/test`)."""
+(`GET /events/webhooks/{id}/deliveries`) and a test delivery (`POST /events/webhooks/{id}/test`).
+
+A webhook's URL and its receivers' answers may carry credentials, so only `admin` keys see them whole: other
+keys of the team see the URL's scheme, host and port (path and query masked, userinfo left out) and the
+delivery log without the excerpt of the receiver's answer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Query, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from corral.control.api_common import ERRORS, Key, iso
 from corral.control.errors import ApiError
 from corral.control.events import TYPES, Events
+from corral.control.keys import ApiKey
+from corral.control.scopes import ADMIN
 from corral.control.webhooks import (
     DELIVERED,
     FAILED,
@@ -102,19 +109,31 @@ class TeamEvent(BaseModel):
     timestamp: str
 
 
-def _webhook(info: WebhookInfo) -> dict[str, Any]:
+def masked_url(url: str) -> str:
+    """The URL as keys without the admin scope see it: scheme, host and port; the path and query (which
+    often carry a token) masked, credentials left out."""
+    parsed = httpx.URL(url)
+    hidden = parsed.raw_path not in (b"", b"/") or parsed.fragment
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}/{'…' if hidden else ''}"
+
+
+def _webhook(info: WebhookInfo, key: ApiKey) -> dict[str, Any]:
     return dict(id=info.id, teamID=info.team_id, name=info.name, createdAt=iso(info.created_at),
-                updatedAt=iso(info.updated_at), enabled=info.enabled, url=info.url,
+                updatedAt=iso(info.updated_at), enabled=info.enabled,
+                url=info.url if key.allows(ADMIN) else masked_url(info.url),
                 events=list(TYPES if info.events is None else info.events))
 
 
-def _delivery(row: WebhookDeliveryRow) -> WebhookDelivery:
+def _delivery(row: WebhookDeliveryRow, key: ApiKey) -> WebhookDelivery:
     def at(ts: float | None) -> str | None:
         return None if ts is None else iso(ts)
 
+    error = row.error
+    if row.response_status is not None and not key.allows(ADMIN):
+        error = f"HTTP {row.response_status}"  # without the excerpt of what the receiver answered
     return WebhookDelivery(id=row.id, webhookID=row.webhook_id, eventID=row.event_id, eventType=row.event_type,
                            attempt=row.attempt, status=row.status, responseStatus=row.response_status,
-                           error=row.error, createdAt=iso(row.created_at), nextAttemptAt=at(row.next_attempt_at),
+                           error=error, createdAt=iso(row.created_at), nextAttemptAt=at(row.next_attempt_at),
                            attemptedAt=at(row.attempted_at), deliveredAt=at(row.delivered_at),
                            durationMs=row.duration_ms)
 
@@ -183,15 +202,15 @@ def webhook_routes(plane: Callable[[], Any]) -> APIRouter:
     async def create(body: NewWebhook, key: Key) -> CreatedWebhook:
         info, secret = await webhooks_of().create(key.owner, url=body.url, name=body.name, enabled=body.enabled,
                                                   events=body.events, secret=body.signatureSecret)
-        return CreatedWebhook(**_webhook(info), signatureSecret=secret)
+        return CreatedWebhook(**_webhook(info, key), signatureSecret=secret)
 
     @router.get("/events/webhooks", response_model=list[Webhook], responses=ERRORS)
     async def list_webhooks(key: Key) -> list[Webhook]:
-        return [Webhook(**_webhook(info)) for info in await webhooks_of().list(key.owner)]
+        return [Webhook(**_webhook(info, key)) for info in await webhooks_of().list(key.owner)]
 
     @router.get("/events/webhooks/{webhook_id}", response_model=Webhook, responses=ERRORS)
     async def get(webhook_id: str, key: Key) -> Webhook:
-        return Webhook(**_webhook(await webhooks_of().get(key.owner, webhook_id)))
+        return Webhook(**_webhook(await webhooks_of().get(key.owner, webhook_id), key))
 
     @router.patch("/events/webhooks/{webhook_id}", response_model=Webhook, responses=ERRORS)
     async def update(webhook_id: str, body: WebhookUpdate, key: Key) -> Webhook:
@@ -202,7 +221,7 @@ def webhook_routes(plane: Callable[[], Any]) -> APIRouter:
         changes = {name: getattr(body, field) for field, name in (
             ("name", "name"), ("url", "url"), ("enabled", "enabled"), ("events", "events"),
             ("signatureSecret", "secret")) if field in given}
-        return Webhook(**_webhook(await webhooks_of().update(key.owner, webhook_id, **changes)))
+        return Webhook(**_webhook(await webhooks_of().update(key.owner, webhook_id, **changes), key))
 
     @router.delete("/events/webhooks/{webhook_id}", status_code=200, responses=ERRORS)
     async def delete(webhook_id: str, key: Key) -> Response:
@@ -220,12 +239,12 @@ def webhook_routes(plane: Callable[[], Any]) -> APIRouter:
                          ) -> list[WebhookDelivery]:
         """Corral extension: the webhook's delivery log, newest attempt first (kept 7 days)."""
         rows = await webhooks_of().deliveries(key.owner, webhook_id, limit=limit, offset=offset, status=status)
-        return [_delivery(r) for r in rows]
+        return [_delivery(r, key) for r in rows]
 
     @router.post("/events/webhooks/{webhook_id}/test", response_model=WebhookDelivery, responses=ERRORS)
     async def test(webhook_id: str, key: Key) -> WebhookDelivery:
         """Corral extension: sends a `webhook.test` event now, once, and answers how it went (the HTTP
         answer is 200 whether or not the receiver took it: see `status`)."""
-        return _delivery(await webhooks_of().send_test(key.owner, webhook_id))
+        return _delivery(await webhooks_of().send_test(key.owner, webhook_id), key)
 
     return router

@@ -11,6 +11,7 @@ Builds on control/sandboxes.py (records, timers, the per-sandbox lock) and provi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -20,9 +21,9 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session
 
 from corral.control import events
-from corral.control.db import CheckpointRow, Database, SandboxRow
+from corral.control.db import CheckpointRow, Database, SandboxRow, TeamRow
 from corral.control.errors import ApiError
-from corral.control.keys import Owner, check_timeout, owner_of
+from corral.control.keys import Owner, TeamQuota, check_key_limits, owner_of
 from corral.control.metering import settle_sandbox
 from corral.control.network import Egress, Ingress
 from corral.control.sandboxes import Sandboxes
@@ -95,6 +96,7 @@ class Branching:
             if row.state == "running":
                 return await self._sandboxes.extend(owner, sandbox_id, timeout), False
             seconds = self._sandboxes.timeout_for(timeout if timeout is not None else row.timeout_s)
+            check_key_limits(owner.limits, row.template, _resources(row), seconds)
             node_id = row.paused_node
             node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
             async with self._sandboxes.admission.starting(owner, _resources(row), timeout_s=seconds):
@@ -109,7 +111,7 @@ class Branching:
                     stored = session.get(SandboxRow, sandbox_id)
                     stored.state, stored.runtime_id = "running", sandbox.id
                     stored.paused_node, stored.pause_mode = None, None
-                    stored.metered_at = time.time()  # metered again from here
+                    stored.started_at = stored.metered_at = time.time()  # runs (and is metered) anew from here
                     stored.oom_kills = 0  # envd counts them anew from its /init
                     stored.end_at, stored.timeout_s = time.time() + seconds, seconds
                     return stored
@@ -129,8 +131,11 @@ class Branching:
         row = await self._sandboxes.row(sandbox_id)
         if row is None or not (row.lifecycle or {}).get("autoResume"):
             return False
+        # Within the team's quota and spending cap as they are now (a sandbox paused at the cap stays paused).
+        team = await self._db.read(lambda session: session.get(TeamRow, row.team_id)) if row.team_id else None
+        owner = dataclasses.replace(owner_of(row), quota=TeamQuota.of(team))
         try:
-            await self.resume(owner_of(row), sandbox_id, timeout=row.timeout_s)
+            await self.resume(owner, sandbox_id, timeout=row.timeout_s)
         except Exception as e:
             log.warning("auto-resume of %s failed: %s", sandbox_id, e)
             return False
@@ -187,7 +192,7 @@ class Branching:
             raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
         row = await self._sandboxes.get(owner, sandbox_id)
         seconds = self._sandboxes.timeout_for(timeout)
-        check_timeout(owner.limits, seconds)
+        check_key_limits(owner.limits, row.template, _resources(row), seconds)
         async with self._sandboxes.admission.starting(owner, _resources(row), count, timeout_s=seconds):
             results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
         self.metrics.fork_seconds.observe(time.perf_counter() - started)
@@ -201,9 +206,9 @@ class Branching:
         and the team's quota."""
         node = await self._tree.node(owner, ref)
         seconds = self._sandboxes.timeout_for(timeout)
-        check_timeout(owner.limits, seconds)
+        check_key_limits(owner.limits, node.template, _resources(node), seconds)
         async with self._sandboxes.admission.starting(owner, _resources(node), count, timeout_s=seconds):
-            return await self.start_from(node, count, timeout=seconds, metadata=metadata,
+            return await self.start_from(node, count, maker=owner, timeout=seconds, metadata=metadata,
                                          env_vars=env_vars or node.env_vars, lifecycle={}, internet=node.internet)
 
     async def _fork(self, owner: Owner, sandbox_id: str, *, count: int,
@@ -218,7 +223,8 @@ class Branching:
                 row = await self._sandboxes.get(owner, sandbox_id)
                 if row.state == "paused":
                     node = await self._tree.node(owner, row.paused_node)
-                    return await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
+                    return await self.start_from(node, count, maker=owner, timeout=seconds,
+                                                 metadata=row.sandbox_metadata or {},
                                                  env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                                  internet=row.internet, template=row.template,
                                                  ingress=Ingress.from_record(row.ingress),
@@ -226,7 +232,7 @@ class Branching:
         began = time.perf_counter()
         node = await self.snapshot(owner, sandbox_id, kind="fork", clones=count)
         snapshotted = time.perf_counter()
-        results = await self.start_from(node, count, timeout=seconds, metadata=row.sandbox_metadata or {},
+        results = await self.start_from(node, count, maker=owner, timeout=seconds, metadata=row.sandbox_metadata or {},
                                         env_vars=row.env_vars or {}, lifecycle=row.lifecycle or {},
                                         internet=row.internet, template=row.template,
                                         ingress=Ingress.from_record(row.ingress), egress=Egress.from_record(row.egress))
@@ -237,21 +243,22 @@ class Branching:
             await asyncio.gather(*(recordings.drop_inherited(r.id) for r in results if isinstance(r, SandboxRow)))
         return results
 
-    async def start_from(self, node: CheckpointRow, count: int, *, timeout: int, metadata: dict,
+    async def start_from(self, node: CheckpointRow, count: int, *, maker: Owner, timeout: int, metadata: dict,
                          env_vars: dict, lifecycle: dict, internet: bool, template: str | None = None,
                          ingress: Ingress | None = None, egress: Egress | None = None
                          ) -> list[SandboxRow | BaseException]:
         """`count` new sandboxes from a node, each succeeding or failing (the exception) on its own, each
-        with `ingress`'s options and a traffic token of its own."""
+        with `ingress`'s options and a traffic token of its own; `maker`'s key is recorded as their maker."""
         ingress, egress = ingress or Ingress(), egress or Egress()
         with self._tree.reading(node.id):
             return await asyncio.gather(*(
-                self._start_one(node, timeout=timeout, metadata=metadata, env_vars=env_vars, lifecycle=lifecycle,
+                self._start_one(node, maker, timeout=timeout, metadata=metadata, env_vars=env_vars,
+                                lifecycle=lifecycle,
                                 internet=internet, template=template or node.id,
                                 ingress=ingress.for_another_sandbox(), egress=egress) for _ in range(count)),
                 return_exceptions=True)
 
-    async def _start_one(self, node: CheckpointRow, *, timeout: int, metadata: dict, env_vars: dict,
+    async def _start_one(self, node: CheckpointRow, maker: Owner, *, timeout: int, metadata: dict, env_vars: dict,
                          lifecycle: dict, internet: bool, template: str, ingress: Ingress,
                          egress: Egress) -> SandboxRow:
         token = secrets.token_urlsafe(24)
@@ -261,7 +268,7 @@ class Branching:
                 self._tree.files.snapshot(node.id), sandbox_id=None, token=token, current_token=node.envd_token,
                 env_vars=env_vars, internet=internet, resources=_resources(node), volumes=volumes,
                 **_egress_args(egress.to_record()))
-            row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=node.key_id, team_id=node.team_id,
+            row = SandboxRow(id=api_id, runtime_id=sandbox.id, key_id=maker.key_id, team_id=node.team_id,
                              template=template,
                              envd_token=token, sandbox_metadata=metadata, env_vars=env_vars, vcpus=node.vcpus,
                              memory_mb=node.memory_mb, disk_mb=node.disk_mb, internet=internet, lifecycle=lifecycle,
@@ -281,11 +288,15 @@ class Branching:
         if volume_mounts:
             raise ApiError(400, f"{ref} is a snapshot: a sandbox started from it mounts the volumes the snapshot "
                                 "was taken with, and volumeMounts cannot be given")
-        (result,) = await self.start_from(node, 1, timeout=timeout, metadata=metadata, env_vars=env_vars,
+        (result,) = await self.start_from(node, 1, maker=owner, timeout=timeout, metadata=metadata, env_vars=env_vars,
                                           lifecycle=lifecycle, internet=internet, ingress=ingress, egress=egress)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    async def snapshot_resources(self, owner: Owner, ref: str) -> Resources | None:
+        node = await self._tree.find_node(owner, ref)
+        return _resources(node) if node is not None else None
 
     async def forget_sandbox(self, sandbox_id: str) -> None:
         await self._tree.forget_sandbox(sandbox_id)

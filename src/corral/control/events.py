@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from corral.control.db import Database, EventRow
 
@@ -48,6 +48,8 @@ class Events:
         self._listeners: list[Listener] = []
         self._pending: list[EventRow] = []
         self._writer: asyncio.Task | None = None
+        self._queued = self._written = 0  # events queued and written (or lost) so far
+        self._progress = asyncio.Condition()  # notified as `_written` grows
 
     def subscribe(self, listener: Listener) -> None:
         """`listener(row)` is called (on the event loop, must not block) with each event once it is recorded."""
@@ -61,6 +63,7 @@ class Events:
         row = EventRow(event_id=str(uuid.uuid4()), team_id=team_id, sandbox_id=sandbox_id, type=type,
                        ts=time.time(), data=data or {})
         self._pending.append(row)
+        self._queued += 1
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write())
         return row
@@ -83,9 +86,27 @@ class Events:
             log.exception("recording event %s failed", type)
 
     async def settled(self) -> None:
-        """Returns once every event queued so far is written (or its write failed and was logged)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        """Returns once every event queued before the call is written (or its write failed and was logged);
+        events queued meanwhile do not keep it waiting."""
+        target = self._queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target)
+
+    def notify(self, rows: list[EventRow]) -> None:
+        """Hands events someone else wrote (in their own transaction: metering's spending events) to the
+        listeners."""
+        for row in rows:
+            for listener in self._listeners:
+                try:
+                    listener(row)
+                except Exception:  # a listener's failure never fails what emitted the event
+                    log.exception("event listener failed on %s", row.type)
+
+    async def prune(self, keep_days: float) -> int:
+        """Deletes events older than `keep_days`; how many."""
+        before = time.time() - keep_days * 86400
+        return await self._db.write(
+            lambda session: session.execute(delete(EventRow).where(EventRow.ts < before)).rowcount or 0)
 
     async def _write(self) -> None:
         # Events come in bursts (a create, a fork of many, a kill): written a moment later in one unit, they
@@ -95,15 +116,14 @@ class Events:
             batch, self._pending = self._pending, []
             try:
                 await self._db.write(lambda session, batch=batch: session.add_all(batch))
+                written = batch
             except Exception:
                 log.exception("writing %d event(s) failed; they are lost", len(batch))
-                continue
-            for row in batch:
-                for listener in self._listeners:
-                    try:
-                        listener(row)
-                    except Exception:  # a listener's failure never fails what emitted the event
-                        log.exception("event listener failed on %s", row.type)
+                written = []
+            self._written += len(batch)  # written or lost: nobody waits for them any longer
+            self.notify(written)
+            async with self._progress:
+                self._progress.notify_all()
 
     async def list(self, team_id: str, *, sandbox_id: str | None = None, types: list[str] | None = None,
                    since: float | None = None, limit: int = 100, offset: int = 0,

@@ -250,6 +250,8 @@ class ApiKeys:
             row = _team_row(session, ref)
             for name, value in changes.items():
                 setattr(row, name, sorted(set(value)) if name == "warn_at" and value is not None else value)
+            if "budget" in changes or "warn_at" in changes:
+                row.warned = None  # a new budget's thresholds are announced anew
             return row
 
         return await self._db.write(update)
@@ -291,3 +293,10 @@ def check_resources(limits: KeyLimits, template: str, resources) -> None:
     if limits.max_memory_mb is not None and resources.memory_mb > limits.max_memory_mb:
         raise ApiError(403, f"{name!r} sandboxes have {resources.memory_mb} MB of memory, above this API "
                             f"key's maximum of {limits.max_memory_mb} MB")
+
+
+def check_key_limits(limits: KeyLimits, template: str, resources, seconds: int) -> None:
+    """All of a key's limits on a new running sandbox (a create, fork, start from a checkpoint, resume)."""
+    check_template(limits, template)
+    check_resources(limits, template, resources)
+    check_timeout(limits, seconds)

@@ -25,15 +25,18 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from corral.control import events
 from corral.control.db import (
     CheckpointRow,
     Database,
+    EventRow,
     SandboxRow,
     SandboxUsageRow,
     TeamRow,
@@ -47,6 +50,9 @@ log = logging.getLogger("corral.metering")
 GIB_MB = 1024
 GIB = 1 << 30
 DEFAULT_WARN_AT = (50.0, 80.0, 100.0)
+# Usage answers record what ran up to the request first, but at most this often: a client asking again and
+# again does not make the server rewrite every sandbox's usage each time.
+RECORD_INTERVAL_S = 0.25
 QUANTITIES = ("vcpu_s", "memory_gib_s", "disk_gib_h", "snapshot_gib_h", "build_min")
 
 
@@ -116,9 +122,9 @@ class Spending:
 
 @dataclass
 class _Crossings:
-    """What a flush found: thresholds newly crossed per team (to announce), teams now at their cap."""
+    """What a flush found: the spending events it recorded, the teams at their cap."""
 
-    warnings: list[tuple[Spending, float]] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
     capped: list[Spending] = field(default_factory=list)
 
 
@@ -235,8 +241,10 @@ class Meter:
         self.clock = clock
         self._spent: dict[str, float] = {}  # team -> this month's cost at the last flush
         self._task: asyncio.Task | None = None
-        # Set by the control plane: announce(team_id, type, data) and pause_team(team_id, reason).
-        self.announce: Callable[[str, str, dict], Awaitable[None]] | None = None
+        self._recorded_at = -1e9  # time.monotonic() of the last flush
+        # Set by the control plane: published(events) hands recorded events to their listeners;
+        # pause_team(team_id) pauses a team's running sandboxes.
+        self.published: Callable[[list[EventRow]], None] | None = None
         self.pause_team: Callable[[str], Awaitable[None]] | None = None
 
     def start(self) -> None:
@@ -254,15 +262,29 @@ class Meter:
         """This month's cost of the team as of the last flush (0 before the first)."""
         return self._spent.get(team_id, 0.0)
 
-    async def flush(self) -> None:
+    async def flush(self, *, record_only: bool = False) -> None:
+        """Records usage up to now. The server's own flushes (`record_only=False`: its loop and its start)
+        also update each team's spending, record the warnings and cap events of thresholds crossed in the
+        same transaction (so each is recorded exactly once, whoever flushed the usage before), and pause
+        the running sandboxes of every team at its cap under the "pause" policy, on every flush while it
+        stays there. `record_only` flushes (before a usage answer, `corral usage`) record usage alone, at
+        most one every `RECORD_INTERVAL_S` (usage answers are then at most that stale)."""
+        if record_only:
+            if time.monotonic() - self._recorded_at < RECORD_INTERVAL_S:
+                return
+            now = self.clock()
+            await self._db.write(lambda session: flush_all(session, now))
+            self._recorded_at = time.monotonic()
+            return
         now = self.clock()
         crossings = await self._db.write(lambda session: self._flush(session, now))
-        for spending, percent in crossings.warnings:
-            await self._announce(spending, "team.spending.warning", percent)
-        for spending in crossings.capped:
-            await self._announce(spending, "team.spending.cap_reached", 100.0)
-            if spending.cap_policy == "pause" and self.pause_team is not None:
-                await self.pause_team(spending.team_id)
+        self._recorded_at = time.monotonic()
+        if crossings.events and self.published is not None:
+            self.published(crossings.events)
+        if self.pause_team is not None:
+            for spending in crossings.capped:
+                if spending.cap_policy == "pause":
+                    await self.pause_team(spending.team_id)
 
     def _flush(self, session: Session, now: float) -> _Crossings:
         flush_all(session, now)
@@ -276,25 +298,30 @@ class Meter:
                 continue
             spending = Spending(team.id, month, cost, team.budget, tuple(team.warn_at or DEFAULT_WARN_AT),
                                 team.cap_policy or "finish")
+            if spending.capped:
+                crossings.capped.append(spending)
+            # What was announced this month under this budget (a change of budget or thresholds clears it).
             warned = dict(team.warned or {})
             sent = set(warned.get("sent", [])) if warned.get("month") == month else set()
             percent = spending.percent or 0.0
             new = sorted(p for p in spending.warn_at if p <= percent + 1e-9 and p not in sent)
-            crossings.warnings.extend((spending, p) for p in new)
+            for threshold in new:
+                crossings.events.append(self._event(session, spending, events.SPENDING_WARNING, threshold, now))
             if spending.capped and "cap" not in sent:
-                crossings.capped.append(spending)
+                crossings.events.append(self._event(session, spending, events.CAP_REACHED, 100.0, now))
                 new.append("cap")
             if new:
                 team.warned = {"month": month, "sent": sorted(sent | set(new), key=str)}
         self._spent = spent
         return crossings
 
-    async def _announce(self, spending: Spending, type: str, percent: float) -> None:
-        if self.announce is None:
-            return
-        await self.announce(spending.team_id, type, {
-            "percent": percent, "spent": round(spending.spent, 6), "budget": spending.budget,
-            "currency": self.prices.currency, "month": spending.month, "capPolicy": spending.cap_policy})
+    def _event(self, session: Session, spending: Spending, type: str, percent: float, now: float) -> EventRow:
+        row = EventRow(event_id=str(uuid.uuid4()), team_id=spending.team_id, sandbox_id=None, type=type, ts=now,
+                       data={"percent": percent, "spent": round(spending.spent, 6), "budget": spending.budget,
+                             "currency": self.prices.currency, "month": spending.month,
+                             "capPolicy": spending.cap_policy})
+        session.add(row)
+        return row
 
     async def _run(self) -> None:
         while True:

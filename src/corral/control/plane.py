@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -65,9 +67,20 @@ class ControlPlane:
         if webhooks is not None:
             self.events.subscribe(webhooks.listener)
         self.meter = Meter(database, prices or Prices(), interval_s=settings.metering_interval_s)
-        self.meter.announce = lambda team_id, type, data: self.events.emit_quietly(team_id, type, data=data)
+        self.meter.published = self.events.notify
+        self._pruner: asyncio.Task | None = None
         self.meter.pause_team = self._pause_team_at_cap
         self.sandboxes.admission.spent = self.meter.spent
+
+    async def _prune_events(self) -> None:
+        while True:
+            try:
+                gone = await self.events.prune(self.settings.events_keep_days)
+                if gone:
+                    log.info("deleted %d events older than %g days", gone, self.settings.events_keep_days)
+            except Exception:
+                log.exception("pruning old events failed")
+            await asyncio.sleep(3600)
 
     async def _pause_team_at_cap(self, team_id: str) -> None:
         """The "pause" cap policy: the team's running sandboxes are paused with their memory (resumable once
@@ -100,9 +113,15 @@ class ControlPlane:
         self.sandboxes.start_sampling()
         await self.meter.flush()  # what ran while no server did (adopted sandboxes), and the spending
         self.meter.start()
+        if self.settings.events_keep_days > 0:
+            self._pruner = asyncio.get_running_loop().create_task(self._prune_events())
 
     async def close(self) -> None:
         """Stops timers and sampling; live sandboxes keep running so a restarted server finds them again."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
         await self.events.settled()
         if self.webhooks is not None:
             await self.webhooks.close()

@@ -81,6 +81,18 @@ class Admission:
             else:
                 del self._team_starting[owner.team_id]
 
+    def check_extension(self, owner: Owner, end_at: float, new_end_at: float) -> None:
+        """At the team's spending cap a running sandbox may end sooner, not later (the "finish" policy lets
+        it run to the end it had)."""
+        if new_end_at > end_at and self.capped(owner):
+            raise ApiError(403, "this team has reached its monthly spending cap: sandboxes run to their current "
+                                "end and cannot be extended until the cap is raised or the month ends", _NO_RETRY)
+
+    def capped(self, owner: Owner) -> bool:
+        """Whether the owner's team has reached its monthly spending cap (as of the last metering flush)."""
+        budget = owner.quota.budget
+        return budget is not None and self.spent(owner.team_id) >= budget
+
     def check_lifetime(self, owner: Owner, seconds_from_start: float) -> None:
         """400 when a sandbox would live longer than the team's maximum lifetime from its start."""
         longest = owner.quota.max_lifetime_s
@@ -122,12 +134,15 @@ class Admission:
         if rate is None:
             return
         now = self._clock()
-        capacity = max(1.0, rate, float(count))  # a burst of 1 s; a fork of many is one request
+        capacity = max(1.0, rate)  # a burst of one second's worth
         bucket = self._buckets.setdefault(owner.team_id, _Bucket(capacity, now))
         bucket.tokens = min(capacity, bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
-        if bucket.tokens < count:
-            wait = (count - bucket.tokens) / rate
+        # A request for more than a full bucket (a fork of many) waits for a full one and leaves the bucket
+        # in debt: the team's next creates wait until the rate has paid for all of it.
+        needed = min(float(count), capacity)
+        if bucket.tokens < needed:
+            wait = (needed - bucket.tokens) / rate
             raise ApiError(429, f"this team may create {rate:g} sandboxes per second; retry in {wait:.2f}s",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
         bucket.tokens -= count

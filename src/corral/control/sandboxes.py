@@ -60,6 +60,9 @@ class CheckpointHooks(Protocol):
         """A new sandbox from the snapshot `ref` names; None when it names none (it is a template).
         `volume_mounts`: asked for by the create (a snapshot mounts its own; asking for others is refused)."""
 
+    async def snapshot_resources(self, owner: Owner, ref: str) -> Resources | None:
+        """The resources of the sandboxes the snapshot `ref` names would start; None when it names none."""
+
     async def pause(self, owner: Owner, sandbox_id: str, *, memory: bool, reason: str) -> None:
         """Pauses a running sandbox (ApiError 409 if it is paused already)."""
 
@@ -84,6 +87,9 @@ class NoCheckpoints:
     """Sandboxes without branching: templates only, and a timeout always kills."""
 
     async def start_from_snapshot(self, owner: Owner, ref: str, **_) -> SandboxRow | None:
+        return None
+
+    async def snapshot_resources(self, owner: Owner, ref: str) -> Resources | None:
         return None
 
     async def pause(self, owner: Owner, sandbox_id: str, *, memory: bool, reason: str) -> None:
@@ -144,7 +150,9 @@ class Sandboxes:
         try:
             seconds = self.timeout_for(options.get("timeout"))
             check_timeout(owner.limits, seconds)
-            resources = self.orchestrator.resources_for(template)
+            # A snapshot's name starts sandboxes of the snapshot's size, a template's of the template's.
+            resources = (await self.checkpoints.snapshot_resources(owner, template)
+                         or self.orchestrator.resources_for(template))
             check_resources(owner.limits, template, resources)
             async with self.admission.starting(owner, resources, timeout_s=seconds):
                 row = await self._create(owner, template, **options)
@@ -356,6 +364,7 @@ class Sandboxes:
         row = await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
         self.admission.check_lifetime(owner, time.time() + seconds - row.started_at)
+        self.admission.check_extension(owner, row.end_at, time.time() + seconds)
         updated = await self._set_end(sandbox_id, lambda row: time.time() + seconds)
         await self.announce(updated, events.UPDATED, timeout=seconds)
         return updated
@@ -365,6 +374,8 @@ class Sandboxes:
         row = await self.get(owner, sandbox_id)
         seconds = self.timeout_for(timeout)
         self.admission.check_lifetime(owner, max(row.end_at, time.time() + seconds) - row.started_at)
+        if self.admission.capped(owner):  # a connect still connects, but no longer extends
+            return row
         return await self._set_end(sandbox_id, lambda row: max(row.end_at, time.time() + seconds))
 
     async def _set_end(self, sandbox_id: str, end_at: Callable[[SandboxRow], float]) -> SandboxRow:

@@ -192,7 +192,8 @@ class Templates:
     # --- names ------------------------------------------------------------------------------------
 
     async def _find(self, owner: Owner, ref: str) -> TemplateRow | None:
-        """The owner's template `ref` names (an id or a `[namespace/]name`); ApiError 403 for another's id."""
+        """The owner's template `ref` names (an id or a `[namespace/]name`), or a public one; None otherwise
+        (another team's id reads as no template at all: 404, as for its sandboxes)."""
         def find(session) -> TemplateRow | None:
             row = session.get(TemplateRow, ref)
             if row is None:
@@ -201,7 +202,7 @@ class Templates:
             return row
         row = await self._db.read(find)
         if row is not None and row.team_id != owner.team_id and not row.public:
-            raise ApiError(403, f"template {ref!r} belongs to another team")
+            return None
         return row
 
     async def get(self, owner: Owner, ref: str) -> TemplateRow:

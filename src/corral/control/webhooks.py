@@ -10,7 +10,13 @@ API that emitted the event, and a restart (or a crash) resumes what was pending:
 receivers dedupe on the event's `id`.
 
 Signing secrets are sealed with the installation's key (as secrets are, control/secrets.py) and never
-returned after the create answer. Redirects are not followed."""
+returned after the create answer. Redirects are not followed.
+
+Deliveries reach public addresses only, unless the operator allows private ones (`allow_private`): a URL
+whose host is an address literal is checked when it is registered, and every delivery resolves the host
+itself, refuses it when any of its addresses is not public, and connects to the address it checked
+(`PublicAddressesOnly`), so a webhook cannot be aimed at the server's own services, its network or a cloud
+metadata service, also not by a name that resolves differently the second time (DNS rebinding)."""
 
 from __future__ import annotations
 
@@ -19,14 +25,18 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets as random
+import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import JSON, Boolean, Float, Index, Integer, LargeBinary, String, delete, func, select
@@ -46,6 +56,10 @@ MAX_PER_TEAM = 25
 MAX_URL_CHARS = 2048
 MIN_SECRET_CHARS, MAX_SECRET_CHARS = 16, 512
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+ALLOW_PRIVATE_HINT = "the operator can allow them with CORRAL_WEBHOOKS_ALLOW_PRIVATE=1"
+NOT_PUBLIC = "webhooks are delivered to public addresses only, not to loopback, private, link-local, " \
+             "multicast or this server's own addresses"
 
 SIGNATURE_HEADER = "X-Corral-Signature"  # t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
 E2B_SIGNATURE_HEADER = "e2b-signature"  # E2B's: unpadded URL-safe base64 of SHA-256(secret + body)
@@ -170,6 +184,131 @@ def signed_headers(secret: str, body: bytes, *, webhook_id: str, delivery_id: st
             "X-Corral-Event-Type": event_type, "X-Corral-Attempt": str(attempt)}
 
 
+# ------------------------------------------------------------------------------------------ destinations
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+CLOUD_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598: carrier-grade NAT
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: an IPv4 address in the last 32 bits
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, Teredo, NAT64), which it may reach."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_refusal(ip: IPAddress) -> str | None:
+    """What `ip` is when deliveries may not reach it by default (None: a public address they may reach)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        why = None if inner is None else address_refusal(inner)
+        if why is not None:
+            return f"{why} ({inner}) inside an IPv6 address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip in CLOUD_METADATA:
+        return "the cloud metadata service's address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip in SHARED_ADDRESS_SPACE:
+        return "a shared (carrier-grade NAT) address"
+    if ip.is_private:
+        return "a private address"
+    if ip.is_reserved or not ip.is_global:
+        return "not a public address"
+    if is_own_address(ip):
+        return "an address of this server"
+    return None
+
+
+def is_own_address(ip: IPAddress) -> bool:
+    """Whether `ip` is one of this machine's addresses: the kernel then picks it as the source of a route to
+    itself. Connecting a UDP socket only looks the route up; nothing is sent."""
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(ip), 9))
+        except OSError:  # no route there: not ours (and a delivery's connect fails by itself)
+            return False
+        return ipaddress.ip_address(probe.getsockname()[0]) == ip
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL's host names without DNS: an IP literal, or one of the short IPv4 forms the
+    system's resolver also reads as an address (127.1, 2130706433, 0x7f.0.0.1); None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The addresses the system's resolver answers for `host`, in its order, each once."""
+    found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(sockaddr[0]) for *_, sockaddr in found))
+
+
+class DestinationRefused(Exception):
+    """A webhook's host is, or resolves to, an address deliveries may not reach."""
+
+    def __init__(self, host: str, ip: IPAddress, why: str) -> None:
+        named = f"{host} is" if literal_address(host) == ip else f"{host} resolves to {ip},"
+        super().__init__(f"{named} {why}")
+
+
+class PublicAddressesOnly(httpcore.AsyncNetworkBackend):
+    """Connects deliveries to public addresses only. It resolves the host itself, refuses it
+    (DestinationRefused) when any of its addresses is not public, and connects `network` to an address it
+    checked, never to the name, so a second lookup cannot send the request elsewhere (DNS rebinding). The
+    connection pool still knows the connection by the host's name: TLS sends that name (SNI) and verifies
+    the certificate for it, the Host header carries it, and a kept-alive connection serves that name only."""
+
+    def __init__(self, network: httpcore.AsyncNetworkBackend) -> None:
+        self._network = network
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            addresses = await resolve(host, port)
+        except OSError as e:  # socket.gaierror: no such name, or the resolver failed (worth a retry)
+            raise httpcore.ConnectError(f"cannot resolve {host}: {e.strerror or e}") from e
+        for ip in addresses:
+            why = address_refusal(ip)
+            if why is not None:
+                raise DestinationRefused(host, ip, why)
+        failure: Exception = httpcore.ConnectError(f"{host} has no addresses")
+        for ip in addresses:
+            try:
+                return await self._network.connect_tcp(str(ip), port, timeout=timeout, local_address=local_address,
+                                                       socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
+                failure = e
+        raise failure
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.UnsupportedProtocol("webhooks are delivered over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._network.sleep(seconds)
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 
@@ -179,7 +318,9 @@ def _check_name(name) -> str:
     return name.strip()
 
 
-def check_url(url) -> str:
+def check_url(url, *, allow_private: bool = False) -> str:
+    """A webhook's URL: http(s) with a host, and, unless `allow_private`, not an address literal deliveries
+    may not reach (a name is checked when a delivery resolves it)."""
     if not isinstance(url, str) or not url:
         raise ApiError(400, "url must be an http:// or https:// URL")
     if len(url) > MAX_URL_CHARS:
@@ -192,6 +333,10 @@ def check_url(url) -> str:
         raise ApiError(400, f"url must be an http:// or https:// URL, got {url[:100]!r}")
     if not parsed.host:
         raise ApiError(400, f"url {url[:100]!r} names no host")
+    ip = None if allow_private else literal_address(parsed.host)
+    why = None if ip is None else address_refusal(ip)
+    if why is not None:
+        raise ApiError(400, f"url's host {parsed.host} is {why}: {NOT_PUBLIC} ({ALLOW_PRIVATE_HINT})")
     return url
 
 
@@ -245,27 +390,34 @@ class Outcome:
 
 
 class Webhooks:
-    """`retry`, `timeout_s`, `max_in_flight` (requests under way at once, all webhooks together) and
-    `max_pending` (attempts waiting per webhook; beyond it new deliveries are logged as failed) bound what
-    deliveries cost; `log_kept_s`: how long finished attempts stay in the delivery log."""
+    """`retry`, `timeout_s`, `max_in_flight` (requests under way at once, all webhooks together, test
+    deliveries too) and `max_pending` (attempts waiting per webhook; beyond it new deliveries are logged as
+    failed) bound what deliveries cost; `log_kept_s`: how long finished attempts stay in the delivery log.
+    `allow_private`: deliveries may also reach loopback, private, link-local and this server's addresses
+    (the operator's opt-in; off, they reach public addresses only). `network`: what opens connections
+    (httpcore's AnyIO backend; tests swap it)."""
 
     INTAKE_BATCH = 200
 
     def __init__(self, database: Database, key: bytes, *, retry: RetryPolicy | None = None,
                  timeout_s: float = 10.0, max_in_flight: int = 8, max_pending: int = 1000,
-                 log_kept_s: float = 7 * 86400) -> None:
+                 log_kept_s: float = 7 * 86400, allow_private: bool = False,
+                 network: httpcore.AsyncNetworkBackend | None = None) -> None:
         self._db = database
         self._fernet = Fernet(key)
         self.retry = retry or RetryPolicy()
+        self.allow_private = allow_private
+        self._network = network
         self._timeout_s = timeout_s
         self._max_pending = max_pending
         self._log_kept_s = log_kept_s
+        self._max_in_flight = max_in_flight
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._wake = asyncio.Event()
         self._intake: asyncio.Task | None = None
         self._workers: dict[str, asyncio.Task] = {}  # webhook id -> the task making its attempts
         self._kicked: set[str] = set()  # webhooks with attempts queued since their worker last looked
-        self._client: httpx.AsyncClient | None = None
+        self._pool: httpcore.AsyncConnectionPool | None = None
         self._pruned_at = 0.0
 
     # -------------------------------------------------------------------------------------- registrations
@@ -274,7 +426,7 @@ class Webhooks:
                      secret=None) -> tuple[WebhookInfo, str]:
         """The new webhook and its signing secret (made here when none is given); the secret is never
         returned again."""
-        url = check_url(url)
+        url = check_url(url, allow_private=self.allow_private)
         name = _check_name(httpx.URL(url).host if name is None else name)
         enabled, events = _check_enabled(enabled), _check_events(events)
         secret = random.token_urlsafe(32) if secret is None else _check_secret(secret)
@@ -298,7 +450,7 @@ class Webhooks:
         """Replaces the fields given (events=None: every type); the others stay."""
         changes: dict[str, Any] = {}
         if url is not KEEP:
-            changes["url"] = check_url(url)
+            changes["url"] = check_url(url, allow_private=self.allow_private)
         if name is not KEEP:
             changes["name"] = _check_name(name)
         if enabled is not KEEP:
@@ -352,14 +504,15 @@ class Webhooks:
 
     async def send_test(self, owner: Owner, webhook_id: str) -> WebhookDeliveryRow:
         """Sends a synthetic `webhook.test` event to the webhook now (also when it is disabled), once, and
-        answers the attempt, which is in the delivery log too."""
+        answers the attempt, which is in the delivery log too. It takes a place among the deliveries under
+        way like any other, waiting for one at most the delivery timeout (then it is logged as not sent)."""
         row = await self._db.read(lambda session: _find(session, owner, webhook_id))
         now = time.time()
         event = EventRow(event_id=str(uuid.uuid4()), team_id=row.team_id, sandbox_id=None, type=TEST_EVENT, ts=now,
                          data={"message": "a test delivery from Corral"})  # never recorded
         attempt = WebhookDeliveryRow(id=str(uuid.uuid4()), webhook_id=row.id, event_id=event.event_id,
                                      event_seq=None, event_type=TEST_EVENT, attempt=1, status=PENDING, created_at=now)
-        outcome = await self._post(row, attempt, encode(event_payload(event)), queued=False)
+        outcome = await self._post(row, attempt, encode(event_payload(event)), place_within_s=self._timeout_s)
         _settle(attempt, outcome)
         await self._db.write(lambda session: session.add(attempt))
         return attempt
@@ -375,7 +528,7 @@ class Webhooks:
         workers of webhooks with pending attempts."""
         if self._intake is not None:
             return
-        self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        self._pool = self._new_pool()
         await self._db.write(_open_cursor)
         waiting = await self._db.read(lambda session: list(session.scalars(
             select(WebhookDeliveryRow.webhook_id).where(WebhookDeliveryRow.status == PENDING).distinct())))
@@ -391,9 +544,18 @@ class Webhooks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._intake, self._workers = None, {}
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+    def _new_pool(self) -> httpcore.AsyncConnectionPool:
+        """Connections for deliveries: httpcore's pool (TLS verified against the CA bundle httpx uses), over
+        the public-addresses-only check unless the operator allowed private destinations. httpcore and not
+        an httpx client, since only a pool can be given the network backend that does the check."""
+        network = self._network or httpcore.AnyIOBackend()
+        return httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(), max_connections=self._max_in_flight,
+            network_backend=network if self.allow_private else PublicAddressesOnly(network))
 
     async def _run_intake(self) -> None:
         while True:
@@ -510,39 +672,59 @@ class Webhooks:
         await self._db.write(record)
 
     async def _post(self, hook: WebhookRow, attempt: WebhookDeliveryRow, body: bytes, *,
-                    queued: bool = True) -> Outcome:
-        """One POST, bounded in time as a whole (a receiver that answers drop by drop is cut off too);
-        `queued`: it waits for a place among the deliveries under way (a test delivery does not)."""
+                    place_within_s: float | None = None) -> Outcome:
+        """One POST, bounded in time as a whole (a receiver that answers drop by drop is cut off too), once
+        it has a place among the deliveries under way; `place_within_s`: how long to wait for one (None: as
+        long as it takes)."""
         try:
             secret = self._fernet.decrypt(hook.sealed_secret).decode()
         except InvalidToken:
             return Outcome(False, None, "not sent: the signing secret cannot be opened with this installation's "
                                         "key (was it replaced?); set a new signatureSecret", final=True)
-        headers = signed_headers(secret, body, webhook_id=hook.id, delivery_id=attempt.id,
-                                 attempt=attempt.attempt, event_type=attempt.event_type)
+        url = httpx.URL(hook.url)
+        headers = {"Host": url.netloc.decode("ascii"),
+                   **signed_headers(secret, body, webhook_id=hook.id, delivery_id=attempt.id,
+                                    attempt=attempt.attempt, event_type=attempt.event_type)}
+        if url.userinfo:  # credentials in the URL, sent as an HTTP client sends them
+            credentials = f"{url.username}:{url.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        target = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path)
+        limits = dict.fromkeys(("connect", "read", "write", "pool"), self._timeout_s)
         async with contextlib.AsyncExitStack() as stack:
-            if queued:
-                await stack.enter_async_context(self._in_flight)
-            client = self._client or await stack.enter_async_context(
-                httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False))
+            try:
+                async with asyncio.timeout(place_within_s):
+                    await stack.enter_async_context(self._in_flight)
+            except TimeoutError:
+                return Outcome(False, None, f"not sent: {self._max_in_flight} deliveries (the most at once) were "
+                                            f"under way for {place_within_s:g} s; try again", final=True)
+            pool = self._pool or await stack.enter_async_context(self._new_pool())
             started = time.monotonic()
             try:
                 async with asyncio.timeout(self._timeout_s), \
-                        client.stream("POST", hook.url, content=body, headers=headers) as response:
+                        pool.stream("POST", target, headers=headers, content=body,
+                                    extensions={"timeout": limits}) as response:
                     excerpt = b""
-                    async for chunk in response.aiter_bytes():  # a little of what it says, for the log
+                    async for chunk in response.aiter_stream():  # a little of what it says, for the log
                         excerpt += chunk
                         if len(excerpt) >= 200:
                             break
-            except (TimeoutError, httpx.TimeoutException):
+            except DestinationRefused as e:
+                return Outcome(False, None, f"not sent: {e}; {NOT_PUBLIC} ({ALLOW_PRIVATE_HINT})"[:1000],
+                               _ms_since(started), final=True)
+            except (TimeoutError, httpcore.TimeoutException):
                 return Outcome(False, None, f"no answer within {self._timeout_s:g} s", _ms_since(started))
-            except httpx.HTTPError as e:
+            except TRANSPORT_ERRORS as e:
                 return Outcome(False, None, (f"{type(e).__name__}: {e}")[:1000], _ms_since(started))
-            status = response.status_code
+            status = response.status
             if 200 <= status < 300:
                 return Outcome(True, status, None, _ms_since(started))
             said = excerpt[:200].decode(errors="replace").strip()
             return Outcome(False, status, f"HTTP {status}" + (f": {said}" if said else ""), _ms_since(started))
+
+
+# What a delivery can fail with below HTTP (httpcore's errors have no common base).
+TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+                    httpcore.ProxyError)
 
 
 def _ms_since(started: float) -> float:
