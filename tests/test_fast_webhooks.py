@@ -1,7 +1,9 @@
 """Lifecycle events and webhooks, on the fake runtime without root: a real receiver on loopback checks both
 signatures of every delivery; retries with backoff until a failing receiver takes the event, all attempts in
 the delivery log; a slow receiver holds back neither the API nor other webhooks; order; type filters;
-another team's 404s; bad input; the test delivery; deliveries across restarts; the events API."""
+another team's 404s; bad input; the test delivery and the limit on deliveries under way; deliveries across
+restarts; public destinations only unless the operator allows private ones (the receivers here are on
+loopback, so most servers here allow them); what read-only keys see; the events API."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
+import re
+import socket
 import time
 
+import httpcore
 import httpx
 import pytest
 from aiohttp import web
@@ -21,7 +27,7 @@ from cryptography.fernet import Fernet
 from helpers.fast import TEMPLATE, fake_orchestrator, until
 from sqlalchemy import select
 
-from corral.control import events
+from corral.control import events, webhooks
 from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.events import Events
@@ -141,11 +147,12 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served(tmp_path, retry: RetryPolicy = QUICK):
+async def served(tmp_path, retry: RetryPolicy = QUICK, *, allow_private: bool = True, **options):
+    """A server whose webhooks may reach loopback receivers (`allow_private`) unless a test says not."""
     orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
     database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
     keys = ApiKeys(database)
-    webhooks = Webhooks(database, Fernet.generate_key(), retry=retry)
+    webhooks = Webhooks(database, Fernet.generate_key(), retry=retry, allow_private=allow_private, **options)
     plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
                          is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(), webhooks=webhooks)
     await plane.start()
@@ -167,8 +174,9 @@ async def register(s: Served, url: str, **fields) -> dict:
     return answer.json()
 
 
-async def deliveries(s: Served, webhook_id: str) -> list[dict]:
-    answer = await s.http.get(f"/events/webhooks/{webhook_id}/deliveries", headers=s.reader)
+async def deliveries(s: Served, webhook_id: str, headers: dict[str, str] | None = None) -> list[dict]:
+    """The delivery log as the team's read-only key sees it (or as `headers`' key does)."""
+    answer = await s.http.get(f"/events/webhooks/{webhook_id}/deliveries", headers=headers or s.reader)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -207,7 +215,7 @@ async def test_a_failing_receiver_gets_retries_with_backoff_until_it_takes_the_e
         log = sorted(await deliveries(s, hook["id"]), key=lambda d: d["attempt"])
         assert [(d["attempt"], d["status"], d["responseStatus"]) for d in log] == [
             (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "delivered", 204)]
-        assert log[0]["error"] == "HTTP 500: not now" and log[3]["deliveredAt"]
+        assert log[0]["error"] == "HTTP 500" and log[3]["deliveredAt"]
         assert len({d["eventID"] for d in log}) == 1
         assert [x.headers["X-Corral-Attempt"] for x in r.received] == ["1", "2", "3", "4"]
         assert len({x.body for x in r.received}) == 1  # the same event, byte for byte
@@ -341,7 +349,7 @@ async def test_a_webhook_gets_the_events_after_its_registration_only(tmp_path):
 async def service(database, key: bytes, retry: RetryPolicy = QUICK):
     """Events and a started webhooks service over `database`, as one server process has them."""
     recorded = Events(database)
-    webhooks = Webhooks(database, key, retry=retry)
+    webhooks = Webhooks(database, key, retry=retry, allow_private=True)
     recorded.subscribe(webhooks.listener)
     await webhooks.start()
     try:
@@ -418,7 +426,7 @@ async def test_webhooks_are_created_read_listed_changed_and_deleted(tmp_path):
         assert created["teamID"] == s.team_id and created["enabled"] is True
         assert created["events"] == [events.CREATED] and created["name"] == "hook"
         url = f"/events/webhooks/{created['id']}"
-        got = (await s.http.get(url, headers=s.reader)).json()
+        got = (await s.http.get(url, headers=s.admin)).json()
         assert got == {k: v for k, v in created.items() if k != "signatureSecret"}
         changed = await s.http.patch(url, headers=s.admin, json={"enabled": False, "events": None,
                                                                  "url": "http://hooks.example/v2"})
@@ -493,7 +501,7 @@ async def test_a_bad_change_is_refused_with_400_and_changes_nothing(tmp_path, bo
         hook = await register(s, "https://hooks.example/corral")
         answer = await s.http.patch(f"/events/webhooks/{hook['id']}", headers=s.admin, json=body)
         assert answer.status_code == 400 and message in answer.json()["message"]
-        kept = (await s.http.get(f"/events/webhooks/{hook['id']}", headers=s.reader)).json()
+        kept = (await s.http.get(f"/events/webhooks/{hook['id']}", headers=s.admin)).json()
         assert kept["url"] == hook["url"] and kept["events"] == hook["events"]
 
 
@@ -514,6 +522,193 @@ async def test_the_test_endpoint_sends_a_signed_test_event_and_answers_how_it_we
         failed = (await s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin)).json()
         assert failed["status"] == "failed" and failed["error"] == "HTTP 500: not now"
         assert [d["id"] for d in await deliveries(s, hook["id"])] == [failed["id"], tested.json()["id"]]
+
+
+async def test_a_test_delivery_waits_for_a_place_among_the_deliveries_under_way(tmp_path):
+    async with served(tmp_path, max_in_flight=1) as s, receiver() as slow, receiver() as quick:
+        slow.held.clear()
+        await register(s, slow.url)
+        hook = await register(s, quick.url, events=[events.KILLED])  # not the event that takes the place
+        await s.plane.events.emit(s.team_id, events.SPENDING_WARNING)
+        await until(lambda: len(slow.received) == 1, what="the event's delivery under way (the one place)")
+        tested = asyncio.create_task(s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin))
+        await asyncio.sleep(0.3)  # time enough for a test delivery that skipped the limit to arrive
+        assert quick.received == []
+        released_at = time.monotonic()
+        slow.held.set()
+        answer = await tested
+        assert answer.status_code == 200 and answer.json()["status"] == "delivered", answer.text
+        assert [e["type"] for e in quick.events()] == ["webhook.test"]
+        assert quick.received[0].at >= released_at
+
+
+# ------------------------------------------------------------------------------------------ destinations
+
+
+NOT_PUBLIC = [
+    ("127.0.0.1", "a loopback address"),
+    ("[::1]", "a loopback address"),
+    ("2130706433", "a loopback address"),  # 127.0.0.1 written as one number, which resolvers accept
+    ("10.1.2.3", "a private address"),
+    ("172.16.0.1", "a private address"),
+    ("192.168.1.10", "a private address"),
+    ("[fd00::1]", "a private address"),
+    ("100.64.0.1", "a shared (carrier-grade NAT) address"),
+    ("169.254.169.254", "the cloud metadata service's address"),
+    ("[::ffff:169.254.169.254]", "the cloud metadata service's address (169.254.169.254) inside an IPv6 address"),
+    ("169.254.10.1", "a link-local address"),
+    ("[fe80::1]", "a link-local address"),
+    ("0.0.0.0", "the unspecified address"),
+    ("224.0.0.1", "a multicast address"),
+]
+
+
+@pytest.mark.parametrize(("host", "what"), NOT_PUBLIC, ids=[h for h, _ in NOT_PUBLIC])
+async def test_a_webhook_to_an_address_that_is_not_public_is_refused_with_400(tmp_path, host, what):
+    async with served(tmp_path, allow_private=False) as s:
+        answer = await s.http.post("/events/webhooks", headers=s.admin, json={"url": f"http://{host}:8080/hook"})
+        assert answer.status_code == 400, answer.text
+        message = answer.json()["message"]
+        assert f"url's host {host.strip('[]')} is {what}: webhooks are delivered to public addresses only" in message
+        assert "the operator can allow them with CORRAL_WEBHOOKS_ALLOW_PRIVATE=1" in message
+        assert (await s.http.get("/events/webhooks", headers=s.reader)).json() == []
+
+
+async def test_a_change_to_an_address_that_is_not_public_is_refused_with_400(tmp_path):
+    async with served(tmp_path, allow_private=False) as s:
+        hook = await register(s, "https://hooks.example/corral")
+        answer = await s.http.patch(f"/events/webhooks/{hook['id']}", headers=s.admin,
+                                    json={"url": "http://169.254.169.254/latest/meta-data/"})
+        assert answer.status_code == 400
+        assert "url's host 169.254.169.254 is the cloud metadata service's address" in answer.json()["message"]
+        kept = (await s.http.get(f"/events/webhooks/{hook['id']}", headers=s.admin)).json()
+        assert kept["url"] == "https://hooks.example/corral"
+
+
+async def test_the_operator_can_allow_private_destinations(tmp_path):
+    async with served(tmp_path, allow_private=True) as s:
+        answer = await s.http.post("/events/webhooks", headers=s.admin, json={"url": "http://10.1.2.3/hook"})
+        assert answer.status_code == 201, answer.text
+
+
+LOOPBACK_NAME = re.compile(r"^not sent: localhost resolves to (127\.0\.0\.1|::1), a loopback address; webhooks "
+                           r"are delivered to public addresses only.*CORRAL_WEBHOOKS_ALLOW_PRIVATE=1\)$")
+
+
+async def test_a_name_that_resolves_to_loopback_is_refused_at_delivery_logged_and_not_retried(tmp_path):
+    async with served(tmp_path, allow_private=False) as s, receiver() as r:
+        hook = await register(s, r.url.replace("127.0.0.1", "localhost"))  # a name: accepted, checked when sent
+        await s.plane.events.emit(s.team_id, events.CAP_REACHED)
+        await until(lambda: _settled_with_log(s, hook["id"]), what="the attempt recorded")
+        [attempt] = await deliveries(s, hook["id"])  # one attempt, no retry queued after it
+        assert attempt["status"] == "failed" and attempt["responseStatus"] is None
+        assert LOOPBACK_NAME.match(attempt["error"]), attempt["error"]
+        assert r.received == []
+
+
+async def test_a_test_delivery_to_a_name_that_resolves_to_loopback_is_refused(tmp_path):
+    async with served(tmp_path, allow_private=False) as s, receiver() as r:
+        hook = await register(s, r.url.replace("127.0.0.1", "localhost"))
+        tested = (await s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin)).json()
+        assert tested["status"] == "failed" and LOOPBACK_NAME.match(tested["error"]), tested
+        assert r.received == []
+
+
+class RecordingNetwork(httpcore.AsyncNetworkBackend):
+    """Stands in for the network below the address check: records where deliveries connect, the name TLS is
+    started for and the bytes sent, and answers 204 (no traffic leaves the process)."""
+
+    def __init__(self) -> None:
+        self.connected: list[tuple[str, int]] = []
+        self.tls_names: list[str | None] = []
+        self.sent = b""
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        self.connected.append((host, port))
+        return RecordingStream(self)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class RecordingStream(httpcore.AsyncNetworkStream):
+    def __init__(self, network: RecordingNetwork) -> None:
+        self.network = network
+        self.answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    async def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        self.network.tls_names.append(server_hostname)
+        return self
+
+    async def write(self, buffer: bytes, timeout=None) -> None:
+        self.network.sent += buffer
+
+    async def read(self, max_bytes: int, timeout=None) -> bytes:
+        answer, self.answer = self.answer, b""
+        return answer
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_delivery_connects_to_the_address_it_checked_and_names_the_host_in_tls_and_http(
+        tmp_path, monkeypatch):
+    lookups = []
+
+    async def rebinding_resolver(host: str, port: int):
+        """Answers a public address first and loopback after (a rebinding attack)."""
+        lookups.append(host)
+        return [ipaddress.ip_address("1.2.3.4" if len(lookups) == 1 else "127.0.0.1")]
+
+    monkeypatch.setattr(webhooks, "resolve", rebinding_resolver)
+    network = RecordingNetwork()
+    async with served(tmp_path, allow_private=False, network=network) as s:
+        hook = await register(s, "https://hooks.example.net/corral")
+        tested = (await s.http.post(f"/events/webhooks/{hook['id']}/test", headers=s.admin)).json()
+        assert tested["status"] == "delivered", tested
+    assert lookups == ["hooks.example.net"]
+    assert network.connected == [("1.2.3.4", 443)]  # the checked address; the name is not looked up again
+    assert network.tls_names == ["hooks.example.net"]  # SNI and certificate verification for the name
+    assert network.sent.startswith(b"POST /corral HTTP/1.1\r\nHost: hooks.example.net\r\n")
+
+
+def test_the_servers_own_addresses_are_recognised():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # a route lookup only: nothing is sent
+        except OSError:
+            pytest.skip("this machine has no IPv4 route, so no address of its own to look for")
+        own = ipaddress.ip_address(probe.getsockname()[0])
+    assert webhooks.is_own_address(own) and webhooks.is_own_address(ipaddress.ip_address("127.0.0.1"))
+    assert not webhooks.is_own_address(ipaddress.ip_address("1.2.3.4"))
+
+
+# ------------------------------------------------------------------------------------------ what keys see
+
+
+async def test_a_read_only_key_sees_a_webhook_url_without_credentials_path_or_query(tmp_path):
+    async with served(tmp_path) as s:
+        url = "https://user:pa55word@hooks.example.com:8443/hooks/abc?token=s3cret"
+        hook = await register(s, url)
+        assert hook["url"] == url
+        path = f"/events/webhooks/{hook['id']}"
+        assert (await s.http.get(path, headers=s.admin)).json()["url"] == url
+        for answer in (await s.http.get(path, headers=s.reader), await s.http.get("/events/webhooks",
+                                                                                   headers=s.reader)):
+            assert "https://hooks.example.com:8443/…" in answer.text
+            assert "s3cret" not in answer.text and "pa55word" not in answer.text and "/hooks/abc" not in answer.text
+
+
+async def test_the_delivery_log_shows_the_receivers_answer_to_admin_keys_only(tmp_path):
+    async with served(tmp_path, retry=RetryPolicy(max_attempts=1)) as s, receiver() as r:
+        r.failures = 1
+        hook = await register(s, r.url)
+        await s.plane.events.emit(s.team_id, events.CAP_REACHED)
+        await until(lambda: _settled_with_log(s, hook["id"]), what="the attempt recorded")
+        [read] = await deliveries(s, hook["id"])
+        [admin] = await deliveries(s, hook["id"], headers=s.admin)
+        assert (read["responseStatus"], read["error"]) == (500, "HTTP 500")
+        assert (admin["responseStatus"], admin["error"]) == (500, "HTTP 500: not now")
 
 
 # ------------------------------------------------------------------------------------------ events API
