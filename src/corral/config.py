@@ -144,6 +144,11 @@ class PlatformSettings:
     # Lifecycle and operations events (docs/operations.md) older than this are deleted (0: kept forever).
     events_keep_days: float = field(default_factory=lambda: float(os.environ.get("CORRAL_EVENTS_KEEP_DAYS", "30")))
 
+    # Webhook deliveries may also reach loopback, private, link-local and this server's addresses
+    # (docs/operations.md); by default they go to public addresses only.
+    webhooks_allow_private: bool = field(
+        default_factory=lambda: os.environ.get("CORRAL_WEBHOOKS_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes"))
+
     # Who may scrape GET /metrics (docs/operations.md): with a token, scrapes that send it as a bearer token;
     # public, anyone who reaches the listener; neither, clients on loopback only.
     metrics_token: str = field(default_factory=lambda: os.environ.get("CORRAL_METRICS_TOKEN", ""))

@@ -119,7 +119,8 @@ class CorralServer:
                                                     load_key(platform.secrets_key_file(settings)),
                                                     default_mb=platform.volume_default_mb,
                                                     max_mb=platform.volume_max_mb),
-                                    webhooks=Webhooks(self.database, load_key(platform.secrets_key_file(settings))),
+                                    webhooks=Webhooks(self.database, load_key(platform.secrets_key_file(settings)),
+                                                      allow_private=platform.webhooks_allow_private),
                                     prices=Prices.from_env())
         self.control.public_domain = domain if public else None
         self.control.templates = _templates(self.database, runtime, store, settings, platform)
