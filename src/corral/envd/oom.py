@@ -24,7 +24,7 @@ log = logging.getLogger("corral.envd.oom")
 SLOW_S, FAST_S = 0.25, 0.005
 FAST_ABOVE = 0.6  # of the limit
 MARGIN_KIB = 4 * 1024
-KILL_WAIT_S = 2.0
+KILL_WAIT_S = 5.0  # on a busy host gVisor's count of used memory lagged more than 2 s behind a kill
 PROTECTED_MARKER = b"/opt/corral/envd"  # envd, its spawners and the interpreter server run from here
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
