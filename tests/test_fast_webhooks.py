@@ -763,3 +763,23 @@ async def test_a_bad_events_query_is_refused_with_400_saying_what_is_wrong(tmp_p
     async with served(tmp_path) as s:
         answer = await s.http.get(path, headers=s.reader, params=params)
         assert answer.status_code == 400 and message in answer.json()["message"], answer.text
+
+
+async def test_spending_warnings_and_the_cap_reach_a_webhook_in_order(tmp_path):
+    """Metering's own events (recorded in its flush's transaction) are delivered like any other."""
+    from corral.control.metering import Prices
+
+    async with served(tmp_path) as s, receiver() as r:
+        await register(s, r.url)
+        s.plane.meter.prices = Prices(vcpu_hour=3600.0, memory_gib_hour=0.0, disk_gib_hour=0.0,
+                                      snapshot_gib_hour=0.0)  # 1 per vCPU-second
+        await s.keys.update_team(s.team_id, budget=2.0, warn_at=[50, 80])
+        sandbox_id = (await s.http.post("/sandboxes", headers=s.admin, json=NEW_SANDBOX)).json()["sandboxID"]
+        started = (await s.plane.sandboxes.row(sandbox_id)).started_at
+        for seconds in (0.6, 0.9, 1.2):  # 2 vCPUs: 60 %, 90 %, 120 % of the budget
+            s.plane.meter.clock = lambda seconds=seconds: started + seconds
+            await s.plane.meter.flush()
+        await until(lambda: len(r.events(events.CAP_REACHED)) == 1, what="the cap at the receiver")
+        spending = [(e["type"], e["eventData"]["percent"]) for e in r.events() if e["type"].startswith("team.")]
+        assert spending == [(events.SPENDING_WARNING, 50), (events.SPENDING_WARNING, 80),
+                            (events.CAP_REACHED, 100)]
