@@ -18,6 +18,7 @@ from corral.cli import remote, volume
 from corral.cli.build_progress import BuildDisplay
 from corral.cli.doctor import doctor_command
 from corral.cli.local import local_runtime, start_template
+from corral.cli.mcp import mcp_command
 from corral.cli.record import record_app
 from corral.cli.serve import serve_command
 from corral.cli.teams import keys_app, teams_app, usage_command
@@ -41,6 +42,7 @@ app.command("serve")(serve_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(teams_app, name="teams")
 app.command("usage")(usage_command)
+app.command("mcp")(mcp_command)
 app.add_typer(tree_app, name="tree")
 for _name, _command in (("ls", remote.sandbox_ls), ("create", remote.sandbox_create), ("info", remote.sandbox_info),
                         ("kill", remote.sandbox_kill), ("pause", sandbox_pause), ("resume", sandbox_resume),
