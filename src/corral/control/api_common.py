@@ -60,7 +60,7 @@ def page_offset(token: str | None) -> int:
         return 0
     try:
         kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or int(value) < 0:
+        if kind != "o" or not 0 <= int(value) < 2**31:  # within the database's integers
             raise ValueError
         return int(value)
     except ValueError:
