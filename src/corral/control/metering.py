@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -230,8 +229,8 @@ def month_usage(session: Session, team_id: str, month: str) -> Usage:
 
 
 class Meter:
-    """Flushes usage every `interval_s`, keeps each team's month-to-date spending for admission, and
-    announces spending thresholds (events) and caps (events, and pauses under the "pause" policy)."""
+    """Flushes usage every `interval_s`, keeps each team's month-to-date spending for admission, records
+    spending thresholds and caps as events, and pauses capped teams' sandboxes under the "pause" policy."""
 
     def __init__(self, database: Database, prices: Prices, interval_s: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -382,6 +381,3 @@ class Meter:
     async def sandbox_usage(self, sandbox_id: str) -> SandboxUsageRow | None:
         return await self._db.read(lambda session: session.get(SandboxUsageRow, sandbox_id))
 
-
-def cost_text(value: float, currency: str) -> str:
-    return f"{value:.{max(2, 6 - int(math.log10(value))) if value and value < 1 else 2}f} {currency}"
