@@ -24,6 +24,8 @@ from corral.control.templates import BaseImage, BuildLimits, Templates
 from corral.control.volumes import Volumes
 from corral.control.webhooks import Webhooks
 from corral.envd import DEFAULT_PORT as ENVD_PORT
+from corral.mcp.http import PATH as MCP_PATH
+from corral.mcp.http import McpEndpoint
 from corral.network.dns import upstream_resolvers
 from corral.network.egress_proxy import EgressPolicy, EgressProxy
 from corral.network.firewall import EGRESS_PROXY_PORT
@@ -147,6 +149,11 @@ class CorralServer:
         self.control.metrics.proxy = self.proxy.traffic
         self.orchestrator.on_gone.append(self.proxy.forget)
         self.domain = domain
+        # MCP over HTTP at /mcp, once `serve_mcp` says where the tools reach this server's API.
+        self.mcp: McpEndpoint | None = None
+
+    def serve_mcp(self, api_url: str) -> None:
+        self.mcp = McpEndpoint(self.keys, api_url, self.domain)
 
     async def _address(self, sandbox_id: str) -> str | None:
         """Where the proxy sends a sandbox's traffic; a paused sandbox with autoResume is resumed first."""
@@ -181,6 +188,8 @@ class CorralServer:
         if route is not None:
             with self.orchestrator.in_use(route[0]):
                 await self.proxy(scope, receive, send, *route)
+        elif self.mcp is not None and scope["type"] == "http" and scope["path"] == MCP_PATH:
+            await self.mcp(scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
@@ -215,6 +224,8 @@ class CorralServer:
                         await self.egress_proxy.start()
                     await self.control.start()
                     await self.control.templates.start()
+                    if self.mcp is not None:
+                        await self.mcp.start()
                 except Exception as e:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
@@ -223,6 +234,9 @@ class CorralServer:
             elif message["type"] == "lifespan.shutdown":
                 with contextlib.suppress(Exception):
                     await self.proxy.close()
+                if self.mcp is not None:
+                    with contextlib.suppress(Exception):
+                        await self.mcp.close()
                 await self.control.templates.close()
                 await self.control.close()
                 if self.resolver is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
@@ -28,4 +29,5 @@ def mcp_command(
             raise typer.Exit(2)
         api_url = f"https://api.{domain}"
     os.environ.pop("E2B_DEBUG", None)  # the SDK would talk to localhost instead
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request on the client's stderr
     build_server(api_url, api_key, domain).run("stdio")

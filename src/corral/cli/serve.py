@@ -89,6 +89,8 @@ def serve_command(
         key_line = f"export E2B_API_KEY={secret}   # created now as 'default'; shown only once"
     console.print("[bold]Point the E2B SDKs at this server:[/bold]")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    # MCP tools call the API as any client would, over this listener.
+    server.serve_mcp(f"http://{shown if ':' not in shown else f'[{shown}]'}:{http_sockets[0].getsockname()[1]}")
     if tls is not None:
         lines = [f"export E2B_DOMAIN={domain}" + ("" if https_port == 443 else
                                                    f"   # the SDKs reach it only on 443; this one is on {https_port}")]
