@@ -87,6 +87,8 @@ fi
 say "installing Corral into $venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e '.[dev]'
+say "fetching the dashboard's front-end packages (pinned in src/corral/dashboard/assets.lock.json)"
+"$venv/bin/python" -m corral.dashboard.assets fetch
 say "checking the installation"
 version=$("$venv/bin/corral" --version)
 echo "corral installed: $version"

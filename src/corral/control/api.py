@@ -41,6 +41,7 @@ from corral.control.network import Egress, Ingress, egress_from, ingress_from_cr
 from corral.control.plane import ControlPlane
 from corral.control.sandboxes import ListQuery
 from corral.control.scopes import SECRETS, VOLUMES
+from corral.dashboard.app import create_dashboard
 from corral.envd import ENVD_VERSION
 from corral.observability.logs import REQUEST_ID_HEADER, RequestIds, request_id
 from corral.orchestrator.envd_link import EnvdUnavailable
@@ -290,4 +291,6 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
     app.include_router(recording_routes(lambda: getattr(plane, "recordings", None)))
     app.include_router(webhook_routes(lambda: plane))
     app.include_router(usage_routes(lambda: plane.meter))
+    # The web dashboard (docs/dashboard.md): its own session sign-in and scope checks, outside the schema.
+    app.mount("/dashboard", create_dashboard(plane, keys, paths))
     return app

@@ -182,6 +182,20 @@ class ApiKeys:
             return None
         return _public(row, team)
 
+    async def active(self, key_id: str) -> ApiKey | None:
+        """The key with this id, if it is neither revoked nor expired (a dashboard session holds the key's
+        id, not the key, and asks this on every request)."""
+        def lookup(session) -> tuple[ApiKeyRow | None, TeamRow | None]:
+            row = session.get(ApiKeyRow, key_id)
+            return row, (session.get(TeamRow, row.team_id) if row is not None and row.team_id else None)
+
+        row, team = await self._db.read(lookup)
+        if row is None or row.revoked_at is not None:
+            return None
+        if row.expires_at is not None and row.expires_at <= time.time():
+            return None
+        return _public(row, team)
+
     async def list(self, team: str | None = None) -> list[ApiKey]:
         def rows(session) -> list[ApiKeyRow]:
             stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)

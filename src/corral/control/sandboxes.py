@@ -440,6 +440,19 @@ class Sandboxes:
             stmt = stmt.where(MetricRow.ts <= end)
         return await self._db.read(lambda session: list(session.scalars(stmt.order_by(MetricRow.ts))))
 
+    async def recent_metrics(self, owner: Owner, sandbox_ids: list[str], since: float) -> dict[str, list[MetricRow]]:
+        """The samples since `since` of those of the sandboxes that are the owner's team's, oldest first, in one
+        query (the dashboard's table draws them for every listed sandbox)."""
+        if not sandbox_ids:
+            return {}
+        stmt = (select(MetricRow).join(SandboxRow, SandboxRow.id == MetricRow.sandbox_id)
+                .where(SandboxRow.team_id == owner.team_id, MetricRow.sandbox_id.in_(sandbox_ids),
+                       MetricRow.ts >= since).order_by(MetricRow.sandbox_id, MetricRow.ts))
+        found: dict[str, list[MetricRow]] = {}
+        for row in await self._db.read(lambda session: list(session.scalars(stmt))):
+            found.setdefault(row.sandbox_id, []).append(row)
+        return found
+
     async def sample_once(self) -> None:
         rows = await self._db.read(
             lambda session: list(session.scalars(select(SandboxRow).where(SandboxRow.state == "running"))))

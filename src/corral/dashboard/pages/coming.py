@@ -1,0 +1,28 @@
+"""Placeholders for the pages not built yet (web.NAV marks them `coming`): each says what it will show."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from corral.dashboard.web import NAV, Dashboard, Viewer, signed_in
+
+PLANS = {
+    "/templates": "The templates your team can start sandboxes from, their builds with their logs (following "
+                  "while a build runs) and their tags.",
+    "/tree": "The checkpoint tree: snapshots and forks as a picture, each node with its time, size and the "
+             "sandboxes running from it, and restore or fork from any node with a click.",
+}
+
+
+def coming_pages(dash: Dashboard) -> APIRouter:
+    router = APIRouter()
+    for item in NAV:
+        if not item.coming:
+            continue
+
+        async def page(request: Request, viewer: Viewer = Depends(signed_in), item=item) -> Response:
+            return dash.render(request, "coming.html", viewer, title=item.label, plan=PLANS.get(item.path, ""))
+
+        router.add_api_route(item.path, page, methods=["GET"])
+    return router
