@@ -353,4 +353,34 @@ DESKTOP = Recipe(
     resources=Resources(memory_mb=2048),
 )
 
-BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER, DESKTOP)}
+
+# ------------------------------------------------------------------------------------------ mcp-gateway
+# What the E2B SDK's `Sandbox.create(mcp={...})` starts by default: `base` plus an `mcp-gateway` command
+# (templates/mcp_gateway/gateway.py, on the official `mcp` SDK) and the catalogue's servers installed, so a
+# create needs no registry: the reference servers of the MCP project from npm and PyPI.
+
+_GATEWAY = (Path(__file__).parent / "mcp_gateway" / "gateway.py").read_text()
+_GATEWAY_PATH = "/usr/local/lib/mcp-gateway/gateway.py"
+
+MCP_GATEWAY = Recipe(
+    name="mcp-gateway",
+    packages=BASE.packages,
+    pip=("mcp==2.3.0", "mcp-server-fetch==2026.10.24", "mcp-server-time==2026.10.19"),
+    npm=(*BASE.npm, "@modelcontextprotocol/server-filesystem@2026.8.31",
+         "@modelcontextprotocol/server-memory@2026.8.31",
+         "@modelcontextprotocol/server-sequential-thinking@2026.8.31"),
+    setup=(
+        *BASE.setup,
+        f"mkdir -p {Path(_GATEWAY_PATH).parent} && cat > {_GATEWAY_PATH} <<'CORRAL_EOF'\n{_GATEWAY}CORRAL_EOF",
+        f"printf '#!/bin/sh\\nexec /usr/bin/python3 -I {_GATEWAY_PATH} \"$@\"\\n' > /usr/local/bin/mcp-gateway && "
+        "chmod 0755 /usr/local/bin/mcp-gateway",
+        # Every catalogue server is there, and the gateway's own imports work with the template's Python.
+        "mcp-gateway list && ! mcp-gateway list | grep -q 'not installed' && "
+        "python3 -I -c 'import mcp.server.lowlevel, mcp.client.stdio, uvicorn'",
+    ),
+    start_command=BASE.start_command,
+    ready=BASE.ready,
+    workdir="/home/user",
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (BASE, CODE_INTERPRETER, DESKTOP, MCP_GATEWAY)}
