@@ -130,3 +130,47 @@ def test_a_config_the_gateway_cannot_satisfy_fails_the_create_and_leaves_no_sand
         Sandbox.create(mcp=config, allow_internet_access=False, timeout=120, **opts)
     assert reason in str(failed.value)
     assert {s.sandbox_id for s in Sandbox.list(**opts).next_items()} == before
+
+
+def call_over_gateway(sbx: Sandbox, ca: Path, tool: str, arguments: dict) -> str:
+    async def session() -> str:
+        async with mcp_client(sbx.get_mcp_url(), sbx.get_mcp_token(), ca) as client:
+            result = await client.call_tool(tool, arguments)
+            assert not result.is_error, text_of(result)
+            return text_of(result)
+
+    return anyio.run(session)
+
+
+def test_the_gateway_and_its_servers_come_back_with_a_paused_sandbox(opts, ca):
+    sbx = Sandbox.create(mcp={"memory": {}}, allow_internet_access=False, timeout=120, **opts)
+    try:
+        call_over_gateway(sbx, ca, "memory__create_entities", {"entities": [
+            {"name": "corral", "entityType": "project", "observations": ["forks sandboxes"]}]})
+        sbx.beta_pause()
+        resumed = Sandbox.connect(sbx.sandbox_id, **opts)
+        # The memory server kept its graph in memory: the same process answers after the resume.
+        graph = json.loads(call_over_gateway(resumed, ca, "memory__read_graph", {}))
+        assert [e["name"] for e in graph["entities"]] == ["corral"]
+    finally:
+        sbx.kill()
+
+
+def test_a_template_built_from_mcp_gateway_pulls_its_servers(opts, ca):
+    from e2b import Template
+
+    lines: list = []
+    template = Template().from_template("mcp-gateway").add_mcp_server(["time", "fetch"])
+    Template.build(template, "gateway-with-time", on_build_logs=lines.append, skip_cache=True, **opts)
+    assert any("time: installed" in entry.message for entry in lines), [e.message for e in lines]
+    sbx = Sandbox.create("gateway-with-time", mcp={"time": {}}, allow_internet_access=False, timeout=120, **opts)
+    try:
+        assert json.loads(call_over_gateway(sbx, ca, "time__get_current_time", {"timezone": "UTC"}))["timezone"] \
+            == "UTC"
+    finally:
+        sbx.kill()
+    failed: list = []
+    with pytest.raises(Exception, match="mcp-gateway pull exa"):
+        Template.build(Template().from_template("mcp-gateway").add_mcp_server("exa"), "gateway-with-exa",
+                       on_build_logs=failed.append, **opts)
+    assert any("exa: not in the catalogue" in entry.message for entry in failed), [e.message for e in failed]

@@ -102,6 +102,8 @@ def serve_command(
     else:
         lines = [f"export E2B_API_URL=http://{shown}:{port}", f"export E2B_SANDBOX_URL=http://{shown}:{port}",
                  key_line]
+    lines.append(f"# MCP clients: http://{shown}:{port}/mcp with the header 'Authorization: Bearer <key>' "
+                 "(docs/mcp.md)")
     print("\n".join(lines), flush=True)
     configure_logging(log_format, log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
