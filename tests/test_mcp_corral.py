@@ -251,6 +251,11 @@ def test_a_scripted_agent_analyses_a_csv_with_pandas_and_returns_a_chart(server)
     assert "north    270" in text_of(analysed) and text_of(analysed).endswith("result:\nnorth")
     chart = [c for c in charted.content if isinstance(c, ImageContent)]
     assert len(chart) == 1 and base64.b64decode(chart[0].data).startswith(PNG)
+    # The chart's data too, for a model to read the bars rather than look at them.
+    data = json.loads(text_of(charted).split("chart data:\n", 1)[1])
+    assert data["type"] == "bar" and data["title"] == "Sales by region"
+    assert {(bar["label"], bar["value"]) for bar in data["elements"]} == {("north", 270), ("south", 175),
+                                                                          ("east", 130)}
 
 
 def test_the_desktop_tools_see_and_drive_a_desktop_sandbox(server, harness, runtime, store):

@@ -7,6 +7,7 @@ a crash of this server."""
 from __future__ import annotations
 
 import base64
+import json
 import shlex
 import uuid
 from typing import Annotated, Any, Literal
@@ -156,7 +157,8 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
 
     @server.tool(description="Run code in a code-interpreter sandbox (a Jupyter kernel: state persists between "
                              "calls). Returns printed output, the last expression's value, and charts/images "
-                             "as images. A failing cell returns its error and traceback as a tool error.",
+                             "as images, a chart's data (type, title, axes, elements) as JSON. A failing cell "
+                             "returns its error and traceback as a tool error.",
                  structured_output=False)
     async def run_code(
         ctx: Context,
@@ -187,6 +189,11 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                 parts.append(Image(data=base64.b64decode(result.jpeg), format="jpeg"))
             if result.text and not (result.png or result.jpeg):
                 text.append(("result:\n" if result.is_main_result else "output:\n") + result.text)
+            # A chart's data (e2b-charts reads matplotlib figures): what a model can reason about beside the image.
+            if result.chart is not None:
+                text.append("chart data:\n" + json.dumps(result.chart.to_dict(), default=str))
+            elif result.json is not None:
+                text.append("json:\n" + json.dumps(result.json, default=str))
         return [_cut("\n".join(text) or "(no output)"), *parts]
 
     @server.tool(description="Write a text file in a sandbox (parent directories are made).")
