@@ -440,17 +440,21 @@ class Sandboxes:
             stmt = stmt.where(MetricRow.ts <= end)
         return await self._db.read(lambda session: list(session.scalars(stmt.order_by(MetricRow.ts))))
 
-    async def recent_metrics(self, owner: Owner, sandbox_ids: list[str], since: float) -> dict[str, list[MetricRow]]:
-        """The samples since `since` of those of the sandboxes that are the owner's team's, oldest first, in one
-        query (the dashboard's table draws them for every listed sandbox)."""
+    async def recent_metrics(self, owner: Owner, sandbox_ids: list[str], since: float
+                             ) -> dict[str, list[tuple[float, float, int, int, int]]]:
+        """(ts, cpu_used_pct, mem_used, mem_total, cpu_count) of each sample since `since` of those of the
+        sandboxes that are the owner's team's, oldest first, in one query of plain rows (the dashboard's table
+        draws them for every listed sandbox, so no ORM objects)."""
         if not sandbox_ids:
             return {}
-        stmt = (select(MetricRow).join(SandboxRow, SandboxRow.id == MetricRow.sandbox_id)
+        stmt = (select(MetricRow.sandbox_id, MetricRow.ts, MetricRow.cpu_used_pct, MetricRow.mem_used,
+                       MetricRow.mem_total, MetricRow.cpu_count)
+                .join(SandboxRow, SandboxRow.id == MetricRow.sandbox_id)
                 .where(SandboxRow.team_id == owner.team_id, MetricRow.sandbox_id.in_(sandbox_ids),
                        MetricRow.ts >= since).order_by(MetricRow.sandbox_id, MetricRow.ts))
-        found: dict[str, list[MetricRow]] = {}
-        for row in await self._db.read(lambda session: list(session.scalars(stmt))):
-            found.setdefault(row.sandbox_id, []).append(row)
+        found: dict[str, list[tuple[float, float, int, int, int]]] = {}
+        for sandbox_id, *sample in await self._db.read(lambda session: session.execute(stmt).all()):
+            found.setdefault(sandbox_id, []).append(tuple(sample))
         return found
 
     async def sample_once(self) -> None:

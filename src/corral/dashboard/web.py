@@ -86,7 +86,8 @@ class Dashboard:
                         "install.sh runs it) fetches them", ", ".join(self.missing_assets), assets.VENDOR)
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(duration=duration, clock=clock, day=day, megabytes=megabytes, money=money)
+        self.templates.filters.update(duration=duration, clock=clock, day=day, megabytes=megabytes, money=money,
+                                      amount=amount)
 
     def render(self, request: Request, template: str, viewer: Viewer | None = None, *, status: int = 200,
                headers: dict[str, str] | None = None, **context) -> HTMLResponse:
@@ -180,6 +181,11 @@ def megabytes(value: float | None) -> str:
         return "—"
     mb = value / (1 << 20)
     return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
+def amount(value: float) -> str:
+    """A quantity with two decimals, or two significant digits when it is smaller than that shows."""
+    return f"{value:,.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
 
 
 def money(value: float | None, currency: str = "USD") -> str:

@@ -11,8 +11,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
+from markupsafe import Markup, escape
 
-from corral.control.db import MetricRow, SandboxRow
+from corral.control.db import SandboxRow
 from corral.control.errors import to_http
 from corral.control.keys import check_timeout
 from corral.control.sandboxes import ListQuery
@@ -21,8 +22,9 @@ from corral.dashboard.web import Dashboard, Viewer, changing, signed_in
 
 STATES = ("running", "paused")
 SPARK_SAMPLES = 24  # the newest samples drawn in a row's sparklines
-SPARK_W, SPARK_H = 96, 24
+SPARK_W, SPARK_H = 72, 22
 EXTEND_S = 300  # what "+5 min" adds to a sandbox's time left
+PAGE_SIZE = 100  # rows a page of the table shows (and htmx redraws every second)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Filters:
     state: str = ""  # "", running, paused
     template: str = ""
     metadata: str = ""  # key=value pairs, separated by commas or spaces
+    page: int = 1
 
     def pairs(self) -> dict[str, str]:
         """The metadata filter's pairs; raises ValueError naming a malformed one."""
@@ -42,32 +45,37 @@ class Filters:
         return found
 
 
-@dataclass(frozen=True)
-class Spark:
-    points: str  # an SVG polyline's points
-    last: float  # the newest value, 0..1 of the scale
-    label: str
+NO_SAMPLES = Markup('<span class="muted" aria-label="no samples yet">—</span>')
 
 
-def _spark(values: list[float], label: str) -> Spark | None:
+def spark_svg(values: list[float], label: str, kind: str) -> Markup:
+    """A sparkline of `values` (0..1, oldest first) as inline SVG with its label for screen readers, and the
+    newest value; drawn here rather than in the template, which would take as long as the rest of a row."""
     if not values:
-        return None
+        return NO_SAMPLES
     values = values[-SPARK_SAMPLES:]
-    step = SPARK_W / max(1, SPARK_SAMPLES - 1)
+    if len(values) == 1:  # one sample so far: a short level line, not an invisible point
+        values = values * 2
+    step = SPARK_W / (SPARK_SAMPLES - 1)
     x0 = SPARK_W - step * (len(values) - 1)
-    points = " ".join(f"{x0 + i * step:.1f},{SPARK_H - 1 - max(0.0, min(1.0, v)) * (SPARK_H - 2):.1f}"
+    span = SPARK_H - 2
+    points = " ".join(f"{x0 + i * step:.0f},{SPARK_H - 1 - min(1.0, max(0.0, v)) * span:.0f}"
                       for i, v in enumerate(values))
-    return Spark(points, values[-1], label)
+    label = escape(label)
+    return Markup(f'<span class="spark-cell"><svg class="spark {kind}" width="{SPARK_W}" height="{SPARK_H}" '
+                  f'viewBox="0 0 {SPARK_W} {SPARK_H}" role="img" aria-label="{label}"><title>{label}</title>'
+                  f'<polyline points="{points}"/></svg><span class="spark-val">{round(values[-1] * 100)}%</span>'
+                  f'</span>')
 
 
-def _sparks(samples: list[MetricRow]) -> tuple[Spark | None, Spark | None]:
+def sparks(samples: list[tuple[float, float, int, int, int]]) -> tuple[Markup, Markup]:
+    """The CPU and memory sparklines of (ts, cpu_used_pct, mem_used, mem_total, cpu_count) samples."""
     if not samples:
-        return None, None
-    newest = samples[-1]
-    cpu = _spark([s.cpu_used_pct / 100 for s in samples], f"CPU {newest.cpu_used_pct:.0f}% of "
-                                                           f"{newest.cpu_count} vCPU")
-    memory = _spark([s.mem_used / s.mem_total if s.mem_total else 0.0 for s in samples],
-                    f"memory {newest.mem_used / (1 << 20):.0f} of {newest.mem_total / (1 << 20):.0f} MiB")
+        return NO_SAMPLES, NO_SAMPLES
+    _, cpu_pct, mem_used, mem_total, cpus = samples[-1]
+    cpu = spark_svg([s[1] / 100 for s in samples], f"CPU {cpu_pct:.0f}% of {cpus} vCPU", "cpu")
+    memory = spark_svg([s[2] / s[3] if s[3] else 0.0 for s in samples],
+                       f"memory {mem_used / 2**20:.0f} of {mem_total / 2**20:.0f} MiB", "mem")
     return cpu, memory
 
 
@@ -86,25 +94,30 @@ def sandbox_pages(dash: Dashboard) -> APIRouter:
         shown = [r for r in rows if (not filters.state or r.state == filters.state)
                  and (not filters.template or r.template == filters.template)
                  and all((r.sandbox_metadata or {}).get(k) == v for k, v in wanted.items())]
+        pages = max(1, -(-len(shown) // PAGE_SIZE))
+        page = min(max(1, filters.page), pages)
+        first = (page - 1) * PAGE_SIZE
+        matching, shown = len(shown), shown[first:first + PAGE_SIZE]
         now = time.time()
         window = SPARK_SAMPLES * max(1.0, plane.settings.metrics_interval_s) * 1.5
         samples = await plane.sandboxes.recent_metrics(viewer.key.owner, [r.id for r in shown if r.state == "running"],
                                                        now - window)
-        return dict(rows=shown, sparks={r.id: _sparks(samples.get(r.id, [])) for r in shown}, now=now,
+        return dict(rows=shown, sparks={r.id: sparks(samples.get(r.id, [])) for r in shown}, now=now,
                     templates=templates, filters=filters, problem=problem, total=len(rows),
+                    matching=matching, page=page, pages=pages, first=first,
                     running=sum(r.state == "running" for r in rows), paused=sum(r.state == "paused" for r in rows),
                     can_act=viewer.can(SANDBOXES), spark_w=SPARK_W, spark_h=SPARK_H)
 
     @router.get("/sandboxes")
     async def page(request: Request, viewer: Viewer = Depends(signed_in), state: str = "", template: str = "",
-                   metadata: str = "") -> Response:
-        context = await table_context(viewer, Filters(state if state in STATES else "", template, metadata))
+                   metadata: str = "", page: int = 1) -> Response:
+        context = await table_context(viewer, Filters(state if state in STATES else "", template, metadata, page))
         return dash.render(request, "sandboxes.html", viewer, title="Sandboxes", **context)
 
     @router.get("/sandboxes/table")
     async def table(request: Request, viewer: Viewer = Depends(signed_in), state: str = "", template: str = "",
-                    metadata: str = "") -> Response:
-        context = await table_context(viewer, Filters(state if state in STATES else "", template, metadata))
+                    metadata: str = "", page: int = 1) -> Response:
+        context = await table_context(viewer, Filters(state if state in STATES else "", template, metadata, page))
         return dash.render(request, "_sandbox_table.html", viewer, **context)
 
     async def act(request: Request, viewer: Viewer, work) -> Response:

@@ -26,9 +26,9 @@
       width: Math.max(240, element.clientWidth),
       height: Number(element.dataset.height || 220),
       cursor: { points: { size: 7 } },
-      legend: { live: true },
-      scales: { x: { time: true } },
-      axes: [axis, { ...axis, values: (u, vals) => vals.map((v) => money("")(u, v)), size: 64 }],
+      legend: { show: false },  // the table under each chart names the series, in the same colours
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      axes: [axis, { ...axis, size: 64 }],
       series: [{ label: "Day", value: "{YYYY}-{MM}-{DD}" }].concat(data.series.map((s, i) => ({
         label: s.label,
         stroke: PALETTE[i % PALETTE.length],
@@ -87,7 +87,21 @@
     drawCharts(element);
   });
 
+  // The table's pager: the page is a hidden field of the filters form, so the every-second poll keeps it;
+  // changing any other filter starts again at page 1.
+  document.addEventListener("change", (event) => {
+    const form = event.target.form;
+    const page = form && form.querySelector("input[name=page]");
+    if (page && event.target !== page && !event.detail) page.value = "1";
+  }, true);
+
   document.addEventListener("click", (event) => {
+    const pager = event.target.closest("[data-page]");
+    if (pager) {
+      const field = document.getElementById("filter-page");
+      field.value = pager.dataset.page;
+      field.form.dispatchEvent(new CustomEvent("change", { bubbles: true, detail: "page" }));
+    }
     const dismiss = event.target.closest("[data-dismiss]");
     if (dismiss) dismiss.closest(".flash").remove();
     const copy = event.target.closest("[data-copy]");
