@@ -70,6 +70,36 @@ def test_a_read_only_key_cannot_create_and_is_told_which_scope_it_lacks(server):
     assert Sandbox.list(**opts(server, reader)).next_items() == []
 
 
+def test_a_key_allowed_a_built_template_by_name_forks_pauses_and_resumes_its_sandboxes(server):
+    """Sandboxes record a built template by its id; a key's allow-list names it: both must match."""
+    from e2b import Template
+
+    team(server, "builders")
+    builder = key(server, "builders")
+    built = Template.build(Template().from_template("base").run_cmd("echo allowed > /tmp/built"), "allowed-tpl",
+                           **opts(server, builder))
+    limited = key(server, "builders", "--templates", "allowed-tpl")
+    sbx = Sandbox.create("allowed-tpl", timeout=120, **opts(server, limited))
+    try:
+        by_id = Sandbox.create(built.template_id, timeout=60, **opts(server, limited))
+        by_id.kill()
+        forked = httpx.post(f"{server.url}/sandboxes/{sbx.sandbox_id}/fork", json={"count": 1},
+                            headers={"X-API-KEY": limited})
+        assert forked.status_code == 201, forked.text
+        Sandbox.kill(forked.json()[0]["sandbox"]["sandboxID"], **opts(server, limited))
+        sbx.beta_pause()
+        resumed = Sandbox.connect(sbx.sandbox_id, **opts(server, limited))
+        assert resumed.commands.run("cat /tmp/built").stdout == "allowed\n"
+        other = key(server, "builders", "--templates", "base")
+        with pytest.raises(SandboxException, match="may not start sandboxes of"):
+            Sandbox.create("allowed-tpl", timeout=60, **opts(server, other))
+        refused = httpx.post(f"{server.url}/sandboxes/{sbx.sandbox_id}/fork", json={"count": 1},
+                             headers={"X-API-KEY": other})
+        assert refused.status_code == 403 and "may not start sandboxes of" in refused.json()["message"]
+    finally:
+        sbx.kill()
+
+
 def test_the_team_concurrency_quota_raises_the_sdks_rate_limit_error(server):
     team(server, "two-at-once", "--max-concurrent", "2")
     member = key(server, "two-at-once")

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.orm import Session
 
@@ -47,6 +47,8 @@ class Branching:
         self._orchestrator = orchestrator
         # Snapshot names may not shadow templates.
         self._is_template = is_template
+        # The name of a built template by its id, for keys whose allow-list names it (control/plane.py).
+        self.template_name: Callable[[Owner, str], Awaitable[str | None]] = _no_name
         self.metrics: ServerMetrics = UNSCRAPED  # the server's, handed in by control/plane.py
 
     # --- pause and resume ------------------------------------------------------------------------
@@ -96,7 +98,8 @@ class Branching:
             if row.state == "running":
                 return await self._sandboxes.extend(owner, sandbox_id, timeout), False
             seconds = self._sandboxes.timeout_for(timeout if timeout is not None else row.timeout_s)
-            check_key_limits(owner.limits, row.template, _resources(row), seconds)
+            check_key_limits(owner.limits, row.template, _resources(row), seconds,
+                             await self.template_name(owner, row.template))
             node_id = row.paused_node
             node = await self._db.read(lambda session: session.get(CheckpointRow, node_id))
             async with self._sandboxes.admission.starting(owner, _resources(row), timeout_s=seconds):
@@ -192,7 +195,8 @@ class Branching:
             raise ApiError(400, f"count must be between 1 and {MAX_FORKS}, got {count}")
         row = await self._sandboxes.get(owner, sandbox_id)
         seconds = self._sandboxes.timeout_for(timeout)
-        check_key_limits(owner.limits, row.template, _resources(row), seconds)
+        check_key_limits(owner.limits, row.template, _resources(row), seconds,
+                         await self.template_name(owner, row.template))
         async with self._sandboxes.admission.starting(owner, _resources(row), count, timeout_s=seconds):
             results = await self._fork(owner, sandbox_id, count=count, timeout=timeout)
         self.metrics.fork_seconds.observe(time.perf_counter() - started)
@@ -206,7 +210,8 @@ class Branching:
         and the team's quota."""
         node = await self._tree.node(owner, ref)
         seconds = self._sandboxes.timeout_for(timeout)
-        check_key_limits(owner.limits, node.template, _resources(node), seconds)
+        check_key_limits(owner.limits, node.template, _resources(node), seconds,
+                         await self.template_name(owner, node.template))
         async with self._sandboxes.admission.starting(owner, _resources(node), count, timeout_s=seconds):
             return await self.start_from(node, count, maker=owner, timeout=seconds, metadata=metadata,
                                          env_vars=env_vars or node.env_vars, lifecycle={}, internet=node.internet)
@@ -310,3 +315,7 @@ def _egress_args(record: dict | None) -> dict:
 
 def _resources(row) -> Resources:
     return Resources(vcpus=row.vcpus, memory_mb=row.memory_mb, disk_mb=row.disk_mb)
+
+
+async def _no_name(owner: Owner, template: str) -> str | None:
+    return None

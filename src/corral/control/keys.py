@@ -290,10 +290,12 @@ def check_timeout(limits: KeyLimits, seconds: int) -> None:
         raise ApiError(400, f"timeout {seconds}s is above this API key's maximum of {limits.max_timeout_s}s")
 
 
-def check_template(limits: KeyLimits, ref: str) -> None:
-    """Refuses (403) a template outside the key's allowed ones; `ref` as the request names it (its tag aside)."""
+def check_template(limits: KeyLimits, ref: str, name_of_id: str | None = None) -> None:
+    """Refuses (403) a template outside the key's allowed ones; `ref` as the request or a sandbox's record
+    names it (its tag aside), `name_of_id` the name of the user-built template when `ref` is its id (the
+    allow-list names templates; sandboxes record a built template by id)."""
     name = ref.partition(":")[0]
-    if limits.templates is not None and name not in limits.templates:
+    if limits.templates is not None and name not in limits.templates and name_of_id not in limits.templates:
         allowed = ", ".join(limits.templates) or "none"
         raise ApiError(403, f"this API key may not start sandboxes of {name!r} (allowed: {allowed})")
 
@@ -309,8 +311,9 @@ def check_resources(limits: KeyLimits, template: str, resources) -> None:
                             f"key's maximum of {limits.max_memory_mb} MB")
 
 
-def check_key_limits(limits: KeyLimits, template: str, resources, seconds: int) -> None:
+def check_key_limits(limits: KeyLimits, template: str, resources, seconds: int,
+                     name_of_id: str | None = None) -> None:
     """All of a key's limits on a new running sandbox (a create, fork, start from a checkpoint, resume)."""
-    check_template(limits, template)
+    check_template(limits, template, name_of_id)
     check_resources(limits, template, resources)
     check_timeout(limits, seconds)

@@ -20,7 +20,7 @@ from corral.config import PlatformSettings
 from corral.control.branching import Branching
 from corral.control.db import CheckpointRow, Database, SandboxRow
 from corral.control.events import Events
-from corral.control.keys import owner_of
+from corral.control.keys import Owner, owner_of
 from corral.control.metering import Meter, Prices
 from corral.control.recordings import RecordingLimits, Recordings
 from corral.control.recovery import recover
@@ -61,6 +61,7 @@ class ControlPlane:
                             max_per_owner=settings.recordings_per_key))
         # Templates users build (control/templates.py); None on a server that builds none.
         self.templates: Templates | None = None
+        self.branching.template_name = self._template_name
         self.events = self.sandboxes.events = Events(database)
         # Deliveries of the events to the teams' webhooks (control/webhooks.py); None on a server without them.
         self.webhooks = webhooks
@@ -92,6 +93,9 @@ class ControlPlane:
                 await self.branching.pause(owner_of(row), row.id, memory=True, reason="spending cap")
             except Exception as e:  # killed or paused meanwhile, or a pause that failed: the others go on
                 log.warning("pausing %s at its team's spending cap failed: %s", row.id, e)
+
+    async def _template_name(self, owner: Owner, template: str) -> str | None:
+        return await self.templates.name_of(owner, template) if self.templates is not None else None
 
     async def template_in_use(self, template_id: str) -> bool:
         """Whether a sandbox (running or paused) or a checkpoint stands on a build of the template."""

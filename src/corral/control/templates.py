@@ -205,6 +205,15 @@ class Templates:
             return None
         return row
 
+    async def name_of(self, owner: Owner, ref: str) -> str | None:
+        """The name of the owner's (or a public) built template `ref` (an id or a name, its tag aside); None
+        for a built-in or no template."""
+        name = ref.partition(":")[0]
+        if name in self.builtin():
+            return None
+        row = await self._find(owner, name)
+        return row.name if row is not None else None
+
     async def get(self, owner: Owner, ref: str) -> TemplateRow:
         name = ref.partition(":")[0]
         row = await self._find(owner, name)
