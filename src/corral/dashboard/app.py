@@ -16,7 +16,10 @@ from corral.dashboard.pages.auth import auth_pages
 from corral.dashboard.pages.coming import coming_pages
 from corral.dashboard.pages.events import event_pages
 from corral.dashboard.pages.keys import key_pages
+from corral.dashboard.pages.sandbox import sandbox_detail_pages
 from corral.dashboard.pages.sandboxes import sandbox_pages
+from corral.dashboard.pages.templates import template_pages
+from corral.dashboard.pages.tree import tree_pages
 from corral.dashboard.pages.usage import usage_pages
 from corral.dashboard.web import HERE, Dashboard, Refused, signin_url
 
@@ -61,6 +64,7 @@ def create_dashboard(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.mount("/vendor", StaticFiles(directory=assets.VENDOR, check_dir=False), name="vendor")
-    for pages in (auth_pages, sandbox_pages, usage_pages, event_pages, key_pages, coming_pages):
+    for pages in (auth_pages, sandbox_pages, sandbox_detail_pages, tree_pages, template_pages, usage_pages, event_pages,
+                  key_pages, coming_pages):
         app.include_router(pages(dash))
     return app

@@ -48,8 +48,8 @@ class NavItem:
 # The navigation, in order. A new page adds its entry here (and drops `coming` once it is built).
 NAV = [
     NavItem("/sandboxes", "Sandboxes"),
-    NavItem("/templates", "Templates", coming=True),
-    NavItem("/tree", "Tree", coming=True),
+    NavItem("/templates", "Templates"),
+    NavItem("/tree", "Tree"),
     NavItem("/usage", "Usage"),
     NavItem("/events", "Events"),
     NavItem("/keys", "Keys"),

@@ -7,12 +7,8 @@ from fastapi.responses import Response
 
 from corral.dashboard.web import NAV, Dashboard, Viewer, signed_in
 
-PLANS = {
-    "/templates": "The templates your team can start sandboxes from, their builds with their logs (following "
-                  "while a build runs) and their tags.",
-    "/tree": "The checkpoint tree: snapshots and forks as a picture, each node with its time, size and the "
-             "sandboxes running from it, and restore or fork from any node with a click.",
-}
+# What each NAV item marked `coming` will show (none is, now).
+PLANS: dict[str, str] = {}
 
 
 def coming_pages(dash: Dashboard) -> APIRouter:
