@@ -15,6 +15,7 @@ import tarfile
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from helpers.fast import TEMPLATE, fake_orchestrator
 
 from corral.config import PlatformSettings
@@ -22,6 +23,7 @@ from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
+from corral.control.webhooks import Webhooks
 from corral.dashboard import assets
 from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
@@ -51,7 +53,8 @@ async def served(tmp_path):
     database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
     keys = ApiKeys(database)
     plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics())
+                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(),
+                         webhooks=Webhooks(database, Fernet.generate_key()))
     await plane.start()
     app = create_api(plane, keys)
     try:
@@ -241,6 +244,18 @@ async def test_two_teams_see_only_their_own_sandboxes_events_usage_and_keys(tmp_
         assert revoked.status_code == 404
         assert await keys.verify(alice_key) is not None
         assert (await alice.get(f"/sandboxes/{theirs}", headers={"X-API-KEY": alice_key})).status_code == 200
+
+
+async def test_webhook_urls_are_masked_for_keys_without_admin_as_the_api_masks_them(tmp_path):
+    async with served(tmp_path) as (app, keys, plane), client(app) as admin, client(app) as reader:
+        owner, admin_key = await keys.create("owner", scopes=["admin"])
+        _, reader_key = await keys.create("reader", team=owner.team_id, scopes=["read"])
+        await plane.webhooks.create(owner.owner, url="https://hooks.example/deliver?token=s3cret", enabled=False)
+        await sign_in(admin, admin_key)
+        await sign_in(reader, reader_key)
+        assert "https://hooks.example/deliver?token=s3cret" in shown(await admin.get("/dashboard/events"))
+        seen = shown(await reader.get("/dashboard/events"))
+        assert "https://hooks.example/…" in seen and "s3cret" not in seen
 
 
 async def test_revoking_the_key_ends_its_dashboard_session(tmp_path):

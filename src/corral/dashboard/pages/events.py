@@ -7,6 +7,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from corral.control.api_webhooks import masked_url
+from corral.control.scopes import ADMIN
 from corral.control.webhooks import event_payload
 from corral.dashboard.web import Dashboard, Viewer, signed_in
 
@@ -28,10 +30,15 @@ def event_pages(dash: Dashboard) -> APIRouter:
         hooks = []
         if plane.webhooks is not None:
             for hook in await plane.webhooks.list(viewer.key.owner):
-                hooks.append((hook, await plane.webhooks.deliveries(viewer.key.owner, hook.id,
-                                                                    limit=DELIVERIES_SHOWN)))
+                deliveries = await plane.webhooks.deliveries(viewer.key.owner, hook.id, limit=DELIVERIES_SHOWN)
+                # As the API answers: what the receiver answered (an excerpt) only to admin keys.
+                hooks.append((hook, [(d, d.error if viewer.can(ADMIN) or d.response_status is None else None)
+                                     for d in deliveries]))
         types = sorted({row.type for row, _ in (await events_context(viewer, ""))["events"]})
+        # As GET /events/webhooks answers: the full URL (it may carry a token) only to admin keys.
+        shown_url = (lambda url: url) if viewer.can(ADMIN) else masked_url
         return dash.render(request, "events.html", viewer, title="Events", hooks=hooks, types=types,
+                           shown_url=shown_url,
                            **await events_context(viewer, kind))
 
     @router.get("/events/list")
