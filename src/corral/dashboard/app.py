@@ -60,7 +60,8 @@ def create_dashboard(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None
             return HTMLResponse(exc.message, status_code=401)
         if htmx:
             return dash.render(request, "_flash.html", status=exc.status, kind="error", message=exc.message)
-        return dash.render(request, "error.html", status=exc.status, message=exc.message)
+        return dash.render(request, "error.html", status=exc.status, message=exc.message,
+                           title="Not found" if exc.status == 404 else "Not allowed")
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.mount("/vendor", StaticFiles(directory=assets.VENDOR, check_dir=False), name="vendor")
