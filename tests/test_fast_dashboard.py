@@ -386,11 +386,3 @@ def test_every_locked_front_end_package_is_pinned_to_an_exact_version_and_sha512
         assert package.integrity.startswith("sha512-") and package.tarball.startswith("https://registry.npmjs.org/")
         assert package.tarball.endswith(f"-{package.version}.tgz")
 
-
-async def test_pages_not_built_yet_say_they_are_coming(tmp_path):
-    async with served(tmp_path) as (app, keys, _), client(app) as http:
-        _, secret = await keys.create("alice")
-        await sign_in(http, secret)
-        for path in ("/dashboard/templates", "/dashboard/tree"):
-            page = await http.get(path, params={"item": "x"})
-            assert page.status_code == 200 and "This page is not built yet" in page.text
