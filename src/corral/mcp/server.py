@@ -31,6 +31,9 @@ MAX_TEXT = 100_000  # characters of output returned at once; the rest is cut wit
 DESKTOP_DISPLAY = ":0"  # where the desktop template's X server is (templates/builtin.py)
 XDOTOOL_BUTTONS = {"left": 1, "middle": 2, "right": 3}
 
+SandboxId = Annotated[str, Field(description="the sandbox's id, as create_sandbox or list_sandboxes gave it")]
+FilePath = Annotated[str, Field(description="a path in the sandbox; relative paths are under /home/user")]
+
 
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f"\n[... {len(text) - MAX_TEXT} more characters cut]"
@@ -136,11 +139,11 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                              "with the process id.")
     async def run_command(
         ctx: Context,
-        sandbox_id: str,
-        command: str,
-        timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 60,
-        background: bool = False,
-        cwd: str | None = None,
+        sandbox_id: SandboxId,
+        command: Annotated[str, Field(description="a bash command line")],
+        timeout_seconds: Annotated[int, Field(ge=1, le=3600, description="killed after this long")] = 60,
+        background: Annotated[bool, Field(description="start it and return at once (servers, long jobs)")] = False,
+        cwd: Annotated[str | None, Field(description="working directory (default /home/user)")] = None,
         user: Annotated[str, Field(description="user or root")] = "user",
     ) -> dict:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
@@ -162,10 +165,10 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                  structured_output=False)
     async def run_code(
         ctx: Context,
-        sandbox_id: str,
-        code: str,
+        sandbox_id: SandboxId,
+        code: Annotated[str, Field(description="the code of one cell; its last expression is its result")],
         language: Annotated[str, Field(description=", ".join(LANGUAGES))] = "python",
-        timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120,
+        timeout_seconds: Annotated[int, Field(ge=1, le=3600, description="interrupted after this long")] = 120,
     ) -> list[Any]:
         if language not in LANGUAGES:
             raise ToolError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
@@ -197,7 +200,8 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
         return [_cut("\n".join(text) or "(no output)"), *parts]
 
     @server.tool(description="Write a text file in a sandbox (parent directories are made).")
-    async def write_file(ctx: Context, sandbox_id: str, path: str, content: str) -> dict:
+    async def write_file(ctx: Context, sandbox_id: SandboxId, path: FilePath,
+                         content: Annotated[str, Field(description="the file's whole text")]) -> dict:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         try:
             info = await sandbox.files.write(path, content)
@@ -206,7 +210,7 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
         return {"path": info.path, "bytes": len(content.encode())}
 
     @server.tool(description="Read a text file from a sandbox.")
-    async def read_file(ctx: Context, sandbox_id: str, path: str) -> str:
+    async def read_file(ctx: Context, sandbox_id: SandboxId, path: FilePath) -> str:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         try:
             return _cut(await sandbox.files.read(path))
@@ -214,7 +218,7 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
             raise ToolError(f"reading {path} failed: {e}") from None
 
     @server.tool(description="List a directory in a sandbox: names, types (file, dir) and sizes.")
-    async def list_files(ctx: Context, sandbox_id: str, path: str = "/home/user") -> list[dict]:
+    async def list_files(ctx: Context, sandbox_id: SandboxId, path: FilePath = "/home/user") -> list[dict]:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         try:
             entries = await sandbox.files.list(path)
@@ -225,43 +229,58 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
 
     @server.tool(description="The public URL of a port a program listens on in the sandbox (an app, a server "
                              "the agent started), to open in a browser or fetch.")
-    async def get_preview_url(ctx: Context, sandbox_id: str, port: Annotated[int, Field(ge=1, le=65535)]) -> dict:
+    async def get_preview_url(
+        ctx: Context,
+        sandbox_id: SandboxId,
+        port: Annotated[int, Field(ge=1, le=65535, description="the port the program listens on")],
+    ) -> dict:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         return {"url": f"https://{sandbox.get_host(port)}", "host": sandbox.get_host(port)}
 
     @server.tool(description="Pause a sandbox: it stops running and keeps its memory and files until resumed.")
-    async def pause_sandbox(ctx: Context, sandbox_id: str) -> dict:
+    async def pause_sandbox(ctx: Context, sandbox_id: SandboxId) -> dict:
         await api_of(ctx).call("POST", f"/sandboxes/{sandbox_id}/pause")
         return {"sandbox_id": sandbox_id, "state": "paused"}
 
     @server.tool(description="Resume a paused sandbox (or extend a running one) for timeout_seconds.")
-    async def resume_sandbox(ctx: Context, sandbox_id: str,
-                             timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 300) -> dict:
+    async def resume_sandbox(
+        ctx: Context,
+        sandbox_id: SandboxId,
+        timeout_seconds: Annotated[int, Field(ge=1, le=86400, description="it runs this long from now")] = 300,
+    ) -> dict:
         await api_of(ctx).call("POST", f"/sandboxes/{sandbox_id}/connect", json={"timeout": timeout_seconds})
         return {"sandbox_id": sandbox_id, "state": "running"}
 
     @server.tool(description="Snapshot a sandbox (memory and files) under a name new sandboxes can start from "
                              "(create_sandbox with template=<name>).")
-    async def snapshot_sandbox(ctx: Context, sandbox_id: str, name: str | None = None) -> dict:
+    async def snapshot_sandbox(
+        ctx: Context,
+        sandbox_id: SandboxId,
+        name: Annotated[str | None, Field(description="a name to start from; none: only its id")] = None,
+    ) -> dict:
         node = await api_of(ctx).call("POST", f"/sandboxes/{sandbox_id}/snapshots", json={"name": name} if name else {})
         return {"snapshot_id": node["snapshotID"], "name": name}
 
     @server.tool(description="Fork a running or paused sandbox into count independent copies of its current "
                              "state (memory, processes, files); returns their sandbox_ids.")
-    async def fork_sandbox(ctx: Context, sandbox_id: str, count: Annotated[int, Field(ge=1, le=16)] = 1) -> dict:
+    async def fork_sandbox(
+        ctx: Context,
+        sandbox_id: SandboxId,
+        count: Annotated[int, Field(ge=1, le=16, description="how many copies")] = 1,
+    ) -> dict:
         results = await api_of(ctx).call("POST", f"/sandboxes/{sandbox_id}/fork", json={"count": count})
         return {"sandbox_ids": [r["sandbox"]["sandboxID"] for r in results if r.get("sandbox")],
                 "errors": [r["error"]["message"] for r in results if r.get("error")]}
 
     @server.tool(description="Kill a sandbox: it ends now and its files go (snapshots stay).")
-    async def kill_sandbox(ctx: Context, sandbox_id: str) -> dict:
+    async def kill_sandbox(ctx: Context, sandbox_id: SandboxId) -> dict:
         await api_of(ctx).call("DELETE", f"/sandboxes/{sandbox_id}")
         return {"sandbox_id": sandbox_id, "killed": True}
 
     # ------------------------------------------------------------------------------------------ desktop
     # As the e2b-desktop SDK drives a `desktop` sandbox: xdotool and the template's scrot on its X display.
 
-    async def on_desktop(ctx: Context, sandbox_id: str, command: str, what: str) -> str:
+    async def on_desktop(ctx: Context, sandbox_id: SandboxId, command: str, what: str) -> str:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         try:
             result = await sandbox.commands.run(command, envs={"DISPLAY": DESKTOP_DISPLAY}, timeout=30)
@@ -276,7 +295,7 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
 
     @server.tool(description="Take a screenshot of a desktop sandbox's screen (PNG image, pointer drawn in).",
                  structured_output=False)
-    async def desktop_screenshot(ctx: Context, sandbox_id: str) -> list[Any]:
+    async def desktop_screenshot(ctx: Context, sandbox_id: SandboxId) -> list[Any]:
         path = f"/tmp/corral-mcp-{uuid.uuid4().hex}.png"
         await on_desktop(ctx, sandbox_id, f"scrot -p {path}", "the screenshot")
         sandbox = await api_of(ctx).sandbox(sandbox_id)
@@ -290,11 +309,11 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                              "left, right or middle; double=true for a double click.")
     async def desktop_click(
         ctx: Context,
-        sandbox_id: str,
-        x: Annotated[int, Field(ge=0)],
-        y: Annotated[int, Field(ge=0)],
-        button: Literal["left", "right", "middle"] = "left",
-        double: bool = False,
+        sandbox_id: SandboxId,
+        x: Annotated[int, Field(ge=0, description="pixels from the left edge")],
+        y: Annotated[int, Field(ge=0, description="pixels from the top edge")],
+        button: Annotated[Literal["left", "right", "middle"], Field(description="mouse button")] = "left",
+        double: Annotated[bool, Field(description="a double click")] = False,
     ) -> dict:
         clicks = "--repeat 2 --delay 100 " if double else ""
         await on_desktop(ctx, sandbox_id, f"xdotool mousemove --sync {x} {y} click {clicks}{XDOTOOL_BUTTONS[button]}",
@@ -302,13 +321,15 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
         return {"clicked": [x, y], "button": button, "double": double}
 
     @server.tool(description="Type text on a desktop sandbox as a keyboard would, into the focused window.")
-    async def desktop_type(ctx: Context, sandbox_id: str, text: str) -> dict:
+    async def desktop_type(ctx: Context, sandbox_id: SandboxId,
+                           text: Annotated[str, Field(description="the text, as typed")]) -> dict:
         await on_desktop(ctx, sandbox_id, f"xdotool type --delay 12 -- {shlex.quote(text)}", "typing")
         return {"typed": len(text)}
 
     @server.tool(description="Press a key or key combination on a desktop sandbox, in X keysym names joined "
                              "by +: Return, Escape, Tab, BackSpace, ctrl+c, alt+F4, ctrl+shift+t.")
-    async def desktop_press(ctx: Context, sandbox_id: str, keys: str) -> dict:
+    async def desktop_press(ctx: Context, sandbox_id: SandboxId,
+                            keys: Annotated[str, Field(description="one key or combination: Return, ctrl+s")]) -> dict:
         if not keys.strip() or any(c.isspace() for c in keys.strip()):
             raise ToolError("keys is one combination without spaces, e.g. ctrl+c or Return")
         await on_desktop(ctx, sandbox_id, f"xdotool key -- {shlex.quote(keys.strip())}", "the key press")
@@ -318,11 +339,11 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                              "pointer (or at x, y when given).")
     async def desktop_scroll(
         ctx: Context,
-        sandbox_id: str,
-        direction: Literal["up", "down"] = "down",
-        amount: Annotated[int, Field(ge=1, le=100)] = 3,
-        x: Annotated[int | None, Field(ge=0)] = None,
-        y: Annotated[int | None, Field(ge=0)] = None,
+        sandbox_id: SandboxId,
+        direction: Annotated[Literal["up", "down"], Field(description="which way")] = "down",
+        amount: Annotated[int, Field(ge=1, le=100, description="wheel steps")] = 3,
+        x: Annotated[int | None, Field(ge=0, description="move the pointer here first (with y)")] = None,
+        y: Annotated[int | None, Field(ge=0, description="move the pointer here first (with x)")] = None,
     ) -> dict:
         move = f"mousemove --sync {x} {y} " if x is not None and y is not None else ""
         button = 4 if direction == "up" else 5
@@ -335,7 +356,7 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
                      description="A text file in a sandbox, by its absolute path "
                                  "(corral://sandboxes/<id>/files/home/user/notes.txt).",
                      security=ResourceSecurity(exempt_params={"path"}))
-    async def sandbox_file(ctx: Context, sandbox_id: str, path: str) -> str:
+    async def sandbox_file(ctx: Context, sandbox_id: SandboxId, path: FilePath) -> str:
         sandbox = await api_of(ctx).sandbox(sandbox_id)
         try:
             return _cut(await sandbox.files.read(path))
@@ -344,7 +365,7 @@ def build_server(api_url: str, api_key: str | None = None, domain: str | None = 
 
     @server.resource("corral://sandboxes/{sandbox_id}/logs", mime_type="text/plain",
                      description="A sandbox's logs: its start, its processes' lifecycle, envd's own lines.")
-    async def sandbox_logs(ctx: Context, sandbox_id: str) -> str:
+    async def sandbox_logs(ctx: Context, sandbox_id: SandboxId) -> str:
         answer = await api_of(ctx).call("GET", f"/v2/sandboxes/{sandbox_id}/logs", params={"limit": 1000})
         lines = [f"{e['timestamp']} {e.get('level', 'info'):5} {e['message']}" for e in answer.get("logs", [])]
         return _cut("\n".join(lines) or "(no log lines)")
