@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -258,8 +260,7 @@ OLD_TABLES = (
 )
 
 
-async def test_a_database_from_before_teams_gets_a_team_per_key_and_keeps_what_each_owned(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def make_old_database(url: str) -> None:
     engine = create_engine(url)
     now = time.time()
     with engine.begin() as connection:
@@ -278,6 +279,10 @@ async def test_a_database_from_before_teams_gets_a_team_per_key_and_keeps_what_e
             "VALUES ('vol1', 'cccc3333', 'data', 64, 'd', x'00', :now)"), {"now": now})
     engine.dispose()
 
+
+async def test_a_database_from_before_teams_gets_a_team_per_key_and_keeps_what_each_owned(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    make_old_database(url)
     database = open_database(url)
     keys = ApiKeys(database)
     teams = {t.id: t for t in await keys.teams()}
@@ -336,3 +341,30 @@ def test_the_cli_makes_teams_and_keys_with_scopes_expiry_and_limits(tmp_path, mo
     assert team["keys"] == 1
     run("keys", "revoke", made["id"])
     assert json.loads(run("keys", "ls", "--team", "research", "--json"))[0]["state"] == "revoked"
+
+
+OPEN_AT = """
+import sys, time
+from corral.control.db import open_database
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+open_database(sys.argv[1]).close()
+"""
+
+
+def test_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path):
+    """A server and CLI commands started together each open the database: its migration runs in one of them,
+    under the write lock, and the others find it done."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    make_old_database(url)
+    start = time.time() + 2  # all interpreters are up by then: they open the database together
+    opening = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(start)], stderr=subprocess.PIPE, text=True)
+               for _ in range(6)]
+    failed = [p.stderr.read()[-800:] for p in opening if p.wait(timeout=60) != 0]
+    assert failed == []
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert sorted(connection.execute(text("SELECT id FROM teams")).scalars()) == ["aaaa1111", "bbbb2222",
+                                                                                      "cccc3333"]
+        assert connection.execute(text("SELECT team_id FROM sandboxes WHERE id = 'sbx1'")).scalar() == "bbbb2222"
+    engine.dispose()

@@ -27,7 +27,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 T = TypeVar("T")
@@ -368,8 +368,12 @@ def open_database(url: str) -> Database:
     # server) could commit in between: a read-modify-write (metering's `metered_at`) would then count twice.
     # Corral begins transactions itself: reads with BEGIN (a consistent snapshot), write units with BEGIN
     # IMMEDIATE (the write lock from their first read on, so they serialize across processes).
-    setup = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    # The tables are made and migrated in one BEGIN IMMEDIATE transaction (SQLite's DDL is transactional):
+    # processes opening the database at once (a server and CLI commands) take turns, and the later ones
+    # find the work done instead of racing to create or migrate the same tables.
+    setup = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None, "timeout": 30})
     event.listen(setup, "connect", _sqlite_pragmas)
+    event.listen(setup, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     _prepare(setup)
     setup.dispose()
     engines = []
@@ -383,44 +387,44 @@ def open_database(url: str) -> Database:
 
 
 def _prepare(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
-    _migrate_to_teams(engine)
+    """Tables made, and migrated, in one transaction."""
+    with engine.begin() as connection:
+        Base.metadata.create_all(connection)
+        _add_missing_columns(connection)
+        _migrate_to_teams(connection)
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _add_missing_columns(connection: Connection) -> None:
     """Databases made by an older Corral lack columns added since; every added column is nullable or has a
     default, so adding it in place is the whole migration."""
-    existing = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                kind = column.type.compile(engine.dialect)
-                default = column.default.arg if column.default is not None and column.default.is_scalar else None
-                clause = f" DEFAULT {_sql_literal(default)}" if default is not None else ""
-                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
+    existing = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            kind = column.type.compile(connection.dialect)
+            default = column.default.arg if column.default is not None and column.default.is_scalar else None
+            clause = f" DEFAULT {_sql_literal(default)}" if default is not None else ""
+            connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
 
 
-def _migrate_to_teams(engine: Engine) -> None:
+def _migrate_to_teams(connection: Connection) -> None:
     """Before teams each key owned what it made. Each such key becomes the only key of a team with its own
     id (named after the key; the key's id if that name is taken), so that what it owned stays its team's;
     rows get their maker's team. Idempotent: only rows without a team are touched."""
     owned = [t.name for t in Base.metadata.sorted_tables if "team_id" in t.columns and "key_id" in t.columns]
-    with engine.begin() as connection:
-        orphans = connection.execute(text("SELECT id, name, created_at FROM api_keys WHERE team_id IS NULL")).all()
-        taken = {name for (name,) in connection.execute(text("SELECT name FROM teams"))}
-        for key_id, name, created_at in orphans:
-            team_name = name if name not in taken else key_id
-            taken.add(team_name)
-            connection.execute(text("INSERT INTO teams (id, name, created_at) VALUES (:id, :name, :at)"),
-                               {"id": key_id, "name": team_name, "at": created_at})
-            connection.execute(text("UPDATE api_keys SET team_id = :id WHERE id = :id"), {"id": key_id})
-        for table in owned:
-            connection.execute(text(f"UPDATE {table} SET team_id = (SELECT team_id FROM api_keys "
-                                    f"WHERE api_keys.id = {table}.key_id) WHERE team_id IS NULL"))
+    orphans = connection.execute(text("SELECT id, name, created_at FROM api_keys WHERE team_id IS NULL")).all()
+    taken = {name for (name,) in connection.execute(text("SELECT name FROM teams"))}
+    for key_id, name, created_at in orphans:
+        team_name = name if name not in taken else key_id
+        taken.add(team_name)
+        connection.execute(text("INSERT INTO teams (id, name, created_at) VALUES (:id, :name, :at)"),
+                           {"id": key_id, "name": team_name, "at": created_at})
+        connection.execute(text("UPDATE api_keys SET team_id = :id WHERE id = :id"), {"id": key_id})
+    for table in owned:
+        connection.execute(text(f"UPDATE {table} SET team_id = (SELECT team_id FROM api_keys "
+                                f"WHERE api_keys.id = {table}.key_id) WHERE team_id IS NULL"))
 
 
 def _sql_literal(value) -> str:
