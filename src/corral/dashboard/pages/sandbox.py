@@ -189,6 +189,8 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
     @router.get("/sandboxes/{sandbox_id}/files")
     async def files(request: Request, sandbox_id: str, viewer: Viewer = Depends(signed_in), path: str = "") -> Response:
         await row_of(viewer.key, sandbox_id)
+        if not viewer.can(EXECUTE):
+            raise Refused(403, f"This API key lacks the '{EXECUTE}' scope the file browser needs.")
         return await listing(request, viewer, sandbox_id, path)
 
     @router.get("/sandboxes/{sandbox_id}/files/download")

@@ -31,7 +31,7 @@ class Placed:
     y: float = 0.0
     sandboxes: list[tuple[str, str]] = field(default_factory=list)  # (id, state) at this node
     children: list[Placed] = field(default_factory=list)
-    focused: bool = False  # the page's focus names it, the sandbox it was taken of, or one at it
+    focused: bool = False  # the page's focus names it, or a sandbox at it
 
 
 @dataclass
@@ -97,9 +97,9 @@ def tree_pages(dash: Dashboard) -> APIRouter:
             depth(root, 0)
             lineage = lay_out(root)
             for p in lineage.nodes:
-                p.focused = bool(focus) and (focus in (p.node.id, p.node.name, p.node.sandbox_id)
+                p.focused = bool(focus) and (focus in (p.node.id, p.node.name)
                                              or any(focus == s for s, _ in p.sandboxes))
-            lineage.focused = any(p.focused for p in lineage.nodes)
+            lineage.focused = any(p.focused or focus == p.node.sandbox_id for p in lineage.nodes)
             lineages.append(lineage)
         # the focused lineage first, then the newest
         lineages.sort(key=lambda ln: (not ln.focused, -max(p.node.created_at for p in ln.nodes)))
