@@ -63,6 +63,24 @@ def test_two_keys_of_a_team_share_its_sandboxes_and_another_team_finds_none(serv
         Sandbox.kill(sbx.sandbox_id, **opts(server, second))
 
 
+def test_the_first_start_prints_an_sdk_key_and_an_admin_key_of_one_team(server):
+    """The server's first start made two keys and printed each once: `default` for the SDKs, `admin` for the
+    dashboard's sign-in (it may manage webhooks and keys, the other may not)."""
+    import re
+
+    printed = server.log.read_text()
+    default = re.search(r"export E2B_API_KEY=(e2b_[0-9a-f]{40})   # created now as 'default'", printed).group(1)
+    admin = re.search(r"/dashboard sign in with the admin key (e2b_[0-9a-f]{40}) ", printed).group(1)
+    hook = {"name": "h", "url": "https://hooks.example.test/corral", "events": ["sandbox.lifecycle.created"]}
+    refused = httpx.post(f"{server.url}/events/webhooks", json=hook, headers={"X-API-KEY": default})
+    assert refused.status_code == 403 and "'admin' scope" in refused.json()["message"]
+    sbx = Sandbox.create(timeout=60, **opts(server, default))
+    try:  # one team: the admin key sees the SDK key's sandbox
+        assert [s.sandbox_id for s in Sandbox.list(**opts(server, admin)).next_items()] == [sbx.sandbox_id]
+    finally:
+        sbx.kill()
+
+
 def test_a_read_only_key_cannot_create_and_is_told_which_scope_it_lacks(server):
     reader = key(server, None, "--scope", "read")
     with pytest.raises(SandboxException, match="lacks the 'sandboxes' scope"):

@@ -84,9 +84,14 @@ def serve_command(
         server.orchestrator.trusted_certificates = "\n".join(
             p for p in (server.orchestrator.trusted_certificates, tls.ca.read_text()) if p)
     key_line = "export E2B_API_KEY=<a key from `corral keys create`>"
+    admin_line = "# sign in with an API key (`corral keys create --scope admin` for one that manages keys)"
     if not asyncio.run(server.keys.list()):
-        _, secret = asyncio.run(server.keys.create("default"))
+        first, secret = asyncio.run(server.keys.create("default"))
         key_line = f"export E2B_API_KEY={secret}   # created now as 'default'; shown only once"
+        # The dashboard's first sign-in: a key of the same team that may also manage keys, kept out of the
+        # SDKs' environment so the everyday key is not the one that can make more.
+        _, admin = asyncio.run(server.keys.create("admin", team=first.team_id, scopes=["admin"]))
+        admin_line = f"# sign in with the admin key {admin}   (created now as 'admin'; shown only once)"
     console.print("[bold]Point the E2B SDKs at this server:[/bold]")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     # MCP tools call the API as any client would, over this listener.
@@ -102,8 +107,10 @@ def serve_command(
     else:
         lines = [f"export E2B_API_URL=http://{shown}:{port}", f"export E2B_SANDBOX_URL=http://{shown}:{port}",
                  key_line]
-    lines.append(f"# MCP clients: http://{shown}:{port}/mcp with the header 'Authorization: Bearer <key>' "
-                 "(docs/mcp.md)")
+    listening = http_sockets[0].getsockname()[1]
+    lines += [f"# Dashboard: http://{shown}:{listening}/dashboard {admin_line.removeprefix('# ')}",
+              f"# MCP clients: http://{shown}:{listening}/mcp with the header 'Authorization: Bearer <key>' "
+              "(docs/mcp.md)"]
     print("\n".join(lines), flush=True)
     configure_logging(log_format, log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
