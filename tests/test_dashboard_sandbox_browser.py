@@ -62,6 +62,7 @@ def test_the_terminal_runs_echo_and_shows_its_output(server, browser, key, sandb
     page.keyboard.type("echo dashboard-$((6*7))\n")
     page.locator("#terminal .xterm-rows", has_text="dashboard-42").wait_for(timeout=15000)
     assert "dashboard-42" in page.locator("#terminal .xterm-rows").inner_text()
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "sandbox-terminal")
     page.keyboard.type("exit\n")
     page.locator("#terminal-status", has_text="exited with code 0").wait_for(timeout=15000)
@@ -131,3 +132,28 @@ def test_the_templates_page_lists_the_builtin_templates(server, browser, key):
     assert page.get_by_text("base", exact=True).first.is_visible()
     screenshot(page, "templates")
     page.context.close()
+
+
+def test_the_desktop_view_shows_a_desktop_sandboxs_screen(server, browser, key):
+    desktop = Sandbox.create(template="desktop", timeout=300, **opts(server, key))
+    try:
+        page = signed_in_page(browser, server.url, key)
+        page.goto(dashboard(server.url, f"/sandboxes/{desktop.sandbox_id}"))
+        page.get_by_role("button", name="Show the desktop").click()
+        page.locator("#desktop[data-connected]").wait_for(timeout=30000)
+        canvas = page.locator("#desktop canvas")
+        assert canvas.evaluate("c => c.width") == 1024 and canvas.evaluate("c => c.height") == 768
+        page.wait_for_timeout(1500)  # the first frame
+        # Not one colour: the desktop's picture was drawn.
+        colours = canvas.evaluate("""c => {
+            const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const seen = new Set();
+            for (let i = 0; i < data.length; i += 4 * 997) seen.add(data[i] + ',' + data[i + 1] + ',' + data[i + 2]);
+            return seen.size;
+        }""")
+        assert colours > 5
+        page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top of the full-page picture
+        screenshot(page, "sandbox-desktop")
+        page.context.close()
+    finally:
+        desktop.kill()

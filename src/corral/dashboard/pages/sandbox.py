@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import posixpath
+import secrets
+import shlex
 import time
 from urllib.parse import quote
 
@@ -35,7 +37,10 @@ HOME = "/home/user"  # where the file browser opens (envd's default user's home;
 MAX_LOG_LINES = 2000  # shown at once on the page
 TERMINAL_SIZE = (120, 32)
 DESKTOP_TEMPLATES = ("desktop",)
-VNC_PORT = 5900
+DESKTOP_VNC_PORT = 5917  # the dashboard's own x11vnc: not the SDK stream's 5900, whose password it does not know
+DESKTOP_DISPLAY = ":0"
+# The port in a shell variable, so that `pkill -f`/`pgrep -f` for it do not find the shell running them.
+PORT_VARIABLE = f"port={DESKTOP_VNC_PORT // 100}; port=${{port}}{DESKTOP_VNC_PORT % 100:02d};"
 # Closing codes of the terminal and desktop WebSockets (4000-4999 are the application's): the browser shows
 # the reason.
 WS_UNAUTHORIZED, WS_FORBIDDEN, WS_NOT_FOUND, WS_UNAVAILABLE = 4401, 4403, 4404, 4409
@@ -293,5 +298,84 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.gather(output, browser, return_exceptions=True)
             await pty.kill()
+
+    # --- desktop ---------------------------------------------------------------------------------------
+
+    desktop_passwords: dict[str, str] = {}  # sandbox id -> the VNC password of the dashboard's x11vnc in it
+
+    def vnc_command(password: str) -> list[str]:
+        """Starts (again) an x11vnc of the dashboard's on the desktop's display: on its own port, with a VNC
+        password the page gets (not on the command line: in a file only the sandbox's user reads), shared and
+        kept across viewers. A running one is replaced: its password may be one a restarted server forgot."""
+        auth = "$HOME/.corral-dashboard-vnc"
+        script = (f"{PORT_VARIABLE} pkill -f \"rfbport $port\"; sleep 0.2; umask 077; "
+                  f"x11vnc -storepasswd {shlex.quote(password)} {auth} >/dev/null 2>&1 && "
+                  f"x11vnc -display {DESKTOP_DISPLAY} -rfbport $port -rfbauth {auth} -shared -forever "
+                  f"-bg -quiet -o /tmp/.corral-dashboard-vnc.log -noxdamage")
+        return ["/bin/sh", "-c", script]
+
+    @router.post("/sandboxes/{sandbox_id}/desktop/start")
+    async def desktop_start(sandbox_id: str, viewer: Viewer = Depends(changing(EXECUTE))) -> JSONResponse:
+        """Makes sure the dashboard's VNC server runs in the desktop sandbox; its password for the page."""
+        async with envd_of(viewer.key, sandbox_id) as envd:
+            password = desktop_passwords.get(sandbox_id)
+            listening = False
+            if password is not None:
+                code, _ = await envd.run(["/bin/sh", "-c", f"{PORT_VARIABLE} pgrep -f \"rfbport $port\""])
+                listening = code == 0
+            if not listening:
+                password = secrets.token_urlsafe(6)[:8]  # VNC uses the first 8 characters
+                try:
+                    code, output = await envd.run(vnc_command(password), timeout=30)
+                except EnvdError as e:
+                    raise Refused(409, f"The desktop's VNC server did not start: {e}") from None
+                if code != 0:
+                    raise Refused(409, "The desktop's VNC server did not start (is this a desktop sandbox?): "
+                                       + output.decode(errors="replace")[-200:])
+                desktop_passwords[sandbox_id] = password
+        return JSONResponse({"password": password})
+
+    @router.websocket("/sandboxes/{sandbox_id}/desktop")
+    async def desktop(websocket: WebSocket, sandbox_id: str) -> None:
+        """noVNC's RFB protocol, carried in binary WebSocket frames to the x11vnc `desktop/start` started."""
+        try:
+            key = await websocket_viewer(dash, websocket, EXECUTE)
+            async with envd_of(key, sandbox_id):
+                address = await plane.orchestrator.reachable_address(sandbox_id)
+                try:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, DESKTOP_VNC_PORT), 10)
+                except (OSError, TimeoutError):
+                    raise Refused(409, "The desktop's VNC server does not answer: start the view again.") from None
+                subprotocol = "binary" if "binary" in websocket.scope.get("subprotocols", []) else None
+                await websocket.accept(subprotocol=subprotocol)
+                await bridge_tcp(websocket, reader, writer)
+        except Refused as e:
+            await refuse(websocket, e)
+
+    async def bridge_tcp(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def to_browser() -> None:
+            while data := await reader.read(1 << 16):
+                await websocket.send_bytes(data)
+
+        async def from_browser() -> None:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                if data:
+                    writer.write(data)
+                    await writer.drain()
+
+        tasks = [asyncio.ensure_future(to_browser()), asyncio.ensure_future(from_browser())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(Exception):
+                await websocket.close(code=1000, reason="the desktop's VNC connection ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
 
     return router
