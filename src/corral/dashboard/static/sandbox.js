@@ -49,12 +49,19 @@
         dash: i === 0 ? undefined : [4, 4],
         fill: i === 0 ? color + "22" : undefined,
         width: i === 0 ? 2 : 1,
-        points: { show: false },
+        points: { show: data.x.length < 3, size: 6 },
       }))),
     };
     const plot = new uPlot(options, [data.x].concat(s.values), element);
+    widen(plot, data);
     new ResizeObserver(() => plot.setSize({ width: Math.max(200, element.clientWidth), height: 160 })).observe(element);
     return plot;
+  }
+
+  // At least a minute wide: one sample alone would otherwise stretch the time axis over years.
+  function widen(plot, data) {
+    const n = data.x.length;
+    if (n && data.x[n - 1] - data.x[0] < 60) plot.setScale("x", { min: data.x[n - 1] - 60, max: data.x[n - 1] + 1 });
   }
 
   function setupCharts() {
@@ -88,7 +95,10 @@
         .then((fresh) => {
           if (!fresh) return;
           data = fresh;
-          Object.entries(plots).forEach(([kind, plot]) => plot.setData([data.x].concat(seriesOf(kind, data).values)));
+          Object.entries(plots).forEach(([kind, plot]) => {
+            plot.setData([data.x].concat(seriesOf(kind, data).values));
+            widen(plot, data);
+          });
           update();
         })
         .catch(() => {});
