@@ -130,7 +130,7 @@ def test_the_templates_page_lists_the_builtin_templates(server, browser, key):
     page = signed_in_page(browser, server.url, key)
     page.goto(dashboard(server.url, "/templates"))
     assert page.get_by_text("base", exact=True).first.is_visible()
-    screenshot(page, "templates")
+    screenshot(page, "templates-builtin")
     page.context.close()
 
 

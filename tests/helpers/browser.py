@@ -8,7 +8,11 @@ scripts/install.sh installs it) driven by Playwright from PyPI, whose own browse
         csrf = csrf_token(page)                        # the session's token, to forge or send requests
         post_from_page(page, "/dashboard/sandboxes/<id>/kill", csrf)  # fetch() from the page: (status, text)
 
-Screenshots go to $CORRAL_DASHBOARD_SHOTS (default /tmp/corral-dashboard-shots) for a person to look at."""
+Screenshots go to $CORRAL_DASHBOARD_SHOTS (default /tmp/corral-dashboard-shots) for a person to look at.
+
+A test module gets one Chromium for all its tests with `from tests.helpers.browser import browser_fixture`
+(a module fixture named `browser`); `new_key(server, ...)` and `sdk_options(server, key)` make keys on a
+tests.helpers.server.ServerProcess and the SDK's connection options for them."""
 
 from __future__ import annotations
 
@@ -45,6 +49,22 @@ def chromium() -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator:
+    with chromium() as launched:
+        yield launched
+
+
+def new_key(server, *options: str, team: str | None = None) -> str:
+    """A new API key of `server` (`corral keys create` options, e.g. "--scope", "read"), in `team`."""
+    return json.loads(server.cli("keys", "create", "--json", *(["--team", team] if team else []), *options))["key"]
+
+
+def sdk_options(server, api_key: str) -> dict:
+    """The e2b SDK's keyword arguments to reach `server` with `api_key`."""
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": api_key}
 
 
 def dashboard(base_url: str, path: str = "/sandboxes") -> str:
