@@ -5,11 +5,12 @@
 (function () {
   "use strict";
 
-  const PALETTE = ["#4f46e5", "#0d9488", "#d97706", "#db2777", "#2563eb", "#65a30d", "#9333ea", "#dc2626"];
-
   function cssVar(name) {
     return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
   }
+
+  // The chart colours of the light or dark theme (dashboard.css --series).
+  const PALETTE = cssVar("--series").split(/\s+/);
 
   function money(unit) {
     return (u, v) => (v == null ? "" : v.toFixed(v !== 0 && Math.abs(v) < 1 ? 4 : 2) + (unit ? " " + unit : ""));

@@ -5,11 +5,13 @@
   "use strict";
 
   const REFRESH_MS = 5000;
-  const COLORS = { cpu: "#4f46e5", mem: "#0d9488", disk: "#d97706" };
 
   function cssVar(name) {
     return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
   }
+
+  const [cpu, mem, disk] = cssVar("--series").split(/\s+/);  // the theme's chart colours (dashboard.css)
+  const COLORS = { cpu, mem, disk };
 
   // --- charts ---------------------------------------------------------------------------------------
 
