@@ -249,3 +249,64 @@ def test_pages_in_dark_mode(server, browser):
     finally:
         sandbox.kill()
     page.context.close()
+
+
+def tab_to(page, label: str, most: int = 80) -> list[str]:
+    """Press Tab until the element named `label` has the focus; the names passed on the way."""
+    passed = []
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        name = page.evaluate("() => { const e = document.activeElement;"
+                             " return e.getAttribute('aria-label') || e.textContent.trim(); }")
+        passed.append(name)
+        if name == label:
+            return passed
+    raise AssertionError(f"Tab never reached {label!r}; it passed {passed}")
+
+
+def focus_ring(page) -> str:
+    """The focused element's outline, when the browser shows focus (:focus-visible)."""
+    return page.evaluate("() => { const e = document.activeElement; const s = getComputedStyle(e);"
+                         " return e.matches(':focus-visible') ? s.outlineStyle + ' ' + s.outlineWidth : 'none'; }")
+
+
+def test_the_keyboard_reaches_a_rows_kill_button_and_kills_with_enter(server, browser):
+    key = new_key(server)
+    page = signed_in_page(browser, server.url, key)
+    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    try:
+        row(page, sandbox.sandbox_id).wait_for()
+        passed = tab_to(page, f"Kill {sandbox.sandbox_id}")
+        for action in ("Pause", "Add 5 minutes to", "Fork", "Snapshot"):
+            assert f"{action} {sandbox.sandbox_id}" in passed
+        assert sandbox.sandbox_id in passed  # the link to its page
+        assert focus_ring(page) == "solid 2px"
+        page.wait_for_timeout(2500)  # the table's polls do not take the focus away
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == f"Kill {sandbox.sandbox_id}"
+        page.keyboard.press("Enter")  # new_page confirms the dialog
+        page.locator("#flash").get_by_text(f"Killed {sandbox.sandbox_id}.").wait_for()
+        assert not sandbox.is_running()
+    finally:
+        Sandbox.kill(sandbox.sandbox_id, **opts(server, key))
+    page.context.close()
+
+
+def test_the_keyboard_reaches_every_action_on_a_sandboxs_page(server, browser):
+    key = new_key(server)
+    page = signed_in_page(browser, server.url, key)
+    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    try:
+        sandbox.files.write("/home/user/notes.txt", "keyboard")
+        page.goto(dashboard(server.url, f"/sandboxes/{sandbox.sandbox_id}"))
+        page.get_by_role("link", name="Download notes.txt").wait_for(timeout=15000)
+        passed = tab_to(page, "Download notes.txt")
+        for name in ("Pause", "+5 min", "Fork", "Snapshot", "Kill", "Open a terminal", "Open"):
+            assert name in passed, passed
+        assert focus_ring(page) == "solid 2px"
+        passed = tab_to(page, "Upload", most=10)
+        assert focus_ring(page) == "solid 2px"
+        page.keyboard.press("Shift+Tab")
+        assert page.evaluate("document.activeElement.type") == "file"
+    finally:
+        sandbox.kill()
+    page.context.close()

@@ -58,6 +58,7 @@ async function open() {
 
 if (box && openButton) {
   openButton.addEventListener("click", open);
+  openButton.disabled = false;  // rendered disabled: a click before this module ran would do nothing
   closeButton.addEventListener("click", () => { if (rfb) rfb.disconnect(); });
   viewOnly.addEventListener("change", () => {
     if (rfb) {
