@@ -8,7 +8,6 @@ own sandboxes. Each page's screenshot is saved in $CORRAL_DASHBOARD_SHOTS (defau
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -16,12 +15,14 @@ from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import Sandbox
 
 from tests.helpers.browser import (
-    chromium,
+    browser_fixture,  # noqa: F401 (the `browser` fixture)
     csrf_token,
     dashboard,
+    new_key,
     new_page,
     post_from_page,
     screenshot,
+    sdk_options,
     sign_in,
     signed_in_page,
 )
@@ -38,21 +39,6 @@ def server(harness, runtime):
                          extra_env={"CORRAL_METERING_INTERVAL_S": "1"})
     with proc.serving(wait_pool=1, keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
         yield proc
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
-def new_key(server, *options: str, team: str | None = None) -> str:
-    return json.loads(server.cli("keys", "create", "--json", *(["--team", team] if team else []),
-                                 *options))["key"]
-
-
-def opts(server, api_key: str) -> dict:
-    return {"api_url": server.url, "sandbox_url": server.url, "api_key": api_key}
 
 
 def row(page, sandbox_id: str):
@@ -75,7 +61,7 @@ def test_signing_in_with_a_key_opens_the_sandboxes_page_and_a_wrong_key_is_refus
 def test_the_table_shows_an_sdk_sandbox_within_2s_and_drops_it_after_kill(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, metadata={"purpose": "dashboard"}, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, metadata={"purpose": "dashboard"}, **sdk_options(server, key))
     try:
         row(page, sandbox.sandbox_id).wait_for(timeout=SHOWN_WITHIN_S * 1000)
         assert "purpose=dashboard" in row(page, sandbox.sandbox_id).inner_text()
@@ -90,63 +76,63 @@ def test_the_table_shows_an_sdk_sandbox_within_2s_and_drops_it_after_kill(server
 def test_kill_from_the_page_kills_the_sandbox_as_the_sdk_sees_it(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         row(page, sandbox.sandbox_id).get_by_role("button", name=f"Kill {sandbox.sandbox_id}").click()
         page.locator("#flash").get_by_text(f"Killed {sandbox.sandbox_id}.").wait_for()
         assert not sandbox.is_running()
-        assert sandbox.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**opts(server, key)).next_items()]
+        assert sandbox.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**sdk_options(server, key)).next_items()]
     finally:
-        Sandbox.kill(sandbox.sandbox_id, **opts(server, key))
+        Sandbox.kill(sandbox.sandbox_id, **sdk_options(server, key))
     page.context.close()
 
 
 def test_pause_then_resume_from_the_page_as_the_sdk_sees_it(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         sandbox.files.write("/tmp/kept.txt", "still here")
         row(page, sandbox.sandbox_id).get_by_role("button", name=f"Pause {sandbox.sandbox_id}").click()
         page.locator("#flash").get_by_text(f"Paused {sandbox.sandbox_id}").wait_for(timeout=60_000)
-        assert Sandbox.get_info(sandbox.sandbox_id, **opts(server, key)).state.value == "paused"
+        assert Sandbox.get_info(sandbox.sandbox_id, **sdk_options(server, key)).state.value == "paused"
         page.locator(f'tr[data-sandbox-id="{sandbox.sandbox_id}"][data-state="paused"]').wait_for()
         screenshot(page, "sandboxes-paused")
         row(page, sandbox.sandbox_id).get_by_role("button", name=f"Resume {sandbox.sandbox_id}").click()
         page.locator("#flash").get_by_text(f"Resumed {sandbox.sandbox_id}.").wait_for(timeout=60_000)
-        assert Sandbox.get_info(sandbox.sandbox_id, **opts(server, key)).state.value == "running"
-        again = Sandbox.connect(sandbox.sandbox_id, **opts(server, key))
+        assert Sandbox.get_info(sandbox.sandbox_id, **sdk_options(server, key)).state.value == "running"
+        again = Sandbox.connect(sandbox.sandbox_id, **sdk_options(server, key))
         assert again.files.read("/tmp/kept.txt") == "still here"
     finally:
-        Sandbox.kill(sandbox.sandbox_id, **opts(server, key))
+        Sandbox.kill(sandbox.sandbox_id, **sdk_options(server, key))
     page.context.close()
 
 
 def test_fork_from_the_page_makes_a_sandbox_the_sdk_lists_with_the_parents_files(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     forks: list[str] = []
     try:
         sandbox.files.write("/tmp/parent.txt", "from the parent")
         row(page, sandbox.sandbox_id).get_by_role("button", name=f"Fork {sandbox.sandbox_id}").click()
         message = page.locator("#flash").get_by_text(f"Forked {sandbox.sandbox_id} into")
         message.wait_for(timeout=60_000)
-        forks = [s.sandbox_id for s in Sandbox.list(**opts(server, key)).next_items()
+        forks = [s.sandbox_id for s in Sandbox.list(**sdk_options(server, key)).next_items()
                  if s.sandbox_id != sandbox.sandbox_id]
         assert len(forks) == 1 and forks[0] in message.inner_text()
-        child = Sandbox.connect(forks[0], **opts(server, key))
+        child = Sandbox.connect(forks[0], **sdk_options(server, key))
         assert child.files.read("/tmp/parent.txt") == "from the parent"
         row(page, forks[0]).wait_for()
     finally:
         for sandbox_id in [sandbox.sandbox_id, *forks]:
-            Sandbox.kill(sandbox_id, **opts(server, key))
+            Sandbox.kill(sandbox_id, **sdk_options(server, key))
     page.context.close()
 
 
 def test_usage_charts_render_with_the_teams_usage(server, browser):
     key = new_key(server)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         time.sleep(2.5)  # a metering interval or two (CORRAL_METERING_INTERVAL_S=1)
     finally:
@@ -169,7 +155,7 @@ def test_a_read_only_key_sees_no_action_buttons_and_its_forged_posts_are_refused
     server.cli("teams", "create", "watchers")
     writer = new_key(server, team="watchers")
     reader = new_key(server, "--scope", "read", team="watchers")
-    sandbox = Sandbox.create(timeout=120, **opts(server, writer))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, writer))
     try:
         page = signed_in_page(browser, server.url, reader)
         row(page, sandbox.sandbox_id).wait_for()
@@ -187,7 +173,7 @@ def test_a_read_only_key_sees_no_action_buttons_and_its_forged_posts_are_refused
 
 def test_a_post_without_the_csrf_token_is_refused(server, browser):
     key = new_key(server)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         page = signed_in_page(browser, server.url, key)
         status, text = post_from_page(page, f"/dashboard/sandboxes/{sandbox.sandbox_id}/kill", None)
@@ -204,8 +190,8 @@ def test_two_teams_each_see_only_their_own_sandboxes_and_keys(server, browser):
     server.cli("teams", "create", "red")
     server.cli("teams", "create", "blue")
     red, blue = new_key(server, "--name", "red-key", team="red"), new_key(server, "--name", "blue-key", team="blue")
-    red_sandbox = Sandbox.create(timeout=120, **opts(server, red))
-    blue_sandbox = Sandbox.create(timeout=120, **opts(server, blue))
+    red_sandbox = Sandbox.create(timeout=120, **sdk_options(server, red))
+    blue_sandbox = Sandbox.create(timeout=120, **sdk_options(server, blue))
     try:
         red_page, blue_page = signed_in_page(browser, server.url, red), signed_in_page(browser, server.url, blue)
         row(red_page, red_sandbox.sandbox_id).wait_for()
@@ -234,14 +220,14 @@ def test_an_admin_key_creates_a_key_shown_once_that_the_sdk_can_use(server, brow
     page.get_by_role("button", name="Create key").click()
     secret = page.get_by_label("The new API key").input_value()
     screenshot(page, "keys-created")
-    assert Sandbox.list(**opts(server, secret)).next_items() == []
+    assert Sandbox.list(**sdk_options(server, secret)).next_items() == []
     page.context.close()
 
 
 def test_pages_in_dark_mode(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key, color_scheme="dark")
-    sandbox = Sandbox.create(timeout=120, metadata={"theme": "dark"}, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, metadata={"theme": "dark"}, **sdk_options(server, key))
     try:
         row(page, sandbox.sandbox_id).wait_for(timeout=SHOWN_WITHIN_S * 1000)
         page.wait_for_timeout(2500)
@@ -273,7 +259,7 @@ def focus_ring(page) -> str:
 def test_the_keyboard_reaches_a_rows_kill_button_and_kills_with_enter(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         row(page, sandbox.sandbox_id).wait_for()
         passed = tab_to(page, f"Kill {sandbox.sandbox_id}")
@@ -287,14 +273,14 @@ def test_the_keyboard_reaches_a_rows_kill_button_and_kills_with_enter(server, br
         page.locator("#flash").get_by_text(f"Killed {sandbox.sandbox_id}.").wait_for()
         assert not sandbox.is_running()
     finally:
-        Sandbox.kill(sandbox.sandbox_id, **opts(server, key))
+        Sandbox.kill(sandbox.sandbox_id, **sdk_options(server, key))
     page.context.close()
 
 
 def test_the_keyboard_reaches_every_action_on_a_sandboxs_page(server, browser):
     key = new_key(server)
     page = signed_in_page(browser, server.url, key)
-    sandbox = Sandbox.create(timeout=120, **opts(server, key))
+    sandbox = Sandbox.create(timeout=120, **sdk_options(server, key))
     try:
         sandbox.files.write("/home/user/notes.txt", "keyboard")
         page.goto(dashboard(server.url, f"/sandboxes/{sandbox.sandbox_id}"))

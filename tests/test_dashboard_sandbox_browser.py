@@ -7,13 +7,18 @@ templates page lists the built-in templates. Screenshots go to $CORRAL_DASHBOARD
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import Sandbox
 
-from tests.helpers.browser import chromium, dashboard, screenshot, signed_in_page
+from tests.helpers.browser import (
+    browser_fixture,  # noqa: F401 (the `browser` fixture)
+    dashboard,
+    new_key,
+    screenshot,
+    sdk_options,
+    signed_in_page,
+)
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t26", "10.253.0.0/22"
@@ -29,23 +34,13 @@ def server(harness, runtime):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture(scope="module")
 def key(server) -> str:
-    return json.loads(server.cli("keys", "create", "--json"))["key"]
-
-
-def opts(server, api_key: str) -> dict:
-    return {"api_url": server.url, "sandbox_url": server.url, "api_key": api_key}
+    return new_key(server)
 
 
 @pytest.fixture
 def sandbox(server, key):
-    created = Sandbox.create(timeout=300, metadata={"purpose": "dashboard-pages"}, **opts(server, key))
+    created = Sandbox.create(timeout=300, metadata={"purpose": "dashboard-pages"}, **sdk_options(server, key))
     try:
         yield created
     finally:
@@ -102,7 +97,7 @@ def test_the_sandbox_pages_charts_render_its_samples(server, browser, key, sandb
 
 def test_the_tree_page_shows_a_forks_parent_and_children(server, browser, key, sandbox):
     snapshot = sandbox.create_snapshot("before-fork")
-    children = Sandbox.fork(sandbox.sandbox_id, count=2, timeout=120, **opts(server, key))
+    children = Sandbox.fork(sandbox.sandbox_id, count=2, timeout=120, **sdk_options(server, key))
     try:
         child_ids = [c.sandbox_id for c in children]
         page = signed_in_page(browser, server.url, key)
@@ -117,8 +112,8 @@ def test_the_tree_page_shows_a_forks_parent_and_children(server, browser, key, s
         fork_point.get_by_role("button", name="Restore").click()
         page.locator("#flash", has_text="Started").wait_for(timeout=30000)
         started = page.locator("#flash").inner_text().split("Started ")[1].split(" from")[0]
-        assert Sandbox.connect(started, **opts(server, key)).commands.run("echo ok").stdout == "ok\n"
-        Sandbox.kill(started, **opts(server, key))
+        assert Sandbox.connect(started, **sdk_options(server, key)).commands.run("echo ok").stdout == "ok\n"
+        Sandbox.kill(started, **sdk_options(server, key))
         page.context.close()
     finally:
         for child in children:
@@ -135,7 +130,7 @@ def test_the_templates_page_lists_the_builtin_templates(server, browser, key):
 
 
 def test_the_desktop_view_shows_a_desktop_sandboxs_screen(server, browser, key):
-    desktop = Sandbox.create(template="desktop", timeout=300, **opts(server, key))
+    desktop = Sandbox.create(template="desktop", timeout=300, **sdk_options(server, key))
     try:
         page = signed_in_page(browser, server.url, key)
         page.goto(dashboard(server.url, f"/sandboxes/{desktop.sandbox_id}"))

@@ -28,6 +28,16 @@ class EnvdError(Exception):
     """envd refused or failed a request, or is unreachable: the message says which, for a person."""
 
 
+def refused(answer: httpx.Response) -> None:
+    """Raises EnvdError with envd's message when it did not answer 200."""
+    if answer.status_code != 200:
+        try:
+            detail = answer.json().get("message") or answer.text
+        except ValueError:
+            detail = answer.text
+        raise EnvdError(detail[:300] or f"envd answered {answer.status_code}")
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -70,12 +80,7 @@ class SandboxEnvd:
             answer = await self.client.post(f"/{method}", content=json.dumps(message), headers=CONNECT_JSON)
         except httpx.TransportError as e:
             raise EnvdError(f"the sandbox's envd is unreachable ({e.__class__.__name__})") from e
-        if answer.status_code != 200:
-            try:
-                detail = answer.json().get("message") or answer.text
-            except ValueError:
-                detail = answer.text
-            raise EnvdError(detail[:300] or f"envd answered {answer.status_code}")
+        refused(answer)
         return answer.json()
 
     # --- files -------------------------------------------------------------------------------------
@@ -117,12 +122,7 @@ class SandboxEnvd:
                                                             else b"".join([c async for c in content]))})
         except httpx.TransportError as e:
             raise EnvdError(f"the sandbox's envd is unreachable ({e.__class__.__name__})") from e
-        if answer.status_code != 200:
-            try:
-                detail = answer.json().get("message") or answer.text
-            except ValueError:
-                detail = answer.text
-            raise EnvdError(detail[:300] or f"envd answered {answer.status_code}")
+        refused(answer)
 
     # --- processes ---------------------------------------------------------------------------------
 
