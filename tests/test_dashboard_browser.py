@@ -28,7 +28,7 @@ from tests.helpers.browser import (
 )
 from tests.helpers.server import ServerProcess
 
-INSTANCE, NETWORK = "t26", "10.251.0.0/22"
+INSTANCE, NETWORK = "t28", "10.251.0.0/22"
 SHOWN_WITHIN_S = 2.0  # issue 20: the table shows a sandbox the SDK created within 2 s
 
 

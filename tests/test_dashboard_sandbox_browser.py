@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import Sandbox
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.helpers.browser import (
     browser_fixture,  # noqa: F401 (the `browser` fixture)
@@ -133,9 +134,19 @@ def test_the_desktop_view_shows_a_desktop_sandboxs_screen(server, browser, key):
     desktop = Sandbox.create(template="desktop", timeout=300, **sdk_options(server, key))
     try:
         page = signed_in_page(browser, server.url, key)
+        # What the page saw, for the message if it does not connect (it failed that way twice in ~8 runs).
+        seen: list[str] = []
+        page.on("console", lambda m: seen.append(f"console {m.type}: {m.text}"))
+        page.on("pageerror", lambda e: seen.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: seen.append(f"request failed: {r.url} {r.failure}"))
+        page.on("response", lambda r: r.status >= 400 and seen.append(f"answer {r.status}: {r.url}"))
         page.goto(dashboard(server.url, f"/sandboxes/{desktop.sandbox_id}"))
-        page.get_by_role("button", name="Show the desktop").click()
-        page.locator("#desktop[data-connected]").wait_for(timeout=30000)
+        try:
+            page.get_by_role("button", name="Show the desktop").click()
+            page.locator("#desktop[data-connected]").wait_for(timeout=30000)
+        except PlaywrightTimeout:
+            status = page.locator("#desktop-status").text_content()
+            raise AssertionError(f"the desktop view did not connect; status {status!r}; {seen}") from None
         canvas = page.locator("#desktop canvas")
         assert canvas.evaluate("c => c.width") == 1024 and canvas.evaluate("c => c.height") == 768
         page.wait_for_timeout(1500)  # the first frame
