@@ -16,16 +16,11 @@ import tarfile
 import httpx
 import pytest
 from cryptography.fernet import Fernet
-from helpers.fast import TEMPLATE, fake_orchestrator
+from helpers.fast import TEMPLATE, platform
 
 from corral.config import PlatformSettings
-from corral.control.api import create_api
-from corral.control.db import open_database
-from corral.control.keys import ApiKeys
-from corral.control.plane import ControlPlane
 from corral.control.webhooks import Webhooks
 from corral.dashboard import assets
-from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
 
 pytestmark = pytest.mark.anyio
@@ -49,18 +44,9 @@ def quick_refills(monkeypatch):
 
 @contextlib.asynccontextmanager
 async def served(tmp_path):
-    orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
-    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
-    keys = ApiKeys(database)
-    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(),
-                         webhooks=Webhooks(database, Fernet.generate_key()))
-    await plane.start()
-    app = create_api(plane, keys)
-    try:
-        yield app, keys, plane
-    finally:
-        await plane.close()
+    """(the API app, the keys service, the control plane); browsers of it come from `client(app)`."""
+    async with platform(tmp_path, SETTINGS, webhooks=lambda db: Webhooks(db, Fernet.generate_key())) as served:
+        yield served.app, served.keys, served.plane
 
 
 def client(app) -> httpx.AsyncClient:

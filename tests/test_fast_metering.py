@@ -12,16 +12,13 @@ import time
 
 import httpx
 import pytest
-from helpers.fast import TEMPLATE, fake_orchestrator
+from helpers.fast import TEMPLATE, platform
 from sqlalchemy import select
 
 from corral.control import events, metering
-from corral.control.api import create_api
 from corral.control.db import ApiKeyRow, SandboxRow, TeamRow, UsageDayRow, open_database
 from corral.control.keys import ApiKeys
 from corral.control.metering import Meter, Prices
-from corral.control.plane import ControlPlane
-from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
 
 from test_fast_scopes import NEW_SANDBOX, SETTINGS  # isort: skip
@@ -44,19 +41,9 @@ def quick_refills(monkeypatch):
 @contextlib.asynccontextmanager
 async def served(tmp_path, prices: Prices = Prices()):
     """(HTTP client, plane, keys service, headers of a key of a fresh team)."""
-    orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
-    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
-    keys = ApiKeys(database)
-    plane = ControlPlane(database, orchestrator, NO_FLUSHES, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(), prices=prices)
-    await plane.start()
-    _, secret = await keys.create("metered")
-    transport = httpx.ASGITransport(app=create_api(plane, keys), client=("127.0.0.1", 40000))
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
-            yield http, plane, keys, {"X-API-KEY": secret}
-    finally:
-        await plane.close()
+    async with platform(tmp_path, NO_FLUSHES, prices=prices) as served:
+        _, secret = await served.keys.create("metered")
+        yield served.http, served.plane, served.keys, {"X-API-KEY": secret}
 
 
 async def total(http: httpx.AsyncClient, headers: dict) -> dict:

@@ -15,14 +15,11 @@ from types import SimpleNamespace
 import aiohttp.web
 import httpx
 import pytest
-from helpers.fast import TEMPLATE, fake_orchestrator, stocked
+from helpers.fast import TEMPLATE, platform, stocked
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.config import PlatformSettings
-from corral.control.api import create_api
-from corral.control.db import open_database
 from corral.control.keys import ApiKeys
-from corral.control.plane import ControlPlane
 from corral.observability.logs import JsonFormatter, request_id_for
 from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
@@ -52,19 +49,9 @@ SETTINGS = PlatformSettings(database_url="", pool_size=0, pool_templates=(), pre
 async def served(tmp_path, settings: PlatformSettings = SETTINGS, client=("127.0.0.1", 40000), **options):
     """The API over a started control plane on the fake runtime: (HTTP client, plane, fake runtime, headers
     with an API key, the key's id)."""
-    orchestrator, fake = fake_orchestrator(tmp_path / "runtime", **options)
-    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
-    keys = ApiKeys(database)
-    key, secret = await keys.create("observability")
-    plane = ControlPlane(database, orchestrator, settings, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics())
-    await plane.start()
-    transport = httpx.ASGITransport(app=create_api(plane, keys), client=client)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
-            yield http, plane, fake, {"X-API-KEY": secret}, key
-    finally:
-        await plane.close()
+    async with platform(tmp_path, settings, client=client, runtime_options=options) as served:
+        key, secret = await served.keys.create("observability")
+        yield served.http, served.plane, served.fake, {"X-API-KEY": secret}, key
 
 
 async def scrape(http: httpx.AsyncClient, **headers) -> dict[str, list]:

@@ -13,19 +13,15 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
-from helpers.fast import TEMPLATE, fake_orchestrator
+from helpers.fast import TEMPLATE, platform
 from sqlalchemy import create_engine, text
 
 from corral.config import PlatformSettings
 from corral.control import scopes
-from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.keys import ApiKeys, KeyLimits
 from corral.control.openapi import document
-from corral.control.plane import ControlPlane
-from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
 
 pytestmark = pytest.mark.anyio
@@ -50,18 +46,8 @@ def quick_refills(monkeypatch):
 @contextlib.asynccontextmanager
 async def served(tmp_path):
     """The API over a started control plane on the fake runtime: (HTTP client, the keys service)."""
-    orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
-    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
-    keys = ApiKeys(database)
-    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics())
-    await plane.start()
-    transport = httpx.ASGITransport(app=create_api(plane, keys), client=("127.0.0.1", 40000))
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
-            yield http, keys
-    finally:
-        await plane.close()
+    async with platform(tmp_path, SETTINGS) as served:
+        yield served.http, served.keys
 
 
 async def new_key(keys: ApiKeys, name: str, **options) -> dict[str, str]:

@@ -24,17 +24,15 @@ import httpx
 import pytest
 from aiohttp import web
 from cryptography.fernet import Fernet
-from helpers.fast import TEMPLATE, fake_orchestrator, until
+from helpers.fast import TEMPLATE, platform, until
 from sqlalchemy import select
 
 from corral.control import events, webhooks
-from corral.control.api import create_api
 from corral.control.db import open_database
 from corral.control.events import Events
 from corral.control.keys import ApiKeys
 from corral.control.plane import ControlPlane
 from corral.control.webhooks import RetryPolicy, WebhookRow, Webhooks
-from corral.observability.metrics import ServerMetrics
 from corral.orchestrator import capacity
 
 from test_fast_scopes import NEW_SANDBOX, SETTINGS  # isort: skip
@@ -149,22 +147,15 @@ class Served:
 @contextlib.asynccontextmanager
 async def served(tmp_path, retry: RetryPolicy = QUICK, *, allow_private: bool = True, **options):
     """A server whose webhooks may reach loopback receivers (`allow_private`) unless a test says not."""
-    orchestrator, _ = fake_orchestrator(tmp_path / "runtime")
-    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
-    keys = ApiKeys(database)
-    webhooks = Webhooks(database, Fernet.generate_key(), retry=retry, allow_private=allow_private, **options)
-    plane = ControlPlane(database, orchestrator, SETTINGS, checkpoint_dir=tmp_path / "checkpoints",
-                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(), webhooks=webhooks)
-    await plane.start()
-    admin, secret = await keys.create("admin", scopes=["admin"])
-    _, read_secret = await keys.create("reader", team=admin.team_id, scopes=["read"])
-    transport = httpx.ASGITransport(app=create_api(plane, keys), client=("127.0.0.1", 40000))
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as http:
-            yield Served(http, plane, keys, webhooks, {"X-API-KEY": secret}, {"X-API-KEY": read_secret},
-                         admin.team_id)
-    finally:
-        await plane.close()
+    def made(database):
+        return Webhooks(database, Fernet.generate_key(), retry=retry, allow_private=allow_private, **options)
+
+    async with platform(tmp_path, SETTINGS, webhooks=made) as served:
+        keys = served.keys
+        admin, secret = await keys.create("admin", scopes=["admin"])
+        _, read_secret = await keys.create("reader", team=admin.team_id, scopes=["read"])
+        yield Served(served.http, served.plane, keys, served.plane.webhooks, {"X-API-KEY": secret},
+                     {"X-API-KEY": read_secret}, admin.team_id)
 
 
 async def register(s: Served, url: str, **fields) -> dict:

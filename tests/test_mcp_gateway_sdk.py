@@ -1,5 +1,5 @@
-"""The `mcp-gateway` template behind the unmodified E2B SDK's `Sandbox.create(mcp={...})`, over public URLs
-with TLS as a user has them (E2B_DOMAIN and the installation's CA; one module at a time uses 443): the
+"""The `mcp-gateway` template behind the unmodified E2B SDK's `Sandbox.create(mcp={...})`; `get_mcp_url()` is
+a public URL over TLS as a user has it (the installation's CA; one module at a time uses 443): the
 gateway starts the servers the config names, an `mcp` SDK client at `get_mcp_url()` with `get_mcp_token()`
 lists and calls their tools (prefixed by server), a wrong token is refused, `connect()` reads back the same
 token, a `github/...` entry's install_cmd and run_cmd run, and a config the gateway cannot satisfy fails the
@@ -54,11 +54,13 @@ def ca(server) -> Path:
 
 
 @pytest.fixture()
-def opts(server, ca, monkeypatch) -> dict:
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what `corral serve` tells a user to export
-    for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    return {"domain": DOMAIN, "api_key": server.cli("keys", "create", "--name", "gateway").strip()}
+def opts(server) -> dict:
+    """The SDK's own calls over plain HTTP: its TLS connection pool is made once per process, by whichever
+    test module came first, so `SSL_CERT_FILE` set here would not reach it (tests/test_public_urls_sdk.py
+    runs the SDK over TLS in subprocesses). The create answer still names the domain, so `get_mcp_url()`
+    is the public HTTPS URL, which the tests open with their own client trusting the CA."""
+    return {"api_url": server.url, "sandbox_url": server.url,
+            "api_key": server.cli("keys", "create", "--name", "gateway").strip()}
 
 
 def mcp_client(url: str, token: str, ca: Path) -> Client:

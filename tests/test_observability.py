@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -101,6 +102,11 @@ def _log_entries(server) -> list[dict]:
 def test_server_log_lines_are_json_and_carry_the_request_id(server, key):
     httpx.get(f"{server.url}/sandboxes/nosuchsandbox", headers={"X-API-KEY": key["key"],
                                                               "X-Request-ID": "obs-log-check"})
+    # The access line is written as the answer goes out: the client can have it a moment before the file.
+    deadline = time.monotonic() + 10
+    while not [e for e in _log_entries(server) if e.get("requestID") == "obs-log-check"]:
+        assert time.monotonic() < deadline, "no access log line with the request's id"
+        time.sleep(0.05)
     entries = _log_entries(server)
     (access,) = [e for e in entries if e.get("requestID") == "obs-log-check"]
     assert (access["logger"], access["level"], access["http"]["status"]) == ("corral.access", "info", 404)

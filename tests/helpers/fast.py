@@ -1,5 +1,5 @@
-"""What the fast tests (tests/test_fast_*.py) share: an orchestrator on the fake runtime, and waiting for a
-condition without sleeping longer than it takes."""
+"""What the fast tests (tests/test_fast_*.py) share: an orchestrator on the fake runtime, the API over a
+started control plane on it, and waiting for a condition without sleeping longer than it takes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from corral.config import PlatformSettings
+from corral.control.api import create_api
+from corral.control.db import Database, open_database
+from corral.control.keys import ApiKeys
+from corral.control.plane import ControlPlane
+from corral.observability.metrics import ServerMetrics
 from corral.orchestrator.sandboxes import Orchestrator
 from corral.runtime.fake import FakeEnvd, FakeRuntime
 
@@ -64,3 +73,37 @@ def orphans(orchestrator: Orchestrator) -> list[str]:
     runtime closes)."""
     known = orchestrator.capacity.prepared_ids()
     return [p.id for p in orchestrator.runtime.prepared() if p.id not in known]
+
+
+@dataclass
+class Platform:
+    """The API over a started control plane on the fake runtime, and an HTTP client of it."""
+
+    http: httpx.AsyncClient
+    plane: ControlPlane
+    keys: ApiKeys
+    fake: FakeRuntime
+    app: object
+
+
+@contextlib.asynccontextmanager
+async def platform(tmp_path: Path, settings: PlatformSettings, *, client=("127.0.0.1", 40000),
+                   runtime_options: dict | None = None, webhooks: Callable[[Database], object] | None = None,
+                   **plane_options):
+    """`plane_options` go to ControlPlane; `webhooks(database)` makes its webhooks service; `client` is the
+    address requests come from."""
+    orchestrator, fake = fake_orchestrator(tmp_path / "runtime", **(runtime_options or {}))
+    database = open_database(f"sqlite:///{tmp_path / 'corral.db'}")
+    keys = ApiKeys(database)
+    if webhooks is not None:
+        plane_options["webhooks"] = webhooks(database)
+    plane = ControlPlane(database, orchestrator, settings, checkpoint_dir=tmp_path / "checkpoints",
+                         is_template=lambda name: name == TEMPLATE, metrics=ServerMetrics(), **plane_options)
+    await plane.start()
+    app = create_api(plane, keys)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client),
+                                     base_url="http://corral") as http:
+            yield Platform(http, plane, keys, fake, app)
+    finally:
+        await plane.close()
