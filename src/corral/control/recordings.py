@@ -61,7 +61,13 @@ setsid ffmpeg -nostdin -loglevel error -f x11grab -draw_mouse 1 -framerate "$2" 
     -movflags +frag_keyframe+empty_moov+default_base_moof -f mp4 "$5.mp4" \\
     </dev/null >"$5.log" 2>&1 &
 echo $! > "$5.pid"
-sleep 0.3
+# Answered once ffmpeg writes its file (the X display opened, the encoder started): what the caller does
+# after the answer is on the recording (on a busy host that took 2 s after the start, and a test saw them lost).
+for _ in $(seq 100); do
+    [ -s "$5.mp4" ] && break
+    kill -0 "$(cat "$5.pid")" 2>/dev/null || {{ tail -c 2000 "$5.log"; exit 12; }}
+    sleep 0.05
+done
 kill -0 "$(cat "$5.pid")" 2>/dev/null || {{ tail -c 2000 "$5.log"; exit 12; }}
 echo "$size"
 """
