@@ -93,7 +93,8 @@ def test_the_sdk_starts_a_gateway_whose_url_and_token_serve_the_configured_serve
         assert all(n.startswith(("filesystem__", "time__")) for n in names)
         assert read == "hello through the gateway" and json.loads(now)["timezone"] == "UTC"
 
-        refused = httpx.post(sbx.get_mcp_url(), json={}, headers={"Authorization": "Bearer wrong"}, verify=str(ca))
+        refused = httpx.post(sbx.get_mcp_url(), json={}, headers={"Authorization": "Bearer wrong"},
+                             verify=ssl.create_default_context(cafile=str(ca)))
         assert refused.status_code == 401
         # Another client connecting later reads the same token from the sandbox.
         assert Sandbox.connect(sbx.sandbox_id, **opts).get_mcp_token() == token
