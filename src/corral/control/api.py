@@ -144,8 +144,7 @@ def create_api(plane: ControlPlane, keys: ApiKeys, paths: HostPaths | None = Non
         refuse_iam(body.iam)
         ingress, egress = ingress_from_create(body.network), egress_from(body.network)
         template = body.templateID
-        check_template(key.limits, template,
-                       await plane.templates.name_of(key.owner, template) if plane.templates is not None else None)
+        check_template(key.limits, template, await plane.template_name(key.owner, template))
         # A create can reach a team's secrets (header rules send them, `${e2b.secrets.<name>}`) and volumes
         # (mounts): those need the scopes that guard them, not only `sandboxes`.
         if body.network and "${e2b.secrets." in json.dumps(body.network, default=str) and not key.allows(SECRETS):

@@ -8,6 +8,7 @@ import hashlib
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -170,23 +171,17 @@ class ApiKeys:
         if not presented or not KEY_SHAPE.match(presented):
             return None
         digest = _digest(presented)
-
-        def lookup(session) -> tuple[ApiKeyRow | None, TeamRow | None]:
-            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest))
-            return row, (session.get(TeamRow, row.team_id) if row is not None and row.team_id else None)
-
-        row, team = await self._db.read(lookup)
-        if row is None or row.revoked_at is not None:
-            return None
-        if row.expires_at is not None and row.expires_at <= time.time():
-            return None
-        return _public(row, team)
+        return await self._usable(lambda session: session.scalar(select(ApiKeyRow).where(ApiKeyRow.digest == digest)))
 
     async def active(self, key_id: str) -> ApiKey | None:
         """The key with this id, if it is neither revoked nor expired (a dashboard session holds the key's
         id, not the key, and asks this on every request)."""
+        return await self._usable(lambda session: session.get(ApiKeyRow, key_id))
+
+    async def _usable(self, find: Callable) -> ApiKey | None:
+        """The key `find(session)` reads, with its team, unless it is missing, revoked or expired."""
         def lookup(session) -> tuple[ApiKeyRow | None, TeamRow | None]:
-            row = session.get(ApiKeyRow, key_id)
+            row = find(session)
             return row, (session.get(TeamRow, row.team_id) if row is not None and row.team_id else None)
 
         row, team = await self._db.read(lookup)

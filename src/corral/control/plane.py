@@ -61,7 +61,7 @@ class ControlPlane:
                             max_per_owner=settings.recordings_per_key))
         # Templates users build (control/templates.py); None on a server that builds none.
         self.templates: Templates | None = None
-        self.branching.template_name = self._template_name
+        self.branching.template_name = self.template_name
         self.events = self.sandboxes.events = Events(database)
         # Deliveries of the events to the teams' webhooks (control/webhooks.py); None on a server without them.
         self.webhooks = webhooks
@@ -94,8 +94,12 @@ class ControlPlane:
             except Exception as e:  # killed or paused meanwhile, or a pause that failed: the others go on
                 log.warning("pausing %s at its team's spending cap failed: %s", row.id, e)
 
-    async def _template_name(self, owner: Owner, template: str) -> str | None:
-        return await self.templates.name_of(owner, template) if self.templates is not None else None
+    async def template_name(self, owner: Owner, template: str) -> str | None:
+        """The name of the built template `template` names by id, for the key's template allow-list; only
+        asked of the database when the key has an allow-list (creates and forks of other keys pay nothing)."""
+        if owner.limits.templates is None or self.templates is None:
+            return None
+        return await self.templates.name_of(owner, template)
 
     async def template_in_use(self, template_id: str) -> bool:
         """Whether a sandbox (running or paused) or a checkpoint stands on a build of the template."""
