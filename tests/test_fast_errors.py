@@ -60,7 +60,11 @@ def _api_failing_with(error: BaseException):
     async def create(*args, **kwargs):
         raise error
 
-    plane = SimpleNamespace(sandboxes=SimpleNamespace(create=create, timeout_for=lambda t: t), templates=None)
+    async def template_name(owner, template):
+        return None
+
+    plane = SimpleNamespace(sandboxes=SimpleNamespace(create=create, timeout_for=lambda t: t), templates=None,
+                            template_name=template_name)
     return create_api(plane, _Keys(), PATHS)  # type: ignore[arg-type]
 
 
