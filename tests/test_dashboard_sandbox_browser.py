@@ -7,6 +7,8 @@ templates page lists the built-in templates. Screenshots go to $CORRAL_DASHBOARD
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import DNS_HOST_ADDRESS, TEST_ROOT
 from e2b import Sandbox
@@ -29,7 +31,7 @@ INSTANCE, NETWORK = "t26", "10.253.0.0/22"
 def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=1,
-                         extra_env={"CORRAL_METRICS_INTERVAL_S": "1"})
+                         extra_env={"CORRAL_METRICS_INTERVAL_S": "1", "CORRAL_DASHBOARD_VNC_LINGER_S": "3"})
     with proc.serving(wait_pool=1, keep_log=TEST_ROOT / f"{INSTANCE}-pages-serve.log"):
         yield proc
 
@@ -160,6 +162,17 @@ def test_the_desktop_view_shows_a_desktop_sandboxs_screen(server, browser, key):
         assert colours > 5
         page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top of the full-page picture
         screenshot(page, "sandbox-desktop")
+        assert _dashboard_vnc_servers(desktop) == 1
         page.context.close()
+        # Its x11vnc stops once its last viewer has been gone for the linger (3 s here).
+        deadline = time.monotonic() + 30
+        while _dashboard_vnc_servers(desktop) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _dashboard_vnc_servers(desktop) == 0
     finally:
         desktop.kill()
+
+
+def _dashboard_vnc_servers(sandbox: Sandbox) -> int:
+    processes = sandbox.commands.run("ps -eo args", user="root").stdout.splitlines()
+    return sum(1 for p in processes if p.startswith("x11vnc") and "-rfbport 5917" in p)

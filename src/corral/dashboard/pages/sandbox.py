@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import posixpath
 import secrets
 import shlex
@@ -39,6 +40,8 @@ TERMINAL_SIZE = (120, 32)
 DESKTOP_TEMPLATES = ("desktop",)
 DESKTOP_VNC_PORT = 5917  # the dashboard's own x11vnc: not the SDK stream's 5900, whose password it does not know
 DESKTOP_DISPLAY = ":0"
+# How long the dashboard's x11vnc outlives its last viewer (a reload or a second tab reuses it meanwhile).
+DESKTOP_VNC_LINGER_S = float(os.environ.get("CORRAL_DASHBOARD_VNC_LINGER_S", "30"))
 # The port in a shell variable, so that `pkill -f`/`pgrep -f` for it do not find the shell running them.
 PORT_VARIABLE = f"port={DESKTOP_VNC_PORT // 100}; port=${{port}}{DESKTOP_VNC_PORT % 100:02d};"
 # Closing codes of the terminal and desktop WebSockets (4000-4999 are the application's): the browser shows
@@ -302,6 +305,42 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
     # --- desktop ---------------------------------------------------------------------------------------
 
     desktop_passwords: dict[str, str] = {}  # sandbox id -> the VNC password of the dashboard's x11vnc in it
+    desktop_viewers: dict[str, int] = {}  # sandbox id -> WebSockets bridged to that x11vnc now
+    desktop_last_used: dict[str, tuple[float, ApiKey]] = {}  # sandbox id -> when and by whom it was last used
+
+    def desktop_used(sandbox_id: str, key: ApiKey) -> None:
+        """Notes a start or a viewer leaving; the x11vnc stops DESKTOP_VNC_LINGER_S later unless used again."""
+        desktop_last_used[sandbox_id] = (time.monotonic(), key)
+        # Every use schedules a check; the check itself decides (a later use makes the earlier ones no-ops).
+        asyncio.get_running_loop().call_later(DESKTOP_VNC_LINGER_S, check_idle_vnc, sandbox_id)
+
+    stopping: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak references)
+
+    def check_idle_vnc(sandbox_id: str) -> None:
+        task = asyncio.ensure_future(stop_idle_vnc(sandbox_id))
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
+
+    async def stop_idle_vnc(sandbox_id: str) -> None:
+        async with desktop_lock(sandbox_id):  # not while a start of the same sandbox runs
+            used = desktop_last_used.get(sandbox_id)
+            if used is None or desktop_viewers.get(sandbox_id, 0) > 0:
+                return
+            if time.monotonic() - used[0] < DESKTOP_VNC_LINGER_S - 0.05:
+                return  # used since: a later check decides
+            del desktop_last_used[sandbox_id]
+            desktop_passwords.pop(sandbox_id, None)
+            try:
+                async with envd_of(used[1], sandbox_id) as envd:
+                    await envd.run(["/bin/sh", "-c", f"{PORT_VARIABLE} pkill -f \"rfbport $port\"; rm -f "
+                                                     "$HOME/.corral-dashboard-vnc"], timeout=10)
+            except (Refused, EnvdError, ApiError, OSError) as e:  # killed, paused or its key revoked meanwhile
+                log.info("the dashboard's VNC server in %s was not stopped: %s", sandbox_id, e)
+
+    desktop_locks: dict[str, asyncio.Lock] = {}  # one per desktop viewed (kept: a lock is a few bytes)
+
+    def desktop_lock(sandbox_id: str) -> asyncio.Lock:
+        return desktop_locks.setdefault(sandbox_id, asyncio.Lock())
 
     def vnc_command(password: str) -> list[str]:
         """Starts (again) an x11vnc of the dashboard's on the desktop's display: on its own port, with a VNC
@@ -317,7 +356,7 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
     @router.post("/sandboxes/{sandbox_id}/desktop/start")
     async def desktop_start(sandbox_id: str, viewer: Viewer = Depends(changing(EXECUTE))) -> JSONResponse:
         """Makes sure the dashboard's VNC server runs in the desktop sandbox; its password for the page."""
-        async with envd_of(viewer.key, sandbox_id) as envd:
+        async with desktop_lock(sandbox_id), envd_of(viewer.key, sandbox_id) as envd:
             password = desktop_passwords.get(sandbox_id)
             listening = False
             if password is not None:
@@ -333,6 +372,7 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
                     raise Refused(409, "The desktop's VNC server did not start (is this a desktop sandbox?): "
                                        + output.decode(errors="replace")[-200:])
                 desktop_passwords[sandbox_id] = password
+        desktop_used(sandbox_id, viewer.key)  # stopped again if no viewer comes
         return JSONResponse({"password": password})
 
     @router.websocket("/sandboxes/{sandbox_id}/desktop")
@@ -348,7 +388,14 @@ def sandbox_detail_pages(dash: Dashboard) -> APIRouter:
                     raise Refused(409, "The desktop's VNC server does not answer: start the view again.") from None
                 subprotocol = "binary" if "binary" in websocket.scope.get("subprotocols", []) else None
                 await websocket.accept(subprotocol=subprotocol)
-                await bridge_tcp(websocket, reader, writer)
+                desktop_viewers[sandbox_id] = desktop_viewers.get(sandbox_id, 0) + 1
+                try:
+                    await bridge_tcp(websocket, reader, writer)
+                finally:
+                    desktop_viewers[sandbox_id] -= 1
+                    if not desktop_viewers[sandbox_id]:
+                        del desktop_viewers[sandbox_id]
+                        desktop_used(sandbox_id, key)
         except Refused as e:
             await refuse(websocket, e)
 
