@@ -16,6 +16,7 @@ from pathlib import Path
 
 import corral.envd
 import corral.interpreter
+from corral.templates.cachelock import cache_lock
 
 PREFIX = "opt/corral/envd"
 # Exact pins, installed without dependency resolution so the layer is reproducible.
@@ -76,6 +77,13 @@ async def ensure_envd_layer(cache_dir: Path, log_path: Path | None = None) -> Pa
     target = cache_dir / "envd" / key
     if target.is_dir():
         return target
+    async with cache_lock(cache_dir / "locks" / f"envd-{key}.lock"):
+        if not target.is_dir():  # made by another process meanwhile
+            await _make_envd_layer(target, key)
+    return target
+
+
+async def _make_envd_layer(target: Path, key: str) -> None:
     partial = target.with_name(f".{key}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     home = partial / PREFIX
@@ -103,7 +111,6 @@ async def ensure_envd_layer(cache_dir: Path, log_path: Path | None = None) -> Pa
         path.chmod(0o755 if path.is_dir() else 0o644)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    return target
 
 
 async def _run(argv: list[str]) -> None:

@@ -27,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -40,6 +39,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from corral.templates.cachelock import cache_lock
 
 # Resolving a reference is a few small requests: a registry that does not answer within this fails the
 # pull instead of hanging the build.
@@ -439,28 +440,6 @@ def _write_json(path: Path, value: dict) -> None:
     temporary.replace(path)
 
 
-@contextlib.asynccontextmanager
-async def _locked(lock_path: Path, log: Callable[[str], None]):
-    """An exclusive flock on `lock_path`, waited for without blocking the event loop."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if not told:
-                    log("waiting for another pull of the same image")
-                    told = True
-                await asyncio.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _private_tempdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="corral-pull-"))  # 0700
@@ -510,8 +489,8 @@ async def pull_image(reference: str, *, credentials: RegistryCredentials | None,
             raise
         key = _key(resolved.digest)
         target = images / key
-        (images / "locks").mkdir(exist_ok=True)
-        async with _locked(images / "locks" / f"{key}.lock", log):
+        async with cache_lock(images / "locks" / f"{key}.lock",
+                              lambda: log("waiting for another pull of the same image")):
             if _cached(images, resolved.digest) is None:
                 await _pull_into(skopeo, parsed, resolved, target, log)
             else:

@@ -32,6 +32,7 @@ from corral.storage.disk import tree_size
 from corral.templates import envd_layer
 from corral.templates.builder import BUNDLE, write_trust
 from corral.templates.builtin import BUILTIN
+from corral.templates.cachelock import cache_lock
 from corral.templates.recipe import Recipe
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
@@ -134,8 +135,11 @@ class TemplateStore:
         tdir = self.root / "templates" / name
         snapshot = tdir / key
         if force or not snapshot.is_dir():
-            shutil.rmtree(snapshot, ignore_errors=True)
-            await self._build_snapshot(recipe, rootfs, tdir, key, runtime, progress)
+            async with cache_lock(self.root / "locks" / f"template-{name}-{key}.lock",
+                                  lambda: progress.step("snapshot", "waiting for another build of it")):
+                if force or not snapshot.is_dir():  # another process may have built it meanwhile
+                    shutil.rmtree(snapshot, ignore_errors=True)
+                    await self._build_snapshot(recipe, rootfs, tdir, key, runtime, progress)
         _point_current(tdir, key)
         return next(t for t in self.list() if t.name == name)
 
@@ -147,6 +151,15 @@ class TemplateStore:
         if target.is_dir() and not force:
             progress.step("root filesystem", f"cached ({key})")
             return target
+        async with cache_lock(self.root / "locks" / f"rootfs-{key}.lock",
+                              lambda: progress.step("root filesystem", "waiting for another build of it")):
+            if target.is_dir() and not force:  # another process built it meanwhile
+                progress.step("root filesystem", f"cached ({key})")
+                return target
+            await self._make_rootfs(recipe, target, key, progress)
+        return target
+
+    async def _make_rootfs(self, recipe: Recipe, target: Path, key: str, progress: BuildProgress) -> None:
         partial = target.with_name(f".{key}.partial")
         log_path = target.with_name(f"{key}.log")
         shutil.rmtree(partial, ignore_errors=True)
@@ -188,7 +201,6 @@ class TemplateStore:
                                           f"full log: {log_path}") from None
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        return target
 
     async def _build_snapshot(self, recipe: Recipe, rootfs: Path, tdir: Path, key: str, runtime: Runtime,
                               progress: BuildProgress) -> None:
