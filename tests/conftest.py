@@ -18,8 +18,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers.testnet import TestHost
 
 TEST_ROOT = Path("/var/tmp/corral-test")
-DNS_HOST_ADDRESS = "10.98.0.53"
+# scripts/test.sh runs test modules on two pytest-xdist workers at once. Each module has its own instance and
+# sandbox network; what a session shares (the runtime tests drive directly, the DNS host) is one per worker.
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+WORKER_INSTANCES = (("t1", "10.202.0.0/22"), ("t29", "10.242.0.0/22"))
+DNS_HOST_ADDRESS = f"10.98.{WORKER}.53"
 DNS_ANSWER = "203.0.113.80"
+# Modules that must not run at once on two workers: test hosts on one /24 (their veths' host ends and
+# routes would clash), and servers on the host's port 443.
+SERIAL_GROUPS = {
+    "test-hosts": ("test_network.py", "test_egress_sdk.py", "test_base_image_sdk.py"),
+    "https-443": ("test_public_urls_sdk.py", "test_mcp_gateway_sdk.py"),
+}
+
+
+# The longest modules (a few minutes each), handed out first so that the two workers end close together.
+LONGEST_FIRST = ("test_desktop_sdk.py", "test_templates_sdk.py", "test_desktop_recordings.py",
+                 "test_template_images_sdk.py", "test_mcp_gateway_sdk.py", "test_interpreter_sdk.py",
+                 "test_platform_sdk.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every module is one xdist group (its module-scoped server runs once, on one worker); the modules of
+    SERIAL_GROUPS share one. The longest modules go first; within a module the order stays."""
+    group_of = {module: group for group, modules in SERIAL_GROUPS.items() for module in modules}
+    for item in items:
+        if not any(mark.name == "xdist_group" for mark in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group(group_of.get(item.path.name, item.path.name)))
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_collection_finish(session):
@@ -60,7 +87,7 @@ def harness():
 
 @pytest.fixture(scope="session")
 def dns_host():
-    host = TestHost("dns", DNS_HOST_ADDRESS).up()
+    host = TestHost(f"dns{WORKER or ''}", DNS_HOST_ADDRESS).up()
     host.serve_dns(DNS_ANSWER)
     yield host
     host.down()
@@ -68,7 +95,9 @@ def dns_host():
 
 @pytest.fixture(scope="session")
 def settings():
-    return make_settings("t1", "10.202.0.0/22")
+    if WORKER not in range(len(WORKER_INSTANCES)):
+        pytest.exit(f"the suite runs on at most {len(WORKER_INSTANCES)} xdist workers", returncode=2)
+    return make_settings(*WORKER_INSTANCES[WORKER])
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +132,7 @@ def runtime(harness, settings, store, dns_host):
     harness.run(store.build("base", rt), timeout=1800)
     yield rt
     harness.run(rt.destroy_all())
-    shutil.rmtree(TEST_ROOT / "t1", ignore_errors=True)
+    shutil.rmtree(TEST_ROOT / settings.instance, ignore_errors=True)
     shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 

@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import DNS_ANSWER
+from conftest import DNS_ANSWER, DNS_HOST_ADDRESS
 from helpers.testnet import TestHost, sh
 
 from corral.network.firewall import METADATA_ADDRESS, table_name
@@ -84,7 +84,7 @@ def test_host_services_unreachable_on_any_host_address(harness, runtime, sandbox
                                                        internet_host):
     sb = sandbox_factory()
     gateway = str(runtime.table.get(sb.id).slot.gateway)
-    for address in (gateway, "203.0.113.254", "10.98.0.254"):  # host ends of the veths
+    for address in (gateway, "203.0.113.254", DNS_HOST_ADDRESS.rsplit(".", 1)[0] + ".254"):  # host ends of the veths
         code, out = curl(harness, runtime, sb.id, f"http://{address}:{host_service}/")
         assert code != 0, f"sandbox reached the host service at {address}: {out}"
     # 127.0.0.1 inside a sandbox is the sandbox's own loopback, not the host's.

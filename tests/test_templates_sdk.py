@@ -29,7 +29,8 @@ from e2b import (
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t13", "10.229.0.0/22"
-BUILD_TIMEOUT_S = 45  # the server's limit; builds here take seconds (12 s at most in a full run), the timeout test one step of minutes
+# The server's limit: builds here take seconds (12 s at most in a full run), the timeout test's one step minutes.
+BUILD_TIMEOUT_S = 45
 
 
 @pytest.fixture(scope="module")
