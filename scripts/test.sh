@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORRAL_TEST_TOOLS=1 scripts/install.sh
-# Two workers, each taking whole modules (tests/conftest.py groups them): test modules wait on sandboxes
+# Two workers, each taking whole modules: test modules wait on sandboxes
 # much of the time, so two at once use the second core. CORRAL_TEST_WORKERS=0 runs them one by one.
-exec .venv/bin/python -m pytest -n "${CORRAL_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -n "${CORRAL_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -4,6 +4,7 @@ and sandbox network, so the suite never touches a real installation's sandboxes 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -25,26 +26,33 @@ WORKER_INSTANCES = (("t1", "10.202.0.0/22"), ("t29", "10.242.0.0/22"))
 DNS_HOST_ADDRESS = f"10.98.{WORKER}.53"
 DNS_ANSWER = "203.0.113.80"
 # Modules that must not run at once on two workers: test hosts on one /24 (their veths' host ends and
-# routes would clash), and servers on the host's port 443.
+# routes would clash), and servers on the host's port 443. Each takes its group's lock for its whole run.
 SERIAL_GROUPS = {
     "test-hosts": ("test_network.py", "test_egress_sdk.py", "test_base_image_sdk.py"),
     "https-443": ("test_public_urls_sdk.py", "test_mcp_gateway_sdk.py"),
 }
-
-
+GROUP_OF = {module: group for group, modules in SERIAL_GROUPS.items() for module in modules}
 # The longest modules (a few minutes each), handed out first so that the two workers end close together.
 LONGEST_FIRST = ("test_desktop_sdk.py", "test_templates_sdk.py", "test_desktop_recordings.py",
                  "test_template_images_sdk.py", "test_mcp_gateway_sdk.py", "test_interpreter_sdk.py",
                  "test_platform_sdk.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def serial_group(request):
+    """The module's SERIAL_GROUPS lock (an flock the kernel drops with a killed worker), held while it runs."""
+    group = GROUP_OF.get(request.path.name)
+    if group is None:
+        yield None
+        return
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(TEST_ROOT / f".{group}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield group
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every module is one xdist group (its module-scoped server runs once, on one worker); the modules of
-    SERIAL_GROUPS share one. The longest modules go first; within a module the order stays."""
-    group_of = {module: group for group, modules in SERIAL_GROUPS.items() for module in modules}
-    for item in items:
-        if not any(mark.name == "xdist_group" for mark in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(group_of.get(item.path.name, item.path.name)))
+    """The longest modules go first; within a module the order stays."""
     rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
