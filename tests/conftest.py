@@ -51,6 +51,23 @@ def serial_group(request):
         yield group
 
 
+@pytest.fixture(autouse=True)
+def host_share(request):
+    """Tests marked `alone` run while no test runs on the other worker; the others share the host. A
+    turnstile keeps an `alone` test from waiting forever behind the other worker's tests in a row: once it
+    queues, no new test starts until it has run."""
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(TEST_ROOT / ".turnstile.lock", "w") as turnstile, open(TEST_ROOT / ".share.lock", "w") as share:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if alone:
+            fcntl.flock(share, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(share, fcntl.LOCK_SH)
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest modules go first; within a module the order stays."""
     rank = {name: n for n, name in enumerate(LONGEST_FIRST)}

@@ -26,6 +26,7 @@ from tests.helpers.desktop import (
     new_desktop,
     open_in_editor,
     screenshot,
+    stream_diagnostics,
     wait_until,
 )
 
@@ -301,6 +302,7 @@ def open_vnc_websocket(server, host: str):
                       max_size=None)
 
 
+@pytest.mark.alone  # x11vnc's start takes from 2 s to over a minute while the other worker loads the host
 def test_stream_without_auth_serves_novnc_and_the_desktop_through_the_proxy(desktop, server):
     desktop.stream.start()
     host = stream_host(desktop, server)
@@ -313,6 +315,7 @@ def test_stream_without_auth_serves_novnc_and_the_desktop_through_the_proxy(desk
     desktop.stream.stop()
 
 
+@pytest.mark.alone  # x11vnc's start takes from 2 s to over a minute while the other worker loads the host
 def test_stream_with_auth_refuses_a_viewer_without_the_key(desktop, server):
     desktop.stream.start(require_auth=True)
     key = desktop.stream.get_auth_key()
@@ -320,12 +323,15 @@ def test_stream_with_auth_refuses_a_viewer_without_the_key(desktop, server):
     host = stream_host(desktop, server)
     assert desktop.stream.get_url(auth_key=key) == (
         f"https://{host}/vnc.html?autoconnect=true&resize=scale&password={key}")
-    with open_vnc_websocket(server, host) as ws, pytest.raises(PermissionError, match="authentication"):
-        rfb_handshake(ws, None)
-    with open_vnc_websocket(server, host) as ws, pytest.raises(PermissionError):
-        rfb_handshake(ws, "wrongkey" + key[8:])
-    with open_vnc_websocket(server, host) as ws:
-        assert rfb_handshake(ws, key) == (1024, 768)
+    try:
+        with open_vnc_websocket(server, host) as ws, pytest.raises(PermissionError, match="authentication"):
+            rfb_handshake(ws, None)
+        with open_vnc_websocket(server, host) as ws, pytest.raises(PermissionError):
+            rfb_handshake(ws, "wrongkey" + key[8:])
+        with open_vnc_websocket(server, host) as ws:
+            assert rfb_handshake(ws, key) == (1024, 768)
+    except TimeoutError:
+        raise AssertionError(f"x11vnc did not answer; in the sandbox:\n{stream_diagnostics(desktop)}") from None
     desktop.stream.stop()
 
 

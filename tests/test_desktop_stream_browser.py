@@ -37,7 +37,7 @@ from PIL import Image, ImageChops, ImageStat
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.helpers.desktop import desktop_server, screenshot, wait_until
+from tests.helpers.desktop import desktop_server, screenshot, stream_diagnostics, wait_until
 from tests.helpers.server import ServerProcess
 
 INSTANCE, NETWORK = "t19", "10.243.0.0/22"
@@ -46,6 +46,9 @@ TEMPLATE = "desktop"
 SCREENSHOTS = TEST_ROOT / f"{INSTANCE}-stream"
 SCREEN = (1024, 768)
 
+
+# x11vnc's start in gVisor takes from 2 s to over a minute while the other xdist worker loads the host.
+pytestmark = pytest.mark.alone
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
@@ -209,7 +212,10 @@ def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(chromiu
     with headless_chromium(chromium, server.domain) as page:
         page.call("Page.navigate", url=browser_url(url, server))
         # Null-safe: right after the navigation the page may have no document element yet.
-        wait_until(lambda: page.evaluate(CONNECTED), 60, "noVNC to connect")
+        try:
+            wait_until(lambda: page.evaluate(CONNECTED), 60, "noVNC to connect")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; in the sandbox:\n{stream_diagnostics(desktop)}") from None
 
         differences = []
 

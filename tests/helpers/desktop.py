@@ -70,3 +70,15 @@ def open_in_editor(desktop: Sandbox, path: str, content: str = "") -> str:
     (window,) = wait_until(lambda: app_windows(desktop, "mousepad"), what="the editor's window")
     wait_until(lambda: desktop.get_current_window_id() == window, what="the editor to have the focus")
     return window
+
+
+def stream_diagnostics(desktop: Sandbox) -> str:
+    """What the sandbox says of its stream's VNC server and noVNC proxy, for a failure's message."""
+    script = ("echo '--- processes'; ps -eo pid,stat,etime,args | grep -E 'x11vnc|novnc|websockify' | grep -v grep; "
+              "echo '--- listening'; ss -ltnp 2>/dev/null || netstat -ltnp; "
+              "echo '--- x11vnc'; tail -c 3000 /tmp/x11vnc_stderr.log; echo '--- novnc'; tail -c 2000 /tmp/novnc.log; "
+              "echo '--- ~/.vnc'; ls -la /home/user/.vnc")
+    try:
+        return desktop.commands.run(script, user="root", timeout=30).stdout
+    except Exception as e:  # the failure's message matters more than this
+        return f"(could not read them: {e})"

@@ -257,7 +257,9 @@ def _chroot_with_proc(root: Path, *argv: str) -> list[str]:
 
 
 def _point_current(tdir: Path, key: str) -> None:
-    tmp = tdir / ".current.tmp"
+    """Points `current` at `key` atomically; a temporary name of this process's own, since another Corral
+    process may point it at the same moment (both at the same key: the cache is keyed by its inputs)."""
+    tmp = tdir / f".current.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(key)
     tmp.rename(tdir / "current")
