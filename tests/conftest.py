@@ -21,6 +21,7 @@ from helpers.testnet import TestHost
 TEST_ROOT = Path("/var/tmp/corral-test")
 # scripts/test.sh runs test modules on two pytest-xdist workers at once. Each module has its own instance and
 # sandbox network; what a session shares (the runtime tests drive directly, the DNS host) is one per worker.
+PARALLEL = "PYTEST_XDIST_WORKER" in os.environ  # without workers there is nothing to take turns with
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 WORKER_INSTANCES = (("t1", "10.202.0.0/22"), ("t29", "10.242.0.0/22"))
 DNS_HOST_ADDRESS = f"10.98.{WORKER}.53"
@@ -42,7 +43,7 @@ LONGEST_FIRST = ("test_desktop_sdk.py", "test_templates_sdk.py", "test_desktop_r
 def serial_group(request):
     """The module's SERIAL_GROUPS lock (an flock the kernel drops with a killed worker), held while it runs."""
     group = GROUP_OF.get(request.path.name)
-    if group is None:
+    if group is None or not PARALLEL:
         yield None
         return
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,9 @@ def host_share(request):
     """Tests marked `alone` run while no test runs on the other worker; the others share the host. A
     turnstile keeps an `alone` test from waiting forever behind the other worker's tests in a row: once it
     queues, no new test starts until it has run."""
+    if not PARALLEL:
+        yield
+        return
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     alone = request.node.get_closest_marker("alone") is not None
     with open(TEST_ROOT / ".turnstile.lock", "w") as turnstile, open(TEST_ROOT / ".share.lock", "w") as share:
