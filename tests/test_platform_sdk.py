@@ -29,7 +29,7 @@ INSTANCE, NETWORK = "t3", "10.204.0.0/22"
 def server(harness, runtime):
     """`runtime` is only needed so that `base` is built before the server starts."""
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, host="0.0.0.0")
-    with proc.serving(wait_pool=2):
+    with proc.serving(wait_pool=2, keep_log=TEST_ROOT / f"{INSTANCE}-serve.log"):
         yield proc
 
 
@@ -265,6 +265,9 @@ def test_revoked_key_is_refused(server, opts):
         Sandbox.list(**{**opts, "api_key": created["key"]}).next_items()
 
 
+# Alone: once in three runs beside the other xdist worker its stateful phase met a 500 (not reproduced since,
+# alone or loaded; its message now carries the failure and the server's log); it never failed alone.
+@pytest.mark.alone
 def test_schema_driven_fuzzing_finds_no_server_errors(server, key):
     """schemathesis generates requests from the served OpenAPI document (valid and invalid ones, with
     coverage, fuzzing and stateful phases); no answer may be a 5xx or break the schema's status codes."""
@@ -276,7 +279,10 @@ def test_schema_driven_fuzzing_finds_no_server_errors(server, key):
     result = subprocess.run([st, "run", f"{server.url}/openapi.json", "-H", f"X-API-KEY: {key}",
                              "--checks", "not_a_server_error", "-n", "25", "--seed", "1", "--no-color"],
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:]
+    # The failures' section (each with the request to reproduce it), not the summary's tail of warnings.
+    failures = result.stdout[result.stdout.find("FAILURES"):result.stdout.find("SUMMARY")]
+    assert result.returncode == 0, (f"{failures[:6000] or result.stdout[-4000:]}\nthe server's log:\n"
+                                    f"{server.log.read_text()[-6000:]}")
     assert "passed" in result.stdout
 
 

@@ -55,6 +55,14 @@ def _entry(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
 
 
 @pytest.fixture(scope="module")
+def module_start(tmp_path_factory) -> Path:
+    """A file made as the module starts: what the server writes to the shared template cache is newer."""
+    marker = tmp_path_factory.mktemp("since") / "start"
+    marker.touch()
+    return marker
+
+
+@pytest.fixture(scope="module")
 def images(runtime, tmp_path_factory):
     """The registries and the images the tests build from. The base template's root filesystem is pushed
     once; the other images reuse its layer and add a small one of their own."""
@@ -89,7 +97,7 @@ def _remove_pulled_images(addresses: tuple[str, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(harness, runtime, store, images):
+def server(harness, runtime, store, images, module_start):
     # HTTPS through a proxy nobody listens on: a pull of E2B's default base from Docker Hub fails at once
     # instead of reaching the internet (the loopback registries are never proxied).
     proc = ServerProcess(INSTANCE, NETWORK, TEST_ROOT / INSTANCE, dns_upstream=DNS_HOST_ADDRESS, pool_size=0,
@@ -147,24 +155,30 @@ def test_from_image_with_credentials_pulls_from_a_private_registry(opts, images)
     assert "pulled with credentials" in logs, logs
 
 
-def test_wrong_registry_password_fails_clearly_and_no_credentials_are_kept(opts, images, server):
+def test_wrong_registry_password_fails_clearly_and_no_credentials_are_kept(opts, images, server, module_start):
     template = Template().from_image(images.private_image.reference, username=USER, password=WRONG_PASSWORD)
     message = _build_error(opts, template, "wrong-password")
     assert f"registry {images.private.address} refused the credentials" in message, message
     secrets = [p.encode() for p in (PASSWORD, WRONG_PASSWORD)]
     secrets += [base64.b64encode(f"{USER}:{p}".encode()) for p in (PASSWORD, WRONG_PASSWORD)]
     assert WRONG_PASSWORD not in message
-    # Every file the server has: its database, build logs, own log, root filesystems and snapshots (the
-    # previous test's build used the right one). GNU grep searches for all the strings in one pass over the
-    # gigabytes (Python took ~50 s); -r does not follow symbolic links.
+    # Every file the server has: its database, build logs, own log and snapshots (the previous test's build
+    # used the right one), and what it wrote to the shared template cache since the module started (pulled
+    # images, build layers; -cnewer: unpacked files keep their image's times, not their change time). GNU
+    # grep searches for all the strings in one pass over the gigabytes (Python took ~50 s).
     patterns = TEST_ROOT / f"{INSTANCE}-secrets.txt"
     patterns.write_bytes(b"\n".join(secrets) + b"\n")
     try:
-        found = subprocess.run(["grep", "-rlaF", "-D", "skip", "-f", str(patterns), str(TEST_ROOT / INSTANCE)],
-                               capture_output=True, text=True)
+        # (Files another test run's build removes meanwhile may vanish between find and grep.)
+        written = subprocess.run(["find", str(TEST_ROOT / INSTANCE), str(CACHE), "-xdev", "-cnewer",
+                                  str(module_start), "-type", "f", "-print0"], capture_output=True).stdout
+        assert len(written.split(b"\0")) > 10  # the server's own files at least
+        found = subprocess.run(["xargs", "-0", "-r", "grep", "-laF", "-D", "skip", "-f", str(patterns)],
+                               input=written, capture_output=True)
     finally:
         patterns.unlink()
-    assert found.returncode == 1 and found.stdout == "", (found.stdout, found.stderr)
+    unread = [line for line in found.stderr.splitlines() if not line.endswith(b"No such file or directory")]
+    assert found.stdout == b"" and unread == [], (found.stdout, unread)
 
 
 def test_unknown_image_fails_the_build_naming_it(opts, images):
