@@ -6,37 +6,27 @@ when the URL has no auth key.
 Chromium reaches the proxy as the SDK's URL names it (`6080-<id>.<domain>`), with `--host-resolver-rules`
 mapping the domain to the server's loopback listener; the test server serves plain HTTP on its own port
 (the HTTPS listener on 443 is for one module at a time, tests/test_public_urls_sdk.py), so the URL's scheme
-and port are the listener's, its path and query the SDK's. Chromium is driven over its DevTools protocol:
-`--headless --screenshot` takes its picture at the page's load event, before noVNC has connected, and a
-virtual time budget runs the page's timers ahead of the WebSocket's real traffic.
+and port are the listener's, its path and query the SDK's. Chromium runs in a network namespace of its own
+(tests.helpers.browser), driven by Playwright.
 
 The browser's screenshots are kept in /var/tmp/corral-test/t19-stream/ for a person to look at."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
-import itertools
-import json
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import pytest
 from conftest import TEST_ROOT
 from e2b_desktop import Sandbox
 from PIL import Image, ImageChops, ImageStat
-from websockets.sync.client import ClientConnection
-from websockets.sync.client import connect as ws_connect
+from playwright.sync_api import Page
 
+from tests.helpers.browser import chromium, chromium_path
 from tests.helpers.desktop import desktop_server, screenshot, stream_diagnostics, wait_until
 from tests.helpers.server import ServerProcess
 
@@ -50,14 +40,9 @@ SCREEN = (1024, 768)
 # x11vnc's start in gVisor takes from 2 s to over a minute while the other xdist worker loads the host.
 pytestmark = pytest.mark.alone
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        reason = "Debian's chromium is not installed (CORRAL_TEST_TOOLS=1 scripts/install.sh installs it)"
-        print(f"\nskipped: {reason}")
-        pytest.skip(reason)
-    return path
+@pytest.fixture(scope="module", autouse=True)
+def chromium_installed() -> None:
+    chromium_path()  # skips the module, saying why, without Debian's chromium
 
 
 @pytest.fixture(scope="module")
@@ -88,87 +73,17 @@ def screenshots() -> Path:
 # --------------------------------------------------------------------------------------- the browser
 
 
-class DevToolsPage:
-    """One page of a Chromium driven over the DevTools protocol's WebSocket: commands and their answers
-    (events in between are not needed here and are dropped)."""
-
-    def __init__(self, connection: ClientConnection) -> None:
-        self._ws = connection
-        self._ids = itertools.count(1)
-
-    def call(self, method: str, **params) -> dict:
-        command_id = next(self._ids)
-        self._ws.send(json.dumps({"id": command_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self._ws.recv(timeout=30))
-            if message.get("id") != command_id:
-                continue
-            if "error" in message:
-                raise RuntimeError(f"{method}: {message['error']}")
-            return message["result"]
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def screenshot(self) -> Image.Image:
-        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
-        return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def process_group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # The fields after the command's name (in parentheses, which may hold spaces): state, ppid, pgrp.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 @contextlib.contextmanager
-def headless_chromium(chromium: str, domain: str) -> Iterator[DevToolsPage]:
-    """A headless Chromium with a fresh profile that resolves every host under `domain` to the loopback
-    address, and its first page. On the way out the browser and every process it started are gone (its
-    own process group, killed and checked) and the profile is removed."""
-    with (tempfile.TemporaryDirectory(prefix="corral-chromium-") as profile,
-          open(Path(profile) / "chromium.log", "w") as log):
-        browser = subprocess.Popen(
-            [chromium, "--headless", "--no-sandbox",  # Chromium's own sandbox refuses to run as root
-             f"--user-data-dir={profile}", "--remote-debugging-port=0", "--no-proxy-server",
-             f"--host-resolver-rules=MAP *.{domain} 127.0.0.1", f"--window-size={SCREEN[0]},{SCREEN[1]}",
-             "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--disable-dev-shm-usage",
-             "--hide-scrollbars", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            # Chromium writes the port it chose for the DevTools protocol into the profile.
-            active_port = Path(profile) / "DevToolsActivePort"
-            wait_until(lambda: active_port.exists() and active_port.read_text().count("\n") >= 1, 30,
-                       "Chromium's DevTools port")
-            port = int(active_port.read_text().split()[0])
-            targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-            (target,) = [t for t in targets if t["type"] == "page"]
-            with ws_connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as connection:
-                page = DevToolsPage(connection)
-                page.call("Emulation.setDeviceMetricsOverride", width=SCREEN[0], height=SCREEN[1],
-                          deviceScaleFactor=1, mobile=False)
-                yield page
-        finally:
-            # TERM lets the browser end and reap its renderers; whatever is left of its group is killed.
-            browser.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                browser.wait(10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(browser.pid, signal.SIGKILL)
-            browser.wait(30)
-            wait_until(lambda: not process_group_members(browser.pid), 10, "Chromium's processes to end")
+def headless_chromium(domain: str) -> Iterator[Page]:
+    """A page of a headless Chromium (tests.helpers.browser: Playwright, its own network namespace) that
+    resolves every host under `domain` to the loopback address, at the desktop's size."""
+    with chromium(f"--host-resolver-rules=MAP *.{domain} 127.0.0.1") as browser:
+        context = browser.new_context(viewport={"width": SCREEN[0], "height": SCREEN[1]}, device_scale_factor=1)
+        yield context.new_page()
+
+
+def page_picture(page: Page) -> Image.Image:
+    return Image.open(io.BytesIO(page.screenshot())).convert("RGB")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -202,15 +117,15 @@ def keep(image: Image.Image, directory: Path, name: str) -> Path:
 # --------------------------------------------------------------------------------------------- tests
 
 
-def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(chromium, server, desktop, screenshots):
+def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(server, desktop, screenshots):
     key = desktop.stream.get_auth_key()
     url = desktop.stream.get_url(auth_key=key)
     assert url == (f"https://6080-{desktop.sandbox_id}.{server.domain}/vnc.html"
                    f"?autoconnect=true&resize=scale&password={key}")
     expected = screenshot(desktop)
     keep(expected, screenshots, "sdk-screenshot.png")
-    with headless_chromium(chromium, server.domain) as page:
-        page.call("Page.navigate", url=browser_url(url, server))
+    with headless_chromium(server.domain) as page:
+        page.goto(browser_url(url, server), wait_until="commit")
         # Null-safe: right after the navigation the page may have no document element yet.
         try:
             wait_until(lambda: page.evaluate(CONNECTED), 60, "noVNC to connect")
@@ -220,31 +135,30 @@ def test_the_stream_url_with_its_auth_key_shows_the_desktop_in_a_browser(chromiu
         differences = []
 
         def desktop_drawn() -> Image.Image | None:
-            shown = page.screenshot()
+            shown = page_picture(page)
             differences.append(round(thumbnail_difference(shown, expected), 1))
             return shown if differences[-1] < 12 else None
 
         try:
             shown = wait_until(desktop_drawn, 60, "the browser to show the desktop")
         finally:
-            path = keep(page.screenshot(), screenshots, "stream-with-key.png")
+            path = keep(page_picture(page), screenshots, "stream-with-key.png")
             print(f"differences from the SDK's screenshot: {differences}")
     assert shown.size == SCREEN
     assert colours(shown) > 100, f"a nearly blank page: {path}"
 
 
-def test_the_stream_url_without_the_auth_key_shows_only_the_password_prompt(chromium, server, desktop,
-                                                                             screenshots):
+def test_the_stream_url_without_the_auth_key_shows_only_the_password_prompt(server, desktop, screenshots):
     url = desktop.stream.get_url()
     assert "password" not in url
     expected = screenshot(desktop)
-    with headless_chromium(chromium, server.domain) as page:
-        page.call("Page.navigate", url=browser_url(url, server))
+    with headless_chromium(server.domain) as page:
+        page.goto(browser_url(url, server), wait_until="commit")
         # Null-safe: the page may still be about:blank.
         prompt_open = "document.getElementById('noVNC_credentials_dlg')?.classList.contains('noVNC_open')"
         wait_until(lambda: page.evaluate(prompt_open), 60, "noVNC's password prompt")
         time.sleep(2)  # a desktop, if the server sent one, would be drawn by now
-        shown = page.screenshot()
+        shown = page_picture(page)
         path = keep(shown, screenshots, "stream-without-key.png")
         assert not page.evaluate(CONNECTED)
     assert thumbnail_difference(shown, expected) > 30, f"the browser shows the desktop: {path}"

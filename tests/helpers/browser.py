@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser_network import browser_network
+
 SHOTS = Path(os.environ.get("CORRAL_DASHBOARD_SHOTS", "/tmp/corral-dashboard-shots"))
 VIEWPORT = {"width": 1440, "height": 900}
 
@@ -37,14 +39,15 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator:
-    """A headless Chromium (Playwright's Browser); closed after the block."""
+def chromium(*args: str) -> Iterator:
+    """A headless Chromium (Playwright's Browser) with extra command-line `args`, in a network namespace
+    of its own whose loopback reaches the host's (tests.helpers.browser_network: the host's veths come and
+    go with sandboxes, and Chromium fails requests in flight when they do); closed after the block."""
     from playwright.sync_api import sync_playwright
 
-    executable = chromium_path()
-    with sync_playwright() as playwright:
+    with browser_network(chromium_path()) as executable, sync_playwright() as playwright:
         # --no-sandbox: the tests run as root, where Chromium's own sandbox refuses to start.
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=str(executable), args=["--no-sandbox", *args])
         try:
             yield browser
         finally:
