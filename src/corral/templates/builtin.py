@@ -215,6 +215,16 @@ echo "$server $$" > "$marker"
 exec /usr/bin/startxfce4 "$@"
 """
 
+# /usr/local/bin/x11vnc: the SDK's `stream.start()` and the dashboard run `x11vnc` by name.
+_X11VNC_WRAPPER = r"""#!/bin/sh
+# libvncserver, under x11vnc, counts its open descriptors before it accepts each viewer: one fcntl() per
+# descriptor number up to the soft RLIMIT_NOFILE, which is 1048576 in a sandbox. A million system calls cost
+# ~1.5 s of CPU in gVisor and from 5 s to a minute on a busy host, while the viewer waits for its greeting.
+# x11vnc waits on its descriptors with select(), which takes none above 1023 anyway.
+ulimit -S -n 1024 2>/dev/null
+exec /usr/bin/x11vnc "$@"
+"""
+
 # Run as `user` by the template's start command: the X server as the SDK starts it, then the session.
 _DESKTOP_SESSION = f"""#!/bin/sh
 export DISPLAY={DESKTOP_DISPLAY} NO_AT_BRIDGE=1 GSETTINGS_BACKEND=memory
@@ -317,9 +327,11 @@ DESKTOP = Recipe(
         "echo 'export GSETTINGS_BACKEND=memory' > /etc/profile.d/corral-desktop.sh",
         f"cat > /usr/local/bin/Xvfb <<'CORRAL_EOF'\n{_XVFB_WRAPPER}CORRAL_EOF",
         f"cat > /usr/local/bin/startxfce4 <<'CORRAL_EOF'\n{_STARTXFCE4_WRAPPER}CORRAL_EOF",
+        f"cat > /usr/local/bin/x11vnc <<'CORRAL_EOF'\n{_X11VNC_WRAPPER}CORRAL_EOF",
         "mkdir -p /usr/libexec/corral && "
         f"cat > /usr/libexec/corral/desktop-session <<'CORRAL_EOF'\n{_DESKTOP_SESSION}CORRAL_EOF",
-        "chmod 0755 /usr/local/bin/Xvfb /usr/local/bin/startxfce4 /usr/libexec/corral/desktop-session",
+        "chmod 0755 /usr/local/bin/Xvfb /usr/local/bin/startxfce4 /usr/local/bin/x11vnc "
+        "/usr/libexec/corral/desktop-session",
         # The panel asks how to set itself up on its first start unless it finds its configuration.
         f"mkdir -p {_USER_XFCONF} && cp /etc/xdg/xfce4/panel/default.xml {_USER_XFCONF}/xfce4-panel.xml && "
         f"cat > {_USER_XFCONF}/xfwm4.xml <<'CORRAL_EOF'\n{_XFWM4_SETTINGS}CORRAL_EOF",
