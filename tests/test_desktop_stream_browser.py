@@ -37,9 +37,6 @@ SCREENSHOTS = TEST_ROOT / f"{INSTANCE}-stream"
 SCREEN = (1024, 768)
 
 
-# x11vnc's start in gVisor takes from 2 s to over a minute while the other xdist worker loads the host.
-pytestmark = pytest.mark.alone
-
 @pytest.fixture(scope="module", autouse=True)
 def chromium_installed() -> None:
     chromium_path()  # skips the module, saying why, without Debian's chromium
