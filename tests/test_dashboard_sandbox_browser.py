@@ -175,4 +175,5 @@ def test_the_desktop_view_shows_a_desktop_sandboxs_screen(server, browser, key):
 
 def _dashboard_vnc_servers(sandbox: Sandbox) -> int:
     processes = sandbox.commands.run("ps -eo args", user="root").stdout.splitlines()
-    return sum(1 for p in processes if p.startswith("x11vnc") and "-rfbport 5917" in p)
+    # The program by its name: the template's /usr/local/bin/x11vnc wrapper execs /usr/bin/x11vnc.
+    return sum(1 for p in processes if p.split(" ", 1)[0].rsplit("/", 1)[-1] == "x11vnc" and "-rfbport 5917" in p)
