@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.browser import chromium, chromium_path
+from tests.helpers.browser import chromium
 
 # Forty requests at once, ten times over; each answer waits 50 ms, so requests queue for connections.
 PARALLEL_FETCHES = """async (url) => {
@@ -77,18 +77,6 @@ def host_interface_churn() -> Iterator[None]:
         subprocess.run(["sh", "-c", "ip netns del ctest-churn; ip link del ctestchurn0"], capture_output=True)
 
 
-@contextlib.contextmanager
-def chromium_on_the_hosts_network() -> Iterator:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def failed_fetches(browser, url: str) -> int:
     page = browser.new_page()
     try:
@@ -101,7 +89,7 @@ def failed_fetches(browser, url: str) -> int:
 def test_the_tests_chromium_loses_no_request_while_host_interfaces_change(site):
     with host_interface_churn():
         # The churn is what breaks a browser on the host's network (else this test would prove nothing).
-        with chromium_on_the_hosts_network() as exposed:
+        with chromium(own_network=False) as exposed:
             lost_on_the_host = failed_fetches(exposed, site)
         if lost_on_the_host == 0:
             reason = "this Chromium lost no request on the host's network under the churn either"

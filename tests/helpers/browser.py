@@ -39,13 +39,16 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def chromium(*args: str) -> Iterator:
-    """A headless Chromium (Playwright's Browser) with extra command-line `args`, in a network namespace
-    of its own whose loopback reaches the host's (tests.helpers.browser_network: the host's veths come and
-    go with sandboxes, and Chromium fails requests in flight when they do); closed after the block."""
+def chromium(*args: str, own_network: bool = True) -> Iterator:
+    """A headless Chromium (Playwright's Browser) with extra command-line `args`; closed after the block.
+    It runs in a network namespace of its own whose loopback reaches the host's (tests.helpers.
+    browser_network: the host's veths come and go with sandboxes, and Chromium fails requests in flight
+    when they do), unless `own_network` is false."""
     from playwright.sync_api import sync_playwright
 
-    with browser_network(chromium_path()) as executable, sync_playwright() as playwright:
+    with contextlib.ExitStack() as stack:
+        executable = stack.enter_context(browser_network(chromium_path())) if own_network else chromium_path()
+        playwright = stack.enter_context(sync_playwright())
         # --no-sandbox: the tests run as root, where Chromium's own sandbox refuses to start.
         browser = playwright.chromium.launch(executable_path=str(executable), args=["--no-sandbox", *args])
         try:

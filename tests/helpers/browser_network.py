@@ -91,10 +91,10 @@ class _LoopbackBridge:
             threading.Thread(target=self._join, args=(inside,), daemon=True).start()
 
     def _join(self, inside: socket.socket) -> None:
-        original = inside.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        port = struct.unpack_from("!H", original, 2)[0]
-        address = socket.inet_ntoa(original[4:8])
         try:
+            original = inside.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port = struct.unpack_from("!H", original, 2)[0]
+            address = socket.inet_ntoa(original[4:8])
             outside = socket.create_connection((address, port), timeout=10)
             outside.settimeout(None)
         except OSError:
