@@ -47,7 +47,9 @@ def frames(payload: bytes) -> list[tuple[int, dict]]:
 def footprint(harness, runtime, sandbox_id: str) -> tuple[int, int]:
     """(open fds of envd, processes in the sandbox), read out of band."""
     envd = " ".join(START_COMMAND)
-    script = f"ls /proc/$(pgrep -f '^{envd}')/fd | wc -l; ls -d /proc/[0-9]* | wc -l"
+    # The processes counted by the shell's own glob: with `ls /proc/[0-9]* | wc -l`, the pipeline's wc was
+    # counted or not depending on whether it had been forked when the glob ran (5 or 6; a flake in CI).
+    script = f"ls /proc/$(pgrep -f '^{envd}')/fd | wc -l; set -- /proc/[0-9]*; echo $#"
     result = harness.run(runtime.exec(sandbox_id, ["/bin/sh", "-c", script]))
     fds, procs = result.stdout.split()
     return int(fds), int(procs)
@@ -167,7 +169,7 @@ def test_bad_requests_leak_nothing(harness, runtime, envd):
         watcher = client.post("/filesystem.Filesystem/CreateWatcher", json={"path": "/tmp"}).json()
         client.post("/filesystem.Filesystem/RemoveWatcher", json=watcher)
     after = _settled_footprint(harness, runtime, sb.id, expect=before)
-    assert after == before
+    assert after == before, _processes(harness, runtime, sb.id)
 
 
 def _settled_footprint(harness, runtime, sandbox_id: str, expect: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -181,6 +183,14 @@ def _settled_footprint(harness, runtime, sandbox_id: str, expect: tuple[int, int
             return current
         previous = current
     return previous
+
+
+def _processes(harness, runtime, sandbox_id: str) -> str:
+    """The sandbox's processes and envd's descriptors, for a failure's message."""
+    envd = " ".join(START_COMMAND)
+    script = (f"for p in /proc/[0-9]*; do echo \"${{p#/proc/}} $(tr '\\0' ' ' < $p/cmdline)\"; done; "
+              f"ls -l /proc/$(pgrep -f '^{envd}')/fd")
+    return harness.run(runtime.exec(sandbox_id, ["/bin/sh", "-c", script])).stdout.decode(errors="replace")
 
 
 def test_grpc_is_refused_clearly(envd):
